@@ -1,0 +1,32 @@
+"""What the platform knows about a base model: its identity and its linear modules.
+
+Uploads are validated against this: an expert may only touch modules listed here, with
+exactly these shapes.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LinearModuleSpec(BaseModel):
+    """One `nn.Linear` of the base model, named by its path in `model.named_modules()`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(examples=["model.layers.0.self_attn.q_proj"])
+    in_features: int = Field(gt=0)
+    out_features: int = Field(gt=0)
+
+
+class BaseModelSpec(BaseModel):
+    name: str = Field(examples=["smollm2-135m"])
+    revision: str | None = None
+    fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    architecture: str = Field(examples=["llama", "t5"])
+    is_encoder_decoder: bool = False
+    linear_modules: list[LinearModuleSpec]
+
+    def module(self, path: str) -> LinearModuleSpec | None:
+        return self._by_path().get(path)
+
+    def _by_path(self) -> dict[str, LinearModuleSpec]:
+        return {m.path: m for m in self.linear_modules}

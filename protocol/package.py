@@ -1,0 +1,20 @@
+"""File names and tensor keys of an expert package (docs/expert-package.md)."""
+
+# A standard PEFT LoRA adapter, loadable by `PeftModel.from_pretrained` unchanged.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# Per-module router vectors keyed `<module path in the base model><suffix>`,
+# e.g. `model.layers.0.self_attn.q_proj.gate`: float32, shape [in_features].
+ROUTER_FILE = "router.safetensors"
+GATE_SUFFIX = ".gate"
+AVERAGE_ACTIVATION_SUFFIX = ".average_activation"
+# The manifest (protocol.manifest.ExpertManifest) as JSON.
+MANIFEST_FILE = "expert.json"
+# Opt-in MiniLM embeddings of training inputs: one tensor [examples, dim], float32.
+# They leak information about the private data; the client warns before writing them.
+RETRIEVAL_FILE = "retrieval.safetensors"
+RETRIEVAL_EMBEDDINGS_KEY = "embeddings"
+
+REQUIRED_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ROUTER_FILE, MANIFEST_FILE)
+OPTIONAL_FILES = (RETRIEVAL_FILE,)
+PACKAGE_FILES = REQUIRED_FILES + OPTIONAL_FILES
