@@ -1,0 +1,24 @@
+import pytest
+
+from tests.tiny import tiny_llama, tiny_t5, tiny_tokenizer
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def t5():
+    return tiny_t5()
+
+
+@pytest.fixture(params=["llama", "t5"])
+def tiny_model(request):
+    """Each test using this runs on a causal and on an encoder-decoder model."""
+    return tiny_llama() if request.param == "llama" else tiny_t5()
