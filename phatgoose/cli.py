@@ -21,11 +21,17 @@ _SUBCOMMANDS = [
     ("bench", "phatgoose.bench.cli", "Benchmarks: zero-shot quality and routing cost."),
 ]
 
+
+def _is_missing(error: ModuleNotFoundError, module: str) -> bool:
+    """True when `module` itself (or a parent package) is absent, not one of its imports."""
+    return error.name is not None and (module + ".").startswith(error.name + ".")
+
+
 for _name, _module, _help in _SUBCOMMANDS:
     try:
         _sub = importlib.import_module(_module)
     except ModuleNotFoundError as error:
-        if error.name != _module:
+        if not _is_missing(error, _module):
             raise
         continue
     app.add_typer(_sub.app, name=_name, help=_help)
@@ -33,7 +39,7 @@ for _name, _module, _help in _SUBCOMMANDS:
 try:
     from coordinator.demo import demo as _demo
 except ModuleNotFoundError as error:
-    if error.name != "coordinator.demo":
+    if not _is_missing(error, "coordinator.demo"):
         raise
 else:
     app.command("demo")(_demo)
