@@ -1,0 +1,225 @@
+"""What one routed linear computes: the routers and the selected-only expert mixture.
+
+Every method shares `RoutedLinear`; a method differs only in its router (who is chosen
+for a token, with what weight) and in the low-rank factors stacked into the layer.
+Shapes: `u` is a module's input `[..., n]`, `W` is `[d, n]`, `N` experts of rank <= `r`.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# LayerNorm's default: biased variance, eps added under the square root.
+STANDARDISE_EPS = 1e-5
+
+
+def standardise(x: Tensor) -> Tensor:
+    """x_bar = (x - mean(x)) / sqrt(var(x) + eps) over the last dim: LayerNorm, no affine."""
+    return F.layer_norm(x, (x.shape[-1],), eps=STANDARDISE_EPS)
+
+
+def stack_updates(updates: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
+    """Stack `(A [r_z, n], B [d, r_z], scale_z)` into `A [N, r_max, n]`, `B [N, d, r_max]`.
+
+    The scale is folded into B, and lower ranks are zero-padded: a zero row of A meets a
+    zero column of B, so the product `B_z A_z` is unchanged.
+    """
+    if not updates:
+        raise ValueError("stack_updates needs at least one (A, B, scale) update")
+    n, d = updates[0][0].shape[1], updates[0][1].shape[0]
+    r_max = max(a.shape[0] for a, _, _ in updates)
+    lora_A = torch.zeros(len(updates), r_max, n)
+    lora_B = torch.zeros(len(updates), d, r_max)
+    for z, (a, b, scale) in enumerate(updates):
+        r = a.shape[0]
+        if a.shape[1] != n or b.shape != (d, r):
+            raise ValueError(
+                f"update {z}: expected A [r, {n}] and B [{d}, r], got A {list(a.shape)} "
+                f"and B {list(b.shape)}"
+            )
+        lora_A[z, :r] = a.float()
+        lora_B[z, :, :r] = b.float() * scale
+    return lora_A, lora_B
+
+
+class TokenRouter(nn.Module):
+    """PHATGOOSE (and average activation): per token, top-k of standardised affinities.
+
+    affinity = u_bar @ v_bar.T; weights = softmax(affinity_topk / sqrt(n)).
+    """
+
+    def __init__(self, rows: Tensor, top_k: int) -> None:
+        super().__init__()
+        _check_top_k(top_k, rows.shape[0])
+        self.top_k = top_k
+        # Rows are fixed after build: standardise them once, not on every forward.
+        self.register_buffer("rows", standardise(rows.float()), persistent=False)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        affinity = standardise(u.float()) @ self.rows.T
+        top_k = affinity.topk(self.top_k, dim=-1)
+        # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
+        weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
+        return top_k.indices, weights
+
+
+class ArrowRouter(nn.Module):
+    """Arrow: score |e_z^T u| on the raw input, top-k, softmax over the selected scores."""
+
+    def __init__(self, rows: Tensor, top_k: int) -> None:
+        super().__init__()
+        _check_top_k(top_k, rows.shape[0])
+        self.top_k = top_k
+        self.register_buffer("rows", rows.float(), persistent=False)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        affinity = (u.float() @ self.rows.T).abs()
+        top_k = affinity.topk(self.top_k, dim=-1)
+        return top_k.indices, torch.softmax(top_k.values, dim=-1)
+
+
+class FixedRouter(nn.Module):
+    """One expert per batch row with weight 1 (single, merged, retrieval).
+
+    `choice()` returns the stacked-expert index per batch row, `[rows]`, or a scalar for
+    every row. Returned indices are `[batch, 1, ..., 1]`: one decision per row, broadcast
+    over the row's tokens by the layer.
+    """
+
+    def __init__(self, choice: Callable[[], Tensor]) -> None:
+        super().__init__()
+        self.choice = choice
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        choice = self.choice().to(u.device)
+        if choice.dim() == 0 or u.dim() == 1:
+            indices = choice.reshape((1,) * u.dim())
+        else:
+            rows = u.shape[0]
+            if rows % choice.shape[0]:
+                raise ValueError(
+                    f"the routed batch has {rows} rows but {choice.shape[0]} query "
+                    "choices were set; expected the same number (or a multiple, for beams)"
+                )
+            # generate() repeats each row for beams / num_return_sequences, row by row.
+            choice = choice.repeat_interleave(rows // choice.shape[0])
+            indices = choice.reshape((rows,) + (1,) * (u.dim() - 1))
+        return indices, torch.ones(indices.shape, dtype=torch.float32, device=u.device)
+
+
+def constant_choice(index: int = 0) -> Callable[[], Tensor]:
+    """A `FixedRouter` choice that picks the same stacked expert for every row."""
+    choice = torch.tensor(index)
+    return lambda: choice
+
+
+Observer = Callable[["RoutedLinear", Tensor], None]
+
+
+class RoutedLinear(nn.Module):
+    """y = W u + sum_{z in E_u} w_z * scale_z * B_z A_z u, computing only the selected experts.
+
+    `base_layer` is the model's own `nn.Linear` (shared, never copied); `lora_A`
+    `[N, r, n]` and `lora_B` `[N, d, r]` (scale folded in) are stacked once at build time.
+    `expert_ids[i]` is the index, in the routed model's expert list, of stacked expert i
+    (None when the stacked experts are not real experts, as for merged).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        router: nn.Module,
+        *,
+        path: str = "",
+        expert_ids: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        n, d = base_layer.in_features, base_layer.out_features
+        if lora_A.dim() != 3 or lora_A.shape[2] != n:
+            raise ValueError(f"{path}: lora_A must be [N, r, {n}], got {list(lora_A.shape)}")
+        if lora_B.shape != (lora_A.shape[0], d, lora_A.shape[1]):
+            raise ValueError(
+                f"{path}: lora_B must be [{lora_A.shape[0]}, {d}, {lora_A.shape[1]}], "
+                f"got {list(lora_B.shape)}"
+            )
+        self.base_layer = base_layer
+        self.router = router
+        self.path = path
+        self.expert_ids = None if expert_ids is None else list(expert_ids)
+        weight = base_layer.weight
+        self.register_buffer("lora_A", lora_A.to(weight.device, weight.dtype), persistent=False)
+        self.register_buffer("lora_B", lora_B.to(weight.device, weight.dtype), persistent=False)
+        self.observers: list[Observer] = []
+
+    # Model code reads these off its linears (T5 checks `wo.weight.dtype`).
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, u: Tensor) -> Tensor:
+        indices, weights = self.router(u)
+        for observe in self.observers:
+            observe(self, indices)
+        shape = u.shape[:-1] + indices.shape[-1:]
+        update = self.selected_update(
+            u.reshape(-1, u.shape[-1]),
+            indices.expand(shape).reshape(-1, shape[-1]),
+            weights.expand(shape).reshape(-1, shape[-1]),
+        )
+        return self.base_layer(u) + update.reshape(*u.shape[:-1], -1)
+
+    def selected_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """sum_k w_tk * B_{z_tk} A_{z_tk} u_t for tokens `u [T, n]`, `indices`/`weights [T, k]`.
+
+        The (token, slot) pairs are grouped by expert and each expert present runs one
+        matmul over its own tokens. Why this and not gathering A and B per pair: gathering
+        materialises `T*k*r*(n+d)` weights (hundreds of MB for a long batch) while grouping
+        reads each expert once and does exactly the selected work, `T*k*r*(n+d)` FLOPs,
+        whatever N is; the Python loop runs over experts present, at most min(N, T*k).
+        """
+        k = indices.shape[-1]
+        out = torch.zeros(u.shape[0], self.out_features, dtype=u.dtype, device=u.device)
+        flat_expert = indices.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        flat_weight = weights.reshape(-1).to(u.dtype)
+        start = 0
+        for z, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start : start + count]
+            start += count
+            tokens = pairs // k
+            hidden = u[tokens] @ self.lora_A[z].T  # [count, r]
+            delta = (hidden @ self.lora_B[z].T) * flat_weight[pairs, None]
+            out.index_add_(0, tokens, delta)
+        return out
+
+
+def _check_top_k(top_k: int, num_experts: int) -> None:
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"top_k must be an integer between 1 and the number of experts at the module "
+            f"({num_experts}), got {top_k!r}"
+        )

@@ -1,0 +1,141 @@
+"""One routed linear on raw tensors, against a token-by-token reference."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from phatgoose.routing.layer import (
+    ArrowRouter,
+    FixedRouter,
+    RoutedLinear,
+    TokenRouter,
+    constant_choice,
+    stack_updates,
+)
+
+N_IN, D_OUT, RANKS = 12, 10, (2, 4, 4, 8, 3)
+
+
+def random_updates(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(r, N_IN, generator=gen), torch.randn(D_OUT, r, generator=gen), 2.0 / r)
+        for r in RANKS
+    ]
+
+
+def base_linear(seed: int = 1) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(N_IN, D_OUT)
+
+
+def by_hand_standardise(x: torch.Tensor) -> torch.Tensor:
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def reference(linear, updates, u, select):
+    """Loop over tokens: score every expert, keep the top-k, add their weighted updates."""
+    out = []
+    for token in u.reshape(-1, N_IN):
+        chosen, weights = select(token)
+        y = linear(token)
+        for z, w in zip(chosen, weights, strict=True):
+            a, b, scale = updates[z]
+            y = y + w * scale * (b @ (a @ token))
+        out.append(y)
+    return torch.stack(out).reshape(*u.shape[:-1], D_OUT)
+
+
+def test_token_router_matches_per_token_phatgoose_reference():
+    updates, linear = random_updates(), base_linear()
+    gates = torch.randn(len(RANKS), N_IN)
+    layer = RoutedLinear(linear, *stack_updates(updates), TokenRouter(gates, top_k=2))
+    u = torch.randn(3, 5, N_IN)
+
+    def select(token):
+        affinity = torch.stack([by_hand_standardise(g) @ by_hand_standardise(token) for g in gates])
+        chosen = affinity.argsort(descending=True)[:2]
+        return chosen.tolist(), torch.softmax(affinity[chosen] / math.sqrt(N_IN), dim=0)
+
+    torch.testing.assert_close(layer(u), reference(linear, updates, u, select), atol=1e-5, rtol=0)
+
+
+def test_arrow_router_matches_per_token_reference_without_standardising_or_sqrt_n():
+    updates, linear = random_updates(), base_linear()
+    rows = torch.randn(len(RANKS), N_IN)
+    layer = RoutedLinear(linear, *stack_updates(updates), ArrowRouter(rows, top_k=3))
+    u = torch.randn(4, N_IN)
+
+    def select(token):
+        score = (rows @ token).abs()
+        chosen = score.argsort(descending=True)[:3]
+        return chosen.tolist(), torch.softmax(score[chosen], dim=0)
+
+    torch.testing.assert_close(layer(u), reference(linear, updates, u, select), atol=1e-5, rtol=0)
+
+
+def test_stacking_zero_pads_lower_ranks_and_folds_scale_into_b():
+    updates = random_updates()
+    lora_A, lora_B = stack_updates(updates)
+    assert lora_A.shape == (5, 8, N_IN) and lora_B.shape == (5, D_OUT, 8)
+    for z, (a, b, scale) in enumerate(updates):
+        torch.testing.assert_close(lora_B[z] @ lora_A[z], scale * b @ a)
+        assert lora_A[z, a.shape[0] :].abs().sum() == 0
+
+
+def test_unselected_experts_are_never_computed():
+    updates, linear = random_updates(), base_linear()
+    gates = torch.randn(len(RANKS), N_IN)
+    layer = RoutedLinear(linear, *stack_updates(updates), TokenRouter(gates, top_k=1))
+    u = torch.randn(1, 2, N_IN)  # two tokens with k = 1 leave at least three experts out
+    before = layer(u)
+    chosen = set(layer.router(u)[0].flatten().tolist())
+    unselected = sorted(set(range(len(RANKS))) - chosen)
+    assert unselected, "the seed should leave some expert unselected"
+    layer.lora_A[unselected] = float("nan")
+    layer.lora_B[unselected] = float("nan")
+    torch.testing.assert_close(layer(u), before)
+
+
+def test_fixed_router_applies_each_rows_expert_to_the_whole_row():
+    updates, linear = random_updates(), base_linear()
+    layer = RoutedLinear(linear, *stack_updates(updates), FixedRouter(lambda: torch.tensor([3, 0])))
+    u = torch.randn(2, 4, N_IN)
+    for row, z in enumerate([3, 0]):
+        a, b, scale = updates[z]
+        torch.testing.assert_close(layer(u)[row], linear(u[row]) + scale * u[row] @ a.T @ b.T)
+
+
+def test_fixed_router_repeats_row_choices_for_beams():
+    updates, linear = random_updates(), base_linear()
+    layer = RoutedLinear(linear, *stack_updates(updates), FixedRouter(lambda: torch.tensor([1, 4])))
+    indices, _ = layer.router(torch.randn(4, 3, N_IN))
+    assert indices.flatten().tolist() == [1, 1, 4, 4]
+
+
+def test_constant_choice_routes_every_row_to_one_expert():
+    updates, linear = random_updates(), base_linear()
+    layer = RoutedLinear(linear, *stack_updates(updates[2:3]), FixedRouter(constant_choice()))
+    u = torch.randn(3, N_IN)
+    a, b, scale = updates[2]
+    torch.testing.assert_close(layer(u), linear(u) + scale * u @ a.T @ b.T)
+
+
+def test_top_k_larger_than_the_experts_is_refused():
+    with pytest.raises(ValueError, match=r"top_k must be an integer between 1 and .* \(5\)"):
+        TokenRouter(torch.randn(5, N_IN), top_k=6)
+
+
+def test_mismatched_stacked_shapes_are_refused_with_the_module_path():
+    lora_A, lora_B = stack_updates(random_updates())
+    with pytest.raises(ValueError, match=r"layers.0.q: lora_A must be \[N, r, 12\]"):
+        RoutedLinear(
+            base_linear(),
+            lora_A[:, :, :5],
+            lora_B,
+            FixedRouter(constant_choice()),
+            path="layers.0.q",
+        )
