@@ -1,0 +1,1 @@
+"""API tokens: contributors publish under their own namespace, maintainers curate."""

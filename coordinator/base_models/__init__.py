@@ -1,0 +1,1 @@
+"""Registered base models: the identity and linear modules uploads are validated against."""

@@ -1,0 +1,1 @@
+"""Settings, database, logging and the app factory shared by every domain."""

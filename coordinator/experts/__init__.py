@@ -1,0 +1,1 @@
+"""The expert catalog: immutable, numbered versions of named expert packages."""

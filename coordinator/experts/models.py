@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from coordinator.base_models.models import BaseModelRecord
+from coordinator.core.db import Base, UTCDateTime, utcnow
+
+
+class Channel(StrEnum):
+    """How a version reached the coordinator; both go through one registration function."""
+
+    HTTP = "http"
+    FLOWER = "flower"
+
+
+class Expert(Base):
+    """A name (`namespace/name`); its content lives in numbered versions."""
+
+    __tablename__ = "experts"
+    __table_args__ = (UniqueConstraint("namespace", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    versions: Mapped[list[ExpertVersion]] = relationship(
+        back_populates="expert", order_by="ExpertVersion.number"
+    )
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class ExpertVersion(Base):
+    """One uploaded package. Immutable except for the yank flag and its reason."""
+
+    __tablename__ = "expert_versions"
+    __table_args__ = (
+        UniqueConstraint("expert_id", "number"),
+        CheckConstraint("channel IN ('http', 'flower')", name="channel"),
+        CheckConstraint("number >= 1", name="number_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="RESTRICT"))
+    number: Mapped[int]
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    package_digest: Mapped[str] = mapped_column(String(71), unique=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    rank: Mapped[int]
+    module_count: Mapped[int]
+    total_size: Mapped[int] = mapped_column(BigInteger)
+    uploaded_by: Mapped[str] = mapped_column(String(64))
+    uploader_token_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tokens.id", ondelete="SET NULL")
+    )
+    channel: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    yanked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    yanked_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    yank_reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+    expert: Mapped[Expert] = relationship(back_populates="versions", lazy="joined")
+    base_model: Mapped[BaseModelRecord] = relationship(lazy="joined")
+    files: Mapped[list[ExpertFile]] = relationship(
+        back_populates="version", order_by="ExpertFile.filename", lazy="selectin"
+    )
+
+    @property
+    def yanked(self) -> bool:
+        return self.yanked_at is not None
+
+    @property
+    def ref(self) -> str:
+        """`namespace/name@version`, how releases name an expert."""
+        return f"{self.expert.full_name}@{self.number}"
+
+
+class ExpertFile(Base):
+    """One file of a version's package; the bytes are the blob named by `sha256`."""
+
+    __tablename__ = "expert_files"
+    __table_args__ = (UniqueConstraint("version_id", "filename"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("expert_versions.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(100))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    version: Mapped[ExpertVersion] = relationship(back_populates="files")

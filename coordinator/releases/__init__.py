@@ -1,0 +1,1 @@
+"""Releases: immutable, numbered selections of expert versions with a routing method."""
