@@ -1,0 +1,855 @@
+"""Admission checks for an expert package: what every upload must pass before it is stored.
+
+One function, `validate_package`, serves the HTTP upload, the Flower reply and
+`phatgoose client inspect` alike. Checks run in a fixed order and the first failure raises
+`PackageRejected`, which names the file, the check, the tensor and what was expected.
+
+Safetensors files are read only through the `safetensors` package (nothing is unpickled,
+nothing is parsed by hand) and tensor by tensor, so memory stays bounded by the largest
+tensor rather than the package. The contract is documented in docs/expert-package.md.
+"""
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+from safetensors import safe_open
+
+from protocol.base_model import BaseModelSpec, LinearModuleSpec
+from protocol.limits import DEFAULT_LIMITS, AdmissionLimits
+from protocol.manifest import FORMAT_VERSION, ExpertManifest
+from protocol.package import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    AVERAGE_ACTIVATION_SUFFIX,
+    GATE_SUFFIX,
+    MANIFEST_FILE,
+    PACKAGE_FILES,
+    REQUIRED_FILES,
+    RETRIEVAL_EMBEDDINGS_KEY,
+    RETRIEVAL_FILE,
+    ROUTER_FILE,
+)
+
+# PEFT saves LoRA weights under the wrapped model's names, without the adapter name.
+PEFT_KEY_PREFIX = "base_model.model."
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+
+# safetensors dtype names. bfloat16 has no numpy type, so the numpy reader cannot load it.
+LORA_DTYPES = ("F32", "F16")
+VECTOR_DTYPE = "F32"
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+# adapter_config.json keys that do not change what the saved adapter computes on top of the
+# base weights (bookkeeping, training-time dropout, initialisations that leave the base
+# untouched). `r`, `lora_alpha`, `use_rslora`, `target_modules`, `exclude_modules` and
+# `task_type` are checked on their own. Every other key must be off (null, false, empty or
+# "none"): an unknown option from a newer PEFT is rejected rather than silently ignored.
+_INERT_CONFIG_KEYS = frozenset(
+    {
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "lora_dropout",
+        "init_lora_weights",
+        "megatron_core",
+        "qalora_group_size",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "ensure_weight_tying",
+    }
+)
+# PiSSA, OLoRA, LoftQ and CorDA initialisations rewrite the base weights, so an adapter
+# trained with them is not an update of the published base model.
+_BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_TASK_TYPES = {False: "CAUSAL_LM", True: "SEQ_2_SEQ_LM"}
+
+_HASH_CHUNK = 1 << 20
+
+
+class PackageRejected(Exception):
+    """An expert package failed an admission check; the body of the 4xx reply."""
+
+    def __init__(
+        self,
+        check: str,
+        file: str | None,
+        detail: str,
+        *,
+        tensor: str | None = None,
+        expected: str | None = None,
+    ) -> None:
+        self.check = check
+        self.file = file
+        self.tensor = tensor
+        self.expected = expected
+        where = file or "package"
+        if tensor is not None:
+            where += f" [{tensor}]"
+        self.message = f"{where}: {detail}"
+        if expected is not None:
+            self.message += f"; expected {expected}"
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "error": "package_rejected",
+            "check": self.check,
+            "file": self.file,
+            "tensor": self.tensor,
+            "expected": self.expected,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class ValidatedPackage:
+    """What admission learned about an accepted package."""
+
+    manifest: ExpertManifest
+    adapter_config: dict[str, Any]
+    module_paths: tuple[str, ...]  # adapted modules, paths in the base model, in its order
+    rank: int
+    lora_alpha: float
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
+    file_sha256: dict[str, str]  # file name -> hex digest
+    file_bytes: dict[str, int]
+    digest: str  # "sha256:<hex>" over the files, see package_digest
+    total_bytes: int
+    has_average_activation: bool
+    has_retrieval: bool
+    retrieval_examples: int
+
+
+@dataclass(frozen=True)
+class _LoraLayout:
+    config: dict[str, Any]
+    rank: int
+    lora_alpha: float
+    scale: float
+    modules: tuple[LinearModuleSpec, ...]
+
+
+def validate_package(
+    files: Mapping[str, Path],
+    base: BaseModelSpec,
+    limits: AdmissionLimits = DEFAULT_LIMITS,
+    *,
+    namespace: str | None = None,
+) -> ValidatedPackage:
+    """Check every file of a package against `base` and `limits`; raise `PackageRejected`.
+
+    `files` maps package file names (`expert.json`, ...) to where their bytes are on disk.
+    `namespace`, when given, is the uploader's: the manifest name must be in it or bare.
+    """
+    paths = _check_file_names(files)
+    sizes = _check_sizes(paths, limits)
+    manifest = _check_manifest(paths[MANIFEST_FILE], base, namespace)
+    layout = _check_adapter_config(paths[ADAPTER_CONFIG_FILE], base, limits)
+    _check_manifest_matches_config(manifest, layout)
+
+    has_retrieval = RETRIEVAL_FILE in paths
+    with ExitStack() as stack:
+        adapter = stack.enter_context(
+            _open_safetensors(ADAPTER_WEIGHTS_FILE, paths[ADAPTER_WEIGHTS_FILE], limits)
+        )
+        router = stack.enter_context(_open_safetensors(ROUTER_FILE, paths[ROUTER_FILE], limits))
+        retrieval = (
+            stack.enter_context(_open_safetensors(RETRIEVAL_FILE, paths[RETRIEVAL_FILE], limits))
+            if has_retrieval
+            else None
+        )
+        # Names and headers first: they cost nothing to read, unlike the tensors.
+        _check_adapter_names(adapter, layout.modules)
+        has_average_activation = _check_router_names(router, layout.modules)
+        if retrieval is not None:
+            _check_retrieval_names(retrieval)
+        _check_manifest_flags(manifest, has_average_activation, has_retrieval)
+
+        _check_adapter_headers(adapter, layout)
+        _check_router_headers(router, layout.modules, has_average_activation)
+        examples = _check_retrieval_header(retrieval, limits) if retrieval is not None else 0
+
+        _check_adapter_values(adapter, layout, limits)
+        _check_router_values(router, layout.modules, has_average_activation, limits)
+        if retrieval is not None:
+            _check_retrieval_values(retrieval)
+
+    hashes = {name: file_sha256(path) for name, path in paths.items()}
+    return ValidatedPackage(
+        manifest=manifest,
+        adapter_config=layout.config,
+        module_paths=tuple(m.path for m in layout.modules),
+        rank=layout.rank,
+        lora_alpha=layout.lora_alpha,
+        scale=layout.scale,
+        file_sha256=hashes,
+        file_bytes=sizes,
+        digest=package_digest(hashes),
+        total_bytes=sum(sizes.values()),
+        has_average_activation=has_average_activation,
+        has_retrieval=has_retrieval,
+        retrieval_examples=examples,
+    )
+
+
+def validate_directory(
+    path: Path,
+    base: BaseModelSpec,
+    limits: AdmissionLimits = DEFAULT_LIMITS,
+    *,
+    namespace: str | None = None,
+) -> ValidatedPackage:
+    """Validate a package written to a directory: every entry in it is a package file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PackageRejected(
+            "missing_file", None, f"{path} is not a directory", expected="a package directory"
+        )
+    return validate_package(
+        {entry.name: entry for entry in path.iterdir()}, base, limits, namespace=namespace
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_digest(file_sha256: Mapping[str, str]) -> str:
+    """`sha256:<hex>` of the sorted lines `<file name>:<file sha256 hex>\\n`.
+
+    Identifies a package by its content whatever order or route its files came in.
+    """
+    lines = "".join(f"{name}:{file_sha256[name]}\n" for name in sorted(file_sha256))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def lora_scale(rank: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling of B @ A: alpha / r, or alpha / sqrt(r) when rank-stabilised."""
+    return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
+
+
+def lora_update_norm(lora_a: np.ndarray, lora_b: np.ndarray, scale: float) -> float:
+    """||scale * B @ A||_F without forming the d x n product.
+
+    ||B A||_F^2 = trace(A^T B^T B A) = trace((B^T B)(A A^T)), two r x r Gram matrices; both are
+    symmetric, so the trace of their product is the sum of their elementwise product.
+    """
+    a = np.asarray(lora_a, dtype=np.float64)
+    b = np.asarray(lora_b, dtype=np.float64)
+    squared = float(np.sum((b.T @ b) * (a @ a.T)))
+    return abs(scale) * math.sqrt(max(squared, 0.0))
+
+
+def adapted_modules(
+    target_modules: list[str], base: BaseModelSpec, exclude_modules: list[str] | None = None
+) -> tuple[LinearModuleSpec, ...]:
+    """The base model's linear modules PEFT adapts for these names, in the model's order.
+
+    PEFT's rule for a list: a module path matches a name if it equals it or ends with
+    "." + name.
+    """
+
+    def matches(path: str, names: list[str]) -> bool:
+        return any(path == name or path.endswith("." + name) for name in names)
+
+    return tuple(
+        m
+        for m in base.linear_modules
+        if matches(m.path, target_modules)
+        and not (exclude_modules and matches(m.path, exclude_modules))
+    )
+
+
+# --- files and sizes -------------------------------------------------------------------
+
+
+def _check_file_names(files: Mapping[str, Path]) -> dict[str, Path]:
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise PackageRejected(
+                "missing_file",
+                name,
+                "the package has no such file",
+                expected=f"the files {', '.join(REQUIRED_FILES)}",
+            )
+    for name in sorted(files):
+        if name not in PACKAGE_FILES:
+            raise PackageRejected(
+                "unknown_file",
+                name,
+                "not a file of an expert package",
+                expected=f"only {', '.join(PACKAGE_FILES)}",
+            )
+    paths = {name: Path(files[name]) for name in PACKAGE_FILES if name in files}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise PackageRejected(
+                "missing_file", name, f"{path} is not a readable file", expected="a regular file"
+            )
+    return paths
+
+
+def _check_sizes(paths: dict[str, Path], limits: AdmissionLimits) -> dict[str, int]:
+    sizes = {name: path.stat().st_size for name, path in paths.items()}
+    for name, size in sizes.items():
+        if size > limits.max_file_bytes(name):
+            raise PackageRejected(
+                "too_large",
+                name,
+                f"the file is {size} bytes",
+                expected=f"at most {limits.max_file_bytes(name)} bytes",
+            )
+    total = sum(sizes.values())
+    if total > limits.max_total_bytes:
+        raise PackageRejected(
+            "too_large",
+            None,
+            f"the package is {total} bytes in all",
+            expected=f"at most {limits.max_total_bytes} bytes",
+        )
+    return sizes
+
+
+# --- JSON files ------------------------------------------------------------------------
+
+
+def _load_json(path: Path, name: str) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys (parsers disagree on those)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ValueError(f"duplicate key {key!r}")
+        return dict(pairs)
+
+    def no_constants(token: str) -> Any:
+        raise ValueError(f"{token} is not JSON")
+
+    try:
+        return json.loads(
+            path.read_bytes().decode("utf-8"),
+            object_pairs_hook=no_duplicates,
+            parse_constant=no_constants,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise PackageRejected(
+            "not_json", name, f"not valid JSON ({e})", expected="a UTF-8 JSON object"
+        ) from e
+
+
+def _check_manifest(path: Path, base: BaseModelSpec, namespace: str | None) -> ExpertManifest:
+    data = _load_json(path, MANIFEST_FILE)
+    if not isinstance(data, dict):
+        raise PackageRejected(
+            "manifest_schema",
+            MANIFEST_FILE,
+            f"the manifest is a JSON {type(data).__name__}",
+            expected="a JSON object",
+        )
+    # Checked before the schema so that a newer manifest gets a clear answer.
+    version = data.get("format_version", FORMAT_VERSION)
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise PackageRejected(
+            "format_version",
+            MANIFEST_FILE,
+            f"format_version {version!r} is not supported",
+            expected=f"format_version {FORMAT_VERSION}",
+        )
+    try:
+        manifest = ExpertManifest.model_validate(data)
+    except pydantic.ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(root)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise PackageRejected(
+            "manifest_schema",
+            MANIFEST_FILE,
+            f"field '{field}' is invalid: {first['msg']}{more}",
+            expected=_schema_expectation(first),
+        ) from e
+
+    identity = manifest.base_model
+    if identity.name != base.name:
+        raise PackageRejected(
+            "base_model",
+            MANIFEST_FILE,
+            f"the expert was trained on base model '{identity.name}'",
+            expected=f"base model '{base.name}'",
+        )
+    if identity.fingerprint != base.fingerprint:
+        raise PackageRejected(
+            "fingerprint",
+            MANIFEST_FILE,
+            f"base model fingerprint {identity.fingerprint} differs from this platform's "
+            f"'{base.name}' (different weights)",
+            expected=base.fingerprint,
+        )
+    if namespace is not None and "/" in manifest.name:
+        owner = manifest.name.split("/", 1)[0]
+        if owner != namespace:
+            raise PackageRejected(
+                "namespace",
+                MANIFEST_FILE,
+                f"name '{manifest.name}' is in namespace '{owner}', not the uploader's",
+                expected=f"'{namespace}/<slug>' or a bare slug",
+            )
+    return manifest
+
+
+def _schema_expectation(error: Any) -> str:
+    if error["type"] == "missing":
+        return "the field to be present"
+    if error["type"] == "extra_forbidden":
+        return "no such field"
+    return error["msg"][0].lower() + error["msg"][1:]
+
+
+def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimits) -> _LoraLayout:
+    name = ADAPTER_CONFIG_FILE
+    config = _load_json(path, name)
+    if not isinstance(config, dict):
+        raise PackageRejected(
+            "peft_config", name, f"a JSON {type(config).__name__}", expected="a JSON object"
+        )
+
+    def reject(detail: str, expected: str) -> PackageRejected:
+        return PackageRejected("peft_config", name, detail, expected=expected)
+
+    if config.get("peft_type") != "LORA":
+        raise reject(f"peft_type is {config.get('peft_type')!r}", expected='peft_type "LORA"')
+    rank = config.get("r")
+    if type(rank) is not int or rank < 1:
+        raise reject(f"r is {rank!r}", expected="r a positive integer")
+    if rank > limits.max_rank:
+        raise PackageRejected("rank", name, f"r is {rank}", expected=f"r at most {limits.max_rank}")
+    alpha = config.get("lora_alpha")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+        raise reject(f"lora_alpha is {alpha!r}", expected="lora_alpha a positive number")
+    use_rslora = config.get("use_rslora", False)
+    if type(use_rslora) is not bool:
+        raise reject(f"use_rslora is {use_rslora!r}", expected="use_rslora true or false")
+
+    target = config.get("target_modules")
+    if isinstance(target, str):
+        # PEFT reads a string as a regular expression; an untrusted one can backtrack for
+        # exponential time, so the package must list the names instead.
+        raise reject(
+            f"target_modules is the regular expression {target!r}",
+            expected="target_modules a list of module names (or full module paths)",
+        )
+    if not _is_name_list(target) or not target:
+        raise reject(
+            f"target_modules is {target!r}", expected="target_modules a non-empty list of names"
+        )
+    exclude = config.get("exclude_modules")
+    if exclude is not None and not _is_name_list(exclude):
+        raise reject(
+            f"exclude_modules is {exclude!r}", expected="exclude_modules null or a list of names"
+        )
+
+    task_type = config.get("task_type")
+    expected_task = _TASK_TYPES[base.is_encoder_decoder]
+    if task_type is not None and task_type != expected_task:
+        raise reject(
+            f"task_type {task_type!r} does not fit the {base.architecture} base model",
+            expected=f'task_type "{expected_task}" or null',
+        )
+    init = config.get("init_lora_weights", True)
+    if init not in _BASE_PRESERVING_INITS or (init in (0, 1) and type(init) is not bool):
+        raise reject(
+            f"init_lora_weights {init!r} changes the base model's weights",
+            expected='init_lora_weights true, false, "gaussian", "eva" or "orthogonal"',
+        )
+    handled = {"r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "task_type"}
+    for key in sorted(config):
+        if key in _INERT_CONFIG_KEYS or key in handled:
+            continue
+        if not _is_off(config[key]):
+            raise reject(
+                f"{key} is {config[key]!r}: the platform routes plain LoRA updates only",
+                expected=f'{key} null, false, empty or "none"',
+            )
+
+    modules = adapted_modules(target, base, exclude)
+    if not modules:
+        raise reject(
+            f"target_modules {target} match no linear module of '{base.name}'",
+            expected="names of linear modules of the base model (e.g. "
+            + ", ".join(sorted({m.path.rsplit(".", 1)[-1] for m in base.linear_modules}))
+            + ")",
+        )
+    return _LoraLayout(
+        config=config,
+        rank=rank,
+        lora_alpha=float(alpha),
+        scale=lora_scale(rank, float(alpha), use_rslora),
+        modules=modules,
+    )
+
+
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == "none" or value in ({}, [])
+
+
+def _check_manifest_matches_config(manifest: ExpertManifest, layout: _LoraLayout) -> None:
+    summary = manifest.lora
+    for field, stated, actual in (
+        ("lora.r", summary.r, layout.rank),
+        ("lora.lora_alpha", summary.lora_alpha, layout.lora_alpha),
+        ("lora.modules", summary.modules, len(layout.modules)),
+    ):
+        if stated != actual:
+            raise PackageRejected(
+                "manifest_mismatch",
+                MANIFEST_FILE,
+                f"{field} is {stated} but adapter_config.json gives {actual}",
+                expected=f"{field} {actual}",
+            )
+
+
+def _check_manifest_flags(
+    manifest: ExpertManifest, has_average_activation: bool, has_retrieval: bool
+) -> None:
+    for field, stated, actual in (
+        ("has_average_activation", manifest.has_average_activation, has_average_activation),
+        ("has_retrieval_embeddings", manifest.has_retrieval_embeddings, has_retrieval),
+    ):
+        if stated != actual:
+            raise PackageRejected(
+                "manifest_mismatch",
+                MANIFEST_FILE,
+                f"{field} is {str(stated).lower()} but the files say otherwise",
+                expected=f"{field} {str(actual).lower()}",
+            )
+
+
+# --- safetensors files -----------------------------------------------------------------
+
+
+@contextmanager
+def _open_safetensors(name: str, path: Path, limits: AdmissionLimits) -> Iterator[Any]:
+    """Open through the safetensors package, which checks the header and every offset.
+
+    `name` is the package file name; uploads may sit on disk under temporary names.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    # Only a length that fits in the file is a real header; anything else is left to
+    # safetensors to refuse as not a safetensors file.
+    if limits.max_header_bytes < header_bytes <= size - 8:
+        raise PackageRejected(
+            "too_large",
+            name,
+            f"the safetensors header is {header_bytes} bytes",
+            expected=f"at most {limits.max_header_bytes} bytes",
+        )
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except Exception as e:  # the Rust parser raises SafetensorError, others on odd input
+        raise PackageRejected(
+            "not_safetensors",
+            name,
+            f"not a valid safetensors file ({e})",
+            expected="a safetensors file (8-byte header length, JSON header, tensor data)",
+        ) from e
+    with handle as f:
+        _check_unique_header_keys(name, path, header_bytes)
+        yield f
+
+
+def _check_unique_header_keys(name: str, path: Path, header_bytes: int) -> None:
+    """Reject a header with a key twice, such as a tensor named twice.
+
+    safetensors keeps one of the duplicates; another reader may keep the other, so the
+    tensor validated here would not be the tensor loaded there. safetensors has already
+    accepted the header, so its length and JSON are known to be sound.
+    """
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = f.read(header_bytes)
+    # The hook runs innermost object first: the last call is the top level (tensor names).
+    duplicates_per_object: list[list[str]] = []
+
+    def collect(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        duplicates_per_object.append([k for i, k in enumerate(keys) if k in keys[:i]])
+        return dict(pairs)
+
+    json.loads(header, object_pairs_hook=collect)
+    top_level = duplicates_per_object[-1] if duplicates_per_object else []
+    if top_level:
+        raise PackageRejected(
+            "not_safetensors",
+            name,
+            f"the header names tensor '{top_level[0]}' more than once",
+            tensor=top_level[0],
+            expected="each tensor named once",
+        )
+    nested = [k for keys in duplicates_per_object for k in keys]
+    if nested:
+        raise PackageRejected(
+            "not_safetensors",
+            name,
+            f"the header gives the field '{nested[0]}' of a tensor more than once",
+            expected="each field given once",
+        )
+
+
+def _lora_keys(path: str) -> tuple[str, str]:
+    return PEFT_KEY_PREFIX + path + LORA_A_SUFFIX, PEFT_KEY_PREFIX + path + LORA_B_SUFFIX
+
+
+def _check_exact_names(
+    name: str, present: set[str], required: set[str], optional: set[str], what: str
+) -> None:
+    missing = sorted(required - present)
+    if missing:
+        raise PackageRejected(
+            "tensor_names",
+            name,
+            f"{len(missing)} required tensor(s) missing, first '{missing[0]}'",
+            tensor=missing[0],
+            expected=what,
+        )
+    extra = sorted(present - required - optional)
+    if extra:
+        raise PackageRejected(
+            "tensor_names",
+            name,
+            f"{len(extra)} unexpected tensor(s), first '{extra[0]}'",
+            tensor=extra[0],
+            expected=what,
+        )
+
+
+def _check_adapter_names(f: Any, modules: tuple[LinearModuleSpec, ...]) -> None:
+    required = {key for m in modules for key in _lora_keys(m.path)}
+    _check_exact_names(
+        ADAPTER_WEIGHTS_FILE,
+        set(f.keys()),
+        required,
+        set(),
+        f"exactly lora_A and lora_B for the {len(modules)} modules target_modules selects "
+        f"('{PEFT_KEY_PREFIX}<module path>{LORA_A_SUFFIX}' and ...{LORA_B_SUFFIX})",
+    )
+
+
+def _check_router_names(f: Any, modules: tuple[LinearModuleSpec, ...]) -> bool:
+    """Check the router's names; return whether it carries average activations."""
+    gates = {m.path + GATE_SUFFIX for m in modules}
+    averages = {m.path + AVERAGE_ACTIVATION_SUFFIX for m in modules}
+    present = set(f.keys())
+    _check_exact_names(
+        ROUTER_FILE,
+        present,
+        gates,
+        averages,
+        f"'<module path>{GATE_SUFFIX}' for each of the {len(modules)} adapted modules, "
+        f"optionally '<module path>{AVERAGE_ACTIVATION_SUFFIX}' for all of them",
+    )
+    given = present & averages
+    if given and given != averages:
+        missing = sorted(averages - given)
+        raise PackageRejected(
+            "tensor_names",
+            ROUTER_FILE,
+            f"average activations given for {len(given)} of {len(modules)} adapted modules, "
+            f"missing '{missing[0]}'",
+            tensor=missing[0],
+            expected="average activations for every adapted module or for none",
+        )
+    return bool(given)
+
+
+def _check_retrieval_names(f: Any) -> None:
+    _check_exact_names(
+        RETRIEVAL_FILE,
+        set(f.keys()),
+        {RETRIEVAL_EMBEDDINGS_KEY},
+        set(),
+        f"one tensor named '{RETRIEVAL_EMBEDDINGS_KEY}'",
+    )
+
+
+def _check_tensor_header(
+    f: Any, name: str, key: str, shape: tuple[int, ...], dtypes: tuple[str, ...]
+) -> None:
+    info = f.get_slice(key)
+    actual_shape = tuple(info.get_shape())
+    if actual_shape != shape:
+        raise PackageRejected(
+            "shape",
+            name,
+            f"shape {list(actual_shape)}",
+            tensor=key,
+            expected=f"shape {list(shape)}",
+        )
+    dtype = info.get_dtype()
+    if dtype not in dtypes:
+        hint = (
+            " (bfloat16 cannot be validated without torch: convert to float32 before saving)"
+            if dtype == "BF16"
+            else ""
+        )
+        raise PackageRejected(
+            "dtype",
+            name,
+            f"dtype {_DTYPE_NAMES.get(dtype, dtype)}{hint}",
+            tensor=key,
+            expected="dtype " + " or ".join(_DTYPE_NAMES[d] for d in dtypes),
+        )
+
+
+def _check_adapter_headers(f: Any, layout: _LoraLayout) -> None:
+    for m in layout.modules:
+        key_a, key_b = _lora_keys(m.path)
+        r = layout.rank
+        _check_tensor_header(f, ADAPTER_WEIGHTS_FILE, key_a, (r, m.in_features), LORA_DTYPES)
+        _check_tensor_header(f, ADAPTER_WEIGHTS_FILE, key_b, (m.out_features, r), LORA_DTYPES)
+
+
+def _check_router_headers(
+    f: Any, modules: tuple[LinearModuleSpec, ...], has_average_activation: bool
+) -> None:
+    suffixes = (
+        (GATE_SUFFIX, AVERAGE_ACTIVATION_SUFFIX) if has_average_activation else (GATE_SUFFIX,)
+    )
+    for m in modules:
+        for suffix in suffixes:
+            _check_tensor_header(f, ROUTER_FILE, m.path + suffix, (m.in_features,), (VECTOR_DTYPE,))
+
+
+def _check_retrieval_header(f: Any, limits: AdmissionLimits) -> int:
+    """Check the embeddings' shape and dtype; return the number of examples."""
+    key = RETRIEVAL_EMBEDDINGS_KEY
+    shape = tuple(f.get_slice(key).get_shape())
+    dim = limits.retrieval_embedding_dim
+    expected_shape = (
+        f"shape [examples, {dim}] with 1 <= examples <= {limits.max_retrieval_examples}"
+    )
+    if len(shape) != 2 or shape[1] != dim or shape[0] < 1:
+        raise PackageRejected(
+            "shape", RETRIEVAL_FILE, f"shape {list(shape)}", tensor=key, expected=expected_shape
+        )
+    if shape[0] > limits.max_retrieval_examples:
+        raise PackageRejected(
+            "retrieval_examples",
+            RETRIEVAL_FILE,
+            f"{shape[0]} embedded examples",
+            tensor=key,
+            expected=f"at most {limits.max_retrieval_examples}",
+        )
+    _check_tensor_header(f, RETRIEVAL_FILE, key, shape, (VECTOR_DTYPE,))
+    return shape[0]
+
+
+def _finite(name: str, key: str, values: np.ndarray) -> np.ndarray:
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise PackageRejected(
+            "non_finite",
+            name,
+            f"{bad} of {values.size} values are NaN or infinite",
+            tensor=key,
+            expected="finite values",
+        )
+    return values
+
+
+def _check_adapter_values(f: Any, layout: _LoraLayout, limits: AdmissionLimits) -> None:
+    for m in layout.modules:
+        key_a, key_b = _lora_keys(m.path)
+        lora_a = _finite(ADAPTER_WEIGHTS_FILE, key_a, f.get_tensor(key_a))
+        lora_b = _finite(ADAPTER_WEIGHTS_FILE, key_b, f.get_tensor(key_b))
+        norm = lora_update_norm(lora_a, lora_b, layout.scale)
+        if norm > limits.max_update_norm:
+            raise PackageRejected(
+                "update_norm",
+                ADAPTER_WEIGHTS_FILE,
+                f"the update scale * B @ A of module '{m.path}' has Frobenius norm {norm:.4g}",
+                tensor=key_b,
+                expected=f"at most {limits.max_update_norm:g}",
+            )
+
+
+def _check_router_values(
+    f: Any,
+    modules: tuple[LinearModuleSpec, ...],
+    has_average_activation: bool,
+    limits: AdmissionLimits,
+) -> None:
+    for m in modules:
+        key = m.path + GATE_SUFFIX
+        gate = _finite(ROUTER_FILE, key, f.get_tensor(key)).astype(np.float64)
+        norm = float(np.linalg.norm(gate))
+        if norm > limits.max_gate_norm:
+            raise PackageRejected(
+                "gate_norm",
+                ROUTER_FILE,
+                f"gate L2 norm {norm:.4g}",
+                tensor=key,
+                expected=f"at most {limits.max_gate_norm:g}",
+            )
+        std = float(gate.std())
+        if std < limits.min_gate_std:
+            raise PackageRejected(
+                "gate_constant",
+                ROUTER_FILE,
+                f"the gate is constant (standard deviation {std:.3g}): was the gate step run?",
+                tensor=key,
+                expected=f"a standard deviation of at least {limits.min_gate_std:g}",
+            )
+        if has_average_activation:
+            key = m.path + AVERAGE_ACTIVATION_SUFFIX
+            average = _finite(ROUTER_FILE, key, f.get_tensor(key)).astype(np.float64)
+            norm = float(np.linalg.norm(average))
+            if norm > limits.max_average_activation_norm:
+                raise PackageRejected(
+                    "average_activation_norm",
+                    ROUTER_FILE,
+                    f"average activation L2 norm {norm:.4g}",
+                    tensor=key,
+                    expected=f"at most {limits.max_average_activation_norm:g}",
+                )
+
+
+def _check_retrieval_values(f: Any) -> None:
+    key = RETRIEVAL_EMBEDDINGS_KEY
+    embeddings = _finite(RETRIEVAL_FILE, key, f.get_tensor(key)).astype(np.float64)
+    # Retrieval ranks by cosine similarity, undefined for a zero vector.
+    zero_rows = np.flatnonzero(np.linalg.norm(embeddings, axis=1) == 0)
+    if zero_rows.size:
+        raise PackageRejected(
+            "zero_embedding",
+            RETRIEVAL_FILE,
+            f"{zero_rows.size} embedding(s) are zero, first row {int(zero_rows[0])}",
+            tensor=key,
+            expected="non-zero embeddings (cosine similarity needs a direction)",
+        )
