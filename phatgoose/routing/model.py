@@ -1,0 +1,328 @@
+"""Putting routed linears into a model: `build_routed_model`, `unroute_model`, `queries`.
+
+Like `peft.get_peft_model`, every base `nn.Linear` some expert adapts is replaced in place
+by a `RoutedLinear` wrapping it (its weights are shared, never copied); the model is then
+used exactly as before (forward, `generate`; causal and encoder-decoder alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from phatgoose.routing import rows
+from phatgoose.routing.layer import (
+    ArrowRouter,
+    FixedRouter,
+    RoutedLinear,
+    TokenRouter,
+    constant_choice,
+    stack_updates,
+)
+
+if TYPE_CHECKING:
+    from phatgoose.expert import Expert
+
+METHODS = ("phatgoose", "arrow", "average_activation", "retrieval", "merged", "single", "base")
+TOKEN_METHODS = ("phatgoose", "arrow", "average_activation")
+
+# Where a routed model keeps its routing state (a plain attribute, not a submodule).
+STATE_ATTR = "_phatgoose_routing"
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+Embedder = Callable[[list[str]], Tensor]
+
+
+@dataclass
+class RoutingState:
+    """What `build_routed_model` attached to a model: enough to describe and undo it."""
+
+    method: str
+    top_k: int
+    expert_names: list[str]
+    retrieval: RetrievalChoice | None = None
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+class RetrievalChoice:
+    """The retrieval router's expert per batch row, shared by all routed linears of a model.
+
+    The expert for a query owns its most cosine-similar example among every expert's
+    retrieval embeddings. Texts come from `queries(...)` or, failing that, from decoding
+    `input_ids` with the tokenizer when a new sequence starts.
+    """
+
+    def __init__(
+        self, bank: Tensor, owner: Tensor, embedder: Embedder | None, tokenizer: Any
+    ) -> None:
+        self.bank, self.owner = bank, owner
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.current: Tensor | None = None
+        self.pinned = False  # inside `queries(...)`: forwards keep the given texts' choice
+
+    def choose(self, texts: list[str]) -> Tensor:
+        """Expert index per text: owner of argmax_m cos(embed(text), example_m)."""
+        embedder = self.embedder or _default_embedder
+        queries = torch.nn.functional.normalize(torch.as_tensor(embedder(texts)).float(), dim=-1)
+        if queries.shape != (len(texts), self.bank.shape[1]):
+            raise ValueError(
+                f"the embedder returned {list(queries.shape)} for {len(texts)} texts; expected "
+                f"[{len(texts)}, {self.bank.shape[1]}] (the experts' embedding width)"
+            )
+        return self.owner[(queries @ self.bank.T).argmax(dim=-1)]
+
+    def __call__(self) -> Tensor:
+        if self.current is None:
+            raise RuntimeError(
+                "retrieval routing has no query yet: wrap the forward in "
+                "`routing.queries(model, texts)` or pass input_ids to a model built with "
+                "`tokenizer=`"
+            )
+        return self.current
+
+    def on_new_input(self, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+        """Pick experts for a new sequence from its tokens (unless `queries` pinned them)."""
+        if self.pinned:
+            return
+        if input_ids is None or self.tokenizer is None:
+            raise RuntimeError(
+                "retrieval routing needs the query text: wrap the forward in "
+                "`routing.queries(model, texts)`, or build the model with `tokenizer=` and "
+                "call it with input_ids"
+            )
+        keep = attention_mask.bool() if attention_mask is not None else None
+        if keep is None:
+            keep = input_ids != self.tokenizer.pad_token_id
+        texts = [
+            self.tokenizer.decode(row[mask].tolist(), skip_special_tokens=True)
+            for row, mask in zip(input_ids, keep, strict=True)
+        ]
+        self.current = self.choose(texts)
+
+
+def build_routed_model(
+    model: ModelT,
+    experts: Sequence[Expert],
+    method: str = "phatgoose",
+    top_k: int = 2,
+    *,
+    expert: str | None = None,
+    embedder: Embedder | None = None,
+    tokenizer: Any = None,
+) -> ModelT:
+    """Route `model` over `experts` with `method`, in place, and return it.
+
+    `expert` names the expert for `method="single"`; `embedder` (texts -> [len, e]) and
+    `tokenizer` (to decode input_ids when no `queries` are given) serve `"retrieval"`.
+    `"base"` returns the model untouched.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown routing method {method!r}; expected one of {METHODS}")
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        raise RuntimeError(
+            f"this model is already routed ({state.method} over {len(state.expert_names)} "
+            "experts); call unroute_model(model) first"
+        )
+    if method == "base":
+        return model
+    experts = list(experts)
+    names = [e.name for e in experts]
+    if not experts:
+        raise ValueError(f"method {method!r} needs at least one expert, got none")
+    if len(set(names)) != len(names):
+        raise ValueError(f"expert names must be unique, got {names}")
+    if method in TOKEN_METHODS and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+
+    modules = dict(model.named_modules())
+    adapted = {e.name: set(e.module_paths()) for e in experts}
+    paths = list(dict.fromkeys(p for e in experts for p in e.module_paths()))
+    for e in experts:
+        _check_expert_fits(e, modules)
+
+    retrieval = None
+    if method == "single":
+        if expert not in names:
+            raise ValueError(f"method 'single' needs expert= one of {names}, got {expert!r}")
+        paths = experts[names.index(expert)].module_paths()
+    elif method == "merged":
+        _check_same_modules(experts, adapted)
+    elif method == "retrieval":
+        retrieval = RetrievalChoice(*rows.retrieval_bank(experts), embedder, tokenizer)
+
+    for path in paths:
+        members = [z for z, e in enumerate(experts) if path in adapted[e.name]]
+        try:
+            routed = _routed_linear(
+                modules[path], path, experts, members, method, top_k, expert, retrieval
+            )
+        except ValueError as error:
+            # Name the module in every error (row builders name it already).
+            raise (error if path in str(error) else ValueError(f"{path}: {error}")) from None
+        parent, _, child = path.rpartition(".")
+        setattr(modules[parent] if parent else model, child, routed)
+
+    new_state = RoutingState(method, top_k, names, retrieval)
+    if retrieval is not None:
+        new_state.hooks.append(_install_retrieval_hook(model, retrieval))
+    setattr(model, STATE_ATTR, new_state)
+    return model
+
+
+def unroute_model(model: ModelT) -> ModelT:
+    """Put the original linears back and drop every routing hook; returns the model."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, RoutedLinear):
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        for hook in state.hooks:
+            hook.remove()
+        delattr(model, STATE_ATTR)
+    return model
+
+
+def routing_state(model: nn.Module) -> RoutingState | None:
+    """The routing a model carries, or None for a model that is not routed."""
+    return getattr(model, STATE_ATTR, None)
+
+
+@contextlib.contextmanager
+def queries(model: nn.Module, texts: list[str]) -> Iterator[None]:
+    """Within the block, the retrieval router uses `texts` (one per batch row).
+
+    A no-op for models without a retrieval router, so callers can always wrap forwards.
+    """
+    state = routing_state(model)
+    if state is None or state.retrieval is None:
+        yield
+        return
+    retrieval = state.retrieval
+    saved = retrieval.current, retrieval.pinned
+    retrieval.current, retrieval.pinned = retrieval.choose(list(texts)), True
+    try:
+        yield
+    finally:
+        retrieval.current, retrieval.pinned = saved
+
+
+def _routed_linear(
+    base: nn.Module,
+    path: str,
+    experts: list[Expert],
+    members: list[int],
+    method: str,
+    top_k: int,
+    expert: str | None,
+    retrieval: RetrievalChoice | None,
+) -> RoutedLinear:
+    chosen = [experts[z] for z in members]
+    if method == "merged":
+        lora_A, lora_B = rows.merged_update(chosen, path)
+        return RoutedLinear(
+            base, lora_A[None], lora_B[None], FixedRouter(constant_choice()), path=path
+        )
+    if method == "single":
+        index = next(z for z in members if experts[z].name == expert)
+        lora_A, lora_B = stack_updates([experts[index].lora_update(path)])
+        router: nn.Module = FixedRouter(constant_choice())
+        return RoutedLinear(base, lora_A, lora_B, router, path=path, expert_ids=[index])
+    if method == "retrieval":
+        # Every expert is stacked so the chosen index is global; an expert that does not
+        # adapt this module contributes a zero update here.
+        zero = (torch.zeros(1, base.in_features), torch.zeros(base.out_features, 1), 0.0)
+        updates = [e.lora_update(path) if path in e.module_paths() else zero for e in experts]
+        assert retrieval is not None
+        ids = list(range(len(experts)))
+        return RoutedLinear(
+            base, *stack_updates(updates), FixedRouter(retrieval), path=path, expert_ids=ids
+        )
+    router_rows = {
+        "phatgoose": rows.gate_rows,
+        "average_activation": rows.average_activation_rows,
+        "arrow": rows.arrow_rows,
+    }[method](chosen, path)
+    router = (
+        ArrowRouter(router_rows, top_k) if method == "arrow" else TokenRouter(router_rows, top_k)
+    )
+    lora_A, lora_B = stack_updates([e.lora_update(path) for e in chosen])
+    return RoutedLinear(base, lora_A, lora_B, router, path=path, expert_ids=members)
+
+
+def _check_expert_fits(expert: Expert, modules: dict[str, nn.Module]) -> None:
+    for path in expert.module_paths():
+        linear = modules.get(path)
+        if isinstance(linear, RoutedLinear):
+            raise RuntimeError(f"{path} is already a routed linear; call unroute_model first")
+        if not isinstance(linear, nn.Linear):
+            found = "nothing" if linear is None else type(linear).__name__
+            raise ValueError(
+                f"expert {expert.name!r} adapts {path}, but the model has {found} there "
+                "(expected an nn.Linear; is the expert for another base model?)"
+            )
+        a, b, _ = expert.lora_update(path)
+        n, d = linear.in_features, linear.out_features
+        if a.shape[1] != n or b.shape[0] != d:
+            raise ValueError(
+                f"expert {expert.name!r} at {path}: update B {list(b.shape)} @ A "
+                f"{list(a.shape)} does not fit the model's linear [{d}, {n}] (out, in)"
+            )
+
+
+def _check_same_modules(experts: list[Expert], adapted: dict[str, set[str]]) -> None:
+    reference = experts[0].name
+    for e in experts[1:]:
+        differ = adapted[e.name] ^ adapted[reference]
+        if differ:
+            raise ValueError(
+                f"merged experts need identical architectures, but experts {reference!r} and "
+                f"{e.name!r} adapt different modules, e.g. {sorted(differ)[:3]}"
+            )
+
+
+def _install_retrieval_hook(model: nn.Module, retrieval: RetrievalChoice) -> RemovableHandle:
+    """Re-choose experts whenever a new input sequence starts.
+
+    Encoder-decoder: the encoder input decides (generate() calls the encoder once, then
+    only the decoder). Causal: a forward without a filled cache starts a sequence; cached
+    decoding steps keep the choice made on the prompt.
+    """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+
+        def on_encoder(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            retrieval.on_new_input(input_ids, kwargs.get("attention_mask"))
+
+        return model.get_encoder().register_forward_pre_hook(on_encoder, with_kwargs=True)
+
+    def on_forward(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if _has_cache(kwargs.get("past_key_values")) and retrieval.current is not None:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        retrieval.on_new_input(input_ids, kwargs.get("attention_mask"))
+
+    return model.register_forward_pre_hook(on_forward, with_kwargs=True)
+
+
+def _has_cache(past_key_values: Any) -> bool:
+    if past_key_values is None:
+        return False
+    if hasattr(past_key_values, "get_seq_length"):
+        return past_key_values.get_seq_length() > 0
+    return len(past_key_values) > 0
+
+
+def _default_embedder(texts: list[str]) -> Tensor:
+    # Imported on first use: loading MiniLM is only needed for retrieval.
+    from phatgoose.embeddings import embed_texts
+
+    return embed_texts(texts)
