@@ -1,0 +1,199 @@
+"""`phatgoose coordinator ...`: run the service and manage tokens and base models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from coordinator.auth.models import Role
+
+app = typer.Typer(
+    help="Run the coordinator service and manage its catalog.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data directory (SQLite file, blobs). Default: $PHATGOOSE_DATA_DIR or "
+        "./.phatgoose/coordinator.",
+        show_default=False,
+    ),
+]
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. Default: "
+        "$PHATGOOSE_DATABASE_URL, else a SQLite file in the data directory.",
+        show_default=False,
+    ),
+]
+
+
+def _settings(data_dir: Path | None, database_url: str | None) -> Any:
+    from coordinator.core.config import Settings
+
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if database_url is not None:
+        overrides["database_url"] = database_url
+    return Settings(**overrides)
+
+
+def _sessions(data_dir: Path | None, database_url: str | None) -> Any:
+    from coordinator.core.app import open_database
+
+    _engine, sessions = open_database(_settings(data_dir, database_url))
+    return sessions
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (8000 is Flower's).")] = 8765,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Start the coordinator API (docs at /docs).
+
+    Migrates the database and checks storage first. Needs no set-up: a SQLite file and the
+    blobs go into the data directory.
+    """
+    import uvicorn
+
+    from coordinator.core.app import create_app
+
+    settings = _settings(data_dir, database_url)
+    application = create_app(settings)
+    report = application.state.startup_report
+    if report.missing_blobs:
+        typer.secho(
+            f"warning: {len(report.missing_blobs)} catalog file(s) have no blob; "
+            "see `phatgoose coordinator check`",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(f"coordinator on http://{host}:{port} (API docs: http://{host}:{port}/docs)")
+    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def migrate(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
+    """Bring the database to the newest schema (start-up does this too)."""
+    from coordinator import migrations
+    from coordinator.core.db import make_engine
+
+    settings = _settings(data_dir, database_url)
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url)
+    before = migrations.current_revision(engine)
+    migrations.upgrade(engine)
+    after = migrations.current_revision(engine)
+    typer.echo(f"database at revision {after} (was {before or 'empty'})")
+
+
+@app.command("create-token")
+def create_token(
+    name: Annotated[
+        str, typer.Option(help="The holder's namespace: experts publish as NAME/<expert>.")
+    ],
+    role: Annotated[Role, typer.Option(help="contributor: publish under NAME; maintainer: all.")],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Create a bearer token and print it once (only its hash is stored)."""
+    from coordinator.auth.service import InvalidTokenName
+    from coordinator.auth.service import create_token as create
+
+    settings = _settings(data_dir, database_url)
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            issued = create(session, name=name, role=role, prefix=settings.token_prefix)
+        except InvalidTokenName as error:
+            raise typer.BadParameter(str(error), param_hint="--name") from error
+    typer.secho(
+        f"token for {name} ({role.value}, id {issued.token.public_id}); shown once:",
+        err=True,
+    )
+    typer.echo(issued.secret_token)
+
+
+@app.command("list-tokens")
+def list_tokens(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
+    """Tokens by id, name, role and state (secrets are never shown again)."""
+    from coordinator.auth.service import list_tokens as list_all
+
+    with _sessions(data_dir, database_url)() as session:
+        for token in list_all(session):
+            state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "active"
+            typer.echo(f"{token.public_id}  {token.name:<24} {token.role:<12} {state}")
+
+
+@app.command("revoke-token")
+def revoke_token(
+    token_id: Annotated[str, typer.Argument(help="The token's id (see list-tokens).")],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Revoke a token: it stops working at once; what it published stays."""
+    from coordinator.auth.service import revoke_token as revoke
+
+    with _sessions(data_dir, database_url)() as session:
+        token = revoke(session, token_id)
+    if token is None:
+        typer.secho(f"no token with id {token_id}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {token.public_id} ({token.name})")
+
+
+@app.command("register-base")
+def register_base(
+    name_or_path: Annotated[
+        str, typer.Argument(help="smollm2-135m (bundled), a local path or a Hugging Face name.")
+    ] = "smollm2-135m",
+    name: Annotated[
+        str | None, typer.Option(help="Name experts use in their manifest (default: as given).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Revision to record.")] = None,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Record a base model: identity, fingerprint and linear modules.
+
+    Loads the model through phatgoose.models; uploads are validated against what is recorded.
+    """
+    from coordinator.base_models.service import BaseModelConflict, register_base_model_from_path
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            record = register_base_model_from_path(
+                session, name_or_path, name=name, revision=revision
+            )
+        except BaseModelConflict as error:
+            typer.secho(str(error), err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from error
+        modules = len(record.spec["linear_modules"])
+        typer.echo(f"base model {record.name}: {record.fingerprint}, {modules} linear modules")
+
+
+@app.command()
+def check(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
+    """Run the start-up checks: remove stale temp files, list catalog files without blobs."""
+    from coordinator.core.startup import run_startup_checks
+    from coordinator.storage import LocalBlobStore
+
+    settings = _settings(data_dir, database_url)
+    with _sessions(data_dir, database_url)() as session:
+        report = run_startup_checks(session, LocalBlobStore(settings.blob_dir), settings)
+    typer.echo(f"removed {len(report.removed_temp_files)} stale temp file(s)")
+    for missing in report.missing_blobs:
+        typer.echo(f"MISSING {missing.ref} {missing.filename} sha256 {missing.sha256}")
+    if report.missing_blobs:
+        raise typer.Exit(1)
+    typer.echo("every catalog file has its blob")

@@ -1,0 +1,123 @@
+"""The app factory: `create_app(settings)` wires settings, database, blobs and routers.
+
+Routers are found through `ROUTERS`: each entry names a module with a `router`
+(`fastapi.APIRouter`) and the prefix it is mounted under. Modules that do not exist (yet)
+are skipped, so a domain is added by creating its `routes.py` and listing it here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+import phatgoose
+from coordinator import migrations
+from coordinator.core.config import Settings
+from coordinator.core.db import make_engine, make_sessionmaker
+from coordinator.core.errors import CoordinatorError
+from coordinator.core.logging import RequestIdMiddleware, configure_logging
+from coordinator.core.startup import run_startup_checks
+from coordinator.storage import LocalBlobStore
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+# (module holding `router`, prefix)
+ROUTERS: list[tuple[str, str]] = [
+    ("coordinator.core.routes", API_PREFIX),
+    ("coordinator.auth.routes", API_PREFIX),
+    ("coordinator.base_models.routes", API_PREFIX),
+    ("coordinator.experts.routes", API_PREFIX),
+    ("coordinator.releases.routes", API_PREFIX),
+    ("coordinator.evaluations.routes", API_PREFIX),
+    ("coordinator.leaderboard.routes", ""),
+]
+
+
+def _is_missing(error: ModuleNotFoundError, module: str) -> bool:
+    return error.name is not None and (module + ".").startswith(error.name + ".")
+
+
+def available_routers(entries: Iterable[tuple[str, str]] = ROUTERS) -> list[tuple[APIRouter, str]]:
+    routers = []
+    for module_name, prefix in entries:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if not _is_missing(error, module_name):
+                raise
+            continue
+        routers.append((module.router, prefix))
+    return routers
+
+
+def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
+    """The data directory, an engine and a session factory; migrated unless `auto_migrate`
+    is off. Scripts and workers (the CLI, the Flower ServerApp) start here too."""
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url)
+    if settings.auto_migrate:
+        migrations.upgrade(engine)
+    return engine, make_sessionmaker(engine)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A ready coordinator: migrated database, checked storage, every available router.
+
+    `app.state` holds `settings`, `engine`, `sessionmaker`, `blobs` and `startup_report`.
+    """
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    engine, sessions = open_database(settings)
+    blobs = LocalBlobStore(settings.blob_dir)
+    with sessions() as session:
+        report = run_startup_checks(session, blobs, settings)
+
+    app = FastAPI(
+        title="PHATGOOSE coordinator",
+        version=phatgoose.__version__,
+        description="Catalog of privately trained LoRA experts, releases and evaluations.",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessions
+    app.state.blobs = blobs
+    app.state.startup_report = report
+
+    app.add_middleware(RequestIdMiddleware)
+    app.add_exception_handler(CoordinatorError, _coordinator_error)
+    _add_package_rejected_handler(app)
+    for router, prefix in available_routers():
+        app.include_router(router, prefix=prefix)
+    log.info(
+        "coordinator ready: database %s, data in %s",
+        engine.url.render_as_string(),
+        settings.data_dir,
+    )
+    return app
+
+
+async def _coordinator_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, CoordinatorError)
+    return JSONResponse(
+        {"detail": error.to_dict()},
+        status_code=error.status_code,
+        headers=getattr(error, "headers", None),
+    )
+
+
+def _add_package_rejected_handler(app: FastAPI) -> None:
+    from protocol.validation import PackageRejected
+
+    async def rejected(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, PackageRejected)
+        return JSONResponse({"detail": error.to_dict()}, status_code=422)
+
+    app.add_exception_handler(PackageRejected, rejected)

@@ -1,0 +1,177 @@
+"""Expert catalog routes: thin wrappers over `coordinator.experts.service`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.core.deps import BlobsDep, ReaderDep, SessionDep, SettingsDep, TokenDep
+from coordinator.experts import service
+from coordinator.experts.models import Channel
+from coordinator.experts.schemas import (
+    ExpertDetail,
+    ExpertVersionDetail,
+    ExpertVersionPage,
+    ExpertVersionSummary,
+    YankRequest,
+    version_url,
+)
+from coordinator.experts.upload import UPLOAD_FIELD, receive_package, upload_folder
+from protocol import PACKAGE_FILES
+
+router = APIRouter(prefix="/experts", tags=["experts"])
+
+_ERROR = {"description": "`{detail: {error, check, file, tensor, expected, message}}`"}
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [UPLOAD_FIELD],
+                    "properties": {
+                        UPLOAD_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "the package files, each with its file name "
+                            f"({', '.join(PACKAGE_FILES)})",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Publish an expert package (a new version)",
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        400: _ERROR,
+        401: _ERROR,
+        403: _ERROR,
+        409: _ERROR,
+        413: _ERROR,
+        415: _ERROR,
+        422: _ERROR,
+    },
+)
+async def upload_expert(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    token: TokenDep,
+) -> ExpertVersionDetail:
+    """Stream the package files to disk (cut off at the size limits), validate them, store
+    them and publish a new version. The same content twice is 409 with the existing version."""
+    with upload_folder(settings.upload_tmp_dir) as folder:
+        files = await receive_package(request, folder, settings.admission)
+        version = await run_in_threadpool(
+            lambda: service.register_expert_package(
+                session, blobs, settings, files=files, uploader=token, channel=Channel.HTTP
+            )
+        )
+    response.headers["Location"] = version_url(version)
+    return ExpertVersionDetail.of(version)
+
+
+@router.get("", summary="List expert versions")
+def list_experts(
+    session: SessionDep,
+    _reader: ReaderDep,
+    namespace: str | None = None,
+    name: str | None = None,
+    base_model: Annotated[str | None, Query(description="a base model's name")] = None,
+    status: service.Status = service.Status.ACTIVE,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ExpertVersionPage:
+    page = service.list_versions(
+        session,
+        namespace=namespace,
+        name=name,
+        base_model=base_model,
+        status=status,
+        limit=limit,
+        offset=offset,
+    )
+    return ExpertVersionPage(
+        items=[ExpertVersionSummary.of(v) for v in page.items],
+        total=page.total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{namespace}/{name}", summary="An expert and all its versions")
+def get_expert(namespace: str, name: str, session: SessionDep, _reader: ReaderDep) -> ExpertDetail:
+    return ExpertDetail.of(service.get_expert(session, namespace, name))
+
+
+@router.get("/{namespace}/{name}/{version}", summary="One version: manifest, provenance, files")
+def get_version(
+    namespace: str, name: str, version: int, session: SessionDep, _reader: ReaderDep
+) -> ExpertVersionDetail:
+    return ExpertVersionDetail.of(service.get_version(session, namespace, name, version))
+
+
+@router.get(
+    "/{namespace}/{name}/{version}/files/{filename}",
+    summary="Download one package file (yanked versions too)",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: _ERROR},
+)
+def download_file(
+    namespace: str,
+    name: str,
+    version: int,
+    filename: str,
+    session: SessionDep,
+    blobs: BlobsDep,
+    _reader: ReaderDep,
+) -> FileResponse:
+    file = service.get_file(service.get_version(session, namespace, name, version), filename)
+    path = blobs.local_path(file.sha256)
+    media_type = "application/json" if filename.endswith(".json") else "application/octet-stream"
+    return FileResponse(
+        path,
+        media_type=media_type,
+        filename=filename,
+        headers={"ETag": f'"{file.sha256}"', "X-Content-SHA256": file.sha256},
+    )
+
+
+@router.post(
+    "/{namespace}/{name}/{version}/yank",
+    summary="Yank a version (owner or maintainer)",
+    responses={403: _ERROR, 404: _ERROR, 409: _ERROR},
+)
+def yank(
+    namespace: str, name: str, version: int, body: YankRequest, session: SessionDep, token: TokenDep
+) -> ExpertVersionDetail:
+    found = service.get_version(session, namespace, name, version)
+    return ExpertVersionDetail.of(
+        service.yank_version(session, found, by=token, reason=body.reason)
+    )
+
+
+@router.post(
+    "/{namespace}/{name}/{version}/unyank",
+    summary="Undo a yank (owner or maintainer)",
+    responses={403: _ERROR, 404: _ERROR, 409: _ERROR},
+)
+def unyank(
+    namespace: str, name: str, version: int, session: SessionDep, token: TokenDep
+) -> ExpertVersionDetail:
+    found = service.get_version(session, namespace, name, version)
+    return ExpertVersionDetail.of(service.unyank_version(session, found, by=token))

@@ -1,0 +1,137 @@
+"""API bodies of the expert catalog."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from coordinator.experts.models import Expert, ExpertVersion
+
+API_VERSION = 1
+
+
+class FileInfo(BaseModel):
+    filename: str
+    sha256: str
+    size: int
+    url: str = Field(description="download path, relative to the coordinator")
+
+
+class Provenance(BaseModel):
+    uploaded_by: str = Field(description="the uploading token's name")
+    channel: Literal["http", "flower"]
+    uploaded_at: datetime
+
+
+class YankState(BaseModel):
+    yanked: bool
+    yanked_at: datetime | None = None
+    yanked_by: str | None = None
+    reason: str | None = None
+
+
+class ExpertVersionSummary(BaseModel):
+    api_version: Literal[1] = API_VERSION
+    namespace: str
+    name: str
+    version: int
+    ref: str = Field(description="namespace/name@version", examples=["alice/hyperbaton@2"])
+    base_model: str
+    base_model_fingerprint: str
+    package_digest: str
+    total_size: int
+    rank: int
+    module_count: int
+    description: str
+    provenance: Provenance
+    yank: YankState
+    url: str
+
+    @classmethod
+    def of(cls, version: ExpertVersion) -> ExpertVersionSummary:
+        return cls(**_summary_fields(version))
+
+
+class ExpertVersionDetail(ExpertVersionSummary):
+    manifest: dict[str, Any] = Field(description="expert.json as uploaded")
+    files: list[FileInfo]
+
+    @classmethod
+    def of(cls, version: ExpertVersion) -> ExpertVersionDetail:
+        url = version_url(version)
+        return cls(
+            **_summary_fields(version),
+            manifest=version.manifest,
+            files=[
+                FileInfo(
+                    filename=f.filename,
+                    sha256=f.sha256,
+                    size=f.size,
+                    url=f"{url}/files/{f.filename}",
+                )
+                for f in version.files
+            ],
+        )
+
+
+class ExpertDetail(BaseModel):
+    api_version: Literal[1] = API_VERSION
+    namespace: str
+    name: str
+    created_at: datetime
+    versions: list[ExpertVersionSummary] = Field(description="every version, yanked included")
+
+    @classmethod
+    def of(cls, expert: Expert) -> ExpertDetail:
+        return cls(
+            namespace=expert.namespace,
+            name=expert.name,
+            created_at=expert.created_at,
+            versions=[ExpertVersionSummary.of(v) for v in expert.versions],
+        )
+
+
+class ExpertVersionPage(BaseModel):
+    api_version: Literal[1] = API_VERSION
+    items: list[ExpertVersionSummary]
+    total: int = Field(description="matching versions in all pages")
+    limit: int
+    offset: int
+
+
+class YankRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, examples=["gate vectors are constant"])
+
+
+def version_url(version: ExpertVersion) -> str:
+    return f"/api/v1/experts/{version.expert.namespace}/{version.expert.name}/{version.number}"
+
+
+def _summary_fields(version: ExpertVersion) -> dict[str, Any]:
+    return {
+        "namespace": version.expert.namespace,
+        "name": version.expert.name,
+        "version": version.number,
+        "ref": version.ref,
+        "base_model": version.base_model.name,
+        "base_model_fingerprint": version.base_model.fingerprint,
+        "package_digest": version.package_digest,
+        "total_size": version.total_size,
+        "rank": version.rank,
+        "module_count": version.module_count,
+        "description": version.manifest.get("description", ""),
+        "provenance": Provenance(
+            uploaded_by=version.uploaded_by,
+            channel=version.channel,  # type: ignore[arg-type]
+            uploaded_at=version.created_at,
+        ),
+        "yank": YankState(
+            yanked=version.yanked,
+            yanked_at=version.yanked_at,
+            yanked_by=version.yanked_by,
+            reason=version.yank_reason,
+        ),
+        "url": version_url(version),
+    }

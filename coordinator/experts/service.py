@@ -1,0 +1,354 @@
+"""The expert catalog: registering packages, looking versions up, yanking.
+
+`register_expert_package` is the one way a package enters the catalog, for the HTTP upload
+and the Flower reply alike: validate (protocol) -> store blobs (content-addressed, atomic)
+-> commit the rows. Nothing is visible until the commit; a blob written for an upload that
+then fails is harmless (it is content-addressed and unreferenced).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.auth.models import Token
+from coordinator.base_models import service as base_models
+from coordinator.base_models.models import BaseModelRecord
+from coordinator.core.config import Settings
+from coordinator.core.db import begin_write, utcnow
+from coordinator.core.errors import Conflict, Forbidden, NotFound, Unprocessable
+from coordinator.experts.models import Channel, Expert, ExpertFile, ExpertVersion
+from coordinator.storage import BlobStore
+from protocol import MANIFEST_FILE
+from protocol.validation import ValidatedPackage, validate_package
+
+log = logging.getLogger(__name__)
+
+# Concurrent uploads of one name race for the next version number; the loser retries.
+_MAX_ATTEMPTS = 20
+
+
+class DuplicatePackage(Conflict):
+    """The same content (package digest) is already in the catalog."""
+
+    check = "duplicate"
+
+    def __init__(self, existing: ExpertVersion) -> None:
+        super().__init__(
+            f"identical content is already published as {existing.ref}",
+            expected="a package not already in the catalog",
+            extra={
+                "existing": {
+                    "namespace": existing.expert.namespace,
+                    "name": existing.expert.name,
+                    "version": existing.number,
+                    "package_digest": existing.package_digest,
+                }
+            },
+        )
+        self.existing = existing
+
+
+class Status(StrEnum):
+    ACTIVE = "active"
+    YANKED = "yanked"
+    ALL = "all"
+
+
+def split_name(manifest_name: str, default_namespace: str) -> tuple[str, str]:
+    """`ns/slug` -> (ns, slug); a bare `slug` is published in `default_namespace`."""
+    if "/" in manifest_name:
+        namespace, slug = manifest_name.split("/", 1)
+        return namespace, slug
+    return default_namespace, manifest_name
+
+
+def register_expert_package(
+    session: Session,
+    blobs: BlobStore,
+    settings: Settings,
+    *,
+    files: Mapping[str, Path],
+    uploader: Token,
+    channel: Channel = Channel.HTTP,
+) -> ExpertVersion:
+    """Validate, store and catalog one expert package; return its new version.
+
+    `files` maps package file names to their bytes on disk (e.g. a temp folder). Raises
+    `PackageRejected` (invalid package), `Unprocessable` (unknown base model), `Forbidden`
+    (a contributor publishing outside their namespace) or `DuplicatePackage`.
+    """
+    _check_namespace_early(files, uploader)
+    base = _base_model_for(session, files)
+    # Contributors: the validator rejects a foreign namespace too (defence in depth).
+    validated = validate_package(
+        files,
+        base.to_spec(),
+        settings.admission,
+        namespace=None if uploader.is_maintainer else uploader.name,
+    )
+    namespace, name = split_name(validated.manifest.name, uploader.name)
+    if not uploader.can_manage(namespace):
+        raise _foreign_namespace(uploader, namespace)
+    session.commit()  # end the read transaction of the lookups above
+    existing = get_version_by_digest(session, validated.digest)
+    if existing is not None:
+        raise DuplicatePackage(existing)
+
+    for filename, path in files.items():
+        blobs.put_file(path, expected_sha256=validated.file_sha256[filename])
+
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        try:
+            version = _insert_version(session, validated, base, namespace, name, uploader, channel)
+        except IntegrityError:
+            session.rollback()
+            existing = get_version_by_digest(session, validated.digest)
+            session.commit()
+            if existing is not None:
+                raise DuplicatePackage(existing) from None
+            log.info(
+                "version number of %s/%s taken concurrently; retry %d", namespace, name, attempt
+            )
+            time.sleep(random.uniform(0, 0.01 * attempt))
+            continue
+        log.info(
+            "registered %s (%s, %d bytes, via %s, by %s)",
+            version.ref,
+            version.package_digest,
+            version.total_size,
+            channel,
+            uploader.name,
+        )
+        return version
+    raise Conflict(f"could not assign a version number to {namespace}/{name}; try again")
+
+
+def _insert_version(
+    session: Session,
+    validated: ValidatedPackage,
+    base: BaseModelRecord,
+    namespace: str,
+    name: str,
+    uploader: Token,
+    channel: Channel,
+) -> ExpertVersion:
+    begin_write(session)
+    expert = session.scalar(
+        select(Expert).where(Expert.namespace == namespace, Expert.name == name)
+    )
+    if expert is None:
+        expert = Expert(namespace=namespace, name=name)
+        session.add(expert)
+        session.flush()
+    latest = session.scalar(
+        select(func.max(ExpertVersion.number)).where(ExpertVersion.expert_id == expert.id)
+    )
+    version = ExpertVersion(
+        expert=expert,
+        number=(latest or 0) + 1,
+        base_model=base,
+        package_digest=validated.digest,
+        manifest=validated.manifest.model_dump(mode="json"),
+        rank=validated.rank,
+        module_count=len(validated.module_paths),
+        total_size=validated.total_bytes,
+        uploaded_by=uploader.name,
+        uploader_token_id=uploader.id,
+        channel=Channel(channel).value,
+        files=[
+            ExpertFile(filename=filename, sha256=sha256, size=validated.file_bytes[filename])
+            for filename, sha256 in sorted(validated.file_sha256.items())
+        ],
+    )
+    session.add(version)
+    session.commit()
+    return version
+
+
+def _peek_manifest(files: Mapping[str, Path]) -> dict[str, object]:
+    """The manifest as loose JSON, to route the upload before validation; {} if unreadable
+    (the validator then explains what is wrong with it)."""
+    path = files.get(MANIFEST_FILE)
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_namespace_early(files: Mapping[str, Path], uploader: Token) -> None:
+    name = _peek_manifest(files).get("name")
+    if isinstance(name, str) and "/" in name:
+        namespace = name.split("/", 1)[0]
+        if not uploader.can_manage(namespace):
+            raise _foreign_namespace(uploader, namespace)
+
+
+def _foreign_namespace(uploader: Token, namespace: str) -> Forbidden:
+    return Forbidden(
+        f"{uploader.name!r} may publish only under its own namespace, not {namespace!r}",
+        file=MANIFEST_FILE,
+        check="namespace",
+        expected=f"'{uploader.name}/<name>' or a bare name",
+    )
+
+
+def _base_model_for(session: Session, files: Mapping[str, Path]) -> BaseModelRecord:
+    """The registered base model the manifest names (by fingerprint, else by name)."""
+    identity = _peek_manifest(files).get("base_model")
+    identity = identity if isinstance(identity, dict) else {}
+    fingerprint, name = identity.get("fingerprint"), identity.get("name")
+    found = (
+        base_models.get_by_fingerprint(session, fingerprint)
+        if isinstance(fingerprint, str)
+        else None
+    ) or (base_models.get_by_name(session, name) if isinstance(name, str) else None)
+    if found is not None:
+        return found
+    registered = base_models.list_base_models(session)
+    if registered and not identity:
+        return registered[0]  # the manifest is broken; validation will say how
+    names = ", ".join(f"'{b.name}'" for b in registered) or "none"
+    raise Unprocessable(
+        f"the expert was trained on base model {name!r} ({fingerprint}), which this "
+        f"coordinator has not registered (registered: {names})",
+        file=MANIFEST_FILE,
+        check="base_model",
+        expected=f"one of the registered base models: {names}",
+    )
+
+
+# --- catalog ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionPage:
+    items: list[ExpertVersion]
+    total: int
+
+
+def list_versions(
+    session: Session,
+    *,
+    namespace: str | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+    status: Status = Status.ACTIVE,
+    limit: int = 50,
+    offset: int = 0,
+) -> VersionPage:
+    """Versions matching every given filter, ordered by namespace, name and version."""
+    query = select(ExpertVersion).join(ExpertVersion.expert)
+    if namespace is not None:
+        query = query.where(Expert.namespace == namespace)
+    if name is not None:
+        query = query.where(Expert.name == name)
+    if base_model is not None:
+        query = query.join(ExpertVersion.base_model).where(BaseModelRecord.name == base_model)
+    if status == Status.ACTIVE:
+        query = query.where(ExpertVersion.yanked_at.is_(None))
+    elif status == Status.YANKED:
+        query = query.where(ExpertVersion.yanked_at.is_not(None))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(
+        query.order_by(Expert.namespace, Expert.name, ExpertVersion.number)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return VersionPage(items=list(items), total=total)
+
+
+def get_expert(session: Session, namespace: str, name: str) -> Expert:
+    expert = session.scalar(
+        select(Expert).where(Expert.namespace == namespace, Expert.name == name)
+    )
+    if expert is None:
+        raise NotFound(f"no expert named {namespace}/{name}")
+    return expert
+
+
+def get_version(session: Session, namespace: str, name: str, number: int) -> ExpertVersion:
+    version = session.scalar(
+        select(ExpertVersion)
+        .join(ExpertVersion.expert)
+        .where(Expert.namespace == namespace, Expert.name == name, ExpertVersion.number == number)
+    )
+    if version is None:
+        get_expert(session, namespace, name)  # says which of the two is missing
+        raise NotFound(f"{namespace}/{name} has no version {number}")
+    return version
+
+
+def resolve_ref(session: Session, ref: str) -> ExpertVersion:
+    """`namespace/name@version` -> that version (how releases name their experts)."""
+    try:
+        full_name, number = ref.rsplit("@", 1)
+        namespace, name = full_name.split("/", 1)
+        return get_version(session, namespace, name, int(number))
+    except ValueError:
+        raise NotFound(f"{ref!r} is not of the form namespace/name@version") from None
+
+
+def get_version_by_digest(session: Session, digest: str) -> ExpertVersion | None:
+    return session.scalar(select(ExpertVersion).where(ExpertVersion.package_digest == digest))
+
+
+def get_file(version: ExpertVersion, filename: str) -> ExpertFile:
+    for file in version.files:
+        if file.filename == filename:
+            return file
+    names = ", ".join(f.filename for f in version.files)
+    raise NotFound(f"{version.ref} has no file {filename!r} (files: {names})")
+
+
+def yank_version(
+    session: Session, version: ExpertVersion, *, by: Token, reason: str
+) -> ExpertVersion:
+    """Hide a version from default listings and new releases; it stays downloadable."""
+    _check_manager(version, by)
+    begin_write(session)
+    session.refresh(version, with_for_update=True)
+    if version.yanked_at is not None:
+        session.rollback()
+        raise Conflict(f"{version.ref} is already yanked: {version.yank_reason}")
+    version.yanked_at = utcnow()
+    version.yanked_by = by.name
+    version.yank_reason = reason
+    session.commit()
+    log.info("yanked %s by %s: %s", version.ref, by.name, reason)
+    return version
+
+
+def unyank_version(session: Session, version: ExpertVersion, *, by: Token) -> ExpertVersion:
+    _check_manager(version, by)
+    begin_write(session)
+    session.refresh(version, with_for_update=True)
+    if version.yanked_at is None:
+        session.rollback()
+        raise Conflict(f"{version.ref} is not yanked")
+    version.yanked_at = None
+    version.yanked_by = None
+    version.yank_reason = None
+    session.commit()
+    log.info("unyanked %s by %s", version.ref, by.name)
+    return version
+
+
+def _check_manager(version: ExpertVersion, token: Token) -> None:
+    if not token.can_manage(version.expert.namespace):
+        raise Forbidden(
+            f"only {version.expert.namespace!r} or a maintainer may change {version.ref}",
+        )

@@ -1,0 +1,146 @@
+"""The blob store: bytes named by their sha256, written atomically, never rewritten.
+
+`LocalBlobStore` keeps `root/ab/cdef...` (the first two hex digits as a fan-out folder).
+A blob appears under its final name only once complete and on disk: it is written to a
+temp file in the same folder, fsynced, renamed, and the folder is fsynced. `BlobStore` is
+the interface the services use, so an object store can replace the directory later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TEMP_PREFIX = ".tmp-"
+_COPY_CHUNK = 1024 * 1024
+
+
+class BlobNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    size: int
+
+
+class BlobStore(Protocol):
+    def put_file(self, source: Path, expected_sha256: str | None = None) -> StoredBlob:
+        """Store a copy of `source`; raise ValueError if its sha256 is not `expected_sha256`."""
+        ...
+
+    def exists(self, sha256: str) -> bool: ...
+
+    def open(self, sha256: str) -> BinaryIO: ...
+
+    def local_path(self, sha256: str) -> Path | None:
+        """A path to read the blob from directly, where the store has one."""
+        ...
+
+    def remove_stale_temp_files(self, older_than_seconds: float) -> list[Path]: ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA256.match(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256[2:]
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def local_path(self, sha256: str) -> Path | None:
+        path = self.path(sha256)
+        if not path.is_file():
+            raise BlobNotFound(f"blob {sha256} is missing from {self.root}")
+        return path
+
+    def open(self, sha256: str) -> BinaryIO:
+        path = self.local_path(sha256)
+        assert path is not None
+        return path.open("rb")
+
+    def put_file(self, source: Path, expected_sha256: str | None = None) -> StoredBlob:
+        """Copy `source` in, hashing as it goes; a blob already present is not rewritten."""
+        if expected_sha256 is not None and self.exists(expected_sha256):
+            return StoredBlob(expected_sha256, self.path(expected_sha256).stat().st_size)
+        # The temp file lives in the blob's own folder when its name is known in advance
+        # (always, for validated uploads), else in a staging folder on the same file system.
+        folder = self.path(expected_sha256).parent if expected_sha256 else self.root / "incoming"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        temp = _temp_path(folder)
+        try:
+            with source.open("rb") as reader, temp.open("xb") as writer:
+                while chunk := reader.read(_COPY_CHUNK):
+                    digest.update(chunk)
+                    writer.write(chunk)
+                    size += len(chunk)
+                writer.flush()
+                os.fsync(writer.fileno())
+            sha256 = digest.hexdigest()
+            if expected_sha256 is not None and sha256 != expected_sha256:
+                raise ValueError(
+                    f"{source.name} changed while being stored: sha256 {sha256}, "
+                    f"expected {expected_sha256}"
+                )
+            final = self.path(sha256)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(temp, final)  # atomic: same file system
+            _fsync_dir(final.parent)
+            if folder != final.parent:
+                _fsync_dir(folder)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return StoredBlob(sha256, size)
+
+    def remove_stale_temp_files(self, older_than_seconds: float) -> list[Path]:
+        cutoff = time.time() - older_than_seconds
+        removed = []
+        for path in self._temp_files():
+            try:
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue  # another process finished or removed it
+        return removed
+
+    def iter_blobs(self) -> Iterator[str]:
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and len(folder.name) == 2:
+                for file in sorted(folder.iterdir()):
+                    if not file.name.startswith(TEMP_PREFIX):
+                        yield folder.name + file.name
+
+    def _temp_files(self) -> Iterator[Path]:
+        yield from self.root.rglob(f"{TEMP_PREFIX}*")
+
+
+def _temp_path(directory: Path) -> Path:
+    return directory / f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(8).hex()}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
