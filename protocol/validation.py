@@ -46,7 +46,18 @@ LORA_B_SUFFIX = ".lora_B.weight"
 # safetensors dtype names. bfloat16 has no numpy type, so the numpy reader cannot load it.
 LORA_DTYPES = ("F32", "F16")
 VECTOR_DTYPE = "F32"
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 # adapter_config.json keys that do not change what the saved adapter computes on top of the
 # base weights (bookkeeping, training-time dropout, initialisations that leave the base
@@ -323,7 +334,7 @@ def _check_sizes(paths: dict[str, Path], limits: AdmissionLimits) -> dict[str, i
         raise PackageRejected(
             "too_large",
             None,
-            f"the package is {total} bytes in all",
+            f"the files total {total} bytes",
             expected=f"at most {limits.max_total_bytes} bytes",
         )
     return sizes
@@ -372,7 +383,7 @@ def _check_manifest(path: Path, base: BaseModelSpec, namespace: str | None) -> E
         raise PackageRejected(
             "format_version",
             MANIFEST_FILE,
-            f"format_version {version!r} is not supported",
+            f"format_version {json.dumps(version)} is not supported",
             expected=f"format_version {FORMAT_VERSION}",
         )
     try:
@@ -381,11 +392,12 @@ def _check_manifest(path: Path, base: BaseModelSpec, namespace: str | None) -> E
         errors = e.errors()
         first = errors[0]
         field = ".".join(str(part) for part in first["loc"]) or "(root)"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        problem = "is missing" if first["type"] == "missing" else f"is invalid ({first['msg']})"
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise PackageRejected(
             "manifest_schema",
             MANIFEST_FILE,
-            f"field '{field}' is invalid: {first['msg']}{more}",
+            f"field '{field}' {problem}{more}",
             expected=_schema_expectation(first),
         ) from e
 
@@ -418,11 +430,15 @@ def _check_manifest(path: Path, base: BaseModelSpec, namespace: str | None) -> E
 
 
 def _schema_expectation(error: Any) -> str:
-    if error["type"] == "missing":
-        return "the field to be present"
-    if error["type"] == "extra_forbidden":
-        return "no such field"
-    return error["msg"][0].lower() + error["msg"][1:]
+    """What the schema wanted, from a pydantic error, in words that follow "expected"."""
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return "the field to be present (see docs/expert-package.md)"
+    if kind == "extra_forbidden":
+        return "only the fields of the manifest schema"
+    if kind == "string_pattern_mismatch":
+        return f"a string matching {context['pattern']}"
+    return error["msg"]
 
 
 def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimits) -> _LoraLayout:
@@ -437,48 +453,52 @@ def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimi
         return PackageRejected("peft_config", name, detail, expected=expected)
 
     if config.get("peft_type") != "LORA":
-        raise reject(f"peft_type is {config.get('peft_type')!r}", expected='peft_type "LORA"')
+        raise reject(
+            f"peft_type is {json.dumps(config.get('peft_type'))}", expected='peft_type "LORA"'
+        )
     rank = config.get("r")
     if type(rank) is not int or rank < 1:
-        raise reject(f"r is {rank!r}", expected="r a positive integer")
+        raise reject(f"r is {json.dumps(rank)}", expected="r a positive integer")
     if rank > limits.max_rank:
         raise PackageRejected("rank", name, f"r is {rank}", expected=f"r at most {limits.max_rank}")
     alpha = config.get("lora_alpha")
     if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
-        raise reject(f"lora_alpha is {alpha!r}", expected="lora_alpha a positive number")
+        raise reject(f"lora_alpha is {json.dumps(alpha)}", expected="lora_alpha a positive number")
     use_rslora = config.get("use_rslora", False)
     if type(use_rslora) is not bool:
-        raise reject(f"use_rslora is {use_rslora!r}", expected="use_rslora true or false")
+        raise reject(f"use_rslora is {json.dumps(use_rslora)}", expected="use_rslora true or false")
 
     target = config.get("target_modules")
     if isinstance(target, str):
         # PEFT reads a string as a regular expression; an untrusted one can backtrack for
         # exponential time, so the package must list the names instead.
         raise reject(
-            f"target_modules is the regular expression {target!r}",
+            f"target_modules is the regular expression {json.dumps(target)}",
             expected="target_modules a list of module names (or full module paths)",
         )
     if not _is_name_list(target) or not target:
         raise reject(
-            f"target_modules is {target!r}", expected="target_modules a non-empty list of names"
+            f"target_modules is {json.dumps(target)}",
+            expected="target_modules a non-empty list of names",
         )
     exclude = config.get("exclude_modules")
     if exclude is not None and not _is_name_list(exclude):
         raise reject(
-            f"exclude_modules is {exclude!r}", expected="exclude_modules null or a list of names"
+            f"exclude_modules is {json.dumps(exclude)}",
+            expected="exclude_modules null or a list of names",
         )
 
     task_type = config.get("task_type")
     expected_task = _TASK_TYPES[base.is_encoder_decoder]
     if task_type is not None and task_type != expected_task:
         raise reject(
-            f"task_type {task_type!r} does not fit the {base.architecture} base model",
+            f"task_type {json.dumps(task_type)} does not fit the {base.architecture} base model",
             expected=f'task_type "{expected_task}" or null',
         )
     init = config.get("init_lora_weights", True)
     if init not in _BASE_PRESERVING_INITS or (init in (0, 1) and type(init) is not bool):
         raise reject(
-            f"init_lora_weights {init!r} changes the base model's weights",
+            f"init_lora_weights {json.dumps(init)} changes the base model's weights",
             expected='init_lora_weights true, false, "gaussian", "eva" or "orthogonal"',
         )
     handled = {"r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "task_type"}
@@ -487,7 +507,7 @@ def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimi
             continue
         if not _is_off(config[key]):
             raise reject(
-                f"{key} is {config[key]!r}: the platform routes plain LoRA updates only",
+                f"{key} is {json.dumps(config[key])}: the platform routes plain LoRA updates only",
                 expected=f'{key} null, false, empty or "none"',
             )
 
@@ -634,7 +654,7 @@ def _check_exact_names(
         raise PackageRejected(
             "tensor_names",
             name,
-            f"{len(missing)} required tensor(s) missing, first '{missing[0]}'",
+            f"required tensor missing ({len(missing)} missing in all)",
             tensor=missing[0],
             expected=what,
         )
@@ -643,7 +663,7 @@ def _check_exact_names(
         raise PackageRejected(
             "tensor_names",
             name,
-            f"{len(extra)} unexpected tensor(s), first '{extra[0]}'",
+            f"unexpected tensor ({len(extra)} unexpected in all)",
             tensor=extra[0],
             expected=what,
         )
