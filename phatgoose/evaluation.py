@@ -1,0 +1,261 @@
+"""Rank classification: which answer choice does a model find most likely?
+
+For each example and each choice, the score is the length-normalised log-likelihood of the
+choice's tokens given the prompt (mean log-probability per choice token); the prediction is
+the highest-scoring choice and the metric accuracy (METHOD.md, "Evaluation").
+
+Tokens follow the rule shared with training (`data.prompt_ids`, `data.continuation_ids`):
+prompt and continuation are tokenised separately and their ids concatenated, so a choice is
+scored on exactly the tokens a trained expert learned to produce (minus the EOS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from phatgoose.data import Example, continuation_ids, prompt_ids
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One (example, choice) row to score."""
+
+    example: int
+    choice: int
+    prompt_text: str
+    prompt: list[int]
+    continuation: list[int]
+
+
+def score_choices(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+    progress: bool = True,
+) -> list[list[float]]:
+    """Mean log-probability per token of every choice of every example, given its prompt.
+
+    Works on causal and encoder-decoder models, plain or routed: every forward runs inside
+    `routing.queries(model, prompts)` so a retrieval router sees each row's prompt.
+    Prompts longer than `max_length` (together with the choice, for causal models) lose
+    tokens from the left.
+    """
+    return _score(model, tokenizer, examples, batch_size, max_length, progress)[0]
+
+
+def _score(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+) -> tuple[list[list[float]], int]:
+    """(scores, number of choice tokens scored)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    pairs = _encode_pairs(tokenizer, examples, max_length=max_length)
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+    device = next(model.parameters()).device
+
+    # Similar lengths share a batch, so little compute goes to padding.
+    order = sorted(
+        range(len(pairs)), key=lambda i: -(len(pairs[i].prompt) + len(pairs[i].continuation))
+    )
+    scores = [[math.nan] * len(ex.choices) for ex in examples]
+    batch_starts = range(0, len(order), batch_size)
+    with torch.no_grad():
+        for start in tqdm(batch_starts, desc="scoring", unit="batch", disable=not progress):
+            batch = [pairs[i] for i in order[start : start + batch_size]]
+            with _queries(model, [p.prompt_text for p in batch]):
+                if is_encoder_decoder:
+                    mean_logprobs = _score_encoder_decoder(model, batch, pad_id, device)
+                else:
+                    mean_logprobs = _score_causal(model, batch, pad_id, device)
+            for pair, value in zip(batch, mean_logprobs.tolist(), strict=True):
+                scores[pair.example][pair.choice] = value
+    return scores, sum(len(p.continuation) for p in pairs)
+
+
+def _encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, max_length: int
+) -> list[_Pair]:
+    pairs = []
+    for index, example in enumerate(examples):
+        if not example.choices:
+            raise ValueError(f"example {index} has no choices; rank classification needs them")
+        prompt = prompt_ids(tokenizer, example.prompt)
+        if not prompt:
+            raise ValueError(f"example {index} has an empty prompt: nothing to condition on")
+        for choice_index, choice in enumerate(example.choices):
+            continuation = continuation_ids(tokenizer, example.prompt, choice, add_eos=False)
+            if not continuation:
+                raise ValueError(
+                    f"example {index}, choice {choice_index} ({choice!r}) has no tokens to score"
+                )
+            # A choice keeps its start; the prompt keeps its end (the part next to the answer).
+            continuation = continuation[: max_length - 1]
+            room = max_length - len(continuation)
+            pairs.append(_Pair(index, choice_index, example.prompt, prompt[-room:], continuation))
+    return pairs
+
+
+def _score_causal(
+    model: nn.Module, batch: list[_Pair], pad_id: int, device: torch.device
+) -> Tensor:
+    """Left-padded rows `prompt + choice`; every choice ends at the last position, so only
+    the last `longest choice + 1` positions need logits."""
+    rows = [p.prompt + p.continuation for p in batch]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    # Left padding shifts every row; positions must count real tokens only.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(len(p.continuation) for p in batch) + 1
+
+    kwargs: dict[str, object] = {"attention_mask": attention_mask.to(device)}
+    if _accepts(model, "position_ids"):
+        kwargs["position_ids"] = position_ids.to(device)
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False  # one forward pass: a key/value cache is wasted memory
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids.to(device), **kwargs).logits[:, -keep:].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+
+    # The choice token at window position j is predicted by the logits at j - 1.
+    targets = torch.full((len(batch), keep), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), keep))
+    for i, pair in enumerate(batch):
+        n = len(pair.continuation)
+        targets[i, keep - n :] = torch.tensor(pair.continuation)
+        mask[i, keep - n :] = 1
+    token_logprobs = logprobs[:, :-1].gather(-1, targets[:, 1:, None].to(device))[..., 0]
+    mask = mask[:, 1:].to(device)
+    return ((token_logprobs * mask).sum(-1) / mask.sum(-1)).cpu()
+
+
+def _score_encoder_decoder(
+    model: nn.Module, batch: list[_Pair], pad_id: int, device: torch.device
+) -> Tensor:
+    """Encoder reads the prompt; the decoder is teacher-forced on the choice, all scored."""
+    width = max(len(p.prompt) for p in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    label_width = max(len(p.continuation) for p in batch)
+    labels = torch.full((len(batch), label_width), -100, dtype=torch.long)
+    for i, pair in enumerate(batch):
+        input_ids[i, : len(pair.prompt)] = torch.tensor(pair.prompt)
+        attention_mask[i, : len(pair.prompt)] = 1
+        labels[i, : len(pair.continuation)] = torch.tensor(pair.continuation)
+    labels = labels.to(device)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    decoder_inputs = (
+        {"decoder_input_ids": prepare(labels=labels)} if callable(prepare) else {"labels": labels}
+    )
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **decoder_inputs
+    ).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    mask = labels != -100
+    token_logprobs = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return ((token_logprobs * mask).sum(-1) / mask.sum(-1)).cpu()
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    parameters = inspect.signature(model.forward).parameters
+    return argument in parameters
+
+
+def _queries(model: nn.Module, texts: list[str]) -> contextlib.AbstractContextManager[None]:
+    """`routing.queries` (a no-op for routers that do not read the query text)."""
+    try:
+        from phatgoose import routing
+    except ImportError:  # the routing package is optional for plain models
+        return contextlib.nullcontext()
+    return routing.queries(model, texts)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Accuracy of one model on one task, with its binomial standard error and cost."""
+
+    task: str
+    accuracy: float
+    stderr: float  # sqrt(p (1 - p) / n)
+    n: int
+    seconds: float
+    scored_tokens: int  # choice tokens scored: the unit of "seconds per 1000 scored tokens"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluate_task(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    task: str,
+    batch_size: int = 16,
+    max_length: int = 512,
+    progress: bool = True,
+) -> TaskResult:
+    """Rank-classification accuracy on multiple-choice examples (ties go to the first choice)."""
+    if not examples:
+        raise ValueError(f"task {task!r}: no examples to evaluate")
+    for index, example in enumerate(examples):
+        if not example.choices or example.answer is None:
+            raise ValueError(
+                f"task {task!r}: example {index} is not multiple choice with an answer"
+            )
+    start = time.perf_counter()
+    scores, scored_tokens = _score(model, tokenizer, examples, batch_size, max_length, progress)
+    seconds = time.perf_counter() - start
+    correct = sum(
+        _argmax(row) == example.answer for row, example in zip(scores, examples, strict=True)
+    )
+    n = len(examples)
+    accuracy = correct / n
+    return TaskResult(
+        task=task,
+        accuracy=accuracy,
+        stderr=math.sqrt(accuracy * (1 - accuracy) / n),
+        n=n,
+        seconds=seconds,
+        scored_tokens=scored_tokens,
+    )
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def mean_accuracy(results: Sequence[TaskResult]) -> float:
+    """Unweighted mean over tasks (each task counts once, whatever its size)."""
+    if not results:
+        raise ValueError("mean_accuracy needs at least one task result")
+    return sum(r.accuracy for r in results) / len(results)

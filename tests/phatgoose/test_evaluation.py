@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from phatgoose.data import Example, continuation_ids, prompt_ids
+from phatgoose.evaluation import TaskResult, evaluate_task, mean_accuracy, score_choices
+
+# Prompts of different lengths in one batch, with and without trailing whitespace.
+EXAMPLES = [
+    Example(prompt="Q: is the sky blue?\nA:", choices=("yes", "no"), answer=0),
+    Example(prompt="2+2=", choices=("4", "five", "22"), answer=0),
+    Example(
+        prompt="A much longer prompt, so that rows need padding.\nAnswer:\n",
+        choices=("ok", "not ok"),
+        answer=1,
+    ),
+]
+
+
+def reference_score(model, tokenizer, prompt: str, choice: str) -> float:
+    """Mean log-prob of the choice tokens, from one unpadded sequence."""
+    context = prompt_ids(tokenizer, prompt)
+    target = continuation_ids(tokenizer, prompt, choice, add_eos=False)
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            logits = model(input_ids=torch.tensor([context]), labels=torch.tensor([target])).logits[
+                0
+            ]
+            logprobs = torch.log_softmax(logits, -1)
+            picked = [logprobs[j, t] for j, t in enumerate(target)]
+        else:
+            logits = model(input_ids=torch.tensor([context + target])).logits[0]
+            logprobs = torch.log_softmax(logits, -1)
+            picked = [logprobs[len(context) + j - 1, t] for j, t in enumerate(target)]
+    return float(sum(picked) / len(picked))
+
+
+def test_batched_scores_equal_unbatched_reference(tiny_model, tokenizer):
+    scores = score_choices(tiny_model, tokenizer, EXAMPLES, batch_size=4, progress=False)
+    for example, row in zip(EXAMPLES, scores, strict=True):
+        expected = [
+            reference_score(tiny_model, tokenizer, example.prompt, c) for c in example.choices
+        ]
+        assert row == pytest.approx(expected, abs=1e-5)
+
+
+def test_scores_do_not_depend_on_batch_size(tiny_model, tokenizer):
+    one = score_choices(tiny_model, tokenizer, EXAMPLES, batch_size=1, progress=False)
+    many = score_choices(tiny_model, tokenizer, EXAMPLES, batch_size=16, progress=False)
+    assert [s for row in many for s in row] == pytest.approx(
+        [s for row in one for s in row], abs=1e-5
+    )
+
+
+def test_choice_after_newline_is_not_preceded_by_a_space(llama, tokenizer):
+    newline = Example(prompt="A:\n", choices=("yes",), answer=0)
+    spaced = Example(prompt="A:", choices=("yes",), answer=0)
+    (newline_score,), (spaced_score,) = score_choices(
+        llama, tokenizer, [newline, spaced], progress=False
+    )
+    assert newline_score == pytest.approx(
+        reference_score(llama, tokenizer, "A:\n", "yes"), abs=1e-5
+    )
+    assert spaced_score == pytest.approx(reference_score(llama, tokenizer, "A:", "yes"), abs=1e-5)
+    # "yes" is 3 tokens after a newline, " yes" 4 tokens after "A:": different scores.
+    assert len(continuation_ids(tokenizer, "A:\n", "yes", add_eos=False)) == 3
+    assert len(continuation_ids(tokenizer, "A:", "yes", add_eos=False)) == 4
+    assert newline_score != pytest.approx(spaced_score, abs=1e-6)
+
+
+def test_long_prompts_are_truncated_from_the_left(llama, tokenizer):
+    long_prompt = "x" * 100 + "The end:"
+    truncated = score_choices(
+        llama, tokenizer, [Example(long_prompt, ("a", "b"), 0)], max_length=12, progress=False
+    )
+    # 12 tokens = the last 10 prompt characters + " a" (2 tokens).
+    expected = reference_score(llama, tokenizer, long_prompt[-10:], "a")
+    assert truncated[0][0] == pytest.approx(expected, abs=1e-5)
+
+
+class FixedScorer(torch.nn.Module):
+    """A causal "model" whose next-token log-probs prefer one character everywhere."""
+
+    def __init__(self, tokenizer, favourite: str) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"is_encoder_decoder": False})()
+        self.vocab = len(tokenizer)
+        self.favourite = tokenizer.convert_tokens_to_ids(favourite)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.favourite] = 10.0
+        return type("Output", (), {"logits": logits})()
+
+
+def test_accuracy_and_stderr_on_a_constructed_case(tokenizer):
+    model = FixedScorer(tokenizer, "b")
+    examples = [
+        Example("Q:\n", ("a", "b"), answer=1),  # predicts "b": right
+        Example("Q:\n", ("b", "a"), answer=0),  # right
+        Example("Q:\n", ("a", "b"), answer=0),  # wrong
+        Example("Q:\n", ("bb", "a", "c"), answer=0),  # right
+    ]
+    result = evaluate_task(model, tokenizer, examples, task="constructed", progress=False)
+    assert result.task == "constructed"
+    assert result.n == 4
+    assert result.accuracy == 0.75
+    assert result.stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    assert result.scored_tokens == 2 + 2 + 2 + 4
+    assert result.to_dict()["accuracy"] == 0.75
+
+
+def test_ties_go_to_the_first_choice(tokenizer):
+    model = FixedScorer(tokenizer, "z")
+    examples = [Example("Q:\n", ("a", "b"), answer=0), Example("Q:\n", ("a", "b"), answer=1)]
+    assert evaluate_task(model, tokenizer, examples, task="t", progress=False).accuracy == 0.5
+
+
+def test_mean_accuracy_weights_tasks_equally():
+    results = [
+        TaskResult("a", accuracy=1.0, stderr=0.0, n=10, seconds=1.0, scored_tokens=10),
+        TaskResult("b", accuracy=0.5, stderr=0.1, n=1000, seconds=1.0, scored_tokens=10),
+    ]
+    assert mean_accuracy(results) == 0.75
+
+
+def test_evaluate_task_rejects_examples_without_an_answer(llama, tokenizer):
+    with pytest.raises(ValueError, match="example 1 is not multiple choice"):
+        evaluate_task(llama, tokenizer, [EXAMPLES[0], Example("free", target="text")], task="t")
+
+
+def test_score_choices_rejects_an_empty_prompt(llama, tokenizer):
+    with pytest.raises(ValueError, match="example 0 has an empty prompt"):
+        score_choices(llama, tokenizer, [Example("", ("a", "b"), 0)], progress=False)
