@@ -622,7 +622,15 @@ def _check_unique_header_keys(name: str, path: Path, header_bytes: int) -> None:
         duplicates_per_object.append([k for i, k in enumerate(keys) if k in keys[:i]])
         return dict(pairs)
 
-    json.loads(header, object_pairs_hook=collect)
+    try:
+        json.loads(header, object_pairs_hook=collect)
+    except (ValueError, RecursionError) as e:  # a header safetensors' own JSON reader took
+        raise PackageRejected(
+            "not_safetensors",
+            name,
+            f"the header is not strict JSON ({e})",
+            expected="a JSON object header",
+        ) from e
     top_level = duplicates_per_object[-1] if duplicates_per_object else []
     if top_level:
         raise PackageRejected(
