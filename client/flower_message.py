@@ -1,0 +1,84 @@
+"""An expert package as the content of a Flower reply (the wire format of docs/federation.md).
+
+Nothing but the package travels: each safetensors file becomes one `ArrayRecord` (named by
+the file) whose `Array`s carry the tensors' raw bytes exactly as they lie in the file
+(`stype = "safetensors.raw"`, `dtype` the safetensors dtype such as `"F32"`); the JSON files
+and each safetensors file's header metadata travel as strings in the `ConfigRecord`
+`"package"`, together with the sha256 of every file, so that the receiver re-creates the
+files bit-exactly and can prove it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocol import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    RETRIEVAL_FILE,
+    ROUTER_FILE,
+)
+
+PACKAGE_RECORD = "package"
+TRAINING_RECORD = "training"
+RAW_STYPE = "safetensors.raw"
+JSON_FILES = (MANIFEST_FILE, ADAPTER_CONFIG_FILE)
+SAFETENSORS_FILES = (ADAPTER_WEIGHTS_FILE, ROUTER_FILE, RETRIEVAL_FILE)
+FILES_KEY = "files"
+METADATA_SUFFIX = ".metadata"
+SHA256_SUFFIX = ".sha256"
+
+
+def read_safetensors_raw(data: bytes) -> tuple[dict[str, Array], dict[str, str] | None]:
+    """The tensors of a safetensors file as raw `Array`s (file order), and its metadata."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    (header_length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_length])
+    metadata = header.pop("__metadata__", None)
+    body = memoryview(data)[8 + header_length :]
+    arrays: dict[str, Array] = {}
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        start, end = entry["data_offsets"]
+        arrays[name] = Array(
+            dtype=entry["dtype"],
+            shape=tuple(int(d) for d in entry["shape"]),
+            stype=RAW_STYPE,
+            data=bytes(body[start:end]),
+        )
+    return arrays, metadata
+
+
+def package_to_content(
+    directory: str | Path, training: Mapping[str, float] | None = None
+) -> RecordDict:
+    """The reply content carrying the expert package in `directory`."""
+    directory = Path(directory)
+    package = ConfigRecord()
+    content = RecordDict()
+    files: list[str] = []
+    for name in JSON_FILES + SAFETENSORS_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        files.append(name)
+        package[name + SHA256_SUFFIX] = hashlib.sha256(data).hexdigest()
+        if name in JSON_FILES:
+            package[name] = data.decode("utf-8")
+            continue
+        arrays, metadata = read_safetensors_raw(data)
+        content[name] = ArrayRecord(arrays)
+        package[name + METADATA_SUFFIX] = "" if metadata is None else json.dumps(metadata)
+    package[FILES_KEY] = files
+    content[PACKAGE_RECORD] = package
+    if training:
+        content[TRAINING_RECORD] = MetricRecord({k: float(v) for k, v in training.items()})
+    return content

@@ -1,0 +1,360 @@
+"""The Flower ServerApp: one round in which every connected SuperNode trains an expert on its
+private data, and every reply is catalogued as a new expert version.
+
+Experts are catalogued, not averaged: each reply goes through the coordinator's one
+registration path (`coordinator.experts.service.register_expert_package`, channel "flower"),
+exactly like an HTTP upload. A node that fails or times out registers nothing and does not
+stop the round. The wire format of a reply is described in docs/federation.md; this module
+re-creates the package files from it bit-exactly (and checks so against the sender's
+sha256 of every file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save as save_safetensors
+from sqlalchemy.orm import Session
+
+from coordinator import migrations
+from coordinator.auth import service as auth
+from coordinator.auth.models import Role, Token
+from coordinator.core.config import Settings
+from coordinator.core.db import make_engine, make_sessionmaker
+from coordinator.core.errors import CoordinatorError
+from coordinator.experts.models import Channel
+from coordinator.experts.service import register_expert_package
+from coordinator.storage import LocalBlobStore
+from protocol import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    RETRIEVAL_FILE,
+    ROUTER_FILE,
+)
+from protocol.validation import PackageRejected
+
+log = logging.getLogger(__name__)
+
+# The reply's layout (written by the client; see docs/federation.md).
+PACKAGE_RECORD = "package"
+TRAINING_RECORD = "training"
+RAW_STYPE = "safetensors.raw"
+FILES_KEY = "files"
+METADATA_SUFFIX = ".metadata"
+SHA256_SUFFIX = ".sha256"
+JSON_FILES = (MANIFEST_FILE, ADAPTER_CONFIG_FILE)
+SAFETENSORS_FILES = (ADAPTER_WEIGHTS_FILE, ROUTER_FILE, RETRIEVAL_FILE)
+TRAIN_CONFIG_RECORD = "config"
+
+# Run-config keys forwarded to every node as its training hyper-parameters.
+TRAINING_KEYS = (
+    "base-model",
+    "lora-rank",
+    "lora-alpha",
+    "lora-steps",
+    "gate-steps",
+    "batch-size",
+    "max-length",
+    "learning-rate",
+    "gate-learning-rate",
+    "max-examples",
+    "average-activation",
+    "seed",
+)
+
+
+class PackageMessageError(ValueError):
+    """A reply whose content is not an expert package in the wire format."""
+
+
+# ------------------------------------------------------------------------ wire format
+def write_package_from_content(content: RecordDict, directory: str | Path) -> dict[str, Path]:
+    """Re-create the package files carried by a reply in `directory`; returns name -> path.
+
+    Raises `PackageMessageError` when the content is malformed or a re-created file's sha256
+    differs from the one the sender computed over its own file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if PACKAGE_RECORD not in content.config_records:
+        raise PackageMessageError(f"the reply has no ConfigRecord {PACKAGE_RECORD!r}")
+    package = content.config_records[PACKAGE_RECORD]
+    files = package.get(FILES_KEY)
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise PackageMessageError(f"{PACKAGE_RECORD}[{FILES_KEY!r}] must list the file names")
+    written: dict[str, Path] = {}
+    for name in files:
+        if name in JSON_FILES:
+            text = package.get(name)
+            if not isinstance(text, str):
+                raise PackageMessageError(f"{name}: expected its text in {PACKAGE_RECORD}")
+            data = text.encode("utf-8")
+        elif name in SAFETENSORS_FILES:
+            data = _safetensors_bytes(name, content, package)
+        else:
+            raise PackageMessageError(f"{name}: not a file of an expert package")
+        expected = package.get(name + SHA256_SUFFIX)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise PackageMessageError(
+                f"{name}: re-created file has sha256 {actual}, the sender's file {expected}"
+            )
+        path = directory / name
+        path.write_bytes(data)
+        written[name] = path
+    return written
+
+
+# The safetensors dtypes an expert package may hold, as torch dtypes.
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_bytes(name: str, content: RecordDict, package: ConfigRecord) -> bytes:
+    if name not in content.array_records:
+        raise PackageMessageError(f"{name}: no ArrayRecord of that name in the reply")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, array in content.array_records[name].items():
+        if array.stype != RAW_STYPE or array.dtype not in _TORCH_DTYPES:
+            raise PackageMessageError(
+                f"{name}: tensor {key!r} is {array.stype!r} {array.dtype!r}; expected "
+                f"{RAW_STYPE!r} with one of {sorted(_TORCH_DTYPES)}"
+            )
+        tensors[key] = _tensor(name, key, array.dtype, array.shape, array.data)
+    raw_metadata = package.get(name + METADATA_SUFFIX, "")
+    try:
+        metadata = json.loads(raw_metadata) if raw_metadata else None
+        # The same serializer the sender's file was written with, hence the same bytes.
+        return save_safetensors(tensors, metadata=metadata)
+    except (ValueError, TypeError) as error:
+        raise PackageMessageError(f"{name}: cannot be re-created ({error})") from None
+
+
+def _tensor(name: str, key: str, dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
+    torch_dtype = _TORCH_DTYPES[dtype]
+    expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
+    if len(data) != expected:
+        raise PackageMessageError(
+            f"{name}: tensor {key!r} has {len(data)} bytes; {dtype} {list(shape)} needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------------- the round
+@dataclass(frozen=True)
+class NodeOutcome:
+    node_id: int
+    status: str  # "registered", "rejected", "failed" or "timed out"
+    detail: str = ""
+    expert: str | None = None  # `namespace/name@version` when registered
+
+
+@dataclass
+class RoundReport:
+    outcomes: list[NodeOutcome] = field(default_factory=list)
+
+    def by_status(self, status: str) -> list[NodeOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    def summary(self) -> str:
+        lines = [
+            f"Flower round: {len(self.by_status('registered'))} registered, "
+            f"{len(self.by_status('rejected'))} rejected, {len(self.by_status('failed'))} failed, "
+            f"{len(self.by_status('timed out'))} timed out"
+        ]
+        for o in self.outcomes:
+            what = o.expert or o.detail
+            lines.append(f"  node {o.node_id}: {o.status}" + (f": {what}" if what else ""))
+        return "\n".join(lines)
+
+
+# Registers the package files of one reply; returns the new version's `name@version`.
+# Raises `Rejected` when the coordinator's validation refuses it.
+Registrar = Callable[[Mapping[str, Path]], str]
+
+
+class Rejected(Exception):
+    """The coordinator refused a package; `detail` says which file, check and tensor."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, wait_seconds: float) -> list[int]:
+    """The connected node ids, once at least `min_nodes` are there or the wait is over."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_nodes or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def train_messages(nodes: Iterable[int], hyper_parameters: Mapping[str, Any]) -> list[Message]:
+    config = ConfigRecord(dict(hyper_parameters))
+    return [
+        Message(
+            RecordDict({TRAIN_CONFIG_RECORD: config}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+        )
+        for node in nodes
+    ]
+
+
+def run_round(
+    grid: Grid,
+    hyper_parameters: Mapping[str, Any],
+    register: Registrar,
+    *,
+    min_nodes: int = 1,
+    node_wait_seconds: float = 60.0,
+    timeout_seconds: float | None = None,
+) -> RoundReport:
+    """Ask every connected node to train an expert; register each reply as it comes back."""
+    nodes = wait_for_nodes(grid, min_nodes, node_wait_seconds)
+    report = RoundReport()
+    if not nodes:
+        log.warning("no SuperNode connected within %.0f s: nothing to train", node_wait_seconds)
+        return report
+    log.info("asking %d node(s) to train an expert: %s", len(nodes), nodes)
+    replies = grid.send_and_receive(
+        train_messages(nodes, hyper_parameters), timeout=timeout_seconds
+    )
+    answered: set[int] = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        report.outcomes.append(_register_reply(node, reply, register))
+    for node in nodes:
+        if node not in answered:
+            report.outcomes.append(
+                NodeOutcome(node, "timed out", f"no reply within {timeout_seconds} s")
+            )
+    return report
+
+
+def _register_reply(node: int, reply: Message, register: Registrar) -> NodeOutcome:
+    if reply.has_error():
+        return NodeOutcome(node, "failed", reply.error.reason)
+    try:
+        with tempfile.TemporaryDirectory(prefix="phatgoose-flower-") as tmp:
+            files = write_package_from_content(reply.content, tmp)
+            ref = register(files)
+    except PackageMessageError as error:
+        return NodeOutcome(node, "rejected", f"malformed reply: {error}")
+    except Rejected as error:
+        return NodeOutcome(node, "rejected", error.detail)
+    return NodeOutcome(node, "registered", expert=ref)
+
+
+# ------------------------------------------------------------- the coordinator side
+def coordinator_settings(run_config: Mapping[str, Any]) -> Settings:
+    """The coordinator's settings (`PHATGOOSE_*`), with the run config's overrides."""
+    overrides: dict[str, Any] = {}
+    if data_dir := str(run_config.get("coordinator-data-dir", "")):
+        overrides["data_dir"] = Path(data_dir)
+    if database_url := str(run_config.get("coordinator-database-url", "")):
+        overrides["database_url"] = database_url
+    return Settings(**overrides)
+
+
+def flower_uploader(session: Session, namespace: str) -> Token:
+    """The token Flower replies are published with: a live contributor token named
+    `namespace`, created (its secret discarded) on first use. The ServerApp writes to the
+    catalog directly, so the token is never presented; it records who published."""
+    for token in auth.list_tokens(session):
+        if token.name == namespace and token.revoked_at is None:
+            return token
+    issued = auth.create_token(session, name=namespace, role=Role.CONTRIBUTOR)
+    log.info("created the contributor token %r for Flower-trained experts", namespace)
+    return issued.token
+
+
+def rejection_text(error: PackageRejected | CoordinatorError) -> str:
+    """A rejection for people: the message, then which check, file and tensor."""
+    body = error.to_dict()
+    where = ", ".join(f"{k} {body[k]}" for k in ("check", "file", "tensor") if body.get(k))
+    return f"{body['message']} ({where})" if where else str(body["message"])
+
+
+@contextmanager
+def coordinator_registrar(run_config: Mapping[str, Any]) -> Iterator[Registrar]:
+    """A registrar writing into the coordinator's catalog through its one registration path."""
+    settings = coordinator_settings(run_config)
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url)
+    if settings.auto_migrate:
+        migrations.upgrade(engine)
+    blobs = LocalBlobStore(settings.blob_dir)
+    namespace = str(run_config.get("namespace", "") or "flower")
+    try:
+        with make_sessionmaker(engine)() as session:
+            uploader = flower_uploader(session, namespace)
+
+            def register(files: Mapping[str, Path]) -> str:
+                try:
+                    version = register_expert_package(
+                        session,
+                        blobs,
+                        settings,
+                        files=files,
+                        uploader=uploader,
+                        channel=Channel.FLOWER,
+                    )
+                except (PackageRejected, CoordinatorError) as error:
+                    session.rollback()
+                    raise Rejected(rejection_text(error)) from None
+                return version.ref
+
+            yield register
+    finally:
+        engine.dispose()
+
+
+# ------------------------------------------------------------------------ the app
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """One round: train on every connected node, catalog what comes back, report."""
+    run_config = dict(context.run_config)
+    hyper_parameters = {k: run_config[k] for k in TRAINING_KEYS if k in run_config}
+    with coordinator_registrar(run_config) as register:
+        report = run_round(
+            grid,
+            hyper_parameters,
+            register,
+            min_nodes=int(run_config.get("min-nodes", 1)),
+            node_wait_seconds=float(run_config.get("node-wait-seconds", 60.0)),
+            timeout_seconds=float(run_config.get("round-timeout-seconds", 3600.0)) or None,
+        )
+    log.info("%s", report.summary())
