@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
 from safetensors.torch import load_file as load_torch_file
 from safetensors.torch import save_file as save_torch_file
 
@@ -583,3 +586,26 @@ def test_an_encoder_decoder_package_is_accepted(tmp_path: Path) -> None:
     assert result.adapter_config["task_type"] == "SEQ_2_SEQ_LM"
     assert "encoder.block.0.layer.0.SelfAttention.q" in result.module_paths
     assert "decoder.block.1.layer.1.EncDecAttention.v" in result.module_paths
+
+
+def test_an_accepted_package_loads_in_peft_as_it_is(package: Path, base: BaseModelSpec) -> None:
+    validate_directory(package, base)
+    model = PeftModel.from_pretrained(tiny_llama(), package)
+    lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    expected = load_torch_file(str(package / ADAPTER_WEIGHTS_FILE))[Q0_B]
+    assert torch.equal(lora_b, expected)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(contents=st.binary(max_size=256), header_length=st.integers(0, 300))
+def test_arbitrary_bytes_are_refused_cleanly(
+    package: Path, base: BaseModelSpec, contents: bytes, header_length: int
+) -> None:
+    # Whatever the bytes, the answer is a PackageRejected, never a crash.
+    path = package / ROUTER_FILE
+    path.write_bytes(header_length.to_bytes(8, "little") + contents)
+    with pytest.raises(PackageRejected) as info:
+        validate_directory(package, base)
+    assert info.value.file == ROUTER_FILE
