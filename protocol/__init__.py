@@ -5,6 +5,7 @@ pydantic models here.
 """
 
 from protocol.base_model import BaseModelSpec, LinearModuleSpec
+from protocol.limits import DEFAULT_LIMITS, AdmissionLimits
 from protocol.manifest import (
     FORMAT_VERSION,
     BaseModelIdentity,
@@ -25,11 +26,19 @@ from protocol.package import (
     RETRIEVAL_FILE,
     ROUTER_FILE,
 )
+from protocol.validation import (
+    PackageRejected,
+    ValidatedPackage,
+    package_digest,
+    validate_directory,
+    validate_package,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
     "AVERAGE_ACTIVATION_SUFFIX",
+    "DEFAULT_LIMITS",
     "FORMAT_VERSION",
     "GATE_SUFFIX",
     "MANIFEST_FILE",
@@ -39,10 +48,16 @@ __all__ = [
     "RETRIEVAL_EMBEDDINGS_KEY",
     "RETRIEVAL_FILE",
     "ROUTER_FILE",
+    "AdmissionLimits",
     "BaseModelIdentity",
     "BaseModelSpec",
     "ExpertManifest",
     "LinearModuleSpec",
     "LoraSummary",
+    "PackageRejected",
     "TrainingSummary",
+    "ValidatedPackage",
+    "package_digest",
+    "validate_directory",
+    "validate_package",
 ]
