@@ -59,7 +59,9 @@ class TokenRouter(nn.Module):
         self.register_buffer("rows", standardise(rows.float()), persistent=False)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        affinity = standardise(u.float()) @ self.rows.T
+        # Routing in float32 even in a half-precision model: top-k ties and the softmax
+        # are where low precision would change decisions.
+        affinity = standardise(u.float()) @ self.rows.float().T
         top_k = affinity.topk(self.top_k, dim=-1)
         # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
         weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
@@ -76,7 +78,7 @@ class ArrowRouter(nn.Module):
         self.register_buffer("rows", rows.float(), persistent=False)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        affinity = (u.float() @ self.rows.T).abs()
+        affinity = (u.float() @ self.rows.float().T).abs()
         top_k = affinity.topk(self.top_k, dim=-1)
         return top_k.indices, torch.softmax(top_k.values, dim=-1)
 
@@ -85,8 +87,8 @@ class FixedRouter(nn.Module):
     """One expert per batch row with weight 1 (single, merged, retrieval).
 
     `choice()` returns the stacked-expert index per batch row, `[rows]`, or a scalar for
-    every row. Returned indices are `[batch, 1, ..., 1]`: one decision per row, broadcast
-    over the row's tokens by the layer.
+    every row. Returned indices are `[batch, 1, ..., 1]`: one decision per row (what the
+    statistics count), broadcast over the row's tokens by the layer.
     """
 
     def __init__(self, choice: Callable[[], Tensor]) -> None:
@@ -94,9 +96,9 @@ class FixedRouter(nn.Module):
         self.choice = choice
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        choice = self.choice().to(u.device)
-        if choice.dim() == 0 or u.dim() == 1:
-            indices = choice.reshape((1,) * u.dim())
+        choice = self.choice().to(u.device).reshape(-1)
+        if u.dim() == 1:
+            indices = choice[:1]
         else:
             rows = u.shape[0]
             if rows % choice.shape[0]:

@@ -249,3 +249,8 @@ def test_an_expert_for_another_model_is_refused(llama):
 def test_top_k_above_the_number_of_experts_is_refused_naming_the_module(llama):
     with pytest.raises(ValueError, match=r"down_proj: top_k must be .* \(2\), got 3"):
         build_routed_model(llama, make_experts(llama, ranks=(2, 2)), "phatgoose", top_k=3)
+
+
+def test_a_routed_model_cast_to_bfloat16_still_routes(llama):
+    routed = build_routed_model(llama, make_experts(llama), "phatgoose").to(torch.bfloat16)
+    assert torch.isfinite(logits(routed, batch_for(routed)).float()).all()
