@@ -1,0 +1,420 @@
+"""`phatgoose client ...`: the contributor's commands.
+
+    train       data -> LoRA -> gates -> an expert package in a directory
+    import-peft an existing PEFT LoRA adapter + data -> gates -> an expert package
+    inspect     what a package holds, and whether the coordinator would accept it
+    push        publish a package to a coordinator (HTTP, with a token)
+
+Training runs entirely on this machine; only the package (parameters, router vectors and
+the manifest) is ever uploaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Contributors: train an expert on private data, inspect it, publish it.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+
+# ------------------------------------------------------------------ shared options
+DataOption = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Private training data: a JSONL file ({'input','target'} or "
+        "{'input','choices','answer'} per line) or a BIG-bench task.json.",
+        exists=True,
+        dir_okay=True,
+    ),
+]
+BaseOption = Annotated[
+    str,
+    typer.Option(
+        "--base",
+        help="Base model: 'smollm2-135m' (bundled SmolLM2-135M-Instruct) or a local "
+        "Hugging Face model directory.",
+    ),
+]
+BaseNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--base-name",
+        help="The base model's name as the coordinator registered it (default: --base).",
+        show_default=False,
+    ),
+]
+OutOption = Annotated[
+    Path, typer.Option("--out", help="Directory to write the expert package into.")
+]
+RankOption = Annotated[int, typer.Option("--rank", help="LoRA rank r.", min=1)]
+AlphaOption = Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / r).")]
+StepsOption = Annotated[int, typer.Option("--steps", help="LoRA training steps.", min=1)]
+GateStepsOption = Annotated[
+    int, typer.Option("--gate-steps", help="Gate training steps (about a tenth of LoRA's).", min=1)
+]
+BatchOption = Annotated[int, typer.Option("--batch-size", help="Examples per step.", min=1)]
+MaxLengthOption = Annotated[
+    int, typer.Option("--max-length", help="Tokens per example (longer ones are cut).", min=2)
+]
+LrOption = Annotated[float, typer.Option("--lr", help="LoRA learning rate (AdamW).")]
+GateLrOption = Annotated[
+    float | None,
+    typer.Option("--gate-lr", help="Gate learning rate (default: --lr).", show_default=False),
+]
+MaxExamplesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-examples",
+        help="Use a seeded sample of at most this many examples.",
+        min=1,
+        show_default=False,
+    ),
+]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed for sampling, splits and init.")]
+AverageActivationOption = Annotated[
+    bool,
+    typer.Option(
+        "--average-activation/--no-average-activation",
+        help="Also ship each module's mean input activation (the Average-activation baseline).",
+    ),
+]
+RetrievalOption = Annotated[
+    bool,
+    typer.Option(
+        "--retrieval-embeddings",
+        help="Also ship MiniLM embeddings of up to 1000 training inputs (the Retrieval "
+        "baseline). PRIVACY: these embeddings leak information about your private data.",
+    ),
+]
+DescriptionOption = Annotated[str, typer.Option("--description", help="What the expert is for.")]
+LicenseOption = Annotated[str, typer.Option("--license", help="SPDX licence of the expert.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _config(
+    rank: int,
+    alpha: float,
+    steps: int,
+    gate_steps: int,
+    batch_size: int,
+    max_length: int,
+    lr: float,
+    gate_lr: float | None,
+    seed: int,
+):  # -> TrainingConfig (imported late: torch is slow to import and --help should be fast)
+    from phatgoose.training import TrainingConfig
+
+    return TrainingConfig(
+        r=rank,
+        lora_alpha=alpha,
+        steps=steps,
+        gate_steps=gate_steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        learning_rate=lr,
+        gate_learning_rate=gate_lr,
+        seed=seed,
+    )
+
+
+def _say(message: str) -> None:
+    style = "yellow" if message.startswith("warning") else "cyan"
+    console.print(f"[{style}]{message}[/{style}]")
+
+
+def _confirm_retrieval(retrieval: bool) -> None:
+    if retrieval:
+        from phatgoose.training import PRIVACY_WARNING
+
+        console.print(f"[bold yellow]Privacy:[/bold yellow] {PRIVACY_WARNING}")
+
+
+# ------------------------------------------------------------------------ commands
+@app.command()
+def train(
+    data: DataOption,
+    name: Annotated[str, typer.Option("--name", help="Expert name: 'slug' or 'namespace/slug'.")],
+    out: OutOption,
+    base: BaseOption = "smollm2-135m",
+    base_name: BaseNameOption = None,
+    rank: RankOption = 8,
+    alpha: AlphaOption = 16.0,
+    steps: StepsOption = 80,
+    gate_steps: GateStepsOption = 16,
+    batch_size: BatchOption = 8,
+    max_length: MaxLengthOption = 192,
+    lr: LrOption = 1e-3,
+    gate_lr: GateLrOption = None,
+    max_examples: MaxExamplesOption = None,
+    seed: SeedOption = 0,
+    average_activation: AverageActivationOption = True,
+    retrieval_embeddings: RetrievalOption = False,
+    description: DescriptionOption = "",
+    license: LicenseOption = "Apache-2.0",
+    quiet: QuietOption = False,
+) -> None:
+    """Train an expert on private data: LoRA, then its PHATGOOSE gates.
+
+    The data never leaves this machine; the package written to --out holds only
+    parameters, router vectors and a manifest. Defaults suit a CPU (BENCHMARK.md's
+    reference settings); the paper uses --rank 16 --lr 5e-3 and ~1000 steps.
+    """
+    from client.training import ContributorOptions, train_contributor_expert
+    from phatgoose.data import DataFormatError
+
+    _confirm_retrieval(retrieval_embeddings)
+    config = _config(rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed)
+    options = ContributorOptions(
+        description=description,
+        license=license,
+        max_examples=max_examples,
+        average_activation=average_activation,
+        retrieval_embeddings=retrieval_embeddings,
+        progress=not quiet,
+    )
+    try:
+        expert = train_contributor_expert(
+            data,
+            name,
+            base=base_name or base,
+            config=config,
+            options=options,
+            base_model=_load_base(base),
+            say=_say,
+        )
+    except (DataFormatError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    expert.save(out)
+    _print_summary(out)
+
+
+@app.command("import-peft")
+def import_peft(
+    adapter_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    data: DataOption,
+    out: OutOption,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Expert name (default: the adapter directory's name)."),
+    ] = None,
+    base: BaseOption = "smollm2-135m",
+    base_name: BaseNameOption = None,
+    gate_steps: GateStepsOption = 16,
+    batch_size: BatchOption = 8,
+    max_length: MaxLengthOption = 192,
+    lr: Annotated[float, typer.Option("--lr", help="Gate learning rate (AdamW).")] = 1e-3,
+    max_examples: MaxExamplesOption = None,
+    seed: SeedOption = 0,
+    average_activation: AverageActivationOption = True,
+    retrieval_embeddings: RetrievalOption = False,
+    description: DescriptionOption = "",
+    license: LicenseOption = "Apache-2.0",
+    quiet: QuietOption = False,
+) -> None:
+    """Make an existing PEFT LoRA adapter an expert by training only its gates.
+
+    The adapter must have been trained on the same base model; its LoRA weights are kept
+    unchanged.
+    """
+    from client.training import ContributorOptions, import_peft_expert, slug
+    from phatgoose.data import DataFormatError
+    from phatgoose.expert import ExpertError
+
+    _confirm_retrieval(retrieval_embeddings)
+    config = _config(8, 16.0, gate_steps, gate_steps, batch_size, max_length, lr, lr, seed)
+    options = ContributorOptions(
+        description=description,
+        license=license,
+        max_examples=max_examples,
+        average_activation=average_activation,
+        retrieval_embeddings=retrieval_embeddings,
+        progress=not quiet,
+    )
+    try:
+        expert = import_peft_expert(
+            adapter_dir,
+            data,
+            name or slug(adapter_dir.resolve().name),
+            base=base_name or base,
+            config=config,
+            options=options,
+            base_model=_load_base(base),
+            say=_say,
+        )
+    except (DataFormatError, ExpertError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    expert.save(out)
+    _print_summary(out)
+
+
+@app.command()
+def inspect(
+    directory: Annotated[
+        Path, typer.Argument(help="An expert package directory.", exists=True, file_okay=False)
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model to check against, loaded locally (default: the one the "
+            "manifest names).",
+            show_default=False,
+        ),
+    ] = None,
+    base_name: BaseNameOption = None,
+) -> None:
+    """Show what a package holds and whether the coordinator would accept it.
+
+    Runs the coordinator's own admission checks (protocol.validation) locally, against the
+    base model's spec computed from the local copy of the base model. Exits with 1 when the
+    package would be rejected.
+    """
+    from client.inspection import inspect_package, manifest_base_name
+
+    base = base or manifest_base_name(directory) or "smollm2-135m"
+    with console.status(f"loading base model {base}"):
+        model = _load_base(base)[0]
+    report = inspect_package(directory, base=base_name or base, base_model=model)
+    _print_report(report)
+    if not report.passes:
+        raise typer.Exit(1)
+
+
+@app.command()
+def push(
+    directory: Annotated[
+        Path, typer.Argument(help="An expert package directory.", exists=True, file_okay=False)
+    ],
+    coordinator: Annotated[
+        str,
+        typer.Option(
+            "--coordinator",
+            help="Coordinator URL, e.g. http://127.0.0.1:8765 (or $PHATGOOSE_COORDINATOR).",
+            envvar="PHATGOOSE_COORDINATOR",
+        ),
+    ],
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            help="Your upload token from `phatgoose coordinator create-token` "
+            "(or $PHATGOOSE_TOKEN).",
+            envvar="PHATGOOSE_TOKEN",
+        ),
+    ],
+    attempts: Annotated[
+        int, typer.Option("--attempts", help="Tries on connection errors, 5xx and 429.", min=1)
+    ] = 5,
+    quiet: QuietOption = False,
+) -> None:
+    """Publish a package as a new version of its expert.
+
+    Retries with backoff on connection errors, 5xx and 429; a rejection (4xx) is reported
+    with the file, check, tensor and expectation that failed, and exits with 1.
+    """
+    from client.push import PushError, PushRejected, RetryPolicy, push_package
+
+    try:
+        version = push_package(
+            directory, coordinator, token, retry=RetryPolicy(attempts=attempts), progress=not quiet
+        )
+    except PushRejected as rejection:
+        console.print(f"[red]{rejection.report()}[/red]")
+        raise typer.Exit(1) from None
+    except PushError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"[green]published[/green] {version['ref']} ({version['package_digest']}, "
+        f"{version['total_size']} bytes)"
+    )
+    typer.echo(version["ref"])
+
+
+# ------------------------------------------------------------------------ output
+def _load_base(base: str):  # -> (model, tokenizer)
+    from phatgoose.models import load_base_model
+
+    with console.status(f"loading base model {base}"):
+        return load_base_model(base)
+
+
+def _print_summary(out: Path) -> None:
+    from phatgoose.expert import Expert
+
+    expert = Expert.load(out)
+    m = expert.manifest
+    table = Table(title=f"expert {m.name}", show_header=False)
+    table.add_row("base model", f"{m.base_model.name} ({m.base_model.fingerprint[:19]}...)")
+    table.add_row("LoRA", f"r={m.lora.r}, alpha={m.lora.lora_alpha:g}, {m.lora.modules} modules")
+    t = m.training
+    table.add_row("examples", str(t.examples))
+    table.add_row(
+        "LoRA steps",
+        f"{t.steps} (final loss {_fmt(t.final_loss)}, "
+        f"best validation {_fmt(t.best_validation_loss)})",
+    )
+    table.add_row("gate steps", f"{t.gate_steps} (final loss {_fmt(t.final_gate_loss)})")
+    table.add_row("average activation", "yes" if m.has_average_activation else "no")
+    table.add_row("retrieval embeddings", "yes (leaks!)" if m.has_retrieval_embeddings else "no")
+    for path in sorted(out.iterdir()):
+        table.add_row(f"  {path.name}", f"{path.stat().st_size:,} bytes")
+    console.print(table)
+    console.print(f"written to [bold]{out}[/bold]; next: phatgoose client inspect {out}")
+
+
+def _print_report(report) -> None:  # client.inspection.PackageReport
+    table = Table(title=f"package {report.directory}", show_header=False)
+    for name, size in report.files.items():
+        table.add_row(name, f"{size:,} bytes")
+    for name in report.extra_files:
+        table.add_row(name, "[yellow]not a package file (never uploaded)[/yellow]")
+    if report.expert is not None:
+        e, m = report.expert, report.expert.manifest
+        table.add_row("name", m.name)
+        table.add_row("base model", f"{m.base_model.name} ({m.base_model.fingerprint})")
+        table.add_row("LoRA", f"rank {e.rank}, {len(e.module_paths())} modules")
+        table.add_row("gates", "yes" if e.has_gates else "[red]no[/red]")
+        table.add_row("average activation", "yes" if m.has_average_activation else "no")
+        table.add_row("retrieval embeddings", "yes" if m.has_retrieval_embeddings else "no")
+        table.add_row(
+            "training",
+            f"{m.training.examples} examples, {m.training.steps} steps, "
+            f"{m.training.gate_steps} gate steps",
+        )
+    elif report.load_error:
+        table.add_row("[red]unreadable[/red]", report.load_error)
+    console.print(table)
+    if report.accepted is not None:
+        console.print(
+            f"[green]passes admission[/green] against base model '{report.base}' "
+            f"(digest {report.accepted.digest})"
+        )
+    else:
+        r = report.rejection or {}
+        console.print(f"[red]would be rejected[/red]: {r.get('message')}")
+        for key in ("check", "file", "tensor", "expected"):
+            if r.get(key):
+                console.print(f"  {key}: {r[key]}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

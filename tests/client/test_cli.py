@@ -1,0 +1,132 @@
+"""`phatgoose client train | import-peft | inspect` on a tiny model saved to disk."""
+
+import json
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from phatgoose.expert import Expert
+from phatgoose.models import load_base_model, model_fingerprint
+from protocol import MANIFEST_FILE, ROUTER_FILE
+from tests.client.conftest import TINY_TRAINING, run_cli
+
+
+def test_train_writes_an_expert_with_gates_and_the_requested_training(
+    trained_package, tiny_base_dir
+):
+    expert = Expert.load(trained_package)
+
+    assert expert.name == "quokka"
+    assert expert.manifest.training.steps == 4
+    assert expert.manifest.training.gate_steps == 3
+    assert expert.manifest.training.examples == 11  # 12 minus one held out for validation
+    assert expert.manifest.has_average_activation
+    assert not expert.manifest.has_retrieval_embeddings
+    model, _ = load_base_model(str(tiny_base_dir))
+    assert expert.manifest.base_model.fingerprint == model_fingerprint(model)
+    # Gates moved away from their zero start, on every adapted module.
+    assert set(expert.gates) == set(expert.module_paths())
+    assert all(gate.abs().max() > 0 for gate in expert.gates.values())
+
+
+def test_inspect_says_a_trained_package_passes_admission(trained_package):
+    result = run_cli("inspect", trained_package)
+
+    assert result.exit_code == 0, result.output
+    assert "passes admission" in result.output
+    assert "14 modules" in result.output  # 2 layers x 7 linears of the tiny llama
+
+
+def test_inspect_reports_which_check_failed_and_exits_1(trained_package, tmp_path):
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for path in trained_package.iterdir():
+        (tampered / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((tampered / MANIFEST_FILE).read_text())
+    manifest["base_model"]["fingerprint"] = "sha256:" + "0" * 64
+    (tampered / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    result = run_cli("inspect", tampered, "--base", manifest["base_model"]["name"])
+
+    assert result.exit_code == 1
+    assert "would be rejected" in result.output
+    assert "check: fingerprint" in result.output
+    assert f"file: {MANIFEST_FILE}" in result.output
+
+
+def test_import_peft_keeps_the_adapter_weights_and_adds_trained_gates(
+    tiny_base_dir, private_data, tmp_path
+):
+    model, _ = load_base_model(str(tiny_base_dir))
+    torch.manual_seed(3)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    adapter = tmp_path / "My Adapter"
+    peft_model.save_pretrained(adapter)
+    out = tmp_path / "imported"
+
+    result = run_cli(
+        "import-peft",
+        adapter,
+        "--data",
+        private_data,
+        "--base",
+        tiny_base_dir,
+        "--out",
+        out,
+        "--gate-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "48",
+        "--quiet",
+    )
+
+    assert result.exit_code == 0, result.output
+    expert = Expert.load(out)
+    assert expert.name == "my-adapter"
+    assert expert.manifest.training.gate_steps == 3
+    assert expert.manifest.training.steps == 0
+    original = expert.lora_weights
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert set(saved) == set(original)
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
+    assert len(expert.gates) == 4  # q_proj and v_proj in 2 layers
+    assert all(gate.abs().max() > 0 for gate in expert.gates.values())
+
+
+def test_train_refuses_malformed_data_with_the_line_and_field(tiny_base_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"input": "q", "target": "a"}\n{"input": "q", "traget": "a"}\n')
+
+    result = run_cli(
+        "train",
+        "--data",
+        data,
+        "--name",
+        "bad",
+        "--base",
+        tiny_base_dir,
+        "--out",
+        tmp_path / "out",
+        *TINY_TRAINING,
+    )
+
+    assert result.exit_code == 2
+    assert "bad.jsonl:2" in result.output
+    assert "traget" in result.output
+
+
+def test_the_router_file_holds_gates_and_average_activations_only(trained_package):
+    with safe_open(str(trained_package / ROUTER_FILE), "pt") as router:
+        suffixes = {key.rsplit(".", 1)[-1] for key in router.keys()}  # noqa: SIM118
+
+    assert suffixes == {"gate", "average_activation"}
