@@ -69,8 +69,8 @@ def _score(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    pairs = _encode_pairs(tokenizer, examples, max_length=max_length)
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    pairs = _encode_pairs(tokenizer, examples, max_length, is_encoder_decoder)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -98,8 +98,12 @@ def _score(
 
 
 def _encode_pairs(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    is_encoder_decoder: bool,
 ) -> list[_Pair]:
+    """Token ids per (example, choice), truncated as `data.collate_for_training` does."""
     pairs = []
     for index, example in enumerate(examples):
         if not example.choices:
@@ -114,9 +118,13 @@ def _encode_pairs(
                     f"example {index}, choice {choice_index} ({choice!r}) has no tokens to score"
                 )
             # A choice keeps its start; the prompt keeps its end (the part next to the answer).
-            continuation = continuation[: max_length - 1]
-            room = max_length - len(continuation)
-            pairs.append(_Pair(index, choice_index, example.prompt, prompt[-room:], continuation))
+            if is_encoder_decoder:  # encoder and decoder each hold max_length tokens
+                continuation = continuation[:max_length]
+                kept = prompt[-max_length:]
+            else:  # one sequence of max_length tokens, at least one of them from the prompt
+                continuation = continuation[: max_length - 1]
+                kept = prompt[-(max_length - len(continuation)) :]
+            pairs.append(_Pair(index, choice_index, example.prompt, kept, continuation))
     return pairs
 
 

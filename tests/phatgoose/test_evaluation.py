@@ -134,3 +134,12 @@ def test_evaluate_task_rejects_examples_without_an_answer(llama, tokenizer):
 def test_score_choices_rejects_an_empty_prompt(llama, tokenizer):
     with pytest.raises(ValueError, match="example 0 has an empty prompt"):
         score_choices(llama, tokenizer, [Example("", ("a", "b"), 0)], progress=False)
+
+
+def test_encoder_decoder_prompts_are_truncated_to_max_length(t5, tokenizer):
+    long_prompt = "y" * 50 + "Last:"
+    truncated = score_choices(
+        t5, tokenizer, [Example(long_prompt, ("ab", "c"), 0)], max_length=8, progress=False
+    )
+    expected = reference_score(t5, tokenizer, long_prompt[-8:], "ab")
+    assert truncated[0][0] == pytest.approx(expected, abs=1e-5)
