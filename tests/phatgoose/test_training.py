@@ -1,0 +1,402 @@
+import dataclasses
+import logging
+import re
+import sys
+import types
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from phatgoose.data import Example
+from phatgoose.expert import Expert, ExpertError
+from phatgoose.models import linear_module_paths, model_fingerprint
+from phatgoose.training import (
+    GatedLoRALinear,
+    TrainingConfig,
+    compute_average_activations,
+    compute_retrieval_embeddings,
+    expert_from_peft,
+    gated_lora,
+    mean_target_loss,
+    split_validation,
+    train_expert,
+    train_gates,
+)
+from tests.tiny import tiny_llama, tiny_t5, tiny_tokenizer
+
+MAKERS = {"llama": tiny_llama, "t5": tiny_t5}
+# A learnable mapping: the first letter of the prompt, doubled and upper-cased.
+TASK = [
+    Example(prompt=f"{c}{d} ->", target=f"{c}{c}".upper()) for c in "abcdefgh" for d in "abcdefgh"
+]
+CONFIG = TrainingConfig(
+    r=4,
+    lora_alpha=8,
+    steps=24,
+    batch_size=8,
+    learning_rate=2e-2,
+    max_length=32,
+    eval_every=8,
+    validation_fraction=0.2,
+    gate_steps=16,
+    gate_learning_rate=0.1,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, above all on a shared, busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modules": dict(model.named_modules()),
+        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "training": {k: m.training for k, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    state = model.state_dict()
+    assert state.keys() == before["state"].keys()
+    assert all(torch.equal(state[k], v) for k, v in before["state"].items())
+    modules = dict(model.named_modules())
+    assert modules.keys() == before["modules"].keys()
+    assert all(modules[k] is m for k, m in before["modules"].items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == before["requires_grad"]
+    assert {k: m.training for k, m in model.named_modules()} == before["training"]
+
+
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def trained(request, one_thread):
+    """A model, its state before training, the LoRA expert and the gated expert."""
+    tokenizer = tiny_tokenizer()
+    model = MAKERS[request.param]()
+    before = snapshot(model)
+    lora = train_expert(model, tokenizer, TASK, name="alice/caps", config=CONFIG, progress=False)
+    after_lora = snapshot(model)
+    gated = train_gates(model, tokenizer, lora, TASK, config=CONFIG, progress=False)
+    return types.SimpleNamespace(
+        kind=request.param,
+        model=model,
+        tokenizer=tokenizer,
+        before=before,
+        after_lora=after_lora,
+        lora=lora,
+        gated=gated,
+    )
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("r", 0),
+        ("steps", 0),
+        ("learning_rate", -1.0),
+        ("validation_fraction", 1.0),
+        ("target_modules", []),
+    ],
+)
+def test_config_rejects_invalid_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"TrainingConfig.{field} must be"):
+        TrainingConfig(**{field: value})
+
+
+def test_config_defaults_derive_from_steps():
+    config = TrainingConfig(steps=95, learning_rate=1e-3)
+    assert config.resolved_eval_every == 9
+    assert config.resolved_gate_steps == 10
+    assert config.resolved_gate_learning_rate == 1e-3
+    assert (TrainingConfig().r, TrainingConfig().lora_alpha) == (16, 32.0)
+
+
+def test_validation_split_is_capped_seeded_and_keeps_training_data():
+    many = [Example(prompt=str(i), target="t") for i in range(3000)]
+    train, val = split_validation(many, TrainingConfig(validation_fraction=0.5))
+    assert (len(train), len(val)) == (2800, 200)
+    assert split_validation(many, TrainingConfig(validation_fraction=0.5)) == (train, val)
+    three = many[:3]
+    assert [len(s) for s in split_validation(three, TrainingConfig())] == [2, 1]
+    assert [len(s) for s in split_validation(three, TrainingConfig(validation_fraction=0))] == [
+        3,
+        0,
+    ]
+    assert [len(s) for s in split_validation(many[:1], TrainingConfig())] == [1, 0]
+
+
+# ------------------------------------------------------------------------- LoRA expert
+def test_train_expert_lowers_validation_loss(trained):
+    _, validation = split_validation(TASK, CONFIG)
+    base_loss = mean_target_loss(trained.model, trained.tokenizer, validation)
+    assert trained.lora.manifest.training.best_validation_loss < base_loss - 0.2
+
+
+def test_train_expert_leaves_the_base_model_bit_identical(trained):
+    assert_unchanged(trained.model, trained.before)
+
+
+def test_train_expert_returns_a_lora_only_expert_for_this_base(trained):
+    expert, model = trained.lora, trained.model
+    assert not expert.has_gates and expert.manifest.training.gate_steps == 0
+    assert set(expert.module_paths()) == set(linear_module_paths(model))
+    assert expert.manifest.base_model.fingerprint == model_fingerprint(model)
+    assert expert.manifest.training.steps == CONFIG.steps
+    assert expert.manifest.training.examples == len(split_validation(TASK, CONFIG)[0])
+    assert expert.rank == 4 and expert.lora_update(expert.module_paths()[0])[2] == 2.0
+
+
+def test_saved_expert_loads_in_peft_and_reproduces_its_validation_loss(trained, tmp_path):
+    trained.gated.save(tmp_path)
+    peft_model = PeftModel.from_pretrained(MAKERS[trained.kind](), tmp_path)
+    _, validation = split_validation(TASK, CONFIG)
+    loss = mean_target_loss(peft_model, trained.tokenizer, validation)
+    assert loss == pytest.approx(trained.lora.manifest.training.best_validation_loss, abs=1e-5)
+
+
+def test_save_load_round_trip_of_a_trained_expert_is_bit_exact(trained, tmp_path):
+    loaded = Expert.load(trained.gated.save(tmp_path))
+    assert loaded.manifest == trained.gated.manifest
+    for mine, theirs in [
+        (trained.gated.lora_weights, loaded.lora_weights),
+        (trained.gated.gates, loaded.gates),
+    ]:
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_checkpoint_is_the_state_of_the_best_validation_step(caplog, tmp_path):
+    # Validation targets contradict the training targets: after the first few steps (which
+    # learn the shared format) training makes validation worse, so the last step is not best.
+    config = dataclasses.replace(CONFIG, steps=10, learning_rate=5e-2, warmup_ratio=0.0)
+    examples = [Example(prompt=f"{c} ->", target="A") for c in "abcdefghijklmnop"]
+    _, validation = split_validation(examples, config)
+    examples = [Example(ex.prompt, target="B") if ex in validation else ex for ex in examples]
+    validation = [ex for ex in examples if ex.target == "B"]
+    tokenizer = tiny_tokenizer()
+
+    def train(eval_every: int) -> Expert:
+        config_ = dataclasses.replace(config, eval_every=eval_every)
+        return train_expert(
+            tiny_t5(), tokenizer, examples, name="a", config=config_, progress=False
+        )
+
+    with caplog.at_level(logging.INFO, logger="phatgoose.training"):
+        every_step = train(eval_every=1)
+    kept = int(re.search(r"kept step (\d+) ", caplog.text).group(1))
+    assert 1 <= kept < config.steps
+    last_step = train(eval_every=config.steps)  # the same run, evaluated only at its end
+    best = every_step.manifest.training.best_validation_loss
+    assert best < last_step.manifest.training.best_validation_loss - 0.05
+    key = next(iter(every_step.lora_weights))
+    assert not torch.equal(every_step.lora_weights[key], last_step.lora_weights[key])
+    # The returned weights are the ones that scored `best`.
+    peft_model = PeftModel.from_pretrained(tiny_t5(), every_step.save(tmp_path))
+    assert mean_target_loss(peft_model, tokenizer, validation) == pytest.approx(best, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------- gates
+def test_gated_layer_computes_the_gated_lora_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    a, b = torch.randn(3, 6), torch.randn(5, 3)
+    layer = GatedLoRALinear(base, a, b, scale=0.5)
+    with torch.no_grad():
+        layer.gate.copy_(torch.randn(6))
+    u = torch.randn(2, 4, 6)
+    # y = W u + scale * B A u * sigmoid(v^T u)
+    expected = base(u) + 0.5 * (u @ a.T @ b.T) * torch.sigmoid(u @ layer.gate)[..., None]
+    torch.testing.assert_close(layer(u), expected)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == [
+        "gate",
+        "base.weight",
+        "base.bias",
+    ]
+
+
+def test_gated_lora_restores_the_original_linears(trained):
+    before = dict(trained.model.named_modules())
+    with gated_lora(trained.model, trained.gated) as layers:
+        path = trained.gated.module_paths()[0]
+        assert trained.model.get_submodule(path) is layers[path]
+        assert layers[path].base is before[path]
+    assert all(m is before[k] for k, m in trained.model.named_modules())
+
+
+def test_train_gates_changes_only_the_gates(trained):
+    lora, gated = trained.lora, trained.gated
+    assert gated.lora_weights.keys() == lora.lora_weights.keys()
+    assert all(torch.equal(gated.lora_weights[k], v) for k, v in lora.lora_weights.items())
+    assert gated.manifest.training.gate_steps == CONFIG.resolved_gate_steps == 16
+    assert gated.manifest.training.steps == lora.manifest.training.steps
+    for path, gate in gated.gates.items():
+        assert gate.dtype == torch.float32 and gate.shape == (lora.lora_update(path)[0].shape[1],)
+    assert any(gate.abs().max() > 1e-3 for gate in gated.gates.values())
+
+
+def test_train_gates_leaves_the_base_model_bit_identical(trained):
+    assert_unchanged(trained.model, trained.after_lora)
+
+
+def test_trained_gates_lower_the_training_loss_from_the_zero_gate_start(trained):
+    training, _ = split_validation(TASK, CONFIG)
+    with gated_lora(trained.model, trained.lora):  # v = 0: every gate is sigmoid(0) = 0.5
+        start = mean_target_loss(trained.model, trained.tokenizer, training)
+    with gated_lora(trained.model, trained.gated, trained.gated.gates):
+        end = mean_target_loss(trained.model, trained.tokenizer, training)
+    assert end < start - 0.01
+
+
+def test_train_gates_refuses_an_expert_for_other_modules(trained):
+    other = tiny_llama(hidden_size=48) if trained.kind == "llama" else tiny_t5(d_model=48)
+    with (
+        pytest.warns(UserWarning, match="was made for base model"),
+        pytest.raises(ExpertError, match=r"update is \d+x\d+ but the model's linear is"),
+    ):
+        train_gates(other, trained.tokenizer, trained.lora, TASK, config=CONFIG, progress=False)
+
+
+# ---------------------------------------------------------------- average activations
+EXAMPLES = [Example(prompt="ab ->", target="X"), Example(prompt="longer prompt ->", target="YZ")]
+
+
+def test_average_activations_match_a_hand_computation_on_llama(llama, tokenizer):
+    paths = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    averages = compute_average_activations(llama, tokenizer, paths, EXAMPLES, batch_size=2)
+
+    # By hand, one unpadded example at a time: prompt + " " + target + EOS.
+    inputs: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    layer1 = llama.model.layers[1]
+    with torch.no_grad():
+        for ex in EXAMPLES:
+            text_ids = tokenizer(f"{ex.prompt} {ex.target}", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[*text_ids, tokenizer.eos_token_id]])
+            hidden = llama(input_ids=ids, output_hidden_states=True).hidden_states
+            inputs[paths[0]].append(llama.model.layers[0].input_layernorm(hidden[0])[0])
+            after_attention = (
+                hidden[1]
+                + layer1.self_attn(
+                    layer1.input_layernorm(hidden[1]),
+                    attention_mask=None,
+                    position_embeddings=llama.model.rotary_emb(
+                        hidden[1], torch.arange(ids.shape[1])[None]
+                    ),
+                )[0]
+            )
+            mlp = layer1.mlp
+            normed = layer1.post_attention_layernorm(after_attention)
+            inputs[paths[1]].append((mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))[0])
+    for path in paths:
+        expected = torch.cat(inputs[path]).mean(0)
+        torch.testing.assert_close(averages[path], expected, rtol=1e-4, atol=1e-5)
+        assert averages[path].dtype == torch.float32
+
+
+def test_average_activations_use_prompt_tokens_in_the_encoder_and_target_in_the_decoder(
+    t5, tokenizer
+):
+    paths = [
+        "encoder.block.0.layer.0.SelfAttention.q",
+        "decoder.block.0.layer.0.SelfAttention.q",
+        "decoder.block.1.layer.1.EncDecAttention.k",  # reads the encoder's output
+    ]
+    averages = compute_average_activations(t5, tokenizer, paths, EXAMPLES, batch_size=2)
+
+    inputs: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    with torch.no_grad():
+        for ex in EXAMPLES:
+            prompt = torch.tensor([tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]])
+            target = tokenizer(f" {ex.target}", add_special_tokens=False)["input_ids"]
+            labels = torch.tensor([[*target, tokenizer.eos_token_id]])
+            encoder_out = t5.encoder(input_ids=prompt).last_hidden_state[0]
+            decoder_in = t5.prepare_decoder_input_ids_from_labels(labels)
+            inputs[paths[0]].append(t5.encoder.block[0].layer[0].layer_norm(t5.shared(prompt))[0])
+            inputs[paths[1]].append(
+                t5.decoder.block[0].layer[0].layer_norm(t5.shared(decoder_in))[0]
+            )
+            inputs[paths[2]].append(encoder_out)
+    for path in paths:
+        expected = torch.cat(inputs[path]).mean(0)
+        torch.testing.assert_close(averages[path], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_average_activations_refuse_a_path_that_is_not_a_linear(llama, tokenizer):
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp' is not an nn.Linear"):
+        compute_average_activations(llama, tokenizer, ["model.layers.0.mlp"], EXAMPLES)
+
+
+# ----------------------------------------------------------------- retrieval embeddings
+def test_retrieval_embeddings_embed_the_inputs_and_warn_about_privacy(monkeypatch):
+    embedded: list[list[str]] = []
+
+    def fake_embed_texts(texts: list[str]) -> torch.Tensor:
+        embedded.append(list(texts))
+        return torch.ones(len(texts), 384, dtype=torch.float64)
+
+    fake = types.ModuleType("phatgoose.embeddings")
+    fake.embed_texts = fake_embed_texts
+    monkeypatch.setitem(sys.modules, "phatgoose.embeddings", fake)
+    with pytest.warns(UserWarning, match="leak information about that data"):
+        embeddings = compute_retrieval_embeddings(TASK, max_examples=10)
+    assert embeddings.shape == (10, 384) and embeddings.dtype == torch.float32
+    assert len(set(embedded[0])) == 10 and set(embedded[0]) <= {ex.prompt for ex in TASK}
+
+
+# ------------------------------------------------------------------- existing adapters
+@pytest.fixture
+def peft_adapter(tmp_path):
+    """A PEFT LoRA adapter saved by PEFT itself, with non-zero B."""
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(tiny_llama(), config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model, tmp_path / "adapter"
+
+
+def test_expert_from_peft_directory_keeps_the_adapter_and_has_no_gates(peft_adapter, tmp_path):
+    peft_model, directory = peft_adapter
+    expert = expert_from_peft(directory, name="bob/imported", base_model=tiny_llama())
+    assert not expert.has_gates and expert.manifest.training.gate_steps == 0
+    assert expert.manifest.base_model.fingerprint == model_fingerprint(tiny_llama())
+    assert len(expert.module_paths()) == 4
+    ids = torch.tensor([[5, 9, 20, 33]])
+    reloaded = PeftModel.from_pretrained(tiny_llama(), expert.save(tmp_path / "expert"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+def test_expert_from_peft_model_equals_expert_from_its_directory(peft_adapter):
+    peft_model, directory = peft_adapter
+    identity = expert_from_peft(directory, name="a", base_model=tiny_llama()).manifest.base_model
+    from_dir = expert_from_peft(directory, name="a", base_model=identity)
+    from_model = expert_from_peft(peft_model, name="a", base_model=identity)
+    assert from_model.lora_weights.keys() == from_dir.lora_weights.keys()
+    assert all(torch.equal(from_model.lora_weights[k], v) for k, v in from_dir.lora_weights.items())
+
+
+def test_expert_from_peft_refuses_a_non_lora_adapter(tmp_path):
+    config = IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    with pytest.raises(ExpertError, match="peft_type is 'IA3'; only LoRA adapters"):
+        expert_from_peft(tmp_path, name="a", base_model=tiny_llama())
+
+
+def test_expert_from_peft_never_reads_pickled_weights(peft_adapter):
+    _, directory = peft_adapter
+    (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
+    with pytest.raises(ExpertError, match=r"adapter_model.bin \(pickle\) .* never loaded"):
+        expert_from_peft(directory, name="a", base_model=tiny_llama())
+
+
+def test_train_expert_refuses_an_invalid_name(llama, tokenizer):
+    with pytest.raises(ValueError, match="expert name 'Not Valid' is invalid"):
+        train_expert(llama, tokenizer, TASK, name="Not Valid", config=CONFIG, progress=False)
