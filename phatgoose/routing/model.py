@@ -240,7 +240,7 @@ def _routed_linear(
         # Every expert is stacked so the chosen index is global; an expert that does not
         # adapt this module contributes a zero update here.
         zero = (torch.zeros(1, base.in_features), torch.zeros(base.out_features, 1), 0.0)
-        updates = [e.lora_update(path) if path in e.module_paths() else zero for e in experts]
+        updates = [e.lora_update(path) if z in members else zero for z, e in enumerate(experts)]
         assert retrieval is not None
         ids = list(range(len(experts)))
         return RoutedLinear(

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from phatgoose.routing import build_routed_model, queries, routing_state
+from phatgoose.routing import build_routed_model, queries, routing_state, unroute_model
 from tests.phatgoose.experts import random_expert
 
 # Example embeddings by owner; the embedder below maps a text to its (a, b, c) counts.
@@ -113,3 +113,15 @@ def test_retrieval_refuses_experts_without_embeddings(llama):
     experts[1] = experts[1].with_retrieval_embeddings(None)
     with pytest.raises(ValueError, match=r"experts \['e1'\] shipped none"):
         build_routed_model(llama, experts, "retrieval", embedder=letter_counts)
+
+
+def test_unroute_drops_the_retrieval_hook(llama, tokenizer):
+    batch = batch_for(llama, tokenizer)
+    with torch.no_grad():
+        before = llama(**batch).logits
+        routed = build_routed_model(
+            llama, retrieval_experts(llama), "retrieval", embedder=letter_counts
+        )
+        base = unroute_model(routed)
+        after = base(**batch).logits  # no query text needed any more
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
