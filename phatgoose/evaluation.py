@@ -11,7 +11,6 @@ scored on exactly the tokens a trained expert learned to produce (minus the EOS)
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example, continuation_ids, prompt_ids
+from phatgoose.routing import queries
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _score(
     with torch.no_grad():
         for start in tqdm(batch_starts, desc="scoring", unit="batch", disable=not progress):
             batch = [pairs[i] for i in order[start : start + batch_size]]
-            with _queries(model, [p.prompt_text for p in batch]):
+            with queries(model, [p.prompt_text for p in batch]):
                 if is_encoder_decoder:
                     mean_logprobs = _score_encoder_decoder(model, batch, pad_id, device)
                 else:
@@ -196,15 +196,6 @@ def _score_encoder_decoder(
 def _accepts(model: nn.Module, argument: str) -> bool:
     parameters = inspect.signature(model.forward).parameters
     return argument in parameters
-
-
-def _queries(model: nn.Module, texts: list[str]) -> contextlib.AbstractContextManager[None]:
-    """`routing.queries` (a no-op for routers that do not read the query text)."""
-    try:
-        from phatgoose import routing
-    except ImportError:  # the routing package is optional for plain models
-        return contextlib.nullcontext()
-    return routing.queries(model, texts)
 
 
 @dataclass(frozen=True)

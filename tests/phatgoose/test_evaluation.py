@@ -1,10 +1,14 @@
+import contextlib
 import math
 
 import pytest
 import torch
 
+from phatgoose import evaluation
 from phatgoose.data import Example, continuation_ids, prompt_ids
 from phatgoose.evaluation import TaskResult, evaluate_task, mean_accuracy, score_choices
+from phatgoose.routing import build_routed_model
+from tests.phatgoose.experts import random_expert
 
 # Prompts of different lengths in one batch, with and without trailing whitespace.
 EXAMPLES = [
@@ -143,3 +147,30 @@ def test_encoder_decoder_prompts_are_truncated_to_max_length(t5, tokenizer):
     )
     expected = reference_score(t5, tokenizer, long_prompt[-8:], "ab")
     assert truncated[0][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_each_forward_sees_the_prompt_of_every_row(monkeypatch, llama, tokenizer):
+    seen: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def recording_queries(model, texts):
+        seen.append(list(texts))
+        yield
+
+    monkeypatch.setattr(evaluation, "queries", recording_queries)
+    score_choices(llama, tokenizer, EXAMPLES, batch_size=4, progress=False)
+    # 7 (example, choice) rows, longest first: batches of 4 and 3 rows.
+    assert [len(batch) for batch in seen] == [4, 3]
+    assert sorted(t for batch in seen for t in batch) == sorted(
+        e.prompt for e in EXAMPLES for _ in e.choices
+    )
+
+
+def test_routed_model_scores_equal_its_unbatched_reference(tiny_model, tokenizer):
+    # PHATGOOSE routes every token on its own, so padding in a batch must change nothing.
+    experts = [random_expert(tiny_model, name=f"e{i}", rank=2, seed=i) for i in range(3)]
+    routed = build_routed_model(tiny_model, experts, method="phatgoose", top_k=2)
+    scores = score_choices(routed, tokenizer, EXAMPLES, batch_size=8, progress=False)
+    for example, row in zip(EXAMPLES, scores, strict=True):
+        expected = [reference_score(routed, tokenizer, example.prompt, c) for c in example.choices]
+        assert row == pytest.approx(expected, abs=1e-5)
