@@ -29,11 +29,10 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save as save_safetensors
 from sqlalchemy.orm import Session
 
-from coordinator import migrations
 from coordinator.auth import service as auth
 from coordinator.auth.models import Role, Token
+from coordinator.core.app import open_database
 from coordinator.core.config import Settings
-from coordinator.core.db import make_engine, make_sessionmaker
 from coordinator.core.errors import CoordinatorError
 from coordinator.experts.models import Channel
 from coordinator.experts.service import register_expert_package
@@ -309,14 +308,11 @@ def rejection_text(error: PackageRejected | CoordinatorError) -> str:
 def coordinator_registrar(run_config: Mapping[str, Any]) -> Iterator[Registrar]:
     """A registrar writing into the coordinator's catalog through its one registration path."""
     settings = coordinator_settings(run_config)
-    settings.ensure_dirs()
-    engine = make_engine(settings.resolved_database_url)
-    if settings.auto_migrate:
-        migrations.upgrade(engine)
+    engine, sessions = open_database(settings)  # migrated, like the service itself
     blobs = LocalBlobStore(settings.blob_dir)
     namespace = str(run_config.get("namespace", "") or "flower")
     try:
-        with make_sessionmaker(engine)() as session:
+        with sessions() as session:
             uploader = flower_uploader(session, namespace)
 
             def register(files: Mapping[str, Path]) -> str:
