@@ -2,7 +2,8 @@
 
 One format for training and scoring (../shared/BENCHMARK.md): a continuation (a target or
 an answer choice) follows the prompt directly when the prompt ends in whitespace, else
-after one space.
+after one space. Tokens: the prompt and the continuation are tokenised separately, without
+special tokens, and concatenated; training targets end with EOS (`continuation_ids`).
 """
 
 import json

@@ -290,8 +290,7 @@ def train_expert(
 
     started = time.perf_counter()
     best: dict[str, object] = {"loss": math.inf, "step": None, "state": None}
-    with _restored(model), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # LoRA's A initialisation
+    with _restored(model), _seeded(model, config.seed):  # seeds LoRA's A initialisation
         peft_model = get_peft_model(model, lora_config)
         try:
 
@@ -458,8 +457,7 @@ def train_gates(
     training, _ = split_validation(examples, config)
     steps = config.resolved_gate_steps
     started = time.perf_counter()
-    with _restored(model), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with _restored(model), _seeded(model, config.seed):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         with gated_lora(model, expert) as gated:
@@ -705,6 +703,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _seeded(model: nn.Module, seed: int) -> Iterator[None]:
+    """Seed torch's generators for a run, leaving the caller's random state as it was."""
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

@@ -60,6 +60,7 @@ def snapshot(model: nn.Module) -> dict:
         "modules": dict(model.named_modules()),
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "training": {k: m.training for k, m in model.named_modules()},
+        "config": model.config.to_dict(),
     }
 
 
@@ -72,6 +73,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert all(modules[k] is m for k, m in before["modules"].items())
     assert {k: p.requires_grad for k, p in model.named_parameters()} == before["requires_grad"]
     assert {k: m.training for k, m in model.named_modules()} == before["training"]
+    assert model.config.to_dict() == before["config"]
 
 
 @pytest.fixture(scope="module", params=["llama", "t5"])
@@ -80,10 +82,13 @@ def trained(request, one_thread):
     tokenizer = tiny_tokenizer()
     model = MAKERS[request.param]()
     before = snapshot(model)
+    rng_before = torch.get_rng_state()
     lora = train_expert(model, tokenizer, TASK, name="alice/caps", config=CONFIG, progress=False)
     after_lora = snapshot(model)
     gated = train_gates(model, tokenizer, lora, TASK, config=CONFIG, progress=False)
+    rng_untouched = torch.equal(torch.get_rng_state(), rng_before)
     return types.SimpleNamespace(
+        rng_untouched=rng_untouched,
         kind=request.param,
         model=model,
         tokenizer=tokenizer,
@@ -141,6 +146,10 @@ def test_train_expert_lowers_validation_loss(trained):
 
 def test_train_expert_leaves_the_base_model_bit_identical(trained):
     assert_unchanged(trained.model, trained.before)
+
+
+def test_training_leaves_the_callers_random_state_untouched(trained):
+    assert trained.rng_untouched
 
 
 def test_train_expert_returns_a_lora_only_expert_for_this_base(trained):
