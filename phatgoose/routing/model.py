@@ -158,19 +158,22 @@ def build_routed_model(
     elif method == "retrieval":
         retrieval = RetrievalChoice(*rows.retrieval_bank(experts), embedder, tokenizer)
 
+    # Every routed linear is built before any is put in, so an error leaves the model as it was.
+    routed: dict[str, RoutedLinear] = {}
     for path in paths:
         members = [z for z, e in enumerate(experts) if path in adapted[e.name]]
         try:
-            routed = _routed_linear(
+            routed[path] = _routed_linear(
                 modules[path], path, experts, members, method, top_k, expert, retrieval
             )
         except ValueError as error:
             # Name the module in every error (row builders name it already).
             raise (error if path in str(error) else ValueError(f"{path}: {error}")) from None
+    for path, layer in routed.items():
         parent, _, child = path.rpartition(".")
-        setattr(modules[parent] if parent else model, child, routed)
+        setattr(modules[parent] if parent else model, child, layer)
 
-    new_state = RoutingState(method, top_k, names, retrieval)
+    new_state = RoutingState(method, top_k if method in TOKEN_METHODS else 1, names, retrieval)
     if retrieval is not None:
         new_state.hooks.append(_install_retrieval_hook(model, retrieval))
     setattr(model, STATE_ATTR, new_state)

@@ -254,3 +254,9 @@ def test_top_k_above_the_number_of_experts_is_refused_naming_the_module(llama):
 def test_a_routed_model_cast_to_bfloat16_still_routes(llama):
     routed = build_routed_model(llama, make_experts(llama), "phatgoose").to(torch.bfloat16)
     assert torch.isfinite(logits(routed, batch_for(routed)).float()).all()
+
+
+def test_a_refused_build_leaves_the_model_unrouted(llama):
+    with pytest.raises(ValueError, match="top_k must be"):
+        build_routed_model(llama, make_experts(llama, ranks=(2, 2)), "phatgoose", top_k=3)
+    assert not any(isinstance(m, RoutedLinear) for m in llama.modules())
