@@ -202,8 +202,11 @@ def mean_target_loss(
 def _warmup_then_linear_decay(
     optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor: linear warm-up to 1 over `warmup_ratio * steps`, then linear
+    decay towards 0 at `steps` (the usual fine-tuning schedule)."""
     warmup = round(warmup_ratio * steps)
 
+    # factor(t) = (t + 1) / warmup while t < warmup, else (steps - t) / (steps - warmup)
     def factor(step: int) -> float:  # `step` optimiser steps already taken
         if step < warmup:
             return (step + 1) / warmup

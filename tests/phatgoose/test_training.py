@@ -15,6 +15,7 @@ from phatgoose.models import linear_module_paths, model_fingerprint
 from phatgoose.training import (
     GatedLoRALinear,
     TrainingConfig,
+    _warmup_then_linear_decay,
     compute_average_activations,
     compute_retrieval_embeddings,
     expert_from_peft,
@@ -121,6 +122,17 @@ def test_config_defaults_derive_from_steps():
     assert config.resolved_gate_steps == 10
     assert config.resolved_gate_learning_rate == 1e-3
     assert (TrainingConfig().r, TrainingConfig().lora_alpha) == (16, 32.0)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_linearly():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = _warmup_then_linear_decay(optimizer, steps=10, warmup_ratio=0.2)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
 def test_validation_split_is_capped_seeded_and_keeps_training_data():
