@@ -161,6 +161,8 @@ def model_fingerprint(model: nn.Module) -> str:
     autograd version counter, so ordinary in-place updates (`p.add_(...)` under `no_grad`,
     an optimiser step) recompute it. Writes through `.data` bypass the version counter:
     after those, delete `model._phatgoose_fingerprint` to force a recomputation.
+    A PEFT-wrapped or routed model has other tensors (and names), hence another
+    fingerprint: take the base model's before wrapping it.
     """
     tensors = _unique_state_tensors(model)
     key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
