@@ -18,7 +18,7 @@ app = typer.Typer(
 _SUBCOMMANDS = [
     ("client", "client.cli", "Contributors: train, inspect and publish experts."),
     ("coordinator", "coordinator.cli", "Run the coordinator service and manage its catalog."),
-    ("bench", "phatgoose.bench.cli", "Benchmarks: zero-shot quality and routing cost."),
+    ("bench", "benchmarks.cli", "Benchmarks: zero-shot quality and routing cost."),
 ]
 
 
