@@ -319,8 +319,7 @@ def yank_version(
 ) -> ExpertVersion:
     """Hide a version from default listings and new releases; it stays downloadable."""
     _check_manager(version, by)
-    begin_write(session)
-    session.refresh(version, with_for_update=True)
+    _lock_for_update(session, version)
     if version.yanked_at is not None:
         session.rollback()
         raise Conflict(f"{version.ref} is already yanked: {version.yank_reason}")
@@ -334,8 +333,7 @@ def yank_version(
 
 def unyank_version(session: Session, version: ExpertVersion, *, by: Token) -> ExpertVersion:
     _check_manager(version, by)
-    begin_write(session)
-    session.refresh(version, with_for_update=True)
+    _lock_for_update(session, version)
     if version.yanked_at is None:
         session.rollback()
         raise Conflict(f"{version.ref} is not yanked")
@@ -345,6 +343,15 @@ def unyank_version(session: Session, version: ExpertVersion, *, by: Token) -> Ex
     session.commit()
     log.info("unyanked %s by %s", version.ref, by.name)
     return version
+
+
+def _lock_for_update(session: Session, version: ExpertVersion) -> None:
+    """Begin a write transaction holding the version's row, then reread it."""
+    begin_write(session)
+    session.execute(
+        select(ExpertVersion.id).where(ExpertVersion.id == version.id).with_for_update()
+    )
+    session.refresh(version)
 
 
 def _check_manager(version: ExpertVersion, token: Token) -> None:

@@ -1,0 +1,82 @@
+"""Test helpers: real expert packages over a tiny llama (written by phatgoose's own
+`Expert.save`), upload requests, tokens and a live server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from torch import nn
+
+from coordinator.auth.models import Role
+from coordinator.auth.service import create_token
+from phatgoose.models import base_model_spec
+from protocol import BaseModelSpec
+from tests.phatgoose.experts import random_expert
+from tests.tiny import tiny_llama
+
+# random_expert names the base model after `config.name_or_path`, empty for a fresh model.
+TINY_BASE_NAME = "tiny"
+
+
+@dataclass(frozen=True)
+class TinyBase:
+    model: nn.Module
+    spec: BaseModelSpec
+
+    def write_package(self, directory: Path, name: str, seed: int = 0, rank: int = 4) -> Path:
+        expert = random_expert(self.model, name=name, rank=rank, seed=seed)
+        expert.save(directory)
+        return directory
+
+
+def make_tiny_base() -> TinyBase:
+    model = tiny_llama()
+    return TinyBase(model=model, spec=base_model_spec(model, TINY_BASE_NAME))
+
+
+def package_parts(directory: Path) -> list[tuple[str, tuple[str, bytes]]]:
+    """Multipart parts for an upload: one `files` field per package file."""
+    return [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
+
+
+def upload(client: TestClient, headers: dict[str, str], directory: Path) -> httpx.Response:
+    return client.post("/api/v1/experts", headers=headers, files=package_parts(directory))
+
+
+def bearer_headers(app: FastAPI, name: str, role: Role) -> dict[str, str]:
+    """A new token's Authorization header."""
+    with app.state.sessionmaker() as session:
+        issued = create_token(session, name=name, role=role)
+    return {"Authorization": f"Bearer {issued.secret_token}"}
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free local port in a thread; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    host, port = sock.getsockname()
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
