@@ -12,8 +12,10 @@ from safetensors.numpy import load_file, save_file
 from sqlalchemy import func, select
 
 from coordinator.auth.models import Role
+from coordinator.auth.service import create_token
 from coordinator.base_models.service import register_base_model
-from coordinator.experts.models import ExpertVersion
+from coordinator.experts.models import Channel, ExpertVersion
+from coordinator.experts.service import register_expert_package
 from protocol.validation import package_digest
 from tests.coordinator.helpers import bearer_headers, package_parts, upload
 
@@ -249,3 +251,20 @@ def test_field_named_after_the_file_is_accepted(client, alice, package):
     parts = [(p.name, (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
     response = client.post("/api/v1/experts", headers=alice, files=parts)
     assert response.status_code == 201
+
+
+def test_flower_channel_is_recorded_by_the_shared_registration_function(app, client, package):
+    """The Flower ServerApp calls the same function as the HTTP route."""
+    with app.state.sessionmaker() as session:
+        uploader = create_token(session, name="dora", role=Role.CONTRIBUTOR).token
+        version = register_expert_package(
+            session,
+            app.state.blobs,
+            app.state.settings,
+            files={p.name: p for p in package("dora/fed").iterdir()},
+            uploader=uploader,
+            channel=Channel.FLOWER,
+        )
+    assert version.ref == "dora/fed@1"
+    provenance = client.get("/api/v1/experts/dora/fed/1").json()["provenance"]
+    assert (provenance["channel"], provenance["uploaded_by"]) == ("flower", "dora")
