@@ -24,6 +24,7 @@ from coordinator.core.errors import CoordinatorError
 from coordinator.core.logging import RequestIdMiddleware, configure_logging
 from coordinator.core.startup import run_startup_checks
 from coordinator.storage import LocalBlobStore
+from protocol.validation import PackageRejected
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(CoordinatorError, _coordinator_error)
-    _add_package_rejected_handler(app)
+    app.add_exception_handler(PackageRejected, _package_rejected)
     for router, prefix in available_routers():
         app.include_router(router, prefix=prefix)
     log.info(
@@ -113,11 +114,6 @@ async def _coordinator_error(_request: Request, error: Exception) -> JSONRespons
     )
 
 
-def _add_package_rejected_handler(app: FastAPI) -> None:
-    from protocol.validation import PackageRejected
-
-    async def rejected(_request: Request, error: Exception) -> JSONResponse:
-        assert isinstance(error, PackageRejected)
-        return JSONResponse({"detail": error.to_dict()}, status_code=422)
-
-    app.add_exception_handler(PackageRejected, rejected)
+async def _package_rejected(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, PackageRejected)
+    return JSONResponse({"detail": error.to_dict()}, status_code=422)

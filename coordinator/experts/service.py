@@ -246,6 +246,7 @@ def list_versions(
     namespace: str | None = None,
     name: str | None = None,
     base_model: str | None = None,
+    uploaded_by: str | None = None,
     status: Status = Status.ACTIVE,
     limit: int = 50,
     offset: int = 0,
@@ -258,6 +259,8 @@ def list_versions(
         query = query.where(Expert.name == name)
     if base_model is not None:
         query = query.join(ExpertVersion.base_model).where(BaseModelRecord.name == base_model)
+    if uploaded_by is not None:
+        query = query.where(ExpertVersion.uploaded_by == uploaded_by)
     if status == Status.ACTIVE:
         query = query.where(ExpertVersion.yanked_at.is_(None))
     elif status == Status.YANKED:

@@ -38,6 +38,13 @@ def test_list_filters_by_namespace_and_name(client, published):
     ]
 
 
+def test_list_filters_by_uploader(client, maintainer, published, package):
+    assert upload(client, maintainer, package("bob/curated", seed=5)).status_code == 201
+    assert _refs(client.get("/api/v1/experts", params={"uploaded_by": "carol"})) == [
+        "bob/curated@1"
+    ]
+
+
 def test_list_filters_by_base_model(client, published):
     assert client.get("/api/v1/experts", params={"base_model": "tiny"}).json()["total"] == 3
     assert client.get("/api/v1/experts", params={"base_model": "other"}).json()["total"] == 0
