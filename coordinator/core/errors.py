@@ -84,3 +84,11 @@ class Unprocessable(CoordinatorError):
     error = "package_rejected"
     status_code = 422
     check = "package"
+
+
+class StorageError(CoordinatorError):
+    """The catalog names a blob the store does not have (see the start-up report)."""
+
+    status_code = 500
+    error = "storage"
+    check = "blob_missing"

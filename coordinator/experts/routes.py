@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -9,6 +10,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.core.deps import BlobsDep, ReaderDep, SessionDep, SettingsDep, TokenDep
+from coordinator.core.errors import StorageError
 from coordinator.experts import service
 from coordinator.experts.models import Channel
 from coordinator.experts.schemas import (
@@ -20,7 +22,10 @@ from coordinator.experts.schemas import (
     version_url,
 )
 from coordinator.experts.upload import UPLOAD_FIELD, receive_package, upload_folder
+from coordinator.storage import BlobNotFound
 from protocol import PACKAGE_FILES
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
@@ -131,7 +136,7 @@ def get_version(
     "/{namespace}/{name}/{version}/files/{filename}",
     summary="Download one package file (yanked versions too)",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: _ERROR},
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: _ERROR, 500: _ERROR},
 )
 def download_file(
     namespace: str,
@@ -142,8 +147,16 @@ def download_file(
     blobs: BlobsDep,
     _reader: ReaderDep,
 ) -> FileResponse:
-    file = service.get_file(service.get_version(session, namespace, name, version), filename)
-    path = blobs.local_path(file.sha256)
+    found = service.get_version(session, namespace, name, version)
+    file = service.get_file(found, filename)
+    try:
+        path = blobs.local_path(file.sha256)
+    except BlobNotFound as error:
+        log.error("download of %s %s: blob %s is missing", found.ref, filename, file.sha256)
+        raise StorageError(
+            f"the stored bytes of {found.ref} {filename} are missing on the coordinator",
+            file=filename,
+        ) from error
     media_type = "application/json" if filename.endswith(".json") else "application/octet-stream"
     return FileResponse(
         path,

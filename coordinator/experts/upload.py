@@ -20,6 +20,7 @@ from fastapi import Request
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
 
 from coordinator.core.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from protocol import PACKAGE_FILES
@@ -192,6 +193,8 @@ async def receive_package(
         parser.finalize()
     except MultipartParseError as error:
         raise BadRequest(f"malformed multipart body: {error}", check="multipart") from error
+    except ClientDisconnect as error:
+        raise BadRequest("the client disconnected during the upload", check="multipart") from error
     finally:
         writer.close()
     if not writer.ended or not writer.files:

@@ -110,6 +110,19 @@ def test_download_of_a_non_package_file_is_404(client, published):
     assert response.status_code == 404
 
 
+def test_download_of_a_missing_blob_is_500_naming_the_file(app, client, published):
+    version = client.get("/api/v1/experts/alice/demo/1").json()
+    router = next(f for f in version["files"] if f["filename"] == "router.safetensors")
+    app.state.blobs.path(router["sha256"]).unlink()
+
+    response = client.get("/api/v1/experts/alice/demo/1/files/router.safetensors")
+
+    assert response.status_code == 500
+    assert response.json()["detail"]["message"] == (
+        "the stored bytes of alice/demo@1 router.safetensors are missing on the coordinator"
+    )
+
+
 def test_owner_yanks_with_reason(client, alice, published):
     response = client.post(
         "/api/v1/experts/alice/demo/1/yank", headers=alice, json={"reason": "trained on test set"}
