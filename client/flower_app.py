@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ def train(msg: Message, context: Context) -> Message:
     data_path, name = node_dataset(context)
     config = msg.content.config_records.get(TRAIN_CONFIG_RECORD, {})
     base, training, options = training_config(config)
+    if context.node_config.get("show-progress", False):
+        options = replace(options, progress=True)
     log.info("node %s: training expert %r on its private data", context.node_id, name)
     expert = train_contributor_expert(
         data_path, name, base=base, config=training, options=options, say=log.info

@@ -243,7 +243,7 @@ def run_round(
     if not nodes:
         log.warning("no SuperNode connected within %.0f s: nothing to train", node_wait_seconds)
         return report
-    log.info("asking %d node(s) to train an expert: %s", len(nodes), nodes)
+    print(f"asking {len(nodes)} node(s) to train an expert: {nodes}", flush=True)
     replies = grid.send_and_receive(
         train_messages(nodes, hyper_parameters), timeout=timeout_seconds
     )
@@ -353,4 +353,5 @@ def main(grid: Grid, context: Context) -> None:
             node_wait_seconds=float(run_config.get("node-wait-seconds", 60.0)),
             timeout_seconds=float(run_config.get("round-timeout-seconds", 3600.0)) or None,
         )
-    log.info("%s", report.summary())
+    # Printed: the run's log stream (`flwr run --stream`, `flwr log`) shows what landed.
+    print(report.summary(), flush=True)
