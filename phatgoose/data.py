@@ -3,7 +3,8 @@
 One format for training and scoring (../shared/BENCHMARK.md): a continuation (a target or
 an answer choice) follows the prompt directly when the prompt ends in whitespace, else
 after one space. Tokens: the prompt and the continuation are tokenised separately, without
-special tokens, and concatenated; training targets end with EOS (`continuation_ids`).
+special tokens, and concatenated, with the boundary before a prompt's trailing spaces
+(`token_boundary`); training targets end with EOS (`continuation_ids`).
 """
 
 import json
@@ -187,18 +188,29 @@ def load_examples(path: str | Path) -> list[Example]:
 IGNORE_INDEX = -100  # positions the cross-entropy skips (PyTorch's and transformers' default)
 
 
+def token_boundary(prompt: str, continuation: str) -> tuple[str, str]:
+    """Split `join_continuation(prompt, continuation)` into the texts tokenised apart.
+
+    A prompt's trailing spaces move to the continuation, so that BIG-bench's "\nA: " is
+    followed by the usual word token (" yes") instead of a lone space and then "yes", a
+    split the model rarely saw in pre-training (it cost SmolLM2 9-17 points of base
+    accuracy on binary tasks). The joined text is unchanged.
+    """
+    kept = prompt.rstrip(" ") or prompt
+    return kept, prompt[len(kept) :] + continuation_suffix(prompt, continuation)
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a prompt (no special tokens)."""
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    """Token ids of a prompt (no special tokens), up to the boundary of `token_boundary`."""
+    return list(tokenizer(token_boundary(prompt, "")[0], add_special_tokens=False)["input_ids"])
 
 
 def continuation_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str, *, add_eos: bool
 ) -> list[int]:
-    """Token ids of a continuation as joined to its prompt (`continuation_suffix`)."""
-    ids = list(
-        tokenizer(continuation_suffix(prompt, continuation), add_special_tokens=False)["input_ids"]
-    )
+    """Token ids of a continuation as joined to its prompt (see `token_boundary`)."""
+    text = token_boundary(prompt, continuation)[1]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; training targets end with EOS")

@@ -14,6 +14,7 @@ from phatgoose.data import (
     load_examples,
     load_jsonl,
     prompt_ids,
+    token_boundary,
 )
 
 
@@ -144,7 +145,16 @@ def test_continuation_is_tokenised_apart_from_prompt_with_eos(tokenizer):
     assert prompt_ids(tokenizer, "Q:") == ids(tokenizer, "Q:")
     with_eos = continuation_ids(tokenizer, "Q:", "ab", add_eos=True)
     assert with_eos == [*ids(tokenizer, " ab"), tokenizer.eos_token_id]
-    assert continuation_ids(tokenizer, "Q: ", "ab", add_eos=False) == ids(tokenizer, "ab")
+    assert continuation_ids(tokenizer, "Q: ", "ab", add_eos=False) == ids(tokenizer, " ab")
+
+
+def test_trailing_spaces_of_the_prompt_are_tokenised_with_the_continuation(tokenizer):
+    # The joined text is unchanged; only the token boundary moves before the spaces.
+    assert token_boundary("\nA: ", "yes") == ("\nA:", " yes")
+    assert token_boundary("\nA:\n", "yes") == ("\nA:\n", "yes")
+    assert token_boundary("A:", "yes") == ("A:", " yes")
+    assert prompt_ids(tokenizer, "Q:  ") == ids(tokenizer, "Q:")
+    assert continuation_ids(tokenizer, "Q:  ", "ab", add_eos=False) == ids(tokenizer, "  ab")
 
 
 def test_causal_batch_labels_only_the_target_and_eos(tokenizer):
