@@ -1,6 +1,11 @@
 import pytest
+import torch
 
 from tests.tiny import tiny_llama, tiny_t5, tiny_tokenizer
+
+# Tiny models are dominated by per-op overhead: one thread is several times faster than
+# two, and keeps the suite's timing steady on a shared 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
