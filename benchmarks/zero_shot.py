@@ -1,0 +1,717 @@
+"""The zero-shot benchmark (../shared/BENCHMARK.md): train one expert per held-in task,
+then score every method of METHOD.md on the held-out tasks and on the held-in tasks'
+evaluation splits, with rank classification.
+
+Methods: base, merged, arrow, average_activation, retrieval, phatgoose (zero-shot), plus the
+references oracle (per task, the best single expert), best_individual (the single expert
+with the best mean over every evaluation task) and multitask (one LoRA on the pooled
+training data, which the setting forbids). Oracle and best_individual are selected with
+the evaluation labels: they are upper bounds, never zero-shot results.
+
+Multitask budget: the same number of optimiser steps as all contributors together
+(`steps * number of experts`, batch unchanged), so it sees as many training examples as
+the experts did in total. Gate steps are not counted (multitask has no router).
+
+Trained experts are cached as expert packages under
+`<cache>/<task>-<key>` where the key hashes the task, the base model's weight fingerprint,
+the data split and every training hyper-parameter: a re-run with the same settings
+trains nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from benchmarks.machine import load_average, machine_info
+from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS, load_bigbench_task
+from phatgoose.data import Example
+from phatgoose.evaluation import TaskResult, evaluate_task
+from phatgoose.expert import Expert
+from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerprint
+from phatgoose.routing import build_routed_model, unroute_model
+from phatgoose.training import (
+    TrainingConfig,
+    compute_average_activations,
+    compute_retrieval_embeddings,
+    train_expert,
+    train_gates,
+)
+from protocol import BaseModelIdentity
+
+log = logging.getLogger(__name__)
+
+# Zero-shot routers first (what the benchmark is about), then the references.
+ROUTED_METHODS = ("base", "phatgoose", "merged", "arrow", "average_activation", "retrieval")
+REFERENCE_METHODS = ("oracle", "best_individual", "multitask")
+METHODS = ROUTED_METHODS + REFERENCE_METHODS
+CACHE_FORMAT = 1  # bump when the way a cached expert is produced changes
+
+Embedder = Callable[[list[str]], Tensor]
+Say = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class ZeroShotConfig:
+    """Everything that decides the benchmark's numbers (recorded in the result file).
+
+    Training hyper-parameters go to `phatgoose.training.TrainingConfig` unchanged;
+    `eval_max_length` defaults to `max_length` (training and scoring see the same window).
+    `multitask_steps` defaults to `steps * len(held_in)` (the experts' total budget).
+    """
+
+    held_in: list[str] = field(default_factory=lambda: list(HELD_IN_TASKS))
+    held_out: list[str] = field(default_factory=lambda: list(HELD_OUT_TASKS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    base_model: str = DEFAULT_BASE_MODEL
+    n_eval: int = 100
+    split_seed: int = 0
+    max_train_examples: int | None = None
+    # LoRA and gates (TrainingConfig)
+    r: int = 16
+    lora_alpha: float = 32.0
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 5e-3
+    warmup_ratio: float = 0.06
+    max_length: int = 256
+    gate_steps: int | None = None
+    gate_learning_rate: float | None = None
+    validation_fraction: float = 0.1
+    max_validation_examples: int = 200
+    eval_every: int | None = None
+    seed: int = 0
+    multitask_steps: int | None = None
+    # contributor vectors of the baselines
+    max_vector_examples: int = 1000
+    # inference
+    top_k: int = 2
+    eval_batch_size: int = 16
+    eval_max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+        both = sorted(set(self.held_in) & set(self.held_out))
+        if both:
+            raise ValueError(f"tasks both held-in and held-out: {both}")
+        if not self.held_in and any(m != "base" for m in self.methods):
+            raise ValueError("every method but 'base' needs at least one held-in task (expert)")
+        if not self.held_in and not self.held_out:
+            raise ValueError("no tasks: give held-in and/or held-out tasks")
+        if self.n_eval < 1:
+            raise ValueError(f"n_eval must be >= 1, got {self.n_eval}")
+        self.training_config()  # validates the hyper-parameters
+
+    def training_config(self, steps: int | None = None) -> TrainingConfig:
+        return TrainingConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            learning_rate=self.learning_rate,
+            warmup_ratio=self.warmup_ratio,
+            steps=steps or self.steps,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            validation_fraction=self.validation_fraction,
+            max_validation_examples=self.max_validation_examples,
+            eval_every=self.eval_every,
+            gate_steps=self.gate_steps,
+            gate_learning_rate=self.gate_learning_rate,
+            seed=self.seed,
+        )
+
+    @property
+    def resolved_multitask_steps(self) -> int:
+        return self.multitask_steps or self.steps * max(1, len(self.held_in))
+
+    @property
+    def resolved_eval_max_length(self) -> int:
+        return self.eval_max_length or self.max_length
+
+
+# BENCHMARK.md's reference settings, sized for ~an hour on 2 CPU cores: the four held-in
+# tasks of its reference table and six held-out BIG-bench Lite tasks with short prompts.
+CPU_PRESET: dict[str, Any] = {
+    "held_in": ["sports_understanding", "navigate", "hyperbaton", "temporal_sequences"],
+    "held_out": [
+        "code_line_description",
+        "emoji_movie",
+        "hindu_knowledge",
+        "known_unknowns",
+        "strategyqa",
+        "winowhy",
+    ],
+    "n_eval": 80,
+    "max_train_examples": 2000,
+    "r": 8,
+    "lora_alpha": 16.0,
+    "steps": 80,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "max_length": 192,
+    "gate_steps": 16,
+    "gate_learning_rate": 1e-3,
+    "eval_every": 20,
+    "max_validation_examples": 64,
+    "top_k": 2,
+}
+# What fits ~1.5 h on a 2-core machine shared with other jobs (about one effective core):
+# the three short-prompt tasks of BENCHMARK.md's reference table plus social_iqa, half the
+# reference's steps, 40 evaluation examples per task, five short held-out tasks.
+CPU_SMALL_PRESET: dict[str, Any] = {
+    **CPU_PRESET,
+    "held_in": ["sports_understanding", "navigate", "hyperbaton", "social_iqa"],
+    "held_out": ["code_line_description", "emoji_movie", "known_unknowns", "strategyqa", "winowhy"],
+    "n_eval": 40,
+    "steps": 40,
+    "gate_steps": 8,
+    "max_length": 128,
+    "max_validation_examples": 32,
+    "max_vector_examples": 200,
+}
+# Every held-in expert at r = 16 with the paper's optimiser settings (TrainingConfig's
+# defaults: 1000 steps of batch 8, lr 5e-3, 6% warm-up); for a machine with a GPU.
+PAPER_PRESET: dict[str, Any] = {
+    "held_in": list(HELD_IN_TASKS),
+    "held_out": list(HELD_OUT_TASKS),
+    "n_eval": 200,
+    "r": 16,
+    "lora_alpha": 32.0,
+    "steps": 1000,
+    "batch_size": 8,
+    "learning_rate": 5e-3,
+    "max_length": 512,
+    "eval_batch_size": 32,
+}
+# A few minutes: checks the whole pipeline on real data, says nothing about quality.
+SMOKE_PRESET: dict[str, Any] = {
+    **CPU_PRESET,
+    "held_in": ["sports_understanding", "navigate"],
+    "held_out": ["strategyqa", "known_unknowns"],
+    "n_eval": 16,
+    "max_train_examples": 200,
+    "steps": 8,
+    "gate_steps": 2,
+    "eval_every": 4,
+    "max_validation_examples": 8,
+    "max_vector_examples": 64,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": CPU_PRESET,
+    "cpu-small": CPU_SMALL_PRESET,
+    "paper": PAPER_PRESET,
+    "smoke": SMOKE_PRESET,
+}
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ZeroShotConfig:
+    """A preset, then a JSON or TOML file's keys, then command-line overrides (None skipped)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file is not None:
+        values.update(_read_config_file(Path(config_file)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ZeroShotConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+    return ZeroShotConfig(**values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"{path}: a config file is .json or .toml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table/object of settings")
+    return data
+
+
+# --------------------------------------------------------------------------------- data
+@dataclass
+class BenchmarkTask:
+    name: str
+    held_in: bool
+    evaluation: list[Example]
+    training: list[Example]
+
+
+def load_tasks(config: ZeroShotConfig, tasks_dir: Path | None = None) -> list[BenchmarkTask]:
+    """Every task's evaluation split; held-in tasks also keep their (capped) training pool."""
+    tasks = []
+    for name, held_in in [(t, True) for t in config.held_in] + [
+        (t, False) for t in config.held_out
+    ]:
+        split = load_bigbench_task(
+            name, n_eval=config.n_eval, seed=config.split_seed, tasks_dir=tasks_dir
+        )
+        training = split.training if held_in else []
+        cap = config.max_train_examples
+        if cap is not None and len(training) > cap:
+            training = random.Random(config.split_seed).sample(training, cap)
+        if held_in and not training:
+            raise ValueError(
+                f"held-in task {name!r} has no training examples left after the "
+                f"{config.n_eval} evaluation examples; lower n_eval"
+            )
+        tasks.append(BenchmarkTask(split.name, held_in, split.evaluation, training))
+    return tasks
+
+
+def expert_name(task: str) -> str:
+    """A valid expert name for a task (`parent/subtask` -> `parent-subtask`)."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", task.lower()).strip("-._")[:63] or "expert"
+
+
+# ------------------------------------------------------------------------ expert cache
+def cache_key(task: str, fingerprint: str, config: ZeroShotConfig, training: TrainingConfig) -> str:
+    """Hash of what decides an expert: task, base weights, data split, hyper-parameters."""
+    identity = {
+        "format": CACHE_FORMAT,
+        "task": task,
+        "base": fingerprint,
+        "n_eval": config.n_eval,
+        "split_seed": config.split_seed,
+        "max_train_examples": config.max_train_examples,
+        "max_vector_examples": config.max_vector_examples,
+        "training": dataclasses.asdict(training),
+    }
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _cached_or_trained(
+    directory: Path, train: Callable[[], tuple[Expert, dict[str, float]]]
+) -> tuple[Expert, dict[str, Any]]:
+    """Load the package at `directory`, or train it and save it there atomically."""
+    timings_file = directory / "benchmark-timings.json"
+    if (directory / "expert.json").is_file():
+        timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+        return Expert.load(directory), {"cached": True, **timings}
+    expert, timings = train()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        expert.save(tmp)
+        (tmp / "benchmark-timings.json").write_text(json.dumps(timings))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return expert, {"cached": False, **timings}
+
+
+def task_expert(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: BenchmarkTask,
+    config: ZeroShotConfig,
+    cache_dir: Path,
+    *,
+    base: BaseModelIdentity,
+    embedder: Embedder | None = None,
+    progress: bool = True,
+) -> tuple[Expert, dict[str, Any]]:
+    """The task's expert with gates, average activations and retrieval embeddings (cached)."""
+    training_config = config.training_config()
+    key = cache_key(task.name, base.fingerprint, config, training_config)
+
+    def train() -> tuple[Expert, dict[str, float]]:
+        started = time.perf_counter()
+        expert = train_expert(
+            model, tokenizer, task.training, name=expert_name(task.name),
+            config=training_config, base_model=base,
+            description=f"BIG-bench {task.name} (benchmark expert)", progress=progress,
+        )  # fmt: skip
+        lora_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        expert = train_gates(
+            model, tokenizer, expert, task.training, config=training_config, progress=progress
+        )
+        gate_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        activations = compute_average_activations(
+            model, tokenizer, expert.module_paths(), task.training,
+            max_examples=config.max_vector_examples, max_length=config.max_length,
+            batch_size=config.batch_size, seed=config.seed,
+        )  # fmt: skip
+        expert = expert.with_average_activations(activations)
+        expert = expert.with_retrieval_embeddings(
+            _retrieval_embeddings(task.training, config, embedder)
+        )
+        vector_seconds = time.perf_counter() - started
+        return expert, {
+            "lora_seconds": lora_seconds,
+            "gate_seconds": gate_seconds,
+            "vector_seconds": vector_seconds,
+        }
+
+    return _cached_or_trained(cache_dir / f"{expert_name(task.name)}-{key}", train)
+
+
+def multitask_expert(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[BenchmarkTask],
+    config: ZeroShotConfig,
+    cache_dir: Path,
+    *,
+    base: BaseModelIdentity,
+    progress: bool = True,
+) -> tuple[Expert, dict[str, Any]]:
+    """One LoRA on the union of the held-in training pools (no gates: it is not routed)."""
+    training_config = config.training_config(steps=config.resolved_multitask_steps)
+    held_in = [t for t in tasks if t.held_in]
+    names = "+".join(sorted(t.name for t in held_in))
+    key = cache_key("multitask:" + names, base.fingerprint, config, training_config)
+    pooled = [ex for t in held_in for ex in t.training]
+
+    def train() -> tuple[Expert, dict[str, float]]:
+        started = time.perf_counter()
+        expert = train_expert(
+            model, tokenizer, pooled, name="multitask", config=training_config,
+            base_model=base, description=f"multitask LoRA over {names}", progress=progress,
+        )  # fmt: skip
+        return expert, {"lora_seconds": time.perf_counter() - started}
+
+    return _cached_or_trained(cache_dir / f"multitask-{key}", train)
+
+
+def _retrieval_embeddings(
+    examples: Sequence[Example], config: ZeroShotConfig, embedder: Embedder | None
+) -> Tensor:
+    if embedder is None:  # the contributor's MiniLM embeddings (with its privacy warning)
+        return compute_retrieval_embeddings(
+            examples, max_examples=config.max_vector_examples, seed=config.seed
+        )
+    chosen = list(examples)
+    if len(chosen) > config.max_vector_examples:
+        chosen = random.Random(config.seed).sample(chosen, config.max_vector_examples)
+    vectors = torch.as_tensor(embedder([ex.prompt for ex in chosen])).float()
+    return torch.nn.functional.normalize(vectors, dim=-1).contiguous()
+
+
+# ------------------------------------------------------------------- selection rules
+def oracle_choice(single: dict[str, dict[str, TaskResult]], tasks: Sequence[str]) -> dict[str, str]:
+    """Per task, the expert whose single-expert accuracy is highest (ties: first expert)."""
+    if not single:
+        raise ValueError("oracle needs at least one single-expert result")
+    names = list(single)
+    return {
+        task: max(names, key=lambda e: (single[e][task].accuracy, -names.index(e)))
+        for task in tasks
+    }
+
+
+def best_individual_choice(single: dict[str, dict[str, TaskResult]], tasks: Sequence[str]) -> str:
+    """The expert with the best mean accuracy over `tasks` (ties: first expert)."""
+    if not single or not tasks:
+        raise ValueError("best individual needs single-expert results and tasks")
+    names = list(single)
+
+    def mean(e: str) -> float:
+        return sum(single[e][t].accuracy for t in tasks) / len(tasks)
+
+    return max(names, key=lambda e: (mean(e), -names.index(e)))
+
+
+# --------------------------------------------------------------------------- summaries
+def summarise(
+    results: dict[str, TaskResult], held_in: Sequence[str], held_out: Sequence[str]
+) -> dict[str, Any]:
+    """Per-task results, the held-in and held-out means (with stderr) and the cost."""
+
+    def mean(tasks: Sequence[str]) -> dict[str, float] | None:
+        present = [results[t] for t in tasks if t in results]
+        if not present:
+            return None
+        return {
+            "accuracy": sum(r.accuracy for r in present) / len(present),
+            # independent tasks: stderr of the mean of means
+            "stderr": math.sqrt(sum(r.stderr**2 for r in present)) / len(present),
+            "tasks": len(present),
+        }
+
+    seconds = sum(r.seconds for r in results.values())
+    tokens = sum(r.scored_tokens for r in results.values())
+    return {
+        "tasks": {t: r.to_dict() for t, r in results.items()},
+        "held_in_mean": mean(held_in),
+        "held_out_mean": mean(held_out),
+        "seconds": seconds,
+        "scored_tokens": tokens,
+        "seconds_per_1k_scored_tokens": 1000 * seconds / tokens if tokens else None,
+    }
+
+
+# ---------------------------------------------------------------------------- runner
+def evaluate_all(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[BenchmarkTask],
+    config: ZeroShotConfig,
+    bar: Any = None,
+) -> dict[str, TaskResult]:
+    results = {}
+    for task in tasks:
+        if not task.evaluation:
+            continue
+        results[task.name] = evaluate_task(
+            model, tokenizer, task.evaluation, task=task.name,
+            batch_size=config.eval_batch_size, max_length=config.resolved_eval_max_length,
+            progress=False,
+        )  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+    return results
+
+
+def run_zero_shot(
+    config: ZeroShotConfig,
+    *,
+    cache_dir: Path,
+    output: Path | None = None,
+    tasks_dir: Path | None = None,
+    base_model: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    embedder: Embedder | None = None,
+    progress: bool = True,
+    say: Say = log.info,
+) -> dict[str, Any]:
+    """Train (or load) the experts, evaluate every method, and return the result record.
+
+    With `output`, the record is also written there after every method, so an interrupted
+    run keeps what it measured. `embedder` replaces MiniLM (retrieval) in tests.
+    """
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "benchmark": "zero-shot",
+        "machine": machine_info(),
+        "config": dataclasses.asdict(config),
+        "multitask_steps": config.resolved_multitask_steps,
+        "complete": False,
+    }
+
+    def save() -> None:
+        record["elapsed_seconds"] = time.perf_counter() - started
+        record["machine"]["load_average_end"] = load_average()
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(record, indent=2) + "\n")
+
+    tasks = load_tasks(config, tasks_dir)
+    held_in = [t.name for t in tasks if t.held_in]
+    held_out = [t.name for t in tasks if not t.held_in]
+    record["tasks"] = {
+        t.name: {"held_in": t.held_in, "n_eval": len(t.evaluation), "n_train": len(t.training)}
+        for t in tasks
+    }
+    say(f"{len(held_in)} held-in tasks, {len(held_out)} held-out tasks")
+
+    model, tokenizer = base_model or load_base_model(config.base_model)
+    base = BaseModelIdentity(name=config.base_model, fingerprint=model_fingerprint(model))
+
+    methods = [m for m in METHODS if m in config.methods]
+    needs_experts = any(m != "base" and m != "multitask" for m in methods)
+    experts: list[Expert] = []
+    record["experts"] = []
+    if needs_experts:
+        for task in tqdm([t for t in tasks if t.held_in], desc="experts", disable=not progress):
+            expert, info = task_expert(
+                model, tokenizer, task, config, cache_dir,
+                base=base, embedder=embedder, progress=progress,
+            )  # fmt: skip
+            experts.append(expert)
+            record["experts"].append(
+                {
+                    "name": expert.name,
+                    "task": task.name,
+                    "train_examples": len(task.training),
+                    **info,
+                }
+            )
+            say(f"expert {expert.name}: {'from cache' if info['cached'] else 'trained'}")
+        save()
+
+    record["methods"] = {}
+    record["single_experts"] = {}
+    singles_needed = any(m in methods for m in ("oracle", "best_individual"))
+    evaluated = [m for m in methods if m in ROUTED_METHODS]
+    total = len(tasks) * (
+        len(evaluated) + (len(experts) if singles_needed else 0) + ("multitask" in methods)
+    )
+    bar = tqdm(total=total, desc="evaluating (method x task)", disable=not progress)
+    for method in evaluated:
+        bar.set_postfix_str(method)
+        build_routed_model(
+            model, experts, method, config.top_k, embedder=embedder, tokenizer=tokenizer
+        )
+        try:
+            results = evaluate_all(model, tokenizer, tasks, config, bar)
+        finally:
+            unroute_model(model)
+        record["methods"][method] = summarise(results, held_in, held_out)
+        say(f"{method}: {_means_text(record['methods'][method])}")
+        save()
+
+    if singles_needed:
+        single: dict[str, dict[str, TaskResult]] = {}
+        for expert in experts:
+            bar.set_postfix_str(f"single {expert.name}")
+            build_routed_model(model, experts, "single", expert=expert.name)
+            try:
+                single[expert.name] = evaluate_all(model, tokenizer, tasks, config, bar)
+            finally:
+                unroute_model(model)
+            record["single_experts"][expert.name] = summarise(
+                single[expert.name], held_in, held_out
+            )
+            save()
+        all_tasks = held_in + held_out
+        if "oracle" in methods:
+            choice = oracle_choice(single, all_tasks)
+            oracle = {t: single[choice[t]][t] for t in all_tasks}
+            record["methods"]["oracle"] = {**summarise(oracle, held_in, held_out), "choice": choice}
+        if "best_individual" in methods:
+            best = best_individual_choice(single, all_tasks)
+            record["methods"]["best_individual"] = {
+                **summarise(single[best], held_in, held_out),
+                "choice": best,
+            }
+        save()
+
+    if "multitask" in methods:
+        bar.set_postfix_str("training multitask")
+        expert, info = multitask_expert(
+            model, tokenizer, tasks, config, cache_dir, base=base, progress=progress
+        )
+        record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
+        bar.set_postfix_str("multitask")
+        build_routed_model(model, [expert], "single", expert=expert.name)
+        try:
+            results = evaluate_all(model, tokenizer, tasks, config, bar)
+        finally:
+            unroute_model(model)
+        record["methods"]["multitask"] = summarise(results, held_in, held_out)
+        say(f"multitask: {_means_text(record['methods']['multitask'])}")
+    bar.close()
+    record["complete"] = True
+    save()
+    return record
+
+
+def _means_text(summary: dict[str, Any]) -> str:
+    parts = []
+    for key, label in (("held_in_mean", "held-in"), ("held_out_mean", "held-out")):
+        if summary.get(key):
+            parts.append(f"{label} {summary[key]['accuracy']:.3f}")
+    return ", ".join(parts) or "no tasks"
+
+
+# --------------------------------------------------------------------------- reports
+def markdown_table(record: dict[str, Any]) -> str:
+    """Accuracy ± stderr per task (rows) and method (columns), means and cost."""
+    methods = [m for m in METHODS if m in record.get("methods", {})]
+    tasks = record["tasks"]
+    header = "| task | n | " + " | ".join(methods) + " |"
+    lines = [header, "|" + "---|" * (len(methods) + 2)]
+    for name, info in tasks.items():
+        cells = []
+        for m in methods:
+            result = record["methods"][m]["tasks"].get(name)
+            cells.append(
+                "" if result is None else f"{result['accuracy']:.2f} ± {result['stderr']:.2f}"
+            )
+        label = f"{name} (held-in)" if info["held_in"] else name
+        lines.append(f"| {label} | {info['n_eval']} | " + " | ".join(cells) + " |")
+    for key, label in (
+        ("held_in_mean", "**held-in mean**"),
+        ("held_out_mean", "**held-out mean**"),
+    ):
+        cells = []
+        for m in methods:
+            mean = record["methods"][m].get(key)
+            cells.append(
+                "" if mean is None else f"**{mean['accuracy']:.3f}** ± {mean['stderr']:.3f}"
+            )
+        lines.append(f"| {label} | | " + " | ".join(cells) + " |")
+    cost = []
+    for m in methods:
+        value = record["methods"][m].get("seconds_per_1k_scored_tokens")
+        cost.append("" if value is None else f"{value:.2f}")
+    lines.append("| s / 1000 scored tokens | | " + " | ".join(cost) + " |")
+    choices = []
+    if "oracle" in record["methods"]:
+        picks = record["methods"]["oracle"]["choice"]
+        choices.append("Oracle picks: " + ", ".join(f"{t} -> {e}" for t, e in picks.items()) + ".")
+    if "best_individual" in record["methods"]:
+        choices.append(f"Best individual: {record['methods']['best_individual']['choice']}.")
+    return "\n".join(lines) + ("\n\n" + " ".join(choices) if choices else "") + "\n"
+
+
+def plot_means(record: dict[str, Any], path: Path) -> Path:
+    """Bar chart: held-in and held-out mean accuracy per method, with standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if m in record.get("methods", {})]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods)), 4.0))
+    width = 0.38
+    for offset, key, label in (
+        (-width / 2, "held_in_mean", "held-in"),
+        (width / 2, "held_out_mean", "held-out"),
+    ):
+        xs, ys, errs = [], [], []
+        for i, m in enumerate(methods):
+            mean = record["methods"][m].get(key)
+            if mean is not None:
+                xs.append(i + offset)
+                ys.append(mean["accuracy"])
+                errs.append(mean["stderr"])
+        if xs:
+            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_ylabel("mean accuracy (rank classification)")
+    machine = record.get("machine", {})
+    ax.set_title(f"Zero-shot benchmark, {machine.get('date', '')[:10]}", fontsize=10)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
