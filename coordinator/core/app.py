@@ -22,6 +22,7 @@ from coordinator.core.config import Settings
 from coordinator.core.db import make_engine, make_sessionmaker
 from coordinator.core.errors import CoordinatorError
 from coordinator.core.logging import RequestIdMiddleware, configure_logging
+from coordinator.core.ratelimit import RateLimitMiddleware, TokenBucketLimiter
 from coordinator.core.startup import run_startup_checks
 from coordinator.storage import LocalBlobStore
 from protocol.validation import PackageRejected
@@ -39,6 +40,7 @@ ROUTERS: list[tuple[str, str]] = [
     ("coordinator.releases.routes", API_PREFIX),
     ("coordinator.evaluations.routes", API_PREFIX),
     ("coordinator.leaderboard.routes", ""),
+    ("coordinator.web.routes", ""),
 ]
 
 
@@ -92,6 +94,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.blobs = blobs
     app.state.startup_report = report
 
+    if settings.rate_limit_enabled:  # inside the request-id middleware: 429s are logged
+        app.add_middleware(
+            RateLimitMiddleware,
+            limiter=TokenBucketLimiter(
+                settings.rate_limit_per_minute,
+                settings.rate_limit_burst,
+                max_clients=settings.rate_limit_max_clients,
+            ),
+        )
     app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(CoordinatorError, _coordinator_error)
     app.add_exception_handler(PackageRejected, _package_rejected)

@@ -42,7 +42,23 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(
         default=True, description="Migrate the database to the newest schema at start-up."
     )
+    tasks_dir: Path | None = Field(
+        default=None,
+        description="Evaluation workers read BIG-bench tasks from <tasks_dir>/<task>/task.json; "
+        "default: the bigbench==1.0.0 task files, fetched once into the phatgoose cache.",
+    )
     token_prefix: str = Field(default="phg", pattern=r"^[a-z]{1,8}$")
+    rate_limit_enabled: bool = Field(
+        default=False,
+        description="Token bucket per client (token id, else remote address) on /api/: "
+        "over the limit is 429 with Retry-After. Off for local use; turn it on when the "
+        "coordinator listens beyond loopback (docs/security.md).",
+    )
+    rate_limit_per_minute: float = Field(default=600.0, gt=0, description="Refill rate.")
+    rate_limit_burst: int = Field(default=120, ge=1, description="Bucket size.")
+    rate_limit_max_clients: int = Field(
+        default=10_000, ge=1, description="Buckets kept (least recently used forgotten)."
+    )
     log_level: str = "INFO"
     admission: AdmissionLimits = Field(
         default_factory=AdmissionLimits,
