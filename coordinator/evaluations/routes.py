@@ -1,0 +1,52 @@
+"""Evaluation routes: queue a job (maintainers), read its state and results."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
+from coordinator.evaluations import service
+from coordinator.evaluations.models import JobState
+from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
+
+router = APIRouter(prefix="/evaluations", tags=["evaluations"])
+
+_ERROR = {"description": "`{detail: {error, check, file, tensor, expected, message}}`"}
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Queue an evaluation of a release (maintainers); a worker runs it",
+    responses={401: _ERROR, 403: _ERROR, 404: _ERROR, 422: _ERROR},
+)
+def create_evaluation(
+    body: EvaluationCreate, response: Response, session: SessionDep, token: MaintainerDep
+) -> EvaluationDetail:
+    job = service.create_job(session, body, by=token)
+    response.headers["Location"] = f"/api/v1/evaluations/{job.id}"
+    return EvaluationDetail.of(job, body.release, [])
+
+
+@router.get("", summary="List evaluations")
+def list_evaluations(
+    session: SessionDep,
+    _reader: ReaderDep,
+    release: int | None = None,
+    state: JobState | None = None,
+) -> list[EvaluationDetail]:
+    jobs = service.list_jobs(session, release=release, state=state)
+    return [
+        EvaluationDetail.of(
+            j, service.release_number(session, j), service.job_results(session, j.id)
+        )
+        for j in jobs
+    ]
+
+
+@router.get("/{job_id}", summary="An evaluation: state, attempts, results", responses={404: _ERROR})
+def get_evaluation(job_id: int, session: SessionDep, _reader: ReaderDep) -> EvaluationDetail:
+    job = service.get_job(session, job_id)
+    return EvaluationDetail.of(
+        job, service.release_number(session, job), service.job_results(session, job.id)
+    )

@@ -1,0 +1,119 @@
+"""API bodies of evaluation jobs and their results."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from coordinator.evaluations.models import EvaluationJob, EvaluationResult
+
+API_VERSION = 1
+
+
+class TaskGroups(BaseModel):
+    held_in: list[str] = Field(default_factory=list)
+    held_out: list[str] = Field(default_factory=list)
+
+
+class EvaluationCreate(BaseModel):
+    """A release x a benchmark: task names, examples per task, the split's seed."""
+
+    release: int = Field(ge=1, description="the release number")
+    tasks: list[str] = Field(
+        min_length=1,
+        max_length=1000,
+        description="BIG-bench task names (or parent/subtask) in the workers' tasks directory",
+        examples=[["hyperbaton", "navigate"]],
+    )
+    examples_per_task: int = Field(ge=1, le=1_000_000, examples=[60])
+    seed: int = 0
+    task_groups: TaskGroups | None = Field(
+        default=None,
+        description="which tasks are held in (have an expert) and held out (zero-shot); "
+        "the leaderboard reports a mean per group",
+    )
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> EvaluationCreate:
+        names = [t.strip() for t in self.tasks]
+        if any(not n or len(n) > 200 for n in names):
+            raise ValueError("task names are 1 to 200 characters")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        self.tasks = names
+        if self.task_groups is not None:
+            grouped = self.task_groups.held_in + self.task_groups.held_out
+            unknown = sorted(set(grouped) - set(names))
+            if unknown:
+                raise ValueError(f"task_groups name tasks that are not in tasks: {unknown}")
+            both = sorted(set(self.task_groups.held_in) & set(self.task_groups.held_out))
+            if both:
+                raise ValueError(f"tasks both held in and held out: {both}")
+        return self
+
+
+class ResultInfo(BaseModel):
+    task: str
+    accuracy: float
+    stderr: float
+    n: int
+    evaluator_version: str
+    seconds: float | None
+    routing_stats: dict[str, Any] | None = Field(
+        description="per-layer expert frequencies (docs/coordinator.md, 'Routing statistics')"
+    )
+    created_at: datetime
+
+    @classmethod
+    def of(cls, result: EvaluationResult) -> ResultInfo:
+        return cls(
+            task=result.task,
+            accuracy=result.accuracy,
+            stderr=result.stderr,
+            n=result.n,
+            evaluator_version=result.evaluator_version,
+            seconds=result.seconds,
+            routing_stats=result.routing_stats,
+            created_at=result.created_at,
+        )
+
+
+class EvaluationDetail(BaseModel):
+    api_version: Literal[1] = API_VERSION
+    id: int
+    release: int
+    spec: dict[str, Any]
+    state: Literal["queued", "running", "done", "failed"]
+    attempts: int
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    heartbeat_at: datetime | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    results: list[ResultInfo]
+    url: str
+
+    @classmethod
+    def of(
+        cls, job: EvaluationJob, release_number: int, results: list[EvaluationResult]
+    ) -> EvaluationDetail:
+        return cls(
+            id=job.id,
+            release=release_number,
+            spec=job.spec,
+            state=job.state,  # type: ignore[arg-type]
+            attempts=job.attempts,
+            worker_id=job.worker_id,
+            lease_expires_at=job.lease_expires_at,
+            heartbeat_at=job.heartbeat_at,
+            error=job.error,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            results=[ResultInfo.of(r) for r in results],
+            url=f"/api/v1/evaluations/{job.id}",
+        )

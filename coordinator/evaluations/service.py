@@ -1,0 +1,321 @@
+"""Evaluation jobs: queueing, leasing to workers, results.
+
+A job's life: `queued` -> `running` (a worker holds a lease it renews by heartbeats) ->
+`done`, or back to `queued` after a failed attempt, or `failed` after `max_attempts`.
+A worker that dies stops heartbeating; once its lease expires any worker may claim the
+job again (counting another attempt). Claims are atomic: PostgreSQL takes the row with
+`SELECT ... FOR UPDATE SKIP LOCKED`, SQLite serialises writers with `BEGIN IMMEDIATE`.
+Every write a worker makes for a job (a task's result, a heartbeat, the end) first checks,
+under the row lock, that the job is still leased to it: a worker that lost its lease can
+write nothing, so no task is stored twice and a job is never finished by two workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from coordinator.auth.models import Token
+from coordinator.core.db import begin_write, utcnow
+from coordinator.core.errors import NotFound
+from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
+from coordinator.evaluations.schemas import EvaluationCreate
+from coordinator.releases import service as releases
+from coordinator.releases.models import Release
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class LeaseLost(RuntimeError):
+    """The job is no longer leased to this worker (expired and taken by another, or ended)."""
+
+
+def create_job(session: Session, request: EvaluationCreate, *, by: Token) -> EvaluationJob:
+    release = releases.get_release(session, request.release)
+    spec = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
+    spec["requested_by"] = by.name
+    begin_write(session)
+    job = EvaluationJob(release_id=release.id, spec=spec, state=JobState.QUEUED)
+    session.add(job)
+    session.commit()
+    log.info(
+        "queued evaluation %d: release %d on %d task(s) by %s",
+        job.id,
+        release.number,
+        len(request.tasks),
+        by.name,
+    )
+    return job
+
+
+def get_job(session: Session, job_id: int) -> EvaluationJob:
+    job = session.get(EvaluationJob, job_id)
+    if job is None:
+        raise NotFound(f"no evaluation {job_id}")
+    return job
+
+
+def list_jobs(
+    session: Session, *, release: int | None = None, state: str | None = None
+) -> list[EvaluationJob]:
+    query = select(EvaluationJob)
+    if release is not None:
+        query = query.join(Release, EvaluationJob.release_id == Release.id).where(
+            Release.number == release
+        )
+    if state is not None:
+        query = query.where(EvaluationJob.state == state)
+    return list(session.scalars(query.order_by(EvaluationJob.id)))
+
+
+def list_jobs_of_release(session: Session, release_id: int) -> list[EvaluationJob]:
+    return list(
+        session.scalars(
+            select(EvaluationJob)
+            .where(EvaluationJob.release_id == release_id)
+            .order_by(EvaluationJob.id)
+        )
+    )
+
+
+def job_results(session: Session, job_id: int) -> list[EvaluationResult]:
+    return list(
+        session.scalars(
+            select(EvaluationResult)
+            .where(EvaluationResult.job_id == job_id)
+            .order_by(EvaluationResult.id)
+        )
+    )
+
+
+def release_number(session: Session, job: EvaluationJob) -> int:
+    number = session.scalar(select(Release.number).where(Release.id == job.release_id))
+    assert number is not None
+    return number
+
+
+# --- leases ----------------------------------------------------------------------------
+
+
+def claim_job(
+    session: Session,
+    worker_id: str,
+    *,
+    lease_seconds: float,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    now: datetime | None = None,
+) -> EvaluationJob | None:
+    """Lease the oldest claimable job to `worker_id`: queued, or running with an expired
+    lease. A job whose lease expired `max_attempts` times goes to `failed` instead."""
+    while True:
+        now = now or utcnow()
+        begin_write(session)
+        job = session.scalar(
+            select(EvaluationJob)
+            .where(
+                or_(
+                    EvaluationJob.state == JobState.QUEUED,
+                    (EvaluationJob.state == JobState.RUNNING)
+                    & (EvaluationJob.lease_expires_at < now),
+                )
+            )
+            .order_by(EvaluationJob.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if job is None:
+            session.commit()
+            return None
+        if job.state == JobState.RUNNING and job.attempts >= max_attempts:
+            lost = job.worker_id
+            _finish(job, JobState.FAILED, now)
+            job.error = (
+                f"gave up after {job.attempts} attempts: the lease of worker {lost} expired "
+                "(it stopped heartbeating, e.g. it crashed)"
+            )
+            session.commit()
+            log.error("evaluation %d failed: %s", job.id, job.error)
+            continue
+        if job.state == JobState.RUNNING:
+            log.warning(
+                "evaluation %d: lease of %s expired; %s takes it over",
+                job.id,
+                job.worker_id,
+                worker_id,
+            )
+        job.state = JobState.RUNNING
+        job.attempts += 1
+        job.worker_id = worker_id
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        job.heartbeat_at = now
+        job.started_at = job.started_at or now
+        session.commit()
+        return job
+
+
+def heartbeat(session: Session, job_id: int, worker_id: str, *, lease_seconds: float) -> bool:
+    """Extend the lease; False when the job is no longer leased to `worker_id`."""
+    now = utcnow()
+    begin_write(session)
+    renewed = session.execute(
+        update(EvaluationJob)
+        .where(
+            EvaluationJob.id == job_id,
+            EvaluationJob.worker_id == worker_id,
+            EvaluationJob.state == JobState.RUNNING,
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+    ).rowcount
+    session.commit()
+    return bool(renewed)
+
+
+def _owned(session: Session, job_id: int, worker_id: str) -> EvaluationJob:
+    """Begin a write holding the job's row, if it is still leased to `worker_id`."""
+    begin_write(session)
+    job = session.scalar(
+        select(EvaluationJob)
+        .where(
+            EvaluationJob.id == job_id,
+            EvaluationJob.worker_id == worker_id,
+            EvaluationJob.state == JobState.RUNNING,
+        )
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if job is None:
+        session.rollback()
+        raise LeaseLost(f"evaluation {job_id} is no longer leased to {worker_id}")
+    return job
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str
+    accuracy: float
+    stderr: float
+    n: int
+    evaluator_version: str
+    seconds: float
+    routing_stats: dict[str, Any] | None
+
+
+def record_result(session: Session, job_id: int, worker_id: str, score: TaskScore) -> None:
+    """Store one task's score, only while the job is leased to `worker_id`."""
+    job = _owned(session, job_id, worker_id)
+    session.add(
+        EvaluationResult(
+            job_id=job.id,
+            release_id=job.release_id,
+            task=score.task,
+            accuracy=score.accuracy,
+            stderr=score.stderr,
+            n=score.n,
+            evaluator_version=score.evaluator_version,
+            seconds=score.seconds,
+            routing_stats=score.routing_stats,
+        )
+    )
+    session.commit()
+
+
+def done_tasks(session: Session, job_id: int) -> set[str]:
+    """Tasks a job already has results for (an attempt after a crash resumes after them)."""
+    tasks = set(
+        session.scalars(select(EvaluationResult.task).where(EvaluationResult.job_id == job_id))
+    )
+    session.commit()
+    return tasks
+
+
+def complete_job(session: Session, job_id: int, worker_id: str) -> None:
+    job = _owned(session, job_id, worker_id)
+    _finish(job, JobState.DONE, utcnow())
+    job.error = None
+    session.commit()
+
+
+def fail_attempt(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    error: str,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> JobState:
+    """After an attempt raised: back to the queue, or `failed` once attempts are used up."""
+    job = _owned(session, job_id, worker_id)
+    job.error = error[:10_000]
+    if job.attempts >= max_attempts:
+        _finish(job, JobState.FAILED, utcnow())
+    else:
+        job.state = JobState.QUEUED
+        job.worker_id = None
+        job.lease_expires_at = None
+    session.commit()
+    return JobState(job.state)
+
+
+def _finish(job: EvaluationJob, state: JobState, now: datetime) -> None:
+    job.state = state
+    job.finished_at = now
+    job.lease_expires_at = None
+
+
+# --- scores ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """The newest result of a release on a task, with the group its job put the task in."""
+
+    result: EvaluationResult
+    group: str | None
+
+
+def latest_scores(session: Session, release_ids: list[int]) -> dict[int, dict[str, Score]]:
+    """Per release id, per task: the newest result from a finished (`done`) job."""
+    if not release_ids:
+        return {}
+    rows = session.execute(
+        select(EvaluationResult, EvaluationJob.spec)
+        .join(EvaluationJob, EvaluationResult.job_id == EvaluationJob.id)
+        .where(
+            EvaluationResult.release_id.in_(release_ids),
+            EvaluationJob.state == JobState.DONE,
+        )
+        .order_by(EvaluationResult.id)
+    ).all()
+    scores: dict[int, dict[str, Score]] = {}
+    for result, spec in rows:  # later rows replace earlier ones: the newest wins
+        scores.setdefault(result.release_id, {})[result.task] = Score(
+            result, task_group(spec, result.task)
+        )
+    return scores
+
+
+def task_group(spec: dict[str, Any], task: str) -> str | None:
+    groups = spec.get("task_groups") or {}
+    for group in ("held_in", "held_out"):
+        if task in groups.get(group, []):
+            return group
+    return None
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def group_means(scores: dict[str, Score]) -> dict[str, float]:
+    by_group: dict[str, list[float]] = {}
+    for score in scores.values():
+        if score.group is not None:
+            by_group.setdefault(score.group, []).append(score.result.accuracy)
+    return {group: sum(v) / len(v) for group, v in sorted(by_group.items())}

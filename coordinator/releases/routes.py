@@ -1,0 +1,87 @@
+"""Release routes: thin wrappers over `coordinator.releases.service`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
+from coordinator.evaluations import service as evaluations
+from coordinator.releases import service
+from coordinator.releases.schemas import (
+    JobInfo,
+    Method,
+    ReleaseCreate,
+    ReleaseDetail,
+    ReleaseSummary,
+    ScoreInfo,
+    ScoresSummary,
+    release_url,
+)
+
+router = APIRouter(prefix="/releases", tags=["releases"])
+
+_ERROR = {"description": "`{detail: {error, check, file, tensor, expected, message}}`"}
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Create a release (maintainers): a method and k over expert versions",
+    responses={401: _ERROR, 403: _ERROR, 409: _ERROR, 422: _ERROR},
+)
+def create_release(
+    body: ReleaseCreate, response: Response, session: SessionDep, token: MaintainerDep
+) -> ReleaseDetail:
+    release = service.create_release(session, body, by=token)
+    response.headers["Location"] = release_url(release.number)
+    return ReleaseDetail.of_scored(release, _scores(session, release.id))
+
+
+@router.get("", summary="List releases")
+def list_releases(
+    session: SessionDep,
+    _reader: ReaderDep,
+    base_model: str | None = None,
+    method: Method | None = None,
+) -> list[ReleaseSummary]:
+    releases = service.list_releases(session, base_model=base_model, method=method)
+    return [ReleaseSummary.of(r) for r in releases]
+
+
+@router.get("/{number}", summary="A release: experts, manifest and scores", responses={404: _ERROR})
+def get_release(number: int, session: SessionDep, _reader: ReaderDep) -> ReleaseDetail:
+    release = service.get_release(session, number)
+    return ReleaseDetail.of_scored(release, _scores(session, release.id))
+
+
+@router.get(
+    "/{number}/manifest",
+    summary="The artifact manifest phatgoose.load_release reads",
+    responses={404: _ERROR},
+)
+def get_manifest(number: int, session: SessionDep, _reader: ReaderDep) -> dict[str, Any]:
+    return service.get_release(session, number).manifest
+
+
+def _scores(session: SessionDep, release_id: int) -> ScoresSummary:
+    scores = evaluations.latest_scores(session, [release_id]).get(release_id, {})
+    jobs = evaluations.list_jobs_of_release(session, release_id)
+    return ScoresSummary(
+        tasks={
+            task: ScoreInfo(
+                accuracy=s.result.accuracy,
+                stderr=s.result.stderr,
+                n=s.result.n,
+                evaluator_version=s.result.evaluator_version,
+                job_id=s.result.job_id,
+                group=s.group,
+                routing_stats=s.result.routing_stats,
+            )
+            for task, s in sorted(scores.items())
+        },
+        mean_accuracy=evaluations.mean([s.result.accuracy for s in scores.values()]),
+        group_means=evaluations.group_means(scores),
+        evaluations=[JobInfo(id=j.id, state=j.state) for j in jobs],
+    )

@@ -1,0 +1,140 @@
+"""API bodies of releases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from coordinator.releases.models import Release
+
+API_VERSION = 1
+
+# phatgoose.routing.METHODS, spelled out so the API process need not import torch.
+Method = Literal[
+    "phatgoose", "arrow", "average_activation", "retrieval", "merged", "single", "base"
+]
+
+
+class ReleaseCreate(BaseModel):
+    """What a maintainer asks for; the coordinator resolves and freezes it."""
+
+    method: Method
+    experts: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="'namespace/name@version', or 'namespace/name' for its newest "
+        "version that is not yanked",
+        examples=[["alice/hyperbaton@2", "bob/navigate"]],
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="experts per token (phatgoose, arrow, average_activation); "
+        "default min(2, number of experts)",
+    )
+    expert: str | None = Field(
+        default=None,
+        description="method=single: the expert to use ('namespace/name[@version]'); may be "
+        "its only entry in `experts` too",
+    )
+    base_model: str | None = Field(
+        default=None,
+        description="the base model's name: required for method=base, else taken from the "
+        "experts (and checked against them if given)",
+    )
+    allow_yanked: bool = Field(
+        default=False, description="accept exact versions that are yanked (never by default)"
+    )
+    notes: str = Field(default="", max_length=10_000)
+
+
+class ReleaseExpertInfo(BaseModel):
+    ref: str
+    namespace: str
+    name: str
+    version: int
+    package_digest: str
+
+
+class ScoreInfo(BaseModel):
+    accuracy: float
+    stderr: float
+    n: int
+    evaluator_version: str
+    job_id: int
+    group: str | None = None
+    routing_stats: dict[str, Any] | None = None
+
+
+class JobInfo(BaseModel):
+    id: int
+    state: str
+
+
+class ScoresSummary(BaseModel):
+    tasks: dict[str, ScoreInfo] = Field(description="the newest result per task")
+    mean_accuracy: float | None
+    group_means: dict[str, float] = Field(description="e.g. held_in, held_out")
+    evaluations: list[JobInfo]
+
+
+class ReleaseSummary(BaseModel):
+    api_version: Literal[1] = API_VERSION
+    number: int
+    method: str
+    top_k: int | None
+    expert: str | None
+    base_model: str
+    experts: list[ReleaseExpertInfo]
+    notes: str
+    artifact_digest: str | None
+    created_by: str
+    created_at: datetime
+    url: str
+    manifest_url: str
+
+    @classmethod
+    def of(cls, release: Release) -> ReleaseSummary:
+        return cls(**_summary_fields(release))
+
+
+class ReleaseDetail(ReleaseSummary):
+    manifest: dict[str, Any] = Field(description="the artifact manifest (also at manifest_url)")
+    scores: ScoresSummary
+
+    @classmethod
+    def of_scored(cls, release: Release, scores: ScoresSummary) -> ReleaseDetail:
+        return cls(**_summary_fields(release), manifest=release.manifest, scores=scores)
+
+
+def release_url(number: int) -> str:
+    return f"/api/v1/releases/{number}"
+
+
+def _summary_fields(release: Release) -> dict[str, Any]:
+    manifest = release.manifest
+    return {
+        "number": release.number,
+        "method": release.method,
+        "top_k": release.top_k,
+        "expert": manifest.get("expert"),
+        "base_model": manifest["base_model"]["name"],
+        "experts": [
+            ReleaseExpertInfo(
+                ref=e["ref"],
+                namespace=e["namespace"],
+                name=e["name"],
+                version=e["version"],
+                package_digest=e["package_digest"],
+            )
+            for e in manifest["experts"]
+        ],
+        "notes": release.notes,
+        "artifact_digest": release.artifact_digest,
+        "created_by": release.created_by,
+        "created_at": release.created_at,
+        "url": release_url(release.number),
+        "manifest_url": release_url(release.number) + "/manifest",
+    }

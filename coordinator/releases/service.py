@@ -1,0 +1,418 @@
+"""Releases: resolve a maintainer's request into an immutable, numbered release.
+
+`create_release` checks the request against what the catalog knows of each version (its
+base model, rank, adapted modules, whether it ships average activations or retrieval
+embeddings) and freezes the result: the exact versions, their package digests and file
+sha256s, and the artifact manifest `phatgoose.load_release` reads. Numbers are 1, 2, 3, ...
+and safe under concurrency: `number` is unique, and a creation that loses the race to a
+number retries with the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.auth.models import Token
+from coordinator.base_models import service as base_models
+from coordinator.base_models.models import BaseModelRecord
+from coordinator.core.db import begin_write, utcnow
+from coordinator.core.errors import Conflict, CoordinatorError, NotFound
+from coordinator.experts.models import Expert, ExpertVersion
+from coordinator.experts.schemas import version_url
+from coordinator.releases.models import Release, ReleaseExpert
+from coordinator.releases.schemas import ReleaseCreate
+from coordinator.storage import BlobStore
+from phatgoose.release import (
+    RELEASE_FILE,
+    RELEASE_FORMAT,
+    RELEASE_FORMAT_VERSION,
+    expert_package_path,
+)
+
+log = logging.getLogger(__name__)
+
+TOKEN_METHODS = ("phatgoose", "arrow", "average_activation")
+DEFAULT_TOP_K = 2
+_MAX_ATTEMPTS = 20
+
+
+class ReleaseRejected(CoordinatorError):
+    """The request cannot become a release; `check` says which rule it breaks."""
+
+    status_code = 422
+    error = "release_rejected"
+    check = "release"
+
+
+def create_release(session: Session, request: ReleaseCreate, *, by: Token) -> Release:
+    """Validate `request`, then insert it as the next release number; return the release."""
+    versions, single = _resolve_experts(session, request)
+    base = _base_model(session, request, versions)
+    _check_method(request, versions)
+    top_k = _top_k(request, versions)
+    session.commit()  # end the read transaction of the lookups
+
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        try:
+            release = _insert_release(session, request, versions, single, base, top_k, by)
+        except IntegrityError:
+            session.rollback()
+            log.info("release number taken concurrently; retry %d", attempt)
+            time.sleep(random.uniform(0, 0.01 * attempt))
+            continue
+        log.info(
+            "release %d: %s (k=%s) over %d experts by %s",
+            release.number,
+            release.method,
+            release.top_k,
+            len(versions),
+            by.name,
+        )
+        return release
+    raise Conflict("could not assign a release number; try again")
+
+
+def _insert_release(
+    session: Session,
+    request: ReleaseCreate,
+    versions: list[ExpertVersion],
+    single: str | None,
+    base: BaseModelRecord,
+    top_k: int | None,
+    by: Token,
+) -> Release:
+    begin_write(session)
+    number = (session.scalar(select(func.max(Release.number))) or 0) + 1
+    created_at = utcnow()
+    manifest = build_manifest(
+        number=number,
+        method=request.method,
+        top_k=top_k,
+        expert=single,
+        base=base,
+        versions=versions,
+        notes=request.notes,
+        created_by=by.name,
+        created_at=created_at.isoformat(),
+    )
+    release = Release(
+        number=number,
+        method=request.method,
+        top_k=top_k,
+        base_model_id=base.id,
+        notes=request.notes,
+        manifest=manifest,
+        artifact_digest=manifest_digest(manifest),
+        created_by=by.name,
+        created_at=created_at,
+        experts=[ReleaseExpert(position=i, expert_version_id=v.id) for i, v in enumerate(versions)],
+    )
+    session.add(release)
+    session.commit()
+    return release
+
+
+def build_manifest(
+    *,
+    number: int,
+    method: str,
+    top_k: int | None,
+    expert: str | None,
+    base: BaseModelRecord,
+    versions: list[ExpertVersion],
+    notes: str,
+    created_by: str,
+    created_at: str,
+) -> dict[str, Any]:
+    """The artifact manifest (`release.json`): everything `phatgoose.load_release` needs."""
+    experts = []
+    for version in versions:
+        entry: dict[str, Any] = {
+            "ref": version.ref,
+            "namespace": version.expert.namespace,
+            "name": version.expert.name,
+            "version": version.number,
+            "package_digest": version.package_digest,
+            "rank": version.rank,
+            "modules": version.module_count,
+        }
+        url = version_url(version)
+        entry["path"] = expert_package_path(entry)
+        entry["files"] = [
+            {
+                "filename": f.filename,
+                "sha256": f.sha256,
+                "size": f.size,
+                "url": f"{url}/files/{f.filename}",
+            }
+            for f in version.files
+        ]
+        experts.append(entry)
+    return {
+        "format": RELEASE_FORMAT,
+        "format_version": RELEASE_FORMAT_VERSION,
+        "number": number,
+        "method": method,
+        "top_k": top_k,
+        "expert": expert,
+        "base_model": {
+            "name": base.name,
+            "revision": base.revision,
+            "fingerprint": base.fingerprint,
+            "architecture": base.architecture,
+        },
+        "experts": experts,
+        "notes": notes,
+        "created_by": created_by,
+        "created_at": created_at,
+    }
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def _resolve_experts(
+    session: Session, request: ReleaseCreate
+) -> tuple[list[ExpertVersion], str | None]:
+    """The versions, in request order, and for `single` the chosen expert's full name."""
+    refs = list(request.experts)
+    if request.method == "base":
+        if refs or request.expert:
+            raise ReleaseRejected(
+                f"method 'base' takes no experts, got {len(refs) + bool(request.expert)}",
+                check="experts",
+                expected="experts: [] and no expert",
+            )
+        return [], None
+    if request.method == "single":
+        if not refs and request.expert:
+            refs = [request.expert]
+        if request.expert is None and len(refs) != 1:
+            raise ReleaseRejected(
+                f"method 'single' needs exactly one expert (or `expert` naming one of them), "
+                f"got {len(refs)}",
+                check="experts",
+                expected="one expert",
+            )
+    elif request.expert is not None:
+        raise ReleaseRejected(
+            f"`expert` is for method 'single', not {request.method!r}", check="expert"
+        )
+    if not refs:
+        raise ReleaseRejected(
+            f"method {request.method!r} needs at least one expert", check="experts"
+        )
+
+    versions = [resolve_expert(session, ref, allow_yanked=request.allow_yanked) for ref in refs]
+    names = [v.expert.full_name for v in versions]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ReleaseRejected(
+            f"an expert may appear once per release; repeated: {', '.join(repeated)}",
+            check="duplicate",
+            expected="each namespace/name once",
+        )
+    single = None
+    if request.method == "single":
+        wanted = request.expert or refs[0]
+        single = wanted.rsplit("@", 1)[0] if "@" in wanted else wanted
+        if single not in names:
+            raise ReleaseRejected(
+                f"`expert` {wanted!r} is not among the release's experts ({', '.join(names)})",
+                check="expert",
+            )
+        if request.expert and "@" in request.expert:
+            chosen = versions[names.index(single)]
+            if chosen.ref != request.expert:
+                raise ReleaseRejected(
+                    f"`expert` {request.expert!r} but the experts list has {chosen.ref}",
+                    check="expert",
+                )
+    return versions, single
+
+
+def resolve_expert(session: Session, ref: str, *, allow_yanked: bool = False) -> ExpertVersion:
+    """`ns/name@version` exactly (refused when yanked unless `allow_yanked`), or `ns/name`:
+    its newest version that is not yanked."""
+    full_name, _, number = ref.partition("@")
+    namespace, _, name = full_name.partition("/")
+    if not namespace or not name or (number and not number.isdigit()):
+        raise ReleaseRejected(
+            f"{ref!r} is not an expert reference",
+            check="expert_ref",
+            expected="namespace/name@version or namespace/name",
+        )
+    expert = session.scalar(
+        select(Expert).where(Expert.namespace == namespace, Expert.name == name)
+    )
+    if expert is None:
+        raise ReleaseRejected(f"no expert named {full_name}", check="unknown_expert")
+    if number:
+        version = next((v for v in expert.versions if v.number == int(number)), None)
+        if version is None:
+            raise ReleaseRejected(f"{full_name} has no version {number}", check="unknown_expert")
+        if version.yanked and not allow_yanked:
+            raise ReleaseRejected(
+                f"{version.ref} is yanked ({version.yank_reason}); pass allow_yanked: true "
+                "to use it anyway",
+                check="yanked",
+                expected="a version that is not yanked",
+            )
+        return version
+    active = [v for v in expert.versions if not v.yanked]
+    if not active:
+        raise ReleaseRejected(
+            f"every version of {full_name} is yanked; name one exactly with allow_yanked: true",
+            check="yanked",
+            expected="a version that is not yanked",
+        )
+    return max(active, key=lambda v: v.number)
+
+
+def _base_model(
+    session: Session, request: ReleaseCreate, versions: list[ExpertVersion]
+) -> BaseModelRecord:
+    bases = {v.base_model.name for v in versions}
+    if len(bases) > 1:
+        by_base = ", ".join(f"{v.ref} on {v.base_model.name}" for v in versions)
+        raise ReleaseRejected(
+            f"a release's experts share one base model; these do not: {by_base}",
+            check="base_model",
+        )
+    if request.base_model is not None:
+        record = base_models.get_by_name(session, request.base_model)
+        if record is None:
+            raise ReleaseRejected(
+                f"base model {request.base_model!r} is not registered", check="base_model"
+            )
+        if bases and bases != {record.name}:
+            raise ReleaseRejected(
+                f"base_model {request.base_model!r} but the experts are on {bases.pop()!r}",
+                check="base_model",
+            )
+        return record
+    if versions:
+        return versions[0].base_model
+    registered = base_models.list_base_models(session)
+    if len(registered) == 1:
+        return registered[0]
+    raise ReleaseRejected(
+        "method 'base' needs `base_model` naming a registered base model "
+        f"({', '.join(b.name for b in registered) or 'none registered'})",
+        check="base_model",
+    )
+
+
+def _check_method(request: ReleaseCreate, versions: list[ExpertVersion]) -> None:
+    method = request.method
+    if method == "merged":
+        shapes = {
+            (v.rank, v.module_count, tuple(v.manifest["lora"]["target_modules"])) for v in versions
+        }
+        if len(shapes) > 1:
+            described = ", ".join(
+                f"{v.ref} (r={v.rank}, {v.module_count} modules)" for v in versions
+            )
+            raise ReleaseRejected(
+                f"method 'merged' averages experts of identical shapes; these differ: {described}",
+                check="shapes",
+                expected="the same rank and adapted modules for every expert",
+            )
+    elif method == "average_activation":
+        missing = [v.ref for v in versions if not v.manifest.get("has_average_activation")]
+        if missing:
+            raise ReleaseRejected(
+                f"method 'average_activation' needs average activations, which "
+                f"{', '.join(missing)} do(es) not ship",
+                check="average_activation",
+            )
+    elif method == "retrieval":
+        missing = [v.ref for v in versions if not v.manifest.get("has_retrieval_embeddings")]
+        if missing:
+            raise ReleaseRejected(
+                f"method 'retrieval' needs retrieval embeddings, which "
+                f"{', '.join(missing)} do(es) not ship",
+                check="retrieval",
+            )
+
+
+def _top_k(request: ReleaseCreate, versions: list[ExpertVersion]) -> int | None:
+    if request.method not in TOKEN_METHODS:
+        if request.top_k not in (None, 1):
+            raise ReleaseRejected(
+                f"top_k is for {', '.join(TOKEN_METHODS)}; method {request.method!r} "
+                f"routes to one expert or none (got top_k={request.top_k})",
+                check="top_k",
+            )
+        return None
+    if request.top_k is None:
+        return min(DEFAULT_TOP_K, len(versions))
+    if request.top_k > len(versions):
+        raise ReleaseRejected(
+            f"top_k={request.top_k} but the release has {len(versions)} expert(s)",
+            check="top_k",
+            expected=f"1 <= top_k <= {len(versions)}",
+        )
+    return request.top_k
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def list_releases(
+    session: Session, *, base_model: str | None = None, method: str | None = None
+) -> list[Release]:
+    query = select(Release)
+    if base_model is not None:
+        query = query.join(BaseModelRecord, Release.base_model_id == BaseModelRecord.id).where(
+            BaseModelRecord.name == base_model
+        )
+    if method is not None:
+        query = query.where(Release.method == method)
+    return list(session.scalars(query.order_by(Release.number)))
+
+
+def get_release(session: Session, number: int) -> Release:
+    release = session.scalar(select(Release).where(Release.number == number))
+    if release is None:
+        raise NotFound(f"no release {number}")
+    return release
+
+
+def export_release(
+    session: Session, blobs: BlobStore, release: Release, directory: Path, *, link: bool = False
+) -> Path:
+    """Write the release as a directory `phatgoose.load_release` reads: `release.json` and
+    each expert's files under its `path`. `link` symlinks the blobs instead of copying."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in release.manifest["experts"]:
+        package = directory / entry["path"]
+        package.mkdir(parents=True, exist_ok=True)
+        for file in entry["files"]:
+            target = package / file["filename"]
+            target.unlink(missing_ok=True)
+            source = blobs.local_path(file["sha256"])
+            if link and source is not None:
+                os.symlink(source.resolve(), target)
+                continue
+            with blobs.open(file["sha256"]) as blob, target.open("wb") as out:
+                shutil.copyfileobj(blob, out)
+    (directory / RELEASE_FILE).write_text(json.dumps(release.manifest, indent=2) + "\n")
+    return directory
