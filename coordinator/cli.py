@@ -197,3 +197,93 @@ def check(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -
     if report.missing_blobs:
         raise typer.Exit(1)
     typer.echo("every catalog file has its blob")
+
+
+@app.command()
+def worker(
+    once: Annotated[
+        bool, typer.Option("--once", help="Exit when no job is left to claim.")
+    ] = False,
+    poll_seconds: Annotated[
+        float, typer.Option(help="Wait between looks at an empty queue.", min=0.01)
+    ] = 5.0,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            help="A job is taken over when its worker misses heartbeats this long.", min=0.1
+        ),
+    ] = 120.0,
+    max_attempts: Annotated[
+        int, typer.Option(help="Attempts before a job is marked failed.", min=1)
+    ] = 3,
+    worker_id: Annotated[
+        str | None, typer.Option(help="Name in the job rows (default host:pid:random).")
+    ] = None,
+    tasks_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="BIG-bench tasks (<dir>/<task>/task.json); default $PHATGOOSE_TASKS_DIR "
+            "or the fetched bigbench task files."
+        ),
+    ] = None,
+    base_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-model",
+            help="NAME=PATH: load the registered base model NAME from PATH (repeatable); "
+            "other names are loaded by name.",
+        ),
+    ] = None,
+    task_delay_seconds: Annotated[float, typer.Option(hidden=True)] = 0.0,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Run evaluation jobs: claim one, score its release on each task, store the results."""
+    from coordinator.core.logging import configure_logging
+    from coordinator.worker import WorkerOptions, default_worker_id, run_worker
+
+    settings = _settings(data_dir, database_url)
+    configure_logging(settings.log_level)
+    paths: dict[str, str] = {}
+    for item in base_model or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--base-model")
+        paths[name] = path
+    options = WorkerOptions(
+        worker_id=worker_id or default_worker_id(),
+        lease_seconds=lease_seconds,
+        poll_seconds=poll_seconds,
+        max_attempts=max_attempts,
+        tasks_dir=tasks_dir or settings.tasks_dir,
+        base_models=paths,
+        task_delay_seconds=task_delay_seconds,
+    )
+    typer.echo(f"worker {options.worker_id}", err=True)
+    ended = run_worker(settings, options, once=once)
+    typer.echo(f"{ended} job(s) ended", err=True)
+
+
+@app.command("export-release")
+def export_release(
+    number: Annotated[int, typer.Argument(help="The release number.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write release.json and the experts.")],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Write a release as a directory that phatgoose.load_release(DIRECTORY) loads."""
+    from coordinator.core.errors import NotFound
+    from coordinator.releases.service import export_release as export
+    from coordinator.releases.service import get_release
+    from coordinator.storage import LocalBlobStore
+
+    settings = _settings(data_dir, database_url)
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            release = get_release(session, number)
+        except NotFound as error:
+            typer.secho(error.message, err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from error
+        export(session, LocalBlobStore(settings.blob_dir), release, directory)
+    experts = len(release.manifest["experts"])
+    typer.echo(f"release {number} ({release.method}, {experts} experts) written to {directory}")

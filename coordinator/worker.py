@@ -1,0 +1,311 @@
+"""The evaluation worker: `phatgoose coordinator worker`.
+
+A loop that claims a queued evaluation job (`evaluations.service.claim_job`), keeps its
+lease alive from a heartbeat thread, builds the release's routed model through the library
+(`phatgoose.load_release` over a release directory of the coordinator's own blobs), scores
+every task and stores each task's result as soon as it is known. Several workers may run
+against one database; a worker that dies loses its lease and another one resumes the job
+after the tasks already stored.
+
+Per task the worker stores accuracy, standard error, n, seconds, the evaluator version and
+routing statistics: per layer, how often each expert was chosen (`routing_summary`, the
+format is in docs/coordinator.md, "Routing statistics").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+import phatgoose
+from coordinator.core.config import Settings
+from coordinator.evaluations import service as evaluations
+from coordinator.evaluations.models import EvaluationJob
+from coordinator.releases.models import Release
+from coordinator.releases.service import export_release
+from coordinator.storage import BlobStore, LocalBlobStore
+
+log = logging.getLogger(__name__)
+
+# What "the same evaluation" means: a change to any of these changes the evaluator version.
+EVALUATION_PROTOCOL: dict[str, Any] = {
+    "data": "BIG-bench task.json, multiple-choice examples (target_scores, a choice > 0)",
+    "prompt": "task_prefix + example_input_prefix + input + example_output_prefix",
+    "split": "random.Random(seed).shuffle; the first examples_per_task examples",
+    "scoring": "rank classification: mean log-probability per choice token",
+    "join": "phatgoose.data.join_continuation (prompt/continuation token boundary)",
+    "max_length": 512,
+    "routing_stats": "capture_routing per task; per-layer expert frequencies",
+}
+
+
+def evaluator_version() -> str:
+    """`<phatgoose version>+<12 hex of the protocol's hash>`."""
+    canonical = json.dumps(EVALUATION_PROTOCOL, sort_keys=True)
+    return f"{phatgoose.__version__}+{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class WorkerOptions:
+    """How a worker runs. `base_models` maps a base model's registered name to what
+    `phatgoose.models.load_base_model` should load for it (a path), where the name alone
+    is not loadable."""
+
+    worker_id: str = field(default_factory=default_worker_id)
+    lease_seconds: float = 120.0
+    poll_seconds: float = 5.0
+    max_attempts: int = evaluations.DEFAULT_MAX_ATTEMPTS
+    tasks_dir: Path | None = None
+    base_models: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 16
+    # Test hook: sleep this long before each task (to kill a worker mid-job in tests).
+    task_delay_seconds: float = 0.0
+
+
+class Heartbeat:
+    """Renews a job's lease every third of the lease until stopped; `lost` is set when
+    the job is no longer leased to this worker."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], job_id: int, options: WorkerOptions
+    ) -> None:
+        self.sessions, self.job_id, self.options = sessions, job_id, options
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = max(self.options.lease_seconds / 3, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                with self.sessions() as session:
+                    alive = evaluations.heartbeat(
+                        session,
+                        self.job_id,
+                        self.options.worker_id,
+                        lease_seconds=self.options.lease_seconds,
+                    )
+            except Exception:  # a database hiccup: try again at the next beat
+                log.exception("heartbeat of evaluation %d failed", self.job_id)
+                continue
+            if not alive:
+                log.error("evaluation %d: lease lost", self.job_id)
+                self.lost.set()
+                return
+
+
+class Worker:
+    """Claims and runs evaluation jobs; keeps loaded base models between jobs."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], blobs: BlobStore, options: WorkerOptions
+    ) -> None:
+        self.sessions, self.blobs, self.options = sessions, blobs, options
+        self._bases: dict[str, tuple[Any, Any]] = {}
+
+    def run(self, *, once: bool = False, stop: Callable[[], bool] = lambda: False) -> int:
+        """Run jobs until `stop()` (or, with `once`, until none is claimable); return how
+        many jobs this worker ended (done or failed)."""
+        ended = 0
+        log.info(
+            "worker %s polling every %.1f s", self.options.worker_id, self.options.poll_seconds
+        )
+        while not stop():
+            job = self.claim()
+            if job is None:
+                if once:
+                    break
+                time.sleep(self.options.poll_seconds)
+                continue
+            if self.run_job(job):
+                ended += 1
+        return ended
+
+    def claim(self) -> EvaluationJob | None:
+        with self.sessions() as session:
+            return evaluations.claim_job(
+                session,
+                self.options.worker_id,
+                lease_seconds=self.options.lease_seconds,
+                max_attempts=self.options.max_attempts,
+            )
+
+    def run_job(self, job: EvaluationJob) -> bool:
+        """One attempt at `job`; True when it ended here (done, or failed for good)."""
+        log.info("evaluation %d: attempt %d by %s", job.id, job.attempts, self.options.worker_id)
+        with Heartbeat(self.sessions, job.id, self.options) as beat:
+            try:
+                self._evaluate(job, beat)
+                with self.sessions() as session:
+                    evaluations.complete_job(session, job.id, self.options.worker_id)
+            except evaluations.LeaseLost as error:
+                log.error("evaluation %d: stopped, %s", job.id, error)
+                return False
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}"
+                log.error("evaluation %d: attempt %d failed: %s", job.id, job.attempts, message)
+                log.debug("%s", traceback.format_exc())
+                try:
+                    with self.sessions() as session:
+                        state = evaluations.fail_attempt(
+                            session,
+                            job.id,
+                            self.options.worker_id,
+                            message,
+                            max_attempts=self.options.max_attempts,
+                        )
+                except evaluations.LeaseLost:
+                    return False
+                return state == evaluations.JobState.FAILED
+        log.info("evaluation %d: done", job.id)
+        return True
+
+    def _evaluate(self, job: EvaluationJob, beat: Heartbeat) -> None:
+        from phatgoose.bigbench import load_bigbench_task
+        from phatgoose.evaluation import evaluate_task
+        from phatgoose.routing import capture_routing, unroute_model
+
+        spec = job.spec
+        version = evaluator_version()
+        with self.sessions() as session:
+            release = session.get(Release, job.release_id)
+            assert release is not None
+            done = evaluations.done_tasks(session, job.id)
+            todo = [t for t in spec["tasks"] if t not in done]
+            if done:
+                log.info("evaluation %d: resuming; %d task(s) already scored", job.id, len(done))
+            with tempfile.TemporaryDirectory(prefix="phatgoose-release-") as directory:
+                export_release(session, self.blobs, release, Path(directory), link=True)
+                manifest = release.manifest
+                model, tokenizer = self._load(Path(directory), manifest)
+        try:
+            for task in todo:
+                if self.options.task_delay_seconds:
+                    time.sleep(self.options.task_delay_seconds)
+                if beat.lost.is_set():
+                    raise evaluations.LeaseLost(f"evaluation {job.id}: lease lost")
+                split = load_bigbench_task(
+                    task,
+                    n_eval=int(spec["examples_per_task"]),
+                    seed=int(spec.get("seed", 0)),
+                    tasks_dir=self.options.tasks_dir,
+                )
+                with capture_routing(model) as stats:
+                    result = evaluate_task(
+                        model,
+                        tokenizer,
+                        split.evaluation,
+                        task=task,
+                        batch_size=self.options.batch_size,
+                        max_length=EVALUATION_PROTOCOL["max_length"],
+                        progress=False,
+                    )
+                score = evaluations.TaskScore(
+                    task=task,
+                    accuracy=result.accuracy,
+                    stderr=result.stderr,
+                    n=result.n,
+                    evaluator_version=version,
+                    seconds=result.seconds,
+                    routing_stats=routing_summary(stats, manifest["method"]),
+                )
+                with self.sessions() as session:
+                    evaluations.record_result(session, job.id, self.options.worker_id, score)
+                log.info(
+                    "evaluation %d: %s accuracy %.3f ± %.3f (n=%d, %.1f s)",
+                    job.id,
+                    task,
+                    result.accuracy,
+                    result.stderr,
+                    result.n,
+                    result.seconds,
+                )
+        finally:
+            unroute_model(model)
+
+    def _load(self, directory: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
+        """The routed model of a release directory, over a cached base model."""
+        from phatgoose.models import load_base_model
+        from phatgoose.release import load_release
+
+        name = manifest["base_model"]["name"]
+        if name not in self._bases:
+            self._bases[name] = load_base_model(self.options.base_models.get(name, name))
+        return load_release(directory, base_model=self._bases[name])
+
+
+def routing_summary(stats: Any, method: str) -> dict[str, Any] | None:
+    """Compact routing statistics of one task (None when nothing was routed: base, merged).
+
+    `frequencies[e][l]` is the share of layer l's selections that went to expert e (each
+    column sums to 1); `selections[l]` counts them (tokens x top-k x modules in the layer);
+    `overall[e]` is expert e's share over every layer.
+    """
+    labels, matrix = stats.per_layer()
+    if not labels:
+        return None
+    counts = {path: c for path, c in stats.counts.items()}
+    per_layer_totals = [0] * len(labels)
+    overall = [0] * len(stats.expert_names)
+    for path, c in counts.items():
+        for index, label in enumerate(labels):
+            if path == label or path.startswith(label + "."):
+                per_layer_totals[index] += int(c.sum())
+                break
+        for expert, value in enumerate(c.tolist()):
+            overall[expert] += value
+    total = sum(overall) or 1
+    return {
+        "format": 1,
+        "method": method,
+        "top_k": stats.top_k,
+        "experts": list(stats.expert_names),
+        "layers": labels,
+        "frequencies": [[round(v, 6) for v in row] for row in matrix.tolist()],
+        "selections": per_layer_totals,
+        "overall": [round(v / total, 6) for v in overall],
+    }
+
+
+def run_worker(
+    settings: Settings,
+    options: WorkerOptions,
+    *,
+    once: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Open the coordinator's database and blobs and run a worker; see `Worker.run`."""
+    from coordinator.core.app import open_database
+
+    engine, sessions = open_database(settings)
+    try:
+        worker = Worker(sessions, LocalBlobStore(settings.blob_dir), options)
+        return worker.run(once=once, stop=stop)
+    finally:
+        engine.dispose()

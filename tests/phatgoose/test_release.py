@@ -1,0 +1,158 @@
+"""phatgoose.load_release from a release directory: the routed model it builds, and what
+it refuses (a changed file, another base model, a format it does not read)."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from phatgoose.models import model_fingerprint
+from phatgoose.release import RELEASE_FILE, ReleaseError, load_release, read_release_manifest
+from phatgoose.routing import build_routed_model, routing_state
+from tests.phatgoose.experts import random_expert
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+NAMES = ("alice/a", "bob/b", "carol/c")
+
+
+def write_release(directory, experts, method="phatgoose", top_k=2, expert=None):
+    """A release directory as the coordinator exports it, written by hand."""
+    entries = []
+    for z, e in enumerate(experts):
+        namespace, name = e.name.split("/")
+        entry = {
+            "ref": f"{e.name}@1",
+            "namespace": namespace,
+            "name": name,
+            "version": 1,
+            "package_digest": f"sha256:{z:064x}",
+            "path": f"experts/{namespace}/{name}/1",
+        }
+        package = e.save(directory / entry["path"])
+        entry["files"] = [
+            {
+                "filename": p.name,
+                "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                "size": p.stat().st_size,
+                "url": f"/unused/{p.name}",
+            }
+            for p in sorted(package.iterdir())
+        ]
+        entries.append(entry)
+    base = tiny_llama()
+    manifest = {
+        "format": "phatgoose-release",
+        "format_version": 1,
+        "number": 1,
+        "method": method,
+        "top_k": top_k,
+        "expert": expert,
+        "base_model": {"name": "tiny", "revision": None, "fingerprint": model_fingerprint(base)},
+        "experts": entries,
+    }
+    (directory / RELEASE_FILE).write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.fixture
+def experts():
+    model = tiny_llama()
+    return [random_expert(model, name=n, rank=4, seed=z) for z, n in enumerate(NAMES)]
+
+
+def logits(model):
+    input_ids = torch.randint(4, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize(
+    ("method", "top_k", "expert"),
+    [("phatgoose", 2, None), ("arrow", 1, None), ("merged", None, None), ("single", None, "bob/b")],
+)
+def test_directory_release_gives_the_logits_of_build_routed_model(
+    tmp_path, experts, method, top_k, expert
+):
+    write_release(tmp_path, experts, method=method, top_k=top_k, expert=expert)
+    model, _ = load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
+    reference = build_routed_model(
+        tiny_llama(), experts, method=method, top_k=top_k or 1, expert=expert
+    )
+    assert torch.equal(logits(model), logits(reference))
+    assert not torch.equal(logits(model), logits(tiny_llama()))
+    state = routing_state(model)
+    assert (state.method, state.expert_names) == (method, list(NAMES))
+
+
+def test_release_json_path_works_like_its_directory(tmp_path, experts):
+    write_release(tmp_path, experts)
+    model, _ = load_release(tmp_path / RELEASE_FILE, base_model=(tiny_llama(), tiny_tokenizer()))
+    assert routing_state(model).top_k == 2
+
+
+def test_experts_are_named_by_the_release_not_their_manifest(tmp_path):
+    model = tiny_llama()
+    experts = [random_expert(model, name="same", rank=2, seed=z) for z in range(2)]
+    for e, full in zip(experts, ("alice/same", "bob/same"), strict=True):
+        e.manifest = e.manifest.model_copy(update={"name": full})
+    write_release(tmp_path, experts)
+    manifest = json.loads((tmp_path / RELEASE_FILE).read_text())
+    for entry in manifest["experts"]:  # package manifests both say "same"
+        (tmp_path / entry["path"] / "expert.json").write_text(
+            (tmp_path / entry["path"] / "expert.json")
+            .read_text()
+            .replace(entry["ref"][:-2], "same")
+        )
+        for file in entry["files"]:
+            if file["filename"] == "expert.json":
+                data = (tmp_path / entry["path"] / "expert.json").read_bytes()
+                file["sha256"] = hashlib.sha256(data).hexdigest()
+    (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
+    routed, _ = load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
+    assert routing_state(routed).expert_names == ["alice/same", "bob/same"]
+
+
+def test_a_changed_file_is_refused(tmp_path, experts):
+    write_release(tmp_path, experts)
+    gate_file = tmp_path / "experts/bob/b/1/router.safetensors"
+    gate_file.write_bytes(gate_file.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ReleaseError, match=r"bob/b@1: .*router\.safetensors does not match"):
+        load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
+
+
+def test_another_base_model_is_refused(tmp_path, experts):
+    write_release(tmp_path, experts)
+    with pytest.raises(ReleaseError, match="not the release's base model 'tiny'"):
+        load_release(tmp_path, base_model=(tiny_llama(seed=1), tiny_tokenizer()))
+
+
+def test_base_model_by_path_is_loaded_and_checked(tmp_path, experts):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    write_release(tmp_path / "release", experts)
+    model, tokenizer = load_release(tmp_path / "release", base_model=str(base_dir))
+    reference = build_routed_model(tiny_llama(), experts, top_k=2)
+    assert torch.allclose(logits(model), logits(reference))
+    assert tokenizer.eos_token == "</s>"
+
+
+def test_an_unknown_format_version_is_refused(tmp_path, experts):
+    write_release(tmp_path, experts)
+    manifest = json.loads((tmp_path / RELEASE_FILE).read_text())
+    manifest["format_version"] = 2
+    (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError, match="format_version 2 is not supported"):
+        read_release_manifest(tmp_path)
+
+
+def test_a_directory_without_release_json_is_refused(tmp_path):
+    with pytest.raises(ReleaseError, match="no release manifest"):
+        read_release_manifest(tmp_path)
+
+
+def test_load_release_is_exported_from_the_package():
+    import phatgoose
+
+    assert phatgoose.load_release is load_release
