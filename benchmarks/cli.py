@@ -131,3 +131,73 @@ def zero_shot(
     zs.plot_means(record, output.with_suffix(".png"))
     typer.echo(table)
     typer.echo(f"results: {output} (+ .md, .png)")
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(part) for part in value.split(",") if part.strip()]
+
+
+@app.command("routing-cost")
+def routing_cost(
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Timed forwards per configuration (median).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed forwards first.")] = 1,
+    n_experts: Annotated[
+        str, typer.Option("--n-experts", help="Numbers of experts N, comma-separated.")
+    ] = "8,32,166,512",
+    implementations: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated, from: lora (one PEFT adapter), phatgoose (the platform's "
+            "routed linear), dense (reference: all N computed, then masked), arrow_peft "
+            "(PEFT's ArrowConfig). The base model is always measured."
+        ),
+    ] = "lora,phatgoose,dense,arrow_peft",
+    rank: Annotated[int, typer.Option(help="Rank of every random expert.")] = 16,
+    top_k: Annotated[int, typer.Option(help="Experts per token.")] = 2,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    train_steps: Annotated[
+        int, typer.Option(help="Timed LoRA and gate steps (0: skip the training comparison).")
+    ] = 3,
+    memory_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Skip a configuration whose expert weights exceed this share of available memory."
+        ),
+    ] = 0.6,
+    base_model: Annotated[str, typer.Option(help="Base model name or path.")] = "smollm2-135m",
+    output: Annotated[
+        Path,
+        typer.Option(help="Result JSON; a .md table and a .png plot are written beside it."),
+    ] = RESULTS_DIR / "routing-cost.json",
+) -> None:
+    """Forward latency, tokens/s and peak memory of routed models, as ratios to the base.
+
+    Every configuration runs in its own process, timed interleaved with the base model
+    in that process; beside each ratio, the arithmetic floor (base FLOPs + N*n affinity +
+    k low-rank products per module) and measured/floor. Also: gate step vs LoRA step.
+    """
+    from benchmarks import routing_cost as rc
+
+    logging.basicConfig(level=logging.WARNING)
+    config = rc.RoutingCostConfig(
+        base_model=base_model,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        repeats=repeats,
+        warmup=warmup,
+        n_experts=_int_list(n_experts),
+        implementations=[i.strip() for i in implementations.split(",") if i.strip()],
+        rank=rank,
+        top_k=top_k,
+        threads=threads,
+        memory_fraction=memory_fraction,
+        train_steps=max(train_steps, 1),
+    )
+    record = rc.run_routing_cost(config, training=train_steps > 0, output=output)
+    table = rc.markdown_table(record)
+    output.with_suffix(".md").write_text(table)
+    rc.plot(record, output.with_suffix(".png"))
+    typer.echo(table)
+    typer.echo(f"results: {output} (+ .md, .png)")

@@ -1,0 +1,649 @@
+"""Routing cost: what routing over N experts adds to a forward pass, against the base model.
+
+Configurations (random experts of rank r on every target linear; only shapes matter here):
+- `base`: the model alone;
+- `lora`: one PEFT LoRA adapter;
+- `phatgoose`: the platform's `RoutedLinear` + PHATGOOSE router, top-k of N;
+- `dense`: the same router, every expert computed and masked (`dense_reference`, a
+  reference implementation that lives in benchmarks/ only);
+- `arrow_peft`: PEFT's own Arrow (`ArrowConfig`), top-k of N adapters.
+
+How it is measured (see docs/benchmarks.md):
+- each configuration runs in a fresh process (spawned), so its memory is its own;
+- latency: median over `repeats` forwards after `warmup` forwards, batch x seq random
+  tokens, `use_cache=False`, logits for the last position only (as rank classification
+  and generation need); no gradients;
+- the base model is timed in the same process, interleaved forward by forward with the
+  configuration (adapters switched off / routed linears swapped out between forwards), so
+  the ratio to the base is robust to other load on the machine;
+- memory: the process's peak resident set (`getrusage` max RSS), and the extra over the
+  peak reached by the base model's own forwards in that process; this sees every
+  allocation, torch's included;
+- floor: arithmetic per token, base FLOPs (2 n d per linear, attention at the causal mean
+  context, the LM head on one position per sequence) + per routed module 2 N n (affinity)
+  + 2 k r (n + d) (the k selected low-rank products); `measured_over_floor` =
+  (latency ratio) / (floor ratio).
+Also: the time of one gate-training step against one LoRA step (same batch), and the
+per-expert totals with gates at a tenth of the LoRA steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import math
+import multiprocessing
+import resource
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from benchmarks.dense_reference import DenseRoutedLinear
+from benchmarks.machine import load_average, machine_info
+from phatgoose.data import Example
+from phatgoose.models import (
+    DEFAULT_BASE_MODEL,
+    default_target_modules,
+    linear_module_paths,
+    load_base_model,
+)
+from phatgoose.routing.layer import RoutedLinear, TokenRouter
+from phatgoose.training import TrainingConfig, train_expert, train_gates
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
+ModelFactory = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+
+
+@dataclass
+class RoutingCostConfig:
+    base_model: str = DEFAULT_BASE_MODEL
+    batch_size: int = 4
+    seq_len: int = 128
+    repeats: int = 5
+    warmup: int = 1
+    n_experts: list[int] = field(default_factory=lambda: [8, 32, 166, 512])
+    implementations: list[str] = field(default_factory=lambda: list(IMPLEMENTATIONS))
+    rank: int = 16
+    top_k: int = 2
+    threads: int | None = None
+    # A configuration whose expert weights would need more than this share of the
+    # machine's available memory is skipped (and reported as skipped).
+    memory_fraction: float = 0.6
+    train_steps: int = 3  # timed steps of LoRA and of gate training (after one warm-up step)
+    paper_lora_steps: int = 1000  # for the per-expert totals (gates: a tenth)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [i for i in self.implementations if i not in IMPLEMENTATIONS]
+        if unknown:
+            raise ValueError(f"unknown implementations {unknown}; expected {list(IMPLEMENTATIONS)}")
+        if any(n < self.top_k for n in self.n_experts):
+            raise ValueError(f"every N must be >= top_k={self.top_k}, got {self.n_experts}")
+        if self.repeats < 1 or self.warmup < 0 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("repeats >= 1, warmup >= 0, batch_size >= 1, seq_len >= 2")
+
+
+# --------------------------------------------------------------------------- arithmetic
+@dataclass(frozen=True)
+class Shapes:
+    """What the FLOP floor needs: target linears `(n, d)` and the attention/head sizes."""
+
+    linears: list[tuple[int, int]]
+    layers: int
+    attention_width: int  # heads x head_dim
+    hidden: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Shapes:
+        modules = dict(model.named_modules())
+        linears = [
+            (modules[p].in_features, modules[p].out_features) for p in linear_module_paths(model)
+        ]
+        config = model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            linears=linears,
+            layers=config.num_hidden_layers,
+            attention_width=heads * head_dim,
+            hidden=config.hidden_size,
+            vocab=config.vocab_size,
+        )
+
+    def base_flops(self, seq_len: int) -> float:
+        """Per token: linears, attention scores and values at the causal mean context, and
+        the LM head on one position per sequence."""
+        linears = sum(2 * n * d for n, d in self.linears)
+        context = (seq_len + 1) / 2
+        attention = self.layers * 2 * 2 * context * self.attention_width
+        head = 2 * self.hidden * self.vocab / seq_len
+        return linears + attention + head
+
+    def extra_flops(self, implementation: str, n_experts: int, rank: int, top_k: int) -> float:
+        """Per token, what a configuration adds to the base at its arithmetic minimum."""
+        if implementation == "base":
+            return 0.0
+        if implementation == "lora":
+            return sum(2 * rank * (n + d) for n, d in self.linears)
+        # Routing floor (phatgoose, and Arrow's sparse minimum): affinities + k products.
+        return sum(2 * n_experts * n + 2 * top_k * rank * (n + d) for n, d in self.linears)
+
+    def dense_flops(self, n_experts: int, rank: int) -> float:
+        """Per token, what computing all N experts adds (the dense reference's arithmetic)."""
+        return sum(2 * n_experts * n + 2 * n_experts * rank * (n + d) for n, d in self.linears)
+
+    def expert_bytes(self, rank: int) -> int:
+        """float32 bytes of one expert's A and B over every target linear."""
+        return sum(4 * rank * (n + d) for n, d in self.linears)
+
+
+# ---------------------------------------------------------------------- configurations
+def random_routed_layers(
+    model: nn.Module, n_experts: int, rank: int, top_k: int, seed: int
+) -> dict[str, RoutedLinear]:
+    """Random PHATGOOSE experts as the platform's routed linears (not installed yet).
+
+    Built directly as stacked tensors (no Expert objects, no copies): `A [N, r, n]`,
+    `B [N, d, r]` (a transposed view of `[N, r, d]`, so the dense reference can flatten
+    it without copying), gate rows `[N, n]`; every expert's weights are distinct.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    layers = {}
+    for path in linear_module_paths(model):
+        base = modules[path]
+        n, d = base.in_features, base.out_features
+        lora_a = torch.randn(n_experts, rank, n, generator=generator) / math.sqrt(n)
+        lora_b = torch.randn(n_experts, rank, d, generator=generator) / (4 * math.sqrt(rank))
+        rows = torch.randn(n_experts, n, generator=generator)
+        router = TokenRouter(rows, top_k)
+        layers[path] = RoutedLinear(base, lora_a, lora_b.transpose(1, 2), router, path=path)
+    return layers
+
+
+@contextmanager
+def swapped(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
+    """Within the block, `layers` replace the model's modules at their paths."""
+    originals = {path: model.get_submodule(path) for path in layers}
+    for path, layer in layers.items():
+        _set(model, path, layer)
+    try:
+        yield
+    finally:
+        for path, layer in originals.items():
+            _set(model, path, layer)
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _peft_lora_config(targets: list[str], rank: int, **kwargs: Any) -> Any:
+    from peft import LoraConfig
+
+    # init_lora_weights=False: random A and B (PEFT's default B = 0 would make no difference
+    # to the cost, but random weights make the adapters real).
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        init_lora_weights=False,
+        **kwargs,
+    )
+
+
+@dataclass
+class Prepared:
+    """A configuration ready to time: the model to call and how to run it as the base."""
+
+    model: nn.Module
+    configured: Callable[[], AbstractContextManager[Any]]  # the configuration switched on
+    as_base: Callable[[], AbstractContextManager[Any]]  # the same model as the base model
+
+
+def prepare(
+    model: PreTrainedModel, implementation: str, n_experts: int, config: RoutingCostConfig
+) -> Prepared:
+    if implementation == "base":
+        return Prepared(model, nullcontext, nullcontext)
+    if implementation in ("phatgoose", "dense"):
+        layers = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
+        if implementation == "dense":
+            layers = {path: DenseRoutedLinear(layer) for path, layer in layers.items()}
+        return Prepared(model, functools.partial(swapped, model, layers), nullcontext)
+    from peft import get_peft_model
+
+    targets = default_target_modules(model)  # before PEFT wraps the linears
+    if implementation == "lora":
+        peft_model = get_peft_model(model, _peft_lora_config(targets, config.rank))
+        return Prepared(peft_model, nullcontext, peft_model.disable_adapter)
+    if implementation == "arrow_peft":
+        from peft import ArrowConfig
+
+        # What `peft.create_arrow_model` does, with adapters made in memory instead of
+        # loaded from N directories: N task adapters, then the "arrow_router" adapter.
+        peft_model = get_peft_model(
+            model, _peft_lora_config(targets, config.rank), adapter_name="task_0"
+        )
+        for i in range(1, n_experts):
+            peft_model.add_adapter(f"task_{i}", _peft_lora_config(targets, config.rank))
+        arrow = ArrowConfig(top_k=config.top_k, rng_seed=config.seed)
+        arrow.task_adapter_names = [f"task_{i}" for i in range(n_experts)]
+        arrow.gks_adapter_names = []
+        peft_model.add_adapter(
+            "arrow_router", _peft_lora_config(targets, config.rank, arrow_config=arrow)
+        )
+        peft_model.set_adapter("arrow_router")
+        return Prepared(peft_model, nullcontext, peft_model.disable_adapter)
+    raise ValueError(f"unknown implementation {implementation!r}")
+
+
+# --------------------------------------------------------------------------- measuring
+def max_rss_mb() -> float:
+    """Peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_memory_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure_configuration(
+    implementation: str,
+    n_experts: int,
+    config: RoutingCostConfig,
+    model_factory: ModelFactory,
+) -> dict[str, Any]:
+    """Latency of one configuration and of the base model, interleaved, plus memory."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model, _ = model_factory()
+    model.eval()
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len))
+    attention_mask = torch.ones_like(input_ids)
+
+    def forward(target: nn.Module) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            target(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        return time.perf_counter() - start
+
+    for _ in range(max(1, config.warmup)):
+        forward(model)
+    rss_base = max_rss_mb()
+    started = time.perf_counter()
+    prepared = prepare(model, implementation, n_experts, config)
+    build_seconds = time.perf_counter() - started
+
+    with prepared.configured():
+        for _ in range(config.warmup):
+            forward(prepared.model)
+    base_times, times = [], []
+    for _ in range(config.repeats):
+        with prepared.as_base():
+            base_times.append(forward(prepared.model))
+        with prepared.configured():
+            times.append(forward(prepared.model))
+    latency, base_latency = statistics.median(times), statistics.median(base_times)
+    tokens = config.batch_size * config.seq_len
+    return {
+        "implementation": implementation,
+        "n_experts": n_experts if implementation not in ("base", "lora") else None,
+        "latency_s": latency,
+        "base_latency_s": base_latency,
+        "ratio_to_base": latency / base_latency,
+        "tokens_per_s": tokens / latency,
+        "times_s": times,
+        "base_times_s": base_times,
+        "build_s": build_seconds,
+        "peak_rss_mb": max_rss_mb(),
+        "extra_rss_mb": max_rss_mb() - rss_base,
+        "status": "ok",
+    }
+
+
+def measure_training_steps(
+    config: RoutingCostConfig, model_factory: ModelFactory
+) -> dict[str, Any]:
+    """Seconds per LoRA step and per gate step (same batch), and per-expert totals."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, tokenizer = model_factory()
+    generator = torch.Generator().manual_seed(config.seed)
+    vocab = min(model.config.vocab_size, len(tokenizer))
+    examples = []
+    for _ in range(4 * config.batch_size):
+        ids = torch.randint(0, vocab, (config.seq_len,), generator=generator).tolist()
+        examples.append(Example(prompt=tokenizer.decode(ids), target="yes"))
+
+    def settings(steps: int) -> TrainingConfig:
+        return TrainingConfig(
+            r=config.rank,
+            lora_alpha=2.0 * config.rank,
+            steps=steps,
+            gate_steps=steps,
+            batch_size=config.batch_size,
+            max_length=config.seq_len,
+            validation_fraction=0.0,
+            seed=config.seed,
+        )
+
+    def timed_lora(steps: int) -> tuple[float, Any]:
+        start = time.perf_counter()
+        expert = train_expert(
+            model, tokenizer, examples, name="timing", config=settings(steps), progress=False
+        )
+        return time.perf_counter() - start, expert
+
+    _, expert = timed_lora(1)  # warm-up
+    lora_seconds, expert = timed_lora(config.train_steps)
+    train_gates(model, tokenizer, expert, examples, config=settings(1), progress=False)
+    start = time.perf_counter()
+    train_gates(
+        model, tokenizer, expert, examples, config=settings(config.train_steps), progress=False
+    )
+    gate_seconds = time.perf_counter() - start
+    lora_step = lora_seconds / config.train_steps
+    gate_step = gate_seconds / config.train_steps
+    lora_steps = config.paper_lora_steps
+    gate_steps = math.ceil(lora_steps / 10)
+    return {
+        "batch": [config.batch_size, config.seq_len],
+        "rank": config.rank,
+        "timed_steps": config.train_steps,
+        "lora_step_s": lora_step,
+        "gate_step_s": gate_step,
+        "gate_over_lora_step": gate_step / lora_step,
+        "lora_steps": lora_steps,
+        "gate_steps": gate_steps,
+        "lora_total_s": lora_step * lora_steps,
+        "gate_total_s": gate_step * gate_steps,
+        "gate_over_lora_total": gate_step * gate_steps / (lora_step * lora_steps),
+        "status": "ok",
+    }
+
+
+def _worker(
+    task: tuple[str, int], config: RoutingCostConfig, factory: ModelFactory, queue: Any
+) -> None:
+    try:
+        implementation, n = task
+        if implementation == "training":
+            result = measure_training_steps(config, factory)
+        else:
+            result = measure_configuration(implementation, n, config, factory)
+    except BaseException as error:  # report any failure (MemoryError included) to the parent
+        result = {
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "trace": traceback.format_exc(limit=3),
+        }
+    queue.put(result)
+
+
+def _run_isolated(
+    task: tuple[str, int], config: RoutingCostConfig, factory: ModelFactory
+) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_worker, args=(task, config, factory, queue))
+    process.start()
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=5)
+        except Exception:  # queue.Empty: is the worker still alive?
+            if not process.is_alive():
+                result = {
+                    "status": "failed",
+                    "error": f"worker exited with code {process.exitcode} "
+                    "(killed, e.g. out of memory?)",
+                }
+    process.join()
+    return result
+
+
+def _run_in_process(
+    task: tuple[str, int], config: RoutingCostConfig, factory: ModelFactory
+) -> dict[str, Any]:
+    queue: list[dict[str, Any]] = []
+
+    class _ListQueue:
+        def put(self, item: dict[str, Any]) -> None:
+            queue.append(item)
+
+    _worker(task, config, factory, _ListQueue())
+    gc.collect()
+    return queue[0]
+
+
+# ------------------------------------------------------------------------------ runner
+def default_factory(name: str) -> ModelFactory:
+    return functools.partial(load_base_model, name)
+
+
+def run_routing_cost(
+    config: RoutingCostConfig,
+    *,
+    model_factory: ModelFactory | None = None,
+    isolate: bool = True,
+    training: bool = True,
+    output: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure every configuration; returns (and writes to `output`) the result record.
+
+    `isolate=False` runs everything in this process (for tests: memory figures then
+    include earlier configurations).
+    """
+    factory = model_factory or default_factory(config.base_model)
+    model, _ = factory()
+    shapes = Shapes.of(model)
+    del model
+    gc.collect()
+    base_flops = shapes.base_flops(config.seq_len)
+    record: dict[str, Any] = {
+        "benchmark": "routing-cost",
+        "machine": machine_info(),
+        "config": dataclasses.asdict(config),
+        "isolated_processes": isolate,
+        "shapes": {
+            "target_linears": len(shapes.linears),
+            "base_flops_per_token": base_flops,
+            "expert_mb": shapes.expert_bytes(config.rank) / 2**20,
+        },
+        "results": [],
+    }
+
+    tasks: list[tuple[str, int]] = [("base", 0)]
+    if "lora" in config.implementations:
+        tasks.append(("lora", 1))
+    for n in config.n_experts:
+        tasks += [(i, n) for i in config.implementations if i != "lora"]
+    run = _run_isolated if isolate else _run_in_process
+
+    def save() -> None:
+        record["machine"]["load_average_end"] = load_average()
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(record, indent=2) + "\n")
+
+    bar = tqdm(tasks, desc="routing cost", disable=not progress)
+    for implementation, n in bar:
+        bar.set_postfix_str(f"{implementation} N={n}")
+        weights_mb = (
+            n * shapes.expert_bytes(config.rank) / 2**20
+            if implementation not in ("base", "lora")
+            else 0.0
+        )
+        available = available_memory_mb()
+        if available is not None and weights_mb > config.memory_fraction * available:
+            result: dict[str, Any] = {
+                "implementation": implementation,
+                "n_experts": n,
+                "status": "skipped",
+                "error": f"expert weights need {weights_mb:.0f} MB; {available:.0f} MB available "
+                f"(limit {config.memory_fraction:.0%})",
+            }
+        else:
+            result = {
+                "implementation": implementation,
+                "n_experts": n,
+                **run((implementation, n), config, factory),
+            }
+            result["load_average"] = load_average()
+        result["expert_weights_mb"] = weights_mb
+        floor = 1 + shapes.extra_flops(implementation, n, config.rank, config.top_k) / base_flops
+        result["floor_ratio"] = floor
+        if implementation == "dense":
+            result["dense_flops_ratio"] = 1 + shapes.dense_flops(n, config.rank) / base_flops
+        if result.get("status") == "ok":
+            result["measured_over_floor"] = result["ratio_to_base"] / floor
+        record["results"].append(result)
+        save()
+
+    if training:
+        bar.set_postfix_str("training steps")
+        record["training"] = run(("training", 0), config, factory)
+    record["growth"] = growth(record["results"], config.n_experts)
+    save()
+    return record
+
+
+def growth(results: list[dict[str, Any]], n_experts: list[int]) -> dict[str, Any]:
+    """Per implementation, ratio at the largest N over ratio at the smallest (and the floor's)."""
+    if len(n_experts) < 2:
+        return {}
+    low, high = min(n_experts), max(n_experts)
+    out = {}
+    for implementation in ("phatgoose", "dense", "arrow_peft"):
+        rows = {r["n_experts"]: r for r in results if r["implementation"] == implementation}
+        a, b = rows.get(low), rows.get(high)
+        if a and b and a.get("status") == "ok" and b.get("status") == "ok":
+            out[implementation] = {
+                "from": low,
+                "to": high,
+                "measured": b["ratio_to_base"] / a["ratio_to_base"],
+                "floor": b["floor_ratio"] / a["floor_ratio"],
+            }
+    return out
+
+
+# ----------------------------------------------------------------------------- reports
+def markdown_table(record: dict[str, Any]) -> str:
+    lines = [
+        "| implementation | N | latency (s) | ratio to base | floor ratio | measured / floor "
+        "| tokens/s | peak RSS (MB) | extra RSS (MB) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+
+        def fmt(key: str, spec: str, row: dict[str, Any] = r) -> str:
+            value = row.get(key)
+            return "" if value is None else format(value, spec)
+
+        lines.append(
+            f"| {r['implementation']} | {r.get('n_experts') or ''} | {fmt('latency_s', '.3f')} | "
+            f"{fmt('ratio_to_base', '.2f')} | {fmt('floor_ratio', '.3f')} | "
+            f"{fmt('measured_over_floor', '.2f')} | {fmt('tokens_per_s', '.0f')} | "
+            f"{fmt('peak_rss_mb', '.0f')} | {fmt('extra_rss_mb', '.0f')} | {r.get('status')}"
+            + (f": {r['error']}" if r.get("error") else "")
+            + " |"
+        )
+    training = record.get("training")
+    if training and training.get("status") == "ok":
+        lines += [
+            "",
+            "| step | seconds per step | steps per expert | seconds per expert |",
+            "|---|---|---|---|",
+            f"| LoRA | {training['lora_step_s']:.2f} | {training['lora_steps']} "
+            f"| {training['lora_total_s']:.0f} |",
+            f"| gates | {training['gate_step_s']:.2f} | {training['gate_steps']} "
+            f"| {training['gate_total_s']:.0f} |",
+            "",
+            f"Gate step / LoRA step: {training['gate_over_lora_step']:.2f}; per expert "
+            f"(gates at a tenth of the steps): {training['gate_over_lora_total']:.3f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict[str, Any], path: Path) -> Path:
+    """Latency ratio to the base model against N, per implementation, with the floors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    results = record["results"]
+    for implementation, style in (("phatgoose", "o-"), ("dense", "s--"), ("arrow_peft", "^-.")):
+        rows = [
+            r for r in results if r["implementation"] == implementation and r.get("status") == "ok"
+        ]
+        if rows:
+            ax.plot(
+                [r["n_experts"] for r in rows],
+                [r["ratio_to_base"] for r in rows],
+                style,
+                label=implementation,
+            )
+    floor_rows = sorted(
+        (r for r in results if r["implementation"] == "phatgoose"), key=lambda r: r["n_experts"]
+    )
+    if floor_rows:
+        ax.plot(
+            [r["n_experts"] for r in floor_rows],
+            [r["floor_ratio"] for r in floor_rows],
+            "k:",
+            label="floor (top-k routing)",
+        )
+    lora = [r for r in results if r["implementation"] == "lora" and r.get("status") == "ok"]
+    if lora:
+        ax.axhline(lora[0]["ratio_to_base"], color="grey", lw=0.8, label="one LoRA (PEFT)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("number of experts N")
+    ax.set_ylabel("forward latency / base model")
+    config = record["config"]
+    ax.set_title(
+        f"Routing cost, batch {config['batch_size']} x {config['seq_len']} tokens, "
+        f"r={config['rank']}, top-{config['top_k']}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

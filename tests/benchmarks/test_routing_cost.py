@@ -1,0 +1,138 @@
+"""The routing-cost runner on a tiny model: every configuration measured, floors, and the
+dense reference computing exactly what the selected-only routed model computes."""
+
+import pytest
+import torch
+
+from benchmarks.dense_reference import DenseRoutedLinear, densify, undensify
+from benchmarks.routing_cost import (
+    RoutingCostConfig,
+    Shapes,
+    markdown_table,
+    plot,
+    random_routed_layers,
+    run_routing_cost,
+    swapped,
+)
+from phatgoose.routing import build_routed_model
+from tests.phatgoose.experts import random_expert
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+
+def tiny_model_and_tokenizer():
+    return tiny_llama(), tiny_tokenizer()
+
+
+def tiny_config(**overrides):
+    values = dict(
+        batch_size=2,
+        seq_len=8,
+        repeats=1,
+        warmup=0,
+        n_experts=[2, 4],
+        rank=2,
+        top_k=2,
+        train_steps=1,
+        paper_lora_steps=20,
+    )
+    values.update(overrides)
+    return RoutingCostConfig(**values)
+
+
+def test_runner_measures_every_configuration_with_a_floor(tmp_path):
+    output = tmp_path / "cost.json"
+    record = run_routing_cost(
+        tiny_config(),
+        model_factory=tiny_model_and_tokenizer,
+        isolate=False,
+        output=output,
+        progress=False,
+    )
+    seen = {(r["implementation"], r["n_experts"]) for r in record["results"]}
+    assert seen == {
+        ("base", None),
+        ("lora", None),
+        *((impl, n) for impl in ("phatgoose", "dense", "arrow_peft") for n in (2, 4)),
+    }
+    for r in record["results"]:
+        assert r["status"] == "ok", r
+        assert r["latency_s"] > 0 and r["base_latency_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["ratio_to_base"] == pytest.approx(r["latency_s"] / r["base_latency_s"])
+        assert r["peak_rss_mb"] > 0
+        if r["implementation"] == "base":
+            assert r["floor_ratio"] == 1.0
+        else:
+            assert r["floor_ratio"] > 1.0
+            assert r["measured_over_floor"] == pytest.approx(r["ratio_to_base"] / r["floor_ratio"])
+    floors = {
+        r["n_experts"]: r["floor_ratio"]
+        for r in record["results"]
+        if r["implementation"] == "phatgoose"
+    }
+    assert floors[4] > floors[2]
+    assert set(record["growth"]) == {"phatgoose", "dense", "arrow_peft"}
+    training = record["training"]
+    assert training["status"] == "ok"
+    assert training["lora_step_s"] > 0 and training["gate_step_s"] > 0
+    assert training["gate_steps"] == 2  # a tenth of paper_lora_steps
+    assert training["gate_over_lora_total"] == pytest.approx(
+        training["gate_total_s"] / training["lora_total_s"]
+    )
+    assert output.is_file()
+    assert "arrow_peft" in markdown_table(record)
+    assert plot(record, tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_isolated_runs_measure_in_fresh_processes(tmp_path):
+    record = run_routing_cost(
+        tiny_config(implementations=["phatgoose"], n_experts=[2]),
+        model_factory=tiny_model_and_tokenizer,
+        isolate=True,
+        training=False,
+        progress=False,
+    )
+    assert [r["status"] for r in record["results"]] == ["ok", "ok"]
+    assert all(r["extra_rss_mb"] >= 0 for r in record["results"])
+
+
+def test_floor_counts_affinities_and_k_low_rank_products():
+    shapes = Shapes(linears=[(4, 6), (6, 4)], layers=1, attention_width=4, hidden=4, vocab=10)
+    assert shapes.base_flops(seq_len=3) == 2 * 24 * 2 + 2 * 2 * 2 * 4 + 2 * 4 * 10 / 3
+    # per module: 2 N n + 2 k r (n + d)
+    assert shapes.extra_flops("phatgoose", 8, rank=2, top_k=2) == (2 * 8 * 4 + 2 * 2 * 2 * 10) + (
+        2 * 8 * 6 + 2 * 2 * 2 * 10
+    )
+    assert shapes.extra_flops("lora", 8, rank=2, top_k=2) == 2 * 2 * 10 * 2
+    assert shapes.dense_flops(8, rank=2) == (2 * 8 * 4 + 2 * 8 * 2 * 10) + (
+        2 * 8 * 6 + 2 * 8 * 2 * 10
+    )
+
+
+def test_dense_reference_equals_the_routed_phatgoose_model(llama):
+    experts = [random_expert(llama, name=f"e{z}", rank=2 + z % 3, seed=z) for z in range(5)]
+    ids = torch.randint(0, llama.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        build_routed_model(llama, experts, "phatgoose", top_k=2)
+        routed = llama(input_ids=ids).logits
+        replaced = densify(llama)
+        assert replaced and all(
+            isinstance(llama.get_submodule(p), DenseRoutedLinear) for p in replaced
+        )
+        dense = llama(input_ids=ids).logits
+        undensify(llama, replaced)
+        again = llama(input_ids=ids).logits
+    torch.testing.assert_close(dense, routed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, routed)
+
+
+def test_dense_reference_equals_the_benchmarks_random_routed_layers(llama):
+    layers = random_routed_layers(llama, n_experts=6, rank=3, top_k=2, seed=0)
+    ids = torch.randint(0, llama.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        with swapped(llama, layers):
+            routed = llama(input_ids=ids).logits
+        with swapped(llama, {p: DenseRoutedLinear(layer) for p, layer in layers.items()}):
+            dense = llama(input_ids=ids).logits
+        base = llama(input_ids=ids).logits
+    torch.testing.assert_close(dense, routed, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base, routed)  # the experts do change the output
