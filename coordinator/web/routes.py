@@ -1,0 +1,305 @@
+"""HTML pages: the leaderboard at `/` (and `/ui/leaderboard`), releases, the expert catalog,
+and their PNG plots. Routes stay thin: `queries` reads, `analysis` computes, `plots` draws.
+
+Pages follow the coordinator's read policy (`ReaderDep`): public unless `public_read` is off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from coordinator.core.deps import SessionDep, require_reader
+from coordinator.core.errors import NotFound
+from coordinator.evaluations import service as evaluations
+from coordinator.evaluations.models import EvaluationResult
+from coordinator.experts import service as experts
+from coordinator.releases import service as releases
+from coordinator.releases.models import Release
+from coordinator.web import analysis, plots, queries
+from coordinator.web.queries import MAX_PAGE_SIZE, PAGE_SIZE, CatalogStatus, Split
+
+HERE = Path(__file__).parent
+STATIC_FILES = {"site.css": "text/css", "site.js": "text/javascript"}
+# Results are immutable: their plots can be cached as long as the browser likes.
+_IMMUTABLE = {"Cache-Control": "public, max-age=86400"}
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(require_reader)])
+templates = Jinja2Templates(directory=HERE / "templates")
+
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def _query_url(request: Request, **changes: Any) -> str:
+    """The current URL with some query parameters changed (None removes one); changing
+    anything but the offset goes back to the first page."""
+    params = dict(request.query_params)
+    if "offset" not in changes:
+        params.pop("offset", None)
+    for key, value in changes.items():
+        if value is None or value == "":
+            params.pop(key, None)
+        else:
+            params[key] = str(value)
+    return f"{request.url.path}?{urlencode(params)}" if params else request.url.path
+
+
+def _accuracy(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _date(value: datetime | None) -> str:
+    return "–" if value is None else value.strftime("%Y-%m-%d")
+
+
+def _kl(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "∞" if math.isinf(value) else f"{value:.3f}"
+
+
+templates.env.globals["query_url"] = _query_url
+templates.env.filters["accuracy"] = _accuracy
+templates.env.filters["date"] = _date
+templates.env.filters["kl"] = _kl
+templates.env.filters["log"] = math.log
+
+
+def _blank(value: str | None) -> str | None:
+    return value or None
+
+
+def _render(
+    request: Request, template: str, status_code: int = 200, **context: Any
+) -> HTMLResponse:
+    return templates.TemplateResponse(request, template, context, status_code=status_code)
+
+
+def _not_found(request: Request, message: str) -> HTMLResponse:
+    return _render(request, "not_found.html", status_code=404, message=message)
+
+
+@router.get("/ui/static/{name}")
+def static_file(name: str) -> FileResponse:
+    if name not in STATIC_FILES:
+        raise NotFound(f"no static file {name!r}")
+    return FileResponse(HERE / "static" / name, media_type=STATIC_FILES[name])
+
+
+# --- leaderboard -------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+@router.get("/ui/leaderboard", response_class=HTMLResponse)
+def leaderboard_page(
+    request: Request,
+    session: SessionDep,
+    base_model: str | None = None,
+    method: str | None = None,
+    split: Split = Split.ALL,
+    sort: str = "mean",
+    order: Literal["asc", "desc"] = "desc",
+    limit: Limit = PAGE_SIZE,
+    offset: Offset = 0,
+) -> HTMLResponse:
+    board = queries.leaderboard(
+        session,
+        base_model=_blank(base_model),
+        method=_blank(method),
+        split=split,
+        sort=sort,
+        descending=order == "desc",
+        limit=limit,
+        offset=offset,
+    )
+    plot_query = urlencode(
+        {k: v for k, v in (("base_model", base_model), ("split", split.value)) if v}
+    )
+    return _render(
+        request,
+        "leaderboard.html",
+        nav="leaderboard",
+        board=board,
+        base_model=base_model or "",
+        method=method or "",
+        split=split.value,
+        splits=[s.value for s in Split],
+        order=order,
+        plot_url=f"/ui/leaderboard/methods.png?{plot_query}",
+    )
+
+
+@router.get("/ui/leaderboard/methods.png")
+def methods_plot(
+    session: SessionDep, base_model: str | None = None, split: Split = Split.ALL
+) -> Response:
+    means = queries.method_means(session, base_model=_blank(base_model), split=split)
+    scope = {"all": "all tasks", "held-in": "held-in tasks", "held-out": "held-out tasks"}
+    title = f"Best release of each method, {scope[split.value]}"
+    if base_model:
+        title += f" ({base_model})"
+    return Response(plots.method_bars(means, title), media_type="image/png")
+
+
+# --- releases ----------------------------------------------------------------------------
+
+
+@router.get("/ui/releases", response_class=HTMLResponse)
+def releases_page(
+    request: Request,
+    session: SessionDep,
+    base_model: str | None = None,
+    method: str | None = None,
+    limit: Limit = PAGE_SIZE,
+    offset: Offset = 0,
+) -> HTMLResponse:
+    page = queries.list_releases(
+        session, base_model=_blank(base_model), method=_blank(method), limit=limit, offset=offset
+    )
+    return _render(
+        request,
+        "releases.html",
+        nav="releases",
+        page=page,
+        base_model=base_model or "",
+        method=method or "",
+        base_models=queries.base_model_names(session),
+        methods=queries.release_methods(session),
+    )
+
+
+@dataclass(frozen=True)
+class TaskAnalysis:
+    """One evaluated task on a release page: its score, heatmap and Oracle divergence."""
+
+    result: EvaluationResult
+    has_routing: bool
+    divergence: analysis.OracleDivergence
+    oracle: queries.OracleChoice | None
+    most_chosen: list[tuple[str, float]]
+
+
+def _task_analysis(
+    result: EvaluationResult,
+    versions: list[Any],
+    oracle: queries.OracleChoice | None,
+) -> TaskAnalysis:
+    stats = result.routing_stats
+    has_routing = bool(stats and stats.get("counts"))
+    most_chosen: list[tuple[str, float]] = []
+    if has_routing and stats is not None:
+        try:
+            names = analysis.stats_from_json(stats).expert_names
+            shares = analysis.routing_distribution(stats)
+            most_chosen = sorted(zip(names, shares, strict=True), key=lambda p: -p[1])[:3]
+        except analysis.UnreadableStats:
+            has_routing = False
+    divergence = analysis.oracle_divergence(
+        stats if has_routing else None, versions, oracle.version if oracle else None
+    )
+    return TaskAnalysis(result, has_routing, divergence, oracle, most_chosen)
+
+
+@router.get("/ui/releases/{number}", response_class=HTMLResponse)
+def release_page(request: Request, session: SessionDep, number: int) -> HTMLResponse:
+    try:
+        release = releases.get_release(session, number)
+    except NotFound:
+        return _not_found(request, f"There is no release #{number}.")
+    versions = queries.release_versions(session, release)
+    results = queries.release_results(session, release)
+    oracles = queries.oracle_choices(session, versions, [r.task for r in results])
+    tasks = [_task_analysis(r, versions, oracles.get(r.task)) for r in results]
+    mean = sum(r.accuracy for r in results) / len(results) if results else None
+    base = queries.base_model_of(session, release)
+    return _render(
+        request,
+        "release.html",
+        nav="releases",
+        release=release,
+        label=queries.release_label(release),
+        base_model=base.name if base else "?",
+        versions=versions,
+        tasks=tasks,
+        mean=mean,
+        jobs=evaluations.list_jobs_of_release(session, release.id),
+        groups=queries.task_groups(session),
+    )
+
+
+@router.get("/ui/results/{result_id}/routing.png")
+def routing_plot(session: SessionDep, result_id: int) -> Response:
+    result = queries.result_by_id(session, result_id)
+    if result is None:
+        raise NotFound(f"no evaluation result {result_id}")
+    if not result.routing_stats or not result.routing_stats.get("counts"):
+        raise NotFound(f"evaluation result {result_id} ({result.task}) has no routing statistics")
+    try:
+        routing = analysis.per_layer_routing(result.routing_stats)
+    except analysis.UnreadableStats as error:
+        raise NotFound(str(error)) from error
+    release = session.get(Release, result.release_id)
+    label = queries.release_label(release) if release else f"release {result.release_id}"
+    png = plots.routing_heatmap(routing, f"{label} on {result.task}: experts chosen per layer")
+    return Response(png, media_type="image/png", headers=_IMMUTABLE)
+
+
+# --- catalog -----------------------------------------------------------------------------
+
+
+@router.get("/ui/experts", response_class=HTMLResponse)
+def experts_page(
+    request: Request,
+    session: SessionDep,
+    q: str | None = None,
+    namespace: str | None = None,
+    base_model: str | None = None,
+    status: CatalogStatus = CatalogStatus.ALL,
+    limit: Limit = PAGE_SIZE,
+    offset: Offset = 0,
+) -> HTMLResponse:
+    page = queries.search_experts(
+        session,
+        text=_blank(q),
+        namespace=_blank(namespace),
+        base_model=_blank(base_model),
+        status=status,
+        limit=limit,
+        offset=offset,
+    )
+    return _render(
+        request,
+        "experts.html",
+        nav="experts",
+        page=page,
+        q=q or "",
+        namespace=namespace or "",
+        base_model=base_model or "",
+        status=status.value,
+        statuses=[s.value for s in CatalogStatus],
+    )
+
+
+@router.get("/ui/experts/{namespace}/{name}", response_class=HTMLResponse)
+def expert_page(request: Request, session: SessionDep, namespace: str, name: str) -> HTMLResponse:
+    try:
+        expert = experts.get_expert(session, namespace, name)
+    except NotFound as error:
+        return _not_found(request, error.message)
+    return _render(
+        request,
+        "expert.html",
+        nav="experts",
+        expert=expert,
+        versions=list(reversed(expert.versions)),
+        releases=queries.releases_using(session, expert),
+    )
