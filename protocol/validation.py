@@ -347,25 +347,39 @@ def _load_json(path: Path, name: str) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys (parsers disagree on those)."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        for key in keys:
-            if keys.count(key) > 1:
-                raise ValueError(f"duplicate key {key!r}")
-        return dict(pairs)
+        found = dict(pairs)  # linear: an object with many keys must not cost quadratic time
+        if len(found) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise ValueError(f"duplicate key {key!r}")
+                seen.add(key)
+        return found
 
     def no_constants(token: str) -> Any:
         raise ValueError(f"{token} is not JSON")
 
     try:
-        return json.loads(
+        data = json.loads(
             path.read_bytes().decode("utf-8"),
             object_pairs_hook=no_duplicates,
             parse_constant=no_constants,
         )
+        # An escaped lone surrogate ("\ud800") parses, but cannot be written back as UTF-8:
+        # it would break every later reply that shows the manifest.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PackageRejected(
+            "not_json",
+            name,
+            "a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)",
+            expected="a UTF-8 JSON object",
+        ) from e
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise PackageRejected(
             "not_json", name, f"not valid JSON ({e})", expected="a UTF-8 JSON object"
         ) from e
+    return data
 
 
 def _check_manifest(path: Path, base: BaseModelSpec, namespace: str | None) -> ExpertManifest:
@@ -618,8 +632,13 @@ def _check_unique_header_keys(name: str, path: Path, header_bytes: int) -> None:
     duplicates_per_object: list[list[str]] = []
 
     def collect(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        duplicates_per_object.append([k for i, k in enumerate(keys) if k in keys[:i]])
+        seen: set[str] = set()  # linear: a header may hold hundreds of thousands of keys
+        duplicates = []
+        for key, _ in pairs:
+            if key in seen:
+                duplicates.append(key)
+            seen.add(key)
+        duplicates_per_object.append(duplicates)
         return dict(pairs)
 
     try:

@@ -184,7 +184,7 @@ def _peek_manifest(files: Mapping[str, Path]) -> dict[str, object]:
         return {}
     try:
         data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # e.g. nesting deeper than the parser goes
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -1,0 +1,117 @@
+"""Bugs the reliability work found, each pinned by the request that showed it.
+
+- A manifest nested deeper than Python's JSON parser goes was a 500: the coordinator peeks
+  at the manifest to route the upload and caught only ValueError, not RecursionError.
+- An escaped lone surrogate ("\\ud800") in a manifest string was accepted and committed;
+  the 201 reply (and every later listing that showed the version) then failed to encode
+  as UTF-8: a 500 after the commit, and a catalog listing broken for everyone.
+- Duplicate-key detection in JSON files and safetensors headers was quadratic in the number
+  of keys: a 250 kB expert.json held a worker for 16 s, a 1 MiB one for minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from safetensors.numpy import load_file, save_file
+
+from tests.reliability.catalog import catalog_state
+
+
+def _parts(directory: Path, replace: dict[str, bytes]) -> list[tuple[str, tuple[str, bytes]]]:
+    files = sorted(directory.iterdir())
+    return [("files", (p.name, replace.get(p.name, p.read_bytes()))) for p in files]
+
+
+def _post(client: TestClient, headers: dict[str, str], directory: Path, **replace: bytes):
+    named = {k.replace("__", "."): v for k, v in replace.items()}
+    return client.post("/api/v1/experts", headers=headers, files=_parts(directory, named))
+
+
+def _no_server_errors(app: FastAPI) -> TestClient:
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_deeply_nested_manifest_is_422_not_500(
+    app: FastAPI, alice: dict[str, str], package: Callable[..., Path]
+) -> None:
+    directory = package("alice/demo")
+    before = catalog_state(app)
+    with _no_server_errors(app) as client:
+        for depth in (2_000, 100_000):
+            deep = b"[" * depth + b"]" * depth
+            response = _post(client, alice, directory, expert__json=deep)
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"]["check"] == "not_json"
+            manifest = json.loads((directory / "expert.json").read_text())
+            nested = json.dumps({**manifest, "description": "x"}).encode()[:-1]
+            nested += b', "extra": ' + b"[" * depth + b"]" * depth + b"}"
+            response = _post(client, alice, directory, expert__json=nested)
+            assert response.status_code == 422, response.text
+    assert catalog_state(app) == before
+
+
+def test_lone_surrogate_in_a_manifest_string_is_422_and_commits_nothing(
+    app: FastAPI, alice: dict[str, str], package: Callable[..., Path]
+) -> None:
+    directory = package("alice/demo")
+    manifest = json.loads((directory / "expert.json").read_text())
+    before = catalog_state(app)
+    with _no_server_errors(app) as client:
+        for field in ("license", "description", "library_version"):
+            hostile = json.dumps({**manifest, field: "ok\ud800"}).encode()
+            assert b"\\ud800" in hostile
+            response = _post(client, alice, directory, expert__json=hostile)
+            assert response.status_code == 422, (field, response.text)
+            detail = response.json()["detail"]
+            assert (detail["check"], detail["file"]) == ("not_json", "expert.json")
+            assert "surrogate" in detail["message"]
+        config = json.loads((directory / "adapter_config.json").read_text())
+        hostile = json.dumps({**config, "revision": "\udfff"}).encode()
+        response = _post(client, alice, directory, adapter_config__json=hostile)
+        assert response.status_code == 422, response.text
+        assert client.get("/api/v1/experts").status_code == 200
+    assert catalog_state(app) == before
+
+
+def test_json_with_many_keys_is_refused_in_linear_time(
+    app: FastAPI, alice: dict[str, str], package: Callable[..., Path]
+) -> None:
+    directory = package("alice/demo")
+    many = json.dumps({f"k{i}": 0 for i in range(80_000)}).encode()  # 1 MB, under the limit
+    assert len(many) < 1024 * 1024
+    with _no_server_errors(app) as client:
+        started = time.monotonic()
+        response = _post(client, alice, directory, expert__json=many)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 422, response.text
+    assert elapsed < 20, f"{elapsed:.1f} s (quadratic duplicate-key check?)"
+
+
+def test_safetensors_header_with_many_keys_is_checked_in_linear_time(
+    app: FastAPI, alice: dict[str, str], package: Callable[..., Path], tmp_path: Path
+) -> None:
+    directory = package("alice/demo")
+    tensors = load_file(str(directory / "router.safetensors"))
+    metadata = {f"k{i}": "" for i in range(200_000)}  # a 3 MB header, under the 8 MiB limit
+    path = tmp_path / "router.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata)
+    data = path.read_bytes()
+    header_length = struct.unpack("<Q", data[:8])[0]
+    assert 2_000_000 < header_length < 8 * 1024 * 1024
+    before = catalog_state(app)
+    with _no_server_errors(app) as client:
+        started = time.monotonic()
+        response = _post(client, alice, directory, router__safetensors=data)
+        elapsed = time.monotonic() - started
+    # Extra metadata is harmless: the package is otherwise the valid one, so it is accepted.
+    assert response.status_code == 201, response.text
+    assert elapsed < 30, f"{elapsed:.1f} s (quadratic duplicate-key check?)"
+    assert catalog_state(app).versions == before.versions + 1
