@@ -1,0 +1,88 @@
+"""Long fuzz run of the upload route: the CI property test with 10,000+ cases per database.
+
+Runs `tests/reliability/test_fuzz_upload.py` (hostile packages through the real HTTP route;
+every answer must be a 4xx with a clear message and leave the catalog unchanged) with
+`PHATGOOSE_FUZZ_EXAMPLES` cases, on SQLite and, when a server URL is given, on PostgreSQL.
+Prints the wall time, the number of cases and the answers by attack; writes them as JSON.
+
+    python benchmarks/fuzz_long.py --examples 10000 --out /tmp/fuzz_long.json \
+        [--postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
+
+Figures from a run go into docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST = "tests/reliability/test_fuzz_upload.py"
+
+
+def run(examples: int, postgres_url: str | None, out: Path) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "tally.json"
+        env = {
+            **os.environ,
+            "PHATGOOSE_FUZZ_EXAMPLES": str(examples),
+            "PHATGOOSE_FUZZ_REPORT": str(report),
+        }
+        env.pop("PHATGOOSE_TEST_POSTGRES_URL", None)
+        if postgres_url:
+            env["PHATGOOSE_TEST_POSTGRES_URL"] = postgres_url
+        started = time.monotonic()
+        completed = subprocess.run(
+            [sys.executable, "-m", "pytest", TEST, "-q", "-p", "no:cacheprovider", "-x"],
+            cwd=ROOT,
+            env=env,
+        )
+        seconds = time.monotonic() - started
+        runs = json.loads(report.read_text()) if report.exists() else []
+    by_status: Counter[str] = Counter()
+    labels: set[str] = set()
+    for entry in runs:
+        for label, statuses in entry["by_label"].items():
+            labels.add(label)
+            by_status.update(statuses)
+    result: dict[str, object] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "examples_per_database": examples,
+        "databases": ["sqlite", "postgresql"] if postgres_url else ["sqlite"],
+        "cases": sum(int(e["cases"]) for e in runs),
+        "cases_per_database": [e["cases"] for e in runs],
+        "statuses": dict(sorted(by_status.items())),
+        "attacks": len(labels),
+        "by_attack": runs,
+        "seconds": round(seconds, 1),
+        "pytest_exit_code": completed.returncode,
+    }
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=10_000, help="cases per database")
+    parser.add_argument("--postgres-url", default=None, help="also run on this server")
+    parser.add_argument("--out", type=Path, default=Path("fuzz_long.json"))
+    args = parser.parse_args()
+    result = run(args.examples, args.postgres_url, args.out)
+    summary = {k: v for k, v in result.items() if k != "by_attack"}
+    print(json.dumps(summary, indent=1))
+    sys.exit(int(result["pytest_exit_code"]))  # type: ignore[call-overload]
+
+
+if __name__ == "__main__":
+    main()
