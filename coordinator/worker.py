@@ -53,6 +53,11 @@ EVALUATION_PROTOCOL: dict[str, Any] = {
 }
 
 
+# transformers' loading is not thread-safe (tied weights can be left on the meta device):
+# workers sharing a process load their base models one at a time.
+_LOAD_LOCK = threading.Lock()
+
+
 def evaluator_version() -> str:
     """`<phatgoose version>+<12 hex of the protocol's hash>`."""
     canonical = json.dumps(EVALUATION_PROTOCOL, sort_keys=True)
@@ -256,7 +261,8 @@ class Worker:
 
         name = manifest["base_model"]["name"]
         if name not in self._bases:
-            self._bases[name] = load_base_model(self.options.base_models.get(name, name))
+            with _LOAD_LOCK:
+                self._bases[name] = load_base_model(self.options.base_models.get(name, name))
         return load_release(directory, base_model=self._bases[name])
 
 
