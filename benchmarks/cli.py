@@ -60,7 +60,16 @@ def zero_shot(
             "average_activation, retrieval, oracle, best_individual, multitask."
         ),
     ] = None,
-    n_eval: Annotated[int | None, typer.Option(help="Evaluation examples per task.")] = None,
+    n_eval: Annotated[
+        int | None, typer.Option(help="Evaluation split size per task (the rest is training).")
+    ] = None,
+    eval_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Score only the first N examples of each evaluation split "
+            "(keeps the split, so cached experts stay valid)."
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="LoRA steps per expert.")] = None,
     gate_steps: Annotated[int | None, typer.Option(help="Gate steps per expert.")] = None,
     multitask_steps: Annotated[
@@ -84,6 +93,12 @@ def zero_shot(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    train_only: Annotated[
+        bool,
+        typer.Option(
+            "--train-only", help="Train and cache the experts (and multitask), no scoring."
+        ),
+    ] = False,
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the resolved settings and exit.")
     ] = False,
@@ -102,6 +117,7 @@ def zero_shot(
         if methods is None
         else [m.strip() for m in methods.split(",") if m.strip()],
         "n_eval": n_eval,
+        "eval_limit": eval_limit,
         "steps": steps,
         "gate_steps": gate_steps,
         "multitask_steps": multitask_steps,
@@ -125,7 +141,11 @@ def zero_shot(
         cache_dir=cache_dir or cache_root() / "benchmark-experts",
         output=output,
         say=typer.echo,
+        train_only=train_only,
     )
+    if train_only:
+        typer.echo(f"trained and cached: {[e['name'] for e in record['experts']]}")
+        return
     table = zs.markdown_table(record)
     output.with_suffix(".md").write_text(table)
     zs.plot_means(record, output.with_suffix(".png"))

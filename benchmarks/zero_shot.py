@@ -21,10 +21,12 @@ trains nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -47,7 +49,7 @@ from phatgoose.data import Example
 from phatgoose.evaluation import TaskResult, evaluate_task
 from phatgoose.expert import Expert
 from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerprint
-from phatgoose.routing import build_routed_model, unroute_model
+from phatgoose.routing import build_routed_model, routing_state, unroute_model
 from phatgoose.training import (
     TrainingConfig,
     compute_average_activations,
@@ -63,6 +65,12 @@ log = logging.getLogger(__name__)
 ROUTED_METHODS = ("base", "phatgoose", "merged", "arrow", "average_activation", "retrieval")
 REFERENCE_METHODS = ("oracle", "best_individual", "multitask")
 METHODS = ROUTED_METHODS + REFERENCE_METHODS
+# Evaluation order ("single_experts" stands for oracle and best_individual, which are
+# selected from every single expert's results).
+PRIORITY = (
+    "base", "phatgoose", "merged", "single_experts", "arrow", "average_activation",
+    "retrieval", "multitask",
+)  # fmt: skip
 CACHE_FORMAT = 1  # bump when the way a cached expert is produced changes
 
 Embedder = Callable[[list[str]], Tensor]
@@ -107,6 +115,9 @@ class ZeroShotConfig:
     top_k: int = 2
     eval_batch_size: int = 16
     eval_max_length: int | None = None
+    # Score only the first `eval_limit` examples of each evaluation split (None: all). The
+    # split itself (and so every training pool and cached expert) stays as `n_eval` made it.
+    eval_limit: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -121,6 +132,8 @@ class ZeroShotConfig:
             raise ValueError("no tasks: give held-in and/or held-out tasks")
         if self.n_eval < 1:
             raise ValueError(f"n_eval must be >= 1, got {self.n_eval}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be None or >= 1, got {self.eval_limit}")
         self.training_config()  # validates the hyper-parameters
 
     def training_config(self, steps: int | None = None) -> TrainingConfig:
@@ -378,7 +391,8 @@ def task_expert(
             "vector_seconds": vector_seconds,
         }
 
-    return _cached_or_trained(cache_dir / f"{expert_name(task.name)}-{key}", train)
+    expert, info = _cached_or_trained(cache_dir / f"{expert_name(task.name)}-{key}", train)
+    return expert, {**info, "key": key}
 
 
 def multitask_expert(
@@ -406,7 +420,8 @@ def multitask_expert(
         )  # fmt: skip
         return expert, {"lora_seconds": time.perf_counter() - started}
 
-    return _cached_or_trained(cache_dir / f"multitask-{key}", train)
+    expert, info = _cached_or_trained(cache_dir / f"multitask-{key}", train)
+    return expert, {**info, "key": key}
 
 
 def _retrieval_embeddings(
@@ -477,22 +492,72 @@ def summarise(
 
 
 # ---------------------------------------------------------------------------- runner
+class EvaluationCache:
+    """Per (model configuration, task) results on disk, so an interrupted or repeated run
+    scores nothing twice. `identity` names the configuration: the method, the cache keys
+    of the experts it uses, k, and what decides the scored examples."""
+
+    def __init__(self, directory: Path, config: ZeroShotConfig, fingerprint: str) -> None:
+        self.directory = directory
+        self.common = {
+            "format": CACHE_FORMAT,
+            "base": fingerprint,
+            "n_eval": config.n_eval,
+            "split_seed": config.split_seed,
+            "eval_limit": config.eval_limit,
+            "eval_max_length": config.resolved_eval_max_length,
+        }
+
+    def path(self, identity: dict[str, Any], task: str) -> Path:
+        blob = json.dumps({**self.common, **identity, "task": task}, sort_keys=True).encode()
+        return self.directory / f"{hashlib.sha256(blob).hexdigest()[:20]}.json"
+
+    def get(self, identity: dict[str, Any], task: str) -> TaskResult | None:
+        path = self.path(identity, task)
+        if not path.is_file():
+            return None
+        return TaskResult(**json.loads(path.read_text()))
+
+    def put(self, identity: dict[str, Any], result: TaskResult) -> None:
+        path = self.path(identity, result.task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result.to_dict()))
+        tmp.replace(path)
+
+
 def evaluate_all(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[BenchmarkTask],
     config: ZeroShotConfig,
     bar: Any = None,
+    *,
+    cache: EvaluationCache | None = None,
+    identity: dict[str, Any] | None = None,
+    prepare: Callable[[], None] | None = None,
 ) -> dict[str, TaskResult]:
+    """Every task's result; cached ones are read, the rest scored (after `prepare()`, once)."""
     results = {}
+    prepared = False
     for task in tasks:
         if not task.evaluation:
             continue
-        results[task.name] = evaluate_task(
-            model, tokenizer, task.evaluation, task=task.name,
-            batch_size=config.eval_batch_size, max_length=config.resolved_eval_max_length,
-            progress=False,
-        )  # fmt: skip
+        cached = cache.get(identity or {}, task.name) if cache is not None else None
+        if cached is not None:
+            results[task.name] = cached
+        else:
+            if prepare is not None and not prepared:
+                prepare()
+                prepared = True
+            examples = task.evaluation[: config.eval_limit]
+            results[task.name] = evaluate_task(
+                model, tokenizer, examples, task=task.name,
+                batch_size=config.eval_batch_size, max_length=config.resolved_eval_max_length,
+                progress=False,
+            )  # fmt: skip
+            if cache is not None:
+                cache.put(identity or {}, results[task.name])
         if bar is not None:
             bar.update(1)
     return results
@@ -508,8 +573,13 @@ def run_zero_shot(
     embedder: Embedder | None = None,
     progress: bool = True,
     say: Say = log.info,
+    train_only: bool = False,
 ) -> dict[str, Any]:
     """Train (or load) the experts, evaluate every method, and return the result record.
+
+    `train_only` trains and caches what the methods need (the task experts, and the
+    multitask LoRA when asked for) and evaluates nothing: several such runs can fill the
+    cache in parallel before one evaluation run.
 
     With `output`, the record is also written there after every method, so an interrupted
     run keeps what it measured. `embedder` replaces MiniLM (retrieval) in tests.
@@ -543,6 +613,8 @@ def run_zero_shot(
     base = BaseModelIdentity(name=config.base_model, fingerprint=model_fingerprint(model))
 
     methods = [m for m in METHODS if m in config.methods]
+    if "oracle" in methods or "best_individual" in methods:
+        methods.append("single_experts")
     needs_experts = any(m != "base" and m != "multitask" for m in methods)
     experts: list[Expert] = []
     record["experts"] = []
@@ -564,67 +636,101 @@ def run_zero_shot(
             say(f"expert {expert.name}: {'from cache' if info['cached'] else 'trained'}")
         save()
 
+    if train_only:
+        if "multitask" in methods:
+            _, info = multitask_expert(
+                model, tokenizer, tasks, config, cache_dir, base=base, progress=progress
+            )
+            record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
+        record["complete"] = True
+        save()
+        return record
+
     record["methods"] = {}
     record["single_experts"] = {}
+    cache = EvaluationCache(cache_dir / "evaluations", config, base.fingerprint)
+    expert_keys = [e["key"] for e in record["experts"]]
     singles_needed = any(m in methods for m in ("oracle", "best_individual"))
-    evaluated = [m for m in methods if m in ROUTED_METHODS]
     total = len(tasks) * (
-        len(evaluated) + (len(experts) if singles_needed else 0) + ("multitask" in methods)
+        len([m for m in methods if m in ROUTED_METHODS or m == "multitask"])
+        + (len(experts) if singles_needed else 0)
     )
     bar = tqdm(total=total, desc="evaluating (method x task)", disable=not progress)
-    for method in evaluated:
-        bar.set_postfix_str(method)
-        build_routed_model(
-            model, experts, method, config.top_k, embedder=embedder, tokenizer=tokenizer
-        )
-        try:
-            results = evaluate_all(model, tokenizer, tasks, config, bar)
-        finally:
-            unroute_model(model)
-        record["methods"][method] = summarise(results, held_in, held_out)
-        say(f"{method}: {_means_text(record['methods'][method])}")
-        save()
 
-    if singles_needed:
-        single: dict[str, dict[str, TaskResult]] = {}
-        for expert in experts:
-            bar.set_postfix_str(f"single {expert.name}")
-            build_routed_model(model, experts, "single", expert=expert.name)
-            try:
-                single[expert.name] = evaluate_all(model, tokenizer, tasks, config, bar)
-            finally:
-                unroute_model(model)
-            record["single_experts"][expert.name] = summarise(
-                single[expert.name], held_in, held_out
+    def evaluate_routed(
+        label: str, identity: dict[str, Any], route: Callable[[], object]
+    ) -> dict[str, TaskResult]:
+        """Results of the model routed by `route()` (routing built only if something is
+        not cached yet, and always undone)."""
+        bar.set_postfix_str(label)
+        try:
+            return evaluate_all(
+                model, tokenizer, tasks, config, bar, cache=cache, identity=identity, prepare=route
             )
-            save()
-        all_tasks = held_in + held_out
-        if "oracle" in methods:
-            choice = oracle_choice(single, all_tasks)
-            oracle = {t: single[choice[t]][t] for t in all_tasks}
-            record["methods"]["oracle"] = {**summarise(oracle, held_in, held_out), "choice": choice}
-        if "best_individual" in methods:
-            best = best_individual_choice(single, all_tasks)
-            record["methods"]["best_individual"] = {
-                **summarise(single[best], held_in, held_out),
-                "choice": best,
-            }
-        save()
-
-    if "multitask" in methods:
-        bar.set_postfix_str("training multitask")
-        expert, info = multitask_expert(
-            model, tokenizer, tasks, config, cache_dir, base=base, progress=progress
-        )
-        record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
-        bar.set_postfix_str("multitask")
-        build_routed_model(model, [expert], "single", expert=expert.name)
-        try:
-            results = evaluate_all(model, tokenizer, tasks, config, bar)
         finally:
-            unroute_model(model)
-        record["methods"]["multitask"] = summarise(results, held_in, held_out)
-        say(f"multitask: {_means_text(record['methods']['multitask'])}")
+            if routing_state(model) is not None:
+                unroute_model(model)
+
+    # Most informative first, so a run cut short still compares PHATGOOSE with the
+    # base model, merged experts and the oracle.
+    for method in [m for m in PRIORITY if m in methods]:
+        if method in ROUTED_METHODS:
+            identity = {"method": method, "experts": expert_keys, "top_k": config.top_k}
+            if method == "base":
+                identity = {"method": "base"}
+            results = evaluate_routed(
+                method,
+                identity,
+                functools.partial(
+                    build_routed_model, model, experts, method, config.top_k,
+                    embedder=embedder, tokenizer=tokenizer,
+                ),
+            )  # fmt: skip
+            record["methods"][method] = summarise(results, held_in, held_out)
+        elif method == "single_experts":
+            single: dict[str, dict[str, TaskResult]] = {}
+            for expert, key in zip(experts, expert_keys, strict=True):
+                single[expert.name] = evaluate_routed(
+                    f"single {expert.name}",
+                    {"method": "single", "expert": key},
+                    functools.partial(
+                        build_routed_model, model, experts, "single", expert=expert.name
+                    ),
+                )
+                record["single_experts"][expert.name] = summarise(
+                    single[expert.name], held_in, held_out
+                )
+            all_tasks = held_in + held_out
+            if "oracle" in methods:
+                choice = oracle_choice(single, all_tasks)
+                oracle = {t: single[choice[t]][t] for t in all_tasks}
+                record["methods"]["oracle"] = {
+                    **summarise(oracle, held_in, held_out),
+                    "choice": choice,
+                }
+            if "best_individual" in methods:
+                best = best_individual_choice(single, all_tasks)
+                record["methods"]["best_individual"] = {
+                    **summarise(single[best], held_in, held_out),
+                    "choice": best,
+                }
+        elif method == "multitask":
+            bar.set_postfix_str("training multitask")
+            expert, info = multitask_expert(
+                model, tokenizer, tasks, config, cache_dir, base=base, progress=progress
+            )
+            record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
+            results = evaluate_routed(
+                "multitask",
+                {"method": "single", "expert": info["key"]},
+                functools.partial(
+                    build_routed_model, model, [expert], "single", expert=expert.name
+                ),
+            )
+            record["methods"]["multitask"] = summarise(results, held_in, held_out)
+        if method in record["methods"]:
+            say(f"{method}: {_means_text(record['methods'][method])}")
+        save()
     bar.close()
     record["complete"] = True
     save()
