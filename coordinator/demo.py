@@ -10,8 +10,9 @@
    catalogues each reply.
 4. Experts already in the catalog (same base model, same training settings) are reused: a
    second run trains nothing.
-5. Releases (PHATGOOSE, merged, base), their evaluation on held-out tasks and the
-   leaderboard use the coordinator's release and evaluation services (see `_evaluate`).
+5. PHATGOOSE, merged and base releases are built over the catalogued experts, evaluated by
+   the coordinator's evaluation worker on the held-in tasks' evaluation splits and on
+   held-out tasks, and the leaderboard is printed (and served at /ui/leaderboard).
 """
 
 from __future__ import annotations
@@ -123,6 +124,30 @@ def app_directory() -> Path:
             "checkout of the platform (pip install -e .)"
         )
     return root
+
+
+APP_PACKAGES = ("protocol", "phatgoose", "client", "coordinator")
+
+
+def stage_app(destination: Path) -> Path:
+    """A copy of the Flower app's files (pyproject.toml and the packages' Python files).
+
+    `flwr run` bundles the directory it is given; staging keeps it from walking the
+    checkout's virtual environment and data (which the bundle would exclude anyway).
+    """
+    source = app_directory()
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    shutil.copy2(source / "pyproject.toml", destination / "pyproject.toml")
+    for package in APP_PACKAGES:
+        for path in (source / package).rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            target = destination / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return destination
 
 
 def _executable(name: str) -> str:
@@ -260,7 +285,7 @@ class LocalFederation:
         command = [
             _executable("flwr"),
             "run",
-            str(app_directory()),
+            str(stage_app(self.workdir / "app")),
             CONNECTION,
             "--run-config",
             str(overrides),
@@ -473,27 +498,136 @@ def experts_table(sessions: Any, refs: Mapping[str, str]) -> Table:
     return table
 
 
-def _evaluate(plan: DemoPlan, refs: Mapping[str, str]) -> bool:
-    """Build PHATGOOSE, merged and base releases and evaluate them on held-out tasks.
+RELEASE_METHODS = ("phatgoose", "merged", "base")
 
-    Uses the coordinator's release and evaluation services when this build has them;
-    returns False (and says so) when it does not.
-    """
-    import importlib.util
 
-    missing = [
-        module
-        for module in ("coordinator.releases.service", "coordinator.evaluations.service")
-        if importlib.util.find_spec(module) is None
-    ]
-    if missing:
-        console.print(
-            "[yellow]Releases, evaluation and the leaderboard are not part of this build yet "
-            f"(missing: {', '.join(missing)}); the demo stops after cataloguing the experts."
-            "[/yellow]"
+def demo_maintainer(sessions: Any) -> Any:
+    """The demo's maintainer token (created once; its secret is never needed)."""
+    from coordinator.auth import service as auth
+    from coordinator.auth.models import Role
+
+    with sessions() as session:
+        for token in auth.list_tokens(session):
+            if token.name == "demo-maintainer" and token.revoked_at is None:
+                return token
+        return auth.create_token(session, name="demo-maintainer", role=Role.MAINTAINER).token
+
+
+def build_releases(
+    sessions: Any, base: str, refs: Sequence[str], maintainer: Any
+) -> dict[str, int]:
+    """PHATGOOSE, merged and base releases over `refs` (reusing identical ones): method ->
+    release number."""
+    from coordinator.releases import service as releases
+    from coordinator.releases.schemas import ReleaseCreate
+
+    numbers: dict[str, int] = {}
+    with sessions() as session:
+        for method in RELEASE_METHODS:
+            experts = [] if method == "base" else sorted(refs)
+            for release in releases.list_releases(session, base_model=base, method=method):
+                if sorted(e["ref"] for e in release.manifest["experts"]) == experts:
+                    numbers[method] = release.number
+            if method not in numbers:
+                request = ReleaseCreate(
+                    method=method,
+                    experts=experts,
+                    base_model=base,
+                    notes="phatgoose demo",
+                )
+                numbers[method] = releases.create_release(session, request, by=maintainer).number
+    return numbers
+
+
+def queue_evaluations(
+    sessions: Any, plan: DemoPlan, numbers: Mapping[str, int], maintainer: Any
+) -> int:
+    """One evaluation job per release on the held-in and held-out tasks, unless one with
+    the same spec exists; returns how many were queued."""
+    from coordinator.evaluations import service as evaluations
+    from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
+    from coordinator.releases import service as releases
+
+    queued = 0
+    with sessions() as session:
+        for number in numbers.values():
+            request = EvaluationCreate(
+                release=number,
+                tasks=[*plan.held_in, *plan.held_out],
+                examples_per_task=plan.n_eval,
+                seed=plan.seed,
+                task_groups=TaskGroups(held_in=list(plan.held_in), held_out=list(plan.held_out)),
+            )
+            wanted = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
+            release = releases.get_release(session, number)
+            existing = [
+                job
+                for job in evaluations.list_jobs_of_release(session, release.id)
+                if {k: job.spec.get(k) for k in wanted} == wanted and job.state != "failed"
+            ]
+            if not existing:
+                evaluations.create_job(session, request, by=maintainer)
+                queued += 1
+    return queued
+
+
+def leaderboard_table(sessions: Any, numbers: Mapping[str, int], plan: DemoPlan) -> Table:
+    from coordinator.leaderboard.service import leaderboard
+
+    with sessions() as session:
+        board = leaderboard(session)
+    rows = [row for row in board.releases if row.release in set(numbers.values())]
+    table = Table(title="leaderboard (accuracy ± standard error)")
+    table.add_column("release")
+    table.add_column("method")
+    tasks = [*plan.held_in, *plan.held_out]
+    for task in tasks:
+        table.add_column(task + (" (held out)" if task in plan.held_out else ""))
+    table.add_column("held-in mean")
+    table.add_column("held-out mean")
+    for row in rows:
+        cells = [
+            f"{row.scores[t].accuracy:.2f}±{row.scores[t].stderr:.2f}" if t in row.scores else "-"
+            for t in tasks
+        ]
+        table.add_row(
+            str(row.release),
+            row.method,
+            *cells,
+            _fmt(row.group_means.get("held_in")),
+            _fmt(row.group_means.get("held_out")),
         )
-        return False
-    raise NotImplementedError("wire the release and evaluation services here")
+    return table
+
+
+def evaluate_releases(
+    sessions: Any,
+    settings: Any,
+    plan: DemoPlan,
+    base: str,
+    refs: Mapping[str, str],
+    tasks_dir: Path | None,
+) -> dict[str, int]:
+    """Releases over the catalogued experts, their evaluation (by the coordinator's own
+    worker, in this process) and the leaderboard; returns method -> release number."""
+    from coordinator.worker import WorkerOptions, run_worker
+
+    maintainer = demo_maintainer(sessions)
+    numbers = build_releases(sessions, base, list(refs.values()), maintainer)
+    console.print("releases: " + ", ".join(f"#{n} {method}" for method, n in numbers.items()))
+    queued = queue_evaluations(sessions, plan, numbers, maintainer)
+    if queued:
+        tasks = len(plan.held_in) + len(plan.held_out)
+        console.print(
+            f"evaluating {queued} release(s) on {tasks} tasks x {plan.n_eval} examples "
+            "(rank classification)"
+        )
+        with console.status("the evaluation worker is scoring the releases"):
+            run_worker(settings, WorkerOptions(tasks_dir=tasks_dir, poll_seconds=1.0), once=True)
+    else:
+        console.print("every release was already evaluated on these tasks")
+    console.print(leaderboard_table(sessions, numbers, plan))
+    return numbers
 
 
 def _fmt(value: float | None) -> str:
@@ -636,9 +770,11 @@ def run_demo(
                 f"[red]{len(missing)} expert(s) did not land: {', '.join(missing)}; logs in "
                 f"{data_dir / 'federation'}[/red]"
             )
-        _evaluate(plan, refs)
+        if refs:
+            evaluate_releases(sessions, app.state.settings, plan, base, refs, tasks_dir)
     console.print(
-        f"done in {time.monotonic() - started:.0f} s. Browse the catalog with: "
-        f"phatgoose coordinator serve --data-dir {coordinator_dir}"
+        f"done in {time.monotonic() - started:.0f} s. The leaderboard page: run "
+        f"`phatgoose coordinator serve --data-dir {coordinator_dir}` and open "
+        "http://127.0.0.1:8765/ui/leaderboard"
     )
     return 1 if missing else 0
