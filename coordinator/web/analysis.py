@@ -1,13 +1,14 @@
 """The paper's qualitative analysis, from the routing statistics stored with a result.
 
-A result's `routing_stats` is `phatgoose.routing.RoutingStats.to_dict()`: the routed
-model's expert names, k, and per module path the number of times each expert was selected
-(every top-k slot of every token). From it:
+The worker stores, per task, `coordinator.worker.routing_summary` (docs/coordinator.md,
+"Routing statistics"): the routed model's expert names, k, the layer labels and
+`frequencies[e][l]`, the share of layer l's top-k selections (over every scored token and
+every module of the layer) that went to expert e; each column sums to 1. Raw
+`RoutingStats.to_dict()` counts per module are read too. From them:
 
-- per layer: the share of selections each expert gets in each block (experts x layers,
-  each column sums to 1), the heatmap on a release's page;
-- the routing distribution on the task: `p = mean over modules of counts / sum(counts)`
-  (modules that selected nothing are left out);
+- per layer: the experts x layers matrix, the heatmap on a release's page;
+- the routing distribution on the task, `p[e] = mean over layers l of frequencies[e][l]`
+  (layers that selected nothing are left out);
 - its divergence from the Oracle's choice, a one-hot on the best single expert `o` for the
   task: `KL(onehot_o || p) = sum_z onehot_o[z] log(onehot_o[z] / p[z]) = -log p[o]`.
   With top-k routing every token selects k experts, so `p[o] <= 1/k` and `KL >= log k`.
@@ -27,58 +28,77 @@ from phatgoose.routing.stats import RoutingStats
 
 
 class UnreadableStats(ValueError):
-    """Stored routing statistics that are not `RoutingStats.to_dict()`."""
-
-
-def stats_from_json(data: Mapping[str, Any]) -> RoutingStats:
-    """The stored dictionary back as `RoutingStats` (counts as int64 tensors)."""
-    try:
-        names = [str(name) for name in data["experts"]]
-        counts = {
-            str(path): torch.tensor([int(c) for c in row], dtype=torch.long)
-            for path, row in data["counts"].items()
-        }
-        top_k = int(data.get("top_k") or 0)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise UnreadableStats(f"routing statistics are not readable: {error!r}") from error
-    for path, row in counts.items():
-        if len(row) != len(names):
-            raise UnreadableStats(
-                f"module {path} counts {len(row)} experts, the statistics name {len(names)}"
-            )
-    return RoutingStats(expert_names=names, top_k=top_k, counts=counts)
+    """Stored routing statistics in neither known shape, or inconsistent."""
 
 
 @dataclass(frozen=True)
 class LayerRouting:
-    """`frequencies[z][l]`: the share of layer l's selections that went to expert z."""
+    """`frequencies[e][l]`: the share of layer l's selections that went to expert e."""
 
     experts: list[str]
     layers: list[str]
     frequencies: list[list[float]]
     top_k: int
+    selections: list[int] | None = None  # selections per layer, where stored
 
 
 def per_layer_routing(data: Mapping[str, Any]) -> LayerRouting:
-    stats = stats_from_json(data)
-    layers, matrix = stats.per_layer()
-    return LayerRouting(
-        experts=list(stats.expert_names),
-        layers=layers,
-        frequencies=matrix.tolist(),
-        top_k=stats.top_k,
-    )
+    """The experts x layers matrix from either stored shape."""
+    try:
+        if "frequencies" in data:
+            routing = LayerRouting(
+                experts=[str(name) for name in data["experts"]],
+                layers=[str(label) for label in data["layers"]],
+                frequencies=[[float(v) for v in row] for row in data["frequencies"]],
+                top_k=int(data.get("top_k") or 0),
+                selections=[int(v) for v in data["selections"]] if "selections" in data else None,
+            )
+        else:
+            stats = _stats_from_counts(data)
+            layers, matrix = stats.per_layer()
+            routing = LayerRouting(
+                experts=list(stats.expert_names),
+                layers=layers,
+                frequencies=matrix.tolist(),
+                top_k=stats.top_k,
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UnreadableStats(f"routing statistics are not readable: {error!r}") from error
+    if len(routing.frequencies) != len(routing.experts) or any(
+        len(row) != len(routing.layers) for row in routing.frequencies
+    ):
+        raise UnreadableStats(
+            f"routing statistics name {len(routing.experts)} experts and "
+            f"{len(routing.layers)} layers but hold a matrix of another shape"
+        )
+    return routing
 
 
-def routing_distribution(data: Mapping[str, Any]) -> list[float]:
-    """`p[z]`: expert z's share of selections, averaged over the modules that routed."""
-    stats = stats_from_json(data)
-    shares = [
-        stats.frequencies(path) for path, counts in stats.counts.items() if int(counts.sum()) > 0
+def _stats_from_counts(data: Mapping[str, Any]) -> RoutingStats:
+    names = [str(name) for name in data["experts"]]
+    counts = {
+        str(path): torch.tensor([int(c) for c in row], dtype=torch.long)
+        for path, row in data["counts"].items()
+    }
+    for path, row in counts.items():
+        if len(row) != len(names):
+            raise ValueError(f"module {path} counts {len(row)} experts, not {len(names)}")
+    return RoutingStats(expert_names=names, top_k=int(data.get("top_k") or 0), counts=counts)
+
+
+def routing_distribution(routing: LayerRouting) -> list[float]:
+    """`p[e]`: expert e's share of selections, averaged over the layers that routed."""
+    columns = [
+        [row[layer] for row in routing.frequencies]
+        for layer in range(len(routing.layers))
+        if (routing.selections[layer] > 0 if routing.selections else True)
+        and sum(row[layer] for row in routing.frequencies) > 0
     ]
-    if not shares:
-        return [0.0] * len(stats.expert_names)
-    return torch.stack(shares).mean(dim=0).tolist()
+    if not columns:
+        return [0.0] * len(routing.experts)
+    return [
+        sum(column[e] for column in columns) / len(columns) for e in range(len(routing.experts))
+    ]
 
 
 def kl_from_oracle(distribution: Sequence[float], oracle: int) -> float:
@@ -129,12 +149,12 @@ def oracle_divergence(
             "on this task",
         )
     try:
-        stats = stats_from_json(data)
-        distribution = routing_distribution(data)
+        routing = per_layer_routing(data)
     except UnreadableStats as error:
         return OracleDivergence(None, None, oracle.ref, str(error))
+    distribution = routing_distribution(routing)
     position = next((i for i, v in enumerate(versions) if v.id == oracle.id), -1)
-    index = expert_position(stats.expert_names, oracle, len(versions), position)
+    index = expert_position(routing.experts, oracle, len(versions), position)
     if index is None:
         return OracleDivergence(
             None, None, oracle.ref, f"the routing statistics do not name {oracle.ref}"

@@ -15,6 +15,8 @@ from coordinator.web.queries import MethodMean
 
 # Beyond this many rows or columns, tick labels are thinned out to stay legible.
 _MAX_TICKS = 40
+# Up to this many experts and layers, each cell shows its share as a number.
+_ANNOTATE_EXPERTS, _ANNOTATE_LAYERS = 12, 32
 
 
 def _png(figure: Figure) -> bytes:
@@ -39,28 +41,38 @@ def _ticks(count: int) -> list[int]:
 
 
 def routing_heatmap(routing: LayerRouting, title: str) -> bytes:
-    """Experts (rows) x layers (columns): the share of each layer's selections."""
+    """Experts (rows) x layers (columns): the share of each layer's selections. The colour
+    scale runs from 0 to the largest share; small grids print each share in its cell."""
     n_experts, n_layers = len(routing.experts), len(routing.layers)
-    width = min(14.0, max(5.0, 2.8 + 0.32 * n_layers))
-    height = min(14.0, max(2.6, 1.4 + 0.28 * n_experts))
+    width = min(14.0, max(6.5, 3.5 + 0.45 * n_layers))
+    height = min(14.0, max(3.0, 1.6 + 0.32 * n_experts))
+    matrix = routing.frequencies if n_experts and n_layers else [[0.0]]
+    largest = max((max(row) for row in matrix), default=0.0)
     figure = Figure(figsize=(width, height))
     axes = figure.add_subplot()
     image = axes.imshow(
-        routing.frequencies if n_experts and n_layers else [[0.0]],
+        matrix,
         aspect="auto",
         cmap="viridis",
         vmin=0.0,
-        vmax=1.0,
+        vmax=max(largest, 0.05),
         interpolation="nearest",
     )
     axes.set_xlabel("layer")
     axes.set_ylabel("expert")
-    axes.set_title(title, fontsize=10)
+    axes.set_title(title, fontsize=10, wrap=True)
     x_ticks, y_ticks = _ticks(n_layers), _ticks(n_experts)
     axes.set_xticks(x_ticks, [short_layer_label(routing.layers[i]) for i in x_ticks], fontsize=8)
     axes.set_yticks(y_ticks, [routing.experts[i] for i in y_ticks], fontsize=8)
+    if n_experts <= _ANNOTATE_EXPERTS and n_layers <= _ANNOTATE_LAYERS:
+        for e, row in enumerate(routing.frequencies):
+            for layer, share in enumerate(row):
+                colour = "black" if share > 0.6 * max(largest, 0.05) else "white"
+                axes.text(
+                    layer, e, f"{share:.2f}", ha="center", va="center", fontsize=7, color=colour
+                )
     colorbar = figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02)
-    colorbar.set_label("share of selections", fontsize=8)
+    colorbar.set_label("share of the layer's selections", fontsize=8)
     figure.tight_layout()
     return _png(figure)
 

@@ -194,13 +194,13 @@ def _task_analysis(
     oracle: queries.OracleChoice | None,
 ) -> TaskAnalysis:
     stats = result.routing_stats
-    has_routing = bool(stats and stats.get("counts"))
+    has_routing = bool(stats)
     most_chosen: list[tuple[str, float]] = []
-    if has_routing and stats is not None:
+    if stats:
         try:
-            names = analysis.stats_from_json(stats).expert_names
-            shares = analysis.routing_distribution(stats)
-            most_chosen = sorted(zip(names, shares, strict=True), key=lambda p: -p[1])[:3]
+            routing = analysis.per_layer_routing(stats)
+            shares = analysis.routing_distribution(routing)
+            most_chosen = sorted(zip(routing.experts, shares, strict=True), key=lambda p: -p[1])[:3]
         except analysis.UnreadableStats:
             has_routing = False
     divergence = analysis.oracle_divergence(
@@ -241,7 +241,7 @@ def routing_plot(session: SessionDep, result_id: int) -> Response:
     result = queries.result_by_id(session, result_id)
     if result is None:
         raise NotFound(f"no evaluation result {result_id}")
-    if not result.routing_stats or not result.routing_stats.get("counts"):
+    if not result.routing_stats:
         raise NotFound(f"evaluation result {result_id} ({result.task}) has no routing statistics")
     try:
         routing = analysis.per_layer_routing(result.routing_stats)
@@ -249,7 +249,7 @@ def routing_plot(session: SessionDep, result_id: int) -> Response:
         raise NotFound(str(error)) from error
     release = session.get(Release, result.release_id)
     label = queries.release_label(release) if release else f"release {result.release_id}"
-    png = plots.routing_heatmap(routing, f"{label} on {result.task}: experts chosen per layer")
+    png = plots.routing_heatmap(routing, f"{label} on {result.task}\nexperts chosen per layer")
     return Response(png, media_type="image/png", headers=_IMMUTABLE)
 
 

@@ -7,9 +7,12 @@ import math
 import re
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from coordinator.web import analysis, queries
+from coordinator.worker import routing_summary
+from phatgoose.routing.stats import RoutingStats
 from tests.coordinator.web_helpers import (
     TaskOutcome,
     create_release,
@@ -21,23 +24,32 @@ from tests.coordinator.web_helpers import (
 
 HYPERBATON, NAVIGATE, WINOWHY = "hyperbaton", "navigate", "winowhy"
 
+
+def _stored(counts: dict[str, list[int]]) -> dict[str, object]:
+    """Routing statistics as the worker stores them, from per-module selection counts."""
+    stats = RoutingStats(
+        expert_names=["alice/hyperbaton", "alice/navigate"],
+        top_k=2,
+        counts={path: torch.tensor(row) for path, row in counts.items()},
+    )
+    summary = routing_summary(stats, "phatgoose")
+    assert summary is not None
+    return summary
+
+
 # PHATGOOSE on hyperbaton: per module, how often each of (hyperbaton, navigate) was chosen.
-# Shares per module: (0.75, 0.25), (0.5, 0.5), (0.625, 0.375) -> p = (0.625, 0.375).
-PHATGOOSE_STATS = {
-    "experts": ["alice/hyperbaton", "alice/navigate"],
-    "top_k": 2,
-    "counts": {
+# Layer 0: (30 + 20, 10 + 20) / 80, layer 1: (25, 15) / 40 -> p = (0.625, 0.375).
+PHATGOOSE_STATS = _stored(
+    {
         "model.layers.0.self_attn.q_proj": [30, 10],
         "model.layers.0.mlp.up_proj": [20, 20],
         "model.layers.1.self_attn.q_proj": [25, 15],
-    },
-}
+    }
+)
 # On winowhy the navigate expert is never chosen.
-ONLY_HYPERBATON_STATS = {
-    "experts": ["alice/hyperbaton", "alice/navigate"],
-    "top_k": 2,
-    "counts": {"model.layers.0.self_attn.q_proj": [8, 0], "model.layers.1.mlp.up_proj": [8, 0]},
-}
+ONLY_HYPERBATON_STATS = _stored(
+    {"model.layers.0.self_attn.q_proj": [8, 0], "model.layers.1.mlp.up_proj": [8, 0]}
+)
 
 
 @pytest.fixture
@@ -306,8 +318,20 @@ def test_releases_page_lists_newest_first_and_filters_by_method(client, world):
 # --- analysis ---------------------------------------------------------------------------
 
 
-def test_routing_distribution_averages_module_shares():
-    assert analysis.routing_distribution(PHATGOOSE_STATS) == pytest.approx([0.625, 0.375])
+def test_routing_distribution_averages_layer_shares():
+    routing = analysis.per_layer_routing(PHATGOOSE_STATS)
+    assert analysis.routing_distribution(routing) == pytest.approx([0.625, 0.375])
+
+
+def test_routing_distribution_leaves_out_layers_that_selected_nothing():
+    routing = analysis.LayerRouting(
+        experts=["a", "b"],
+        layers=["l.0", "l.1", "l.2"],
+        frequencies=[[1.0, 0.0, 0.5], [0.0, 0.0, 0.5]],
+        top_k=1,
+        selections=[4, 0, 4],
+    )
+    assert analysis.routing_distribution(routing) == pytest.approx([0.75, 0.25])
 
 
 def test_kl_from_a_one_hot_oracle_is_minus_log_its_share():
@@ -318,17 +342,25 @@ def test_kl_from_a_one_hot_oracle_is_minus_log_its_share():
     assert math.isinf(analysis.kl_from_oracle([1.0, 0.0], 1))
 
 
-def test_per_layer_routing_groups_modules_by_block():
-    routing = analysis.per_layer_routing(PHATGOOSE_STATS)
-    assert routing.layers == ["model.layers.0", "model.layers.1"]
-    # layer 0: (30 + 20, 10 + 20) / 80; layer 1: (25, 15) / 40
-    assert routing.frequencies[0] == pytest.approx([50 / 80, 25 / 40])
-    assert routing.frequencies[1] == pytest.approx([30 / 80, 15 / 40])
+def test_per_layer_routing_reads_the_stored_layers_and_raw_counts_alike():
+    counts = {
+        "model.layers.0.q": [30, 10],
+        "model.layers.0.up": [20, 20],
+        "model.layers.1.q": [5, 15],
+    }
+    stored = analysis.per_layer_routing(_stored(counts))
+    raw = analysis.per_layer_routing({"experts": ["h", "n"], "top_k": 2, "counts": counts})
+    assert stored.layers == raw.layers == ["model.layers.0", "model.layers.1"]
+    for routing in (stored, raw):
+        assert routing.frequencies[0] == pytest.approx([50 / 80, 5 / 20])
+        assert routing.frequencies[1] == pytest.approx([30 / 80, 15 / 20])
 
 
 def test_unreadable_statistics_are_refused_with_a_reason():
     with pytest.raises(analysis.UnreadableStats, match="counts 1 experts"):
-        analysis.stats_from_json({"experts": ["a", "b"], "counts": {"m.0.q": [1]}})
+        analysis.per_layer_routing({"experts": ["a", "b"], "counts": {"m.0.q": [1]}})
+    with pytest.raises(analysis.UnreadableStats, match="another shape"):
+        analysis.per_layer_routing({"experts": ["a"], "layers": ["l.0"], "frequencies": [[1, 0]]})
 
 
 # --- catalog ----------------------------------------------------------------------------
