@@ -253,3 +253,40 @@ def test_two_workers_never_run_the_same_job(app, client, maintainer, experts, ba
     assert [(j["state"], j["attempts"], len(j["results"])) for j in jobs] == [("done", 1, 1)] * 4
     assert ended["w1"] + ended["w2"] == 4
     assert {j["worker_id"] for j in jobs} == {"w1", "w2"}
+
+
+def test_cli_worker_once_on_an_empty_queue_ends_no_job(settings, tasks_dir):
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app as cli
+
+    result = CliRunner().invoke(
+        cli,
+        [
+            "worker",
+            "--once",
+            "--worker-id",
+            "idle",
+            "--tasks-dir",
+            str(tasks_dir),
+            "--data-dir",
+            str(settings.data_dir),
+            "--database-url",
+            settings.resolved_database_url,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "worker idle" in result.output
+    assert "0 job(s) ended" in result.output
+
+
+def test_cli_worker_refuses_a_base_model_without_a_path(settings):
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app as cli
+
+    result = CliRunner().invoke(
+        cli, ["worker", "--once", "--base-model", "tiny", "--data-dir", str(settings.data_dir)]
+    )
+    assert result.exit_code == 2
+    assert "expected NAME=PATH, got 'tiny'" in result.output
