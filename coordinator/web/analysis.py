@@ -7,8 +7,10 @@ every module of the layer) that went to expert e; each column sums to 1. Raw
 `RoutingStats.to_dict()` counts per module are read too. From them:
 
 - per layer: the experts x layers matrix, the heatmap on a release's page;
-- the routing distribution on the task, `p[e] = mean over layers l of frequencies[e][l]`
-  (layers that selected nothing are left out);
+- the routing distribution on the task, `p[e]`: expert e's share of all the task's
+  selections, i.e. the stored `overall[e]` (equivalently the columns averaged with weights
+  `selections[l]`; with neither stored, the plain mean over the layers that selected
+  anything);
 - its divergence from the Oracle's choice, a one-hot on the best single expert `o` for the
   task: `KL(onehot_o || p) = sum_z onehot_o[z] log(onehot_o[z] / p[z]) = -log p[o]`.
   With top-k routing every token selects k experts, so `p[o] <= 1/k` and `KL >= log k`.
@@ -40,6 +42,7 @@ class LayerRouting:
     frequencies: list[list[float]]
     top_k: int
     selections: list[int] | None = None  # selections per layer, where stored
+    overall: list[float] | None = None  # each expert's share over all layers, where stored
 
 
 def per_layer_routing(data: Mapping[str, Any]) -> LayerRouting:
@@ -52,6 +55,7 @@ def per_layer_routing(data: Mapping[str, Any]) -> LayerRouting:
                 frequencies=[[float(v) for v in row] for row in data["frequencies"]],
                 top_k=int(data.get("top_k") or 0),
                 selections=[int(v) for v in data["selections"]] if "selections" in data else None,
+                overall=[float(v) for v in data["overall"]] if "overall" in data else None,
             )
         else:
             stats = _stats_from_counts(data)
@@ -87,17 +91,20 @@ def _stats_from_counts(data: Mapping[str, Any]) -> RoutingStats:
 
 
 def routing_distribution(routing: LayerRouting) -> list[float]:
-    """`p[e]`: expert e's share of selections, averaged over the layers that routed."""
-    columns = [
-        [row[layer] for row in routing.frequencies]
+    """`p[e]`: expert e's share of the task's selections over every layer."""
+    if routing.overall is not None and len(routing.overall) == len(routing.experts):
+        return list(routing.overall)
+    weights = [
+        (routing.selections[layer] if routing.selections else 1.0)
+        if sum(row[layer] for row in routing.frequencies) > 0
+        else 0.0
         for layer in range(len(routing.layers))
-        if (routing.selections[layer] > 0 if routing.selections else True)
-        and sum(row[layer] for row in routing.frequencies) > 0
     ]
-    if not columns:
+    total = sum(weights)
+    if total <= 0:
         return [0.0] * len(routing.experts)
     return [
-        sum(column[e] for column in columns) / len(columns) for e in range(len(routing.experts))
+        sum(w * f for w, f in zip(weights, row, strict=True)) / total for row in routing.frequencies
     ]
 
 

@@ -318,9 +318,22 @@ def test_releases_page_lists_newest_first_and_filters_by_method(client, world):
 # --- analysis ---------------------------------------------------------------------------
 
 
-def test_routing_distribution_averages_layer_shares():
+def test_routing_distribution_is_each_experts_share_of_all_selections():
     routing = analysis.per_layer_routing(PHATGOOSE_STATS)
     assert analysis.routing_distribution(routing) == pytest.approx([0.625, 0.375])
+    counts = {
+        "model.layers.0.q": [30, 10],
+        "model.layers.0.up": [20, 20],
+        "model.layers.1.q": [5, 15],
+    }
+    stored = analysis.per_layer_routing(_stored(counts))
+    raw = analysis.per_layer_routing({"experts": ["h", "n"], "top_k": 2, "counts": counts})
+    # 55 of 100 selections went to the first expert, whether read from `overall`, from the
+    # layers weighted by their selections, or from a plain mean of (50/80, 5/20).
+    assert analysis.routing_distribution(stored) == pytest.approx([0.55, 0.45])
+    weighted = analysis.LayerRouting(stored.experts, stored.layers, stored.frequencies, 2, [80, 20])
+    assert analysis.routing_distribution(weighted) == pytest.approx([0.55, 0.45])
+    assert analysis.routing_distribution(raw) == pytest.approx([(50 / 80 + 5 / 20) / 2, 0.5625])
 
 
 def test_routing_distribution_leaves_out_layers_that_selected_nothing():

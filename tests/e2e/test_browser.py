@@ -25,7 +25,8 @@ from coordinator.core.app import create_app
 from coordinator.core.config import Settings
 from coordinator.worker import Worker, WorkerOptions
 from tests.coordinator.helpers import bearer_headers, live_server, make_tiny_base
-from tests.coordinator.release_helpers import create_release, publish, save_base
+from tests.coordinator.release_helpers import create_release, save_base
+from tests.coordinator.web_helpers import publish_expert
 
 CHROMIUM = os.environ.get("PHATGOOSE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,7 +38,11 @@ CHROMIUM_ARGS = [
 ]
 HELD_IN, HELD_OUT = ("hyperbaton", "navigate"), ("winowhy",)
 TASKS = HELD_IN + HELD_OUT
-EXPERTS = ("alice/hyperbaton", "alice/navigate", "alice/sports_understanding")
+EXPERTS = {
+    "alice/hyperbaton": "Adjective order in English sentences (BIG-bench hyperbaton).",
+    "alice/navigate": "Does a list of steps lead back to the start? (BIG-bench navigate)",
+    "alice/sports_understanding": "Is a sentence about sports plausible?",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -92,8 +97,10 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for seed, task in enumerate(TASKS):
         _write_task(tasks_dir, task, examples=24, seed=seed)
     with TestClient(app) as client:
-        for seed, name in enumerate(EXPERTS):
-            publish(client, alice, tiny, root / f"pkg{seed}", name, seed=seed)
+        for seed, (name, description) in enumerate(EXPERTS.items()):
+            publish_expert(
+                client, alice, tiny, root / f"pkg{seed}", name, description=description, seed=seed
+            )
         refs = [f"{name}@1" for name in EXPERTS]
         for body in (
             {"method": "base", "base_model": "tiny"},
