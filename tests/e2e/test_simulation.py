@@ -1,0 +1,96 @@
+"""`flwr run` in local simulation (a SuperLink in simulation mode, Ray runs the nodes): the
+simulated nodes find their private data through the run config's `simulation-datasets`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from coordinator.base_models.service import register_base_model
+from coordinator.core.app import open_database
+from coordinator.core.config import Settings
+from coordinator.demo import _accepts, _executable, free_port, stage_app
+from coordinator.experts.service import list_versions
+from phatgoose.models import base_model_spec, load_base_model
+from tests.client.helpers import save_tiny_base, write_private_data
+
+pytestmark = pytest.mark.slow
+
+
+def test_flwr_run_in_local_simulation_catalogues_one_expert_per_simulated_node(tmp_path):
+    base_dir = save_tiny_base(tmp_path / "tiny-base")
+    settings = Settings(data_dir=tmp_path / "coordinator")
+    engine, sessions = open_database(settings)
+    with sessions() as session:
+        register_base_model(
+            session, base_model_spec(load_base_model(str(base_dir))[0], str(base_dir))
+        )
+    datasets = ";".join(
+        f"{name}={write_private_data(tmp_path / f'{name}.jsonl', tag=name)}"
+        for name in ("ant", "bee")
+    )
+    port = free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    overrides = tmp_path / "run-config.toml"
+    overrides.write_text(
+        f'base-model = "{base_dir}"\nlora-steps = 3\ngate-steps = 2\nbatch-size = 4\n'
+        f"max-length = 48\nmin-nodes = 2\nnode-wait-seconds = 60.0\n"
+        f'coordinator-data-dir = "{settings.data_dir}"\nsimulation-datasets = "{datasets}"\n'
+    )
+    with (tmp_path / "superlink.log").open("wb") as log:
+        superlink = subprocess.Popen(
+            [
+                _executable("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        run = subprocess.run(
+            [
+                _executable("flwr"),
+                "run",
+                str(stage_app(tmp_path / "app")),
+                "sim",
+                "--run-config",
+                str(overrides),
+                "--federation-config",
+                "num-supernodes=2",
+                "--stream",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+    finally:
+        superlink.terminate()
+        superlink.wait(timeout=30)
+
+    assert "2 registered, 0 rejected, 0 failed, 0 timed out" in run.stdout, run.stdout + run.stderr
+    with sessions() as session:
+        assert sorted(v.ref for v in list_versions(session).items) == [
+            "flower/ant@1",
+            "flower/bee@1",
+        ]
+    engine.dispose()
