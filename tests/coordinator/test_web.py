@@ -453,3 +453,10 @@ def test_pages_load_nothing_from_other_hosts(client, world):
     ):
         html = client.get(path).text
         assert not re.search(r'(src|href)="(https?:)?//', html.replace('href="https://arxiv', ""))
+
+
+def test_pages_follow_the_read_policy(make_app, settings):
+    private = make_app(settings.model_copy(update={"public_read": False}))
+    with TestClient(private) as client:
+        for path in ("/", "/ui/releases", "/ui/experts", "/ui/leaderboard/methods.png"):
+            assert client.get(path).status_code == 401, path
