@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,22 @@ def test_a_retried_job_resumes_after_the_stored_tasks(
         ("parity", "old"),
         ("sums", evaluator_version()),
     ]
+
+
+def test_a_worker_that_lost_its_lease_stores_nothing(
+    app, client, maintainer, experts, base_dir, tasks_dir
+):
+    create_release(client, maintainer, method="phatgoose", experts=["alice/a", "bob/b"])
+    job_id = _queue(client, maintainer)
+    slow = _worker(app, _options(base_dir, tasks_dir, worker_id="slow"))
+    job = slow.claim()
+    with app.state.sessionmaker() as session:  # its lease expires; another takes the job
+        later = utcnow() + timedelta(hours=1)
+        evaluations.claim_job(session, "thief", lease_seconds=60, now=later)
+    assert slow.run_job(job) is False
+    body = client.get(f"/api/v1/evaluations/{job_id}").json()
+    assert (body["state"], body["worker_id"], body["attempts"]) == ("running", "thief", 2)
+    assert body["results"] == []
 
 
 @pytest.mark.slow
