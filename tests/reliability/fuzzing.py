@@ -506,7 +506,9 @@ def multipart_attack(draw: st.DrawFn, files: dict[str, bytes]) -> UploadCase:
         return _raw_case("multipart_no_filename", parts)
     if kind == "truncated_body":
         body = multipart(parts)
-        cut = draw(st.integers(0, len(body) - 1))
+        # At least "-\r\n" of the closing delimiter goes: the body is really incomplete
+        # (without only its final CRLF, a multipart body is complete: RFC 2046).
+        cut = draw(st.integers(0, len(body) - 3))
         return UploadCase("multipart_truncated_body", None, body[:cut], _headers())
     if kind == "garbage_body":
         return UploadCase("multipart_garbage_body", None, draw(st.binary(max_size=512)), _headers())

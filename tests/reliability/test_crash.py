@@ -1,0 +1,409 @@
+"""Crash safety: SIGKILL the coordinator at random moments while uploads stream in.
+
+Each cycle starts a coordinator process on a free loopback port, streams several uploads
+at once (some throttled, so the kill lands mid-body; some fast, so it lands in validation,
+blob writes or the commit), kills the process with SIGKILL after a random delay and starts
+it again. After every restart:
+- every upload that was acknowledged (201) is in the catalog, and its stored bytes have the
+  sha256 the reply gave (downloaded over HTTP for new ones; read from the blob store for all);
+- nothing half-written is visible: every version has all its file rows, every file row its
+  blob, every blob's bytes hash to its name; the start-up report is healthy;
+- no temporary file is left after the start-up clean-up (upload folders, blob temp files).
+
+`PHATGOOSE_CRASH_CYCLES` sets the kills per database: 25 by default (50 kills over SQLite
+and PostgreSQL in CI); docs/reliability.md records a run with 50 per database. Processes come from a
+fork server (tests/reliability/forkserver.py) that imports the coordinator once; one cycle
+per database starts a plain `python -m uvicorn --factory` process when
+`PHATGOOSE_CRASH_PLAIN=1` (start-up then imports everything, torch included: slow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from safetensors.numpy import load, save
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.auth.models import Role
+from coordinator.base_models.service import register_base_model
+from coordinator.core.config import Settings
+from coordinator.core.db import make_engine
+from coordinator.experts.models import ExpertFile, ExpertVersion
+from tests.coordinator.helpers import TinyBase, bearer_headers
+from tests.reliability.catalog import temp_blob_files
+from tests.reliability.fuzzing import BOUNDARY, multipart, read_package
+
+ROOT = Path(__file__).resolve().parents[2]
+CYCLES = int(os.environ.get("PHATGOOSE_CRASH_CYCLES", "25"))
+# Also start one plain `python -m uvicorn` process (slow where torch is imported at start-up).
+PLAIN = os.environ.get("PHATGOOSE_CRASH_PLAIN", "") == "1"
+UPLOADS_PER_CYCLE = 4
+PACKAGE_NAMES = sorted(
+    ["adapter_config.json", "adapter_model.safetensors", "expert.json", "router.safetensors"]
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Launcher:
+    """Starts coordinator processes: forked from a warm parent, or as plain uvicorn."""
+
+    def __init__(self, settings: dict[str, object], env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.fork_server = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability.forkserver"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.fork_server.stdout is not None
+        assert self.fork_server.stdout.readline().strip() == "ready"
+        self.plain: subprocess.Popen[bytes] | None = None
+
+    def start_forked(self, port: int) -> int:
+        assert self.fork_server.stdin is not None and self.fork_server.stdout is not None
+        self.fork_server.stdin.write(json.dumps({"port": port, "settings": self.settings}) + "\n")
+        self.fork_server.stdin.flush()
+        return int(self.fork_server.stdout.readline())
+
+    def start_plain(self, port: int) -> int:
+        """`python -m uvicorn --factory coordinator.core.app:create_app`, settings from env."""
+        command = [sys.executable, "-m", "uvicorn", "--factory", "coordinator.core.app:create_app"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        self.plain = subprocess.Popen(command, cwd=ROOT, env=self.env)
+        return self.plain.pid
+
+    def kill(self, pid: int) -> None:
+        assert pid > 1, pid  # never a process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if self.plain is not None and self.plain.pid == pid:
+            self.plain.wait(timeout=30)
+            self.plain = None
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the fork server reaps it
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"coordinator process {pid} survived SIGKILL")
+
+    def close(self) -> None:
+        if self.plain is not None:
+            self.plain.kill()
+            self.plain.wait(timeout=30)
+        if self.fork_server.stdin is not None:
+            self.fork_server.stdin.close()
+        self.fork_server.kill()
+        self.fork_server.wait(timeout=30)
+
+
+def wait_healthy(base_url: str, pid: int, timeout: float = 60) -> float:
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/api/v1/health", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise AssertionError("the coordinator process exited during start-up") from None
+        time.sleep(0.01)
+    raise AssertionError(f"the coordinator did not answer within {timeout} s")
+
+
+@dataclass
+class Acked:
+    ref: str
+    url: str
+    files: dict[str, str]  # file name -> sha256 from the 201 reply
+
+
+@dataclass
+class Tally:
+    acked: list[Acked] = field(default_factory=list)
+    refused: int = 0  # connection reset / killed mid-request
+    kills: int = 0
+    startup_seconds: list[float] = field(default_factory=list)
+    cycle_seconds: list[float] = field(default_factory=list)
+
+
+class Packages:
+    """Distinct valid packages, cheaply: the same expert with slightly moved gates and B."""
+
+    def __init__(self, directory: Path) -> None:
+        self.base = read_package(directory)
+        self.router = load(self.base["router.safetensors"])
+        self.adapter = load(self.base["adapter_model.safetensors"])
+        self.count = 0
+        self.rng = np.random.default_rng(0)
+
+    def next(self) -> dict[str, bytes]:
+        self.count += 1
+        router = {
+            k: v + self.rng.normal(0, 1e-3, v.shape).astype(v.dtype) for k, v in self.router.items()
+        }
+        adapter = {
+            k: (v + self.rng.normal(0, 1e-4, v.shape).astype(v.dtype)) if "lora_B" in k else v
+            for k, v in self.adapter.items()
+        }
+        return {
+            **self.base,
+            "router.safetensors": save(router),
+            "adapter_model.safetensors": save(adapter),
+        }
+
+
+def _throttled(body: bytes, chunk: int, pause: float) -> Iterator[bytes]:
+    view = io.BytesIO(body)
+    while data := view.read(chunk):
+        yield data
+        if pause:
+            time.sleep(pause)
+
+
+def _upload(
+    base_url: str,
+    headers: dict[str, str],
+    files: dict[str, bytes],
+    pause: float,
+    tally: Tally,
+    lock: threading.Lock,
+    finished: threading.Semaphore,
+) -> None:
+    try:
+        _send(base_url, headers, files, pause, tally, lock)
+    finally:
+        finished.release()
+
+
+def _send(
+    base_url: str,
+    headers: dict[str, str],
+    files: dict[str, bytes],
+    pause: float,
+    tally: Tally,
+    lock: threading.Lock,
+) -> None:
+    body = multipart([(b"files", name.encode(), data) for name, data in files.items()])
+    try:
+        response = httpx.post(
+            f"{base_url}/api/v1/experts",
+            headers={**headers, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+            content=_throttled(body, 4096, pause),
+            timeout=30,
+        )
+    except httpx.TransportError:
+        with lock:
+            tally.refused += 1
+        return
+    with lock:
+        if response.status_code == 201:
+            reply = response.json()
+            tally.acked.append(
+                Acked(
+                    ref=reply["ref"],
+                    url=response.headers["location"],
+                    files={f["filename"]: f["sha256"] for f in reply["files"]},
+                )
+            )
+        else:  # an answer that is not 201 must be a clean refusal, never a 5xx
+            assert response.status_code < 500, response.text
+
+
+def check_catalog(session: Session, blob_dir: Path, tmp_dir: Path, acked: list[Acked]) -> int:
+    """Nothing half-written is visible; every acknowledged upload is there. Returns the
+    number of versions in the catalog."""
+    versions = session.scalars(select(ExpertVersion)).all()
+    by_ref = {v.ref: v for v in versions}
+    for version in versions:
+        names = sorted(f.filename for f in version.files)
+        assert names == sorted(
+            [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "expert.json",
+                "router.safetensors",
+            ]
+        ), (version.ref, names)
+    for ack in acked:
+        assert ack.ref in by_ref, f"acknowledged {ack.ref} is missing after the crash"
+        stored = {f.filename: f.sha256 for f in by_ref[ack.ref].files}
+        assert stored == ack.files, ack.ref
+    # Every blob's bytes hash to its name: no partial blob under a final name.
+    referenced = set(session.scalars(select(ExpertFile.sha256)).all())
+    on_disk = set()
+    for folder in blob_dir.iterdir():
+        if folder.is_dir() and len(folder.name) == 2:
+            for blob in folder.iterdir():
+                if blob.name.startswith(".tmp-"):
+                    continue
+                digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+                assert digest == folder.name + blob.name, f"partial or corrupt blob {blob}"
+                on_disk.add(digest)
+    assert referenced <= on_disk, f"rows without blobs: {sorted(referenced - on_disk)[:3]}"
+    # The start-up clean-up left no temporary file behind.
+    assert temp_blob_files(blob_dir) == []
+    assert list(tmp_dir.iterdir()) == []
+    return len(versions)
+
+
+def download_and_check(base_url: str, acks: list[Acked]) -> None:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for ack in acks:
+            for filename, sha256 in ack.files.items():
+                response = client.get(f"{ack.url}/files/{filename}")
+                assert response.status_code == 200, (ack.ref, filename, response.text)
+                assert hashlib.sha256(response.content).hexdigest() == sha256, (ack.ref, filename)
+
+
+@pytest.fixture
+def crash_setup(
+    make_app: Callable[[Settings], FastAPI], settings: Settings, tiny_base: TinyBase
+) -> tuple[Settings, dict[str, str], dict[str, str]]:
+    """A migrated data directory with the tiny base, a contributor and a maintainer."""
+    application = make_app(settings.model_copy(update={"stale_temp_seconds": 0}))
+    with application.state.sessionmaker() as session:
+        register_base_model(session, tiny_base.spec)
+    alice = bearer_headers(application, "alice", Role.CONTRIBUTOR)
+    carol = bearer_headers(application, "carol", Role.MAINTAINER)
+    application.state.engine.dispose()
+    return settings, alice, carol
+
+
+@pytest.mark.slow
+def test_sigkill_during_uploads_loses_no_acknowledged_upload(
+    crash_setup: tuple[Settings, dict[str, str], dict[str, str]],
+    package: Callable[..., Path],
+    database_url: str,
+) -> None:
+    settings, alice, carol = crash_setup
+    server_settings = {
+        "data_dir": str(settings.data_dir),
+        "database_url": settings.resolved_database_url,
+        "stale_temp_seconds": 0,  # one process owns the data dir: every temp file is stale
+        "log_level": "WARNING",
+    }
+    env = {
+        **os.environ,
+        "PHATGOOSE_DATA_DIR": str(settings.data_dir),
+        "PHATGOOSE_DATABASE_URL": settings.resolved_database_url,
+        "PHATGOOSE_STALE_TEMP_SECONDS": "0",
+        "PHATGOOSE_LOG_LEVEL": "WARNING",
+    }
+    packages = Packages(package("alice/crash"))
+    rng = random.Random(1234)
+    tally = Tally()
+    engine = make_engine(settings.resolved_database_url)
+    launcher = Launcher(server_settings, env)
+    checked = 0
+    try:
+        for cycle in range(CYCLES + 1):
+            started = time.monotonic()
+            port = free_port()
+            base_url = f"http://127.0.0.1:{port}"
+            plain = PLAIN and cycle == 1
+            pid = launcher.start_plain(port) if plain else launcher.start_forked(port)
+            tally.startup_seconds.append(wait_healthy(base_url, pid, timeout=300))
+            if plain:
+                plain_startup: float = tally.startup_seconds.pop()
+
+            # After the restart: the clean-up ran, the catalog is whole.
+            with Session(engine) as session:
+                check_catalog(session, settings.blob_dir, settings.upload_tmp_dir, tally.acked)
+            report = httpx.get(f"{base_url}/api/v1/admin/startup-report", headers=carol).json()
+            assert report["healthy"] and report["missing_blobs"] == [], report
+            download_and_check(base_url, tally.acked[checked:])
+            checked = len(tally.acked)
+            if cycle == CYCLES:
+                download_and_check(base_url, tally.acked)  # everything, once more
+                launcher.kill(pid)
+                break
+
+            lock, finished = threading.Lock(), threading.Semaphore(0)
+            threads = [
+                threading.Thread(
+                    target=_upload,
+                    args=(
+                        base_url,
+                        alice,
+                        packages.next(),
+                        rng.choice([0.0, 0.0, 0.01, 0.03]),
+                        tally,
+                        lock,
+                        finished,
+                    ),
+                )
+                for _ in range(UPLOADS_PER_CYCLE)
+            ]
+            for thread in threads:
+                thread.start()
+            # Kill once a random number of the uploads have finished (0 .. all but one),
+            # plus a random jitter: the others are streaming, validating or committing.
+            for _ in range(rng.randrange(UPLOADS_PER_CYCLE)):
+                assert finished.acquire(timeout=120)
+            time.sleep(rng.uniform(0.0, 0.15))
+            launcher.kill(pid)
+            tally.kills += 1
+            for thread in threads:
+                thread.join(timeout=60)
+                assert not thread.is_alive()
+            tally.cycle_seconds.append(time.monotonic() - started)
+    finally:
+        launcher.close()
+        engine.dispose()
+
+    with Session(engine) as session:
+        total = session.scalar(select(func.count()).select_from(ExpertVersion)) or 0
+    engine.dispose()
+    summary = {
+        "database": database_url.split(":", 1)[0],
+        "kills": tally.kills,
+        "uploads": tally.kills * UPLOADS_PER_CYCLE,
+        "acknowledged": len(tally.acked),
+        "cut_off": tally.refused,
+        "versions_in_catalog": total,
+        "startup_median_s": round(statistics.median(tally.startup_seconds), 3),
+        "plain_uvicorn_startup_s": round(plain_startup, 3) if PLAIN else None,
+        "cycle_median_s": round(statistics.median(tally.cycle_seconds), 3),
+    }
+    if not PLAIN:
+        del summary["plain_uvicorn_startup_s"]
+    print("crash summary:", json.dumps(summary))
+    assert tally.kills == CYCLES >= 1
+    # Some uploads are cut off and some get through: the kills really land mid-upload.
+    assert tally.acked and (tally.refused or CYCLES < 10)
+    assert total >= len(tally.acked)
