@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 # LayerNorm's default: biased variance, eps added under the square root.
 STANDARDISE_EPS = 1e-5
+# Experts with at most this many (token, slot) pairs (or twice the mean count, if larger)
+# share one padded batched matmul in `RoutedLinear.selected_update`.
+PAD_MIN_WIDTH = 8
 
 
 def standardise(x: Tensor) -> Tensor:
@@ -194,29 +197,57 @@ class RoutedLinear(nn.Module):
     def selected_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """sum_k w_tk * B_{z_tk} A_{z_tk} u_t for tokens `u [T, n]`, `indices`/`weights [T, k]`.
 
-        The (token, slot) pairs are grouped by expert and each expert present runs one
-        matmul over its own tokens. Why this and not gathering A and B per pair: gathering
-        materialises `T*k*r*(n+d)` weights (hundreds of MB for a long batch) while grouping
-        reads each expert once and does exactly the selected work, `T*k*r*(n+d)` FLOPs,
-        whatever N is; the Python loop runs over experts present, at most min(N, T*k).
+        The (token, slot) pairs are grouped by expert, so each expert's factors are read
+        once and only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is.
+        (Gathering A and B per pair instead would materialise `T*k*r*(n+d)` weights.)
+        Experts with few pairs, the common case when N is large, go together through
+        two batched matmuls over a padded `[experts, width]` block of their pairs; an
+        expert with more than `width` pairs (skewed routing, a fixed router) gets its own
+        matmuls, so padding never more than doubles the block's work. The weight scales
+        the r-wide hidden, not the d-wide output.
         """
-        k = indices.shape[-1]
-        out = torch.zeros(u.shape[0], self.out_features, dtype=u.dtype, device=u.device)
+        tokens, k = indices.shape
         flat_expert = indices.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
         flat_weight = weights.reshape(-1).to(u.dtype)
-        start = 0
-        for z, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            tokens = pairs // k
-            hidden = u[tokens] @ self.lora_A[z].T  # [count, r]
-            delta = (hidden @ self.lora_B[z].T) * flat_weight[pairs, None]
-            out.index_add_(0, tokens, delta)
-        return out
+        order = flat_expert.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        starts = counts.cumsum(0) - counts  # where each expert's pairs begin in `order`
+        present = counts.nonzero().squeeze(1)
+        width = max(PAD_MIN_WIDTH, math.ceil(2 * flat_expert.numel() / len(present)))
+        # Row `tokens` of the output is a sink for padding, dropped at the end.
+        out = torch.zeros(tokens + 1, self.out_features, dtype=u.dtype, device=u.device)
+
+        large = counts[present] > width
+        for z in present[large].tolist():
+            pairs = order[starts[z] : starts[z] + counts[z]]
+            rows = pairs // k
+            hidden = (u[rows] @ self.lora_A[z].T) * flat_weight[pairs, None]  # [count, r]
+            out.index_add_(0, rows, hidden @ self.lora_B[z].T)
+
+        small = present[~large]
+        if len(small):
+            # Most experts present: index the stacks by expert id (no copy of the factors);
+            # few: gather the present experts' factors into a compact block.
+            by_id = 2 * len(small) >= self.num_experts
+            slots = small if not by_id else torch.arange(self.num_experts, device=u.device)
+            block_rows = small if by_id else torch.arange(len(small), device=u.device)
+            small_counts = counts[small]
+            row = torch.repeat_interleave(block_rows, small_counts)
+            offset = torch.repeat_interleave(small_counts.cumsum(0) - small_counts, small_counts)
+            col = torch.arange(len(row), device=u.device) - offset
+            pairs = order[torch.repeat_interleave(starts[small], small_counts) + col]
+            fill = int(small_counts.max())
+            token_block = torch.full((len(slots), fill), tokens, device=u.device)
+            token_block[row, col] = pairs // k
+            weight_block = torch.zeros(len(slots), fill, 1, dtype=u.dtype, device=u.device)
+            weight_block[row, col, 0] = flat_weight[pairs]
+            padded_u = torch.cat([u, u.new_zeros(1, u.shape[-1])])[token_block]  # [E, C, n]
+            lora_A = self.lora_A if by_id else self.lora_A[slots]
+            lora_B = self.lora_B if by_id else self.lora_B[slots]
+            hidden = torch.bmm(padded_u, lora_A.transpose(1, 2)) * weight_block  # [E, C, r]
+            delta = torch.bmm(hidden, lora_B.transpose(1, 2))  # [E, C, d]
+            out.index_add_(0, token_block.reshape(-1), delta.reshape(-1, delta.shape[-1]))
+        return out[:tokens]
 
 
 def _check_top_k(top_k: int, num_experts: int) -> None:
