@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -26,70 +27,16 @@ from phatgoose.routing.layer import RoutedLinear, TokenRouter
 app = typer.Typer(add_completion=False)
 
 
-def mixture_loop(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+def mixture_current(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The platform's implementation (`RoutedLinear.selected_update`)."""
     return layer.selected_update(u, indices, weights)
 
 
-def mixture_padded_bmm(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """Pairs grouped by expert into a padded [E, C, n] block; two bmm; one index_add."""
+def mixture_loop_v1(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The first implementation (before the padded batched path): one Python iteration per
+    expert present, the weight applied to the d-wide output. Kept to measure against."""
     k = indices.shape[-1]
-    flat_expert = indices.reshape(-1)
-    order = flat_expert.argsort(stable=True)
-    counts = torch.bincount(flat_expert, minlength=layer.num_experts)
-    present = counts.nonzero().squeeze(1)
-    present_counts = counts[present]
-    width = int(present_counts.max())
-    # slot of each sorted pair inside its expert's row
-    starts = torch.cumsum(present_counts, 0) - present_counts
-    row = torch.repeat_interleave(torch.arange(len(present)), present_counts)
-    col = torch.arange(order.numel()) - starts[row]
-    tokens = order // k
-    block = u.new_zeros(len(present), width, u.shape[-1])
-    block[row, col] = u[tokens]
-    hidden = torch.bmm(block, layer.lora_A[present].transpose(1, 2))  # [E, C, r]
-    delta = torch.bmm(hidden, layer.lora_B[present].transpose(1, 2))  # [E, C, d]
-    delta = delta[row, col] * weights.reshape(-1)[order, None].to(u.dtype)
-    out = u.new_zeros(u.shape[0], layer.out_features)
-    out.index_add_(0, tokens, delta)
-    return out
-
-
-def mixture_padded_scatter(
-    layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor
-) -> Tensor:
-    """Padded [E, C] blocks of token ids and weights (pads: a zero row, weight 0); the
-    weight multiplies the r-wide hidden; one index_add of the whole block, pads included."""
-    tokens_n, k = indices.shape
-    flat_expert = indices.reshape(-1)
-    order = flat_expert.argsort(stable=True)
-    counts = torch.bincount(flat_expert, minlength=layer.num_experts)
-    present = counts.nonzero().squeeze(1)
-    all_present = len(present) == layer.num_experts
-    present_counts = counts if all_present else counts[present]
-    width = int(present_counts.max())
-    starts = torch.cumsum(present_counts, 0) - present_counts
-    row = torch.repeat_interleave(torch.arange(len(present_counts)), present_counts)
-    col = torch.arange(order.numel()) - starts[row]
-    token_block = torch.full((len(present_counts), width), tokens_n)
-    token_block[row, col] = order // k
-    weight_block = u.new_zeros(len(present_counts), width, 1)
-    weight_block[row, col, 0] = weights.reshape(-1)[order].to(u.dtype)
-    u_ext = torch.cat([u, u.new_zeros(1, u.shape[-1])])
-    lora_a = layer.lora_A if all_present else layer.lora_A[present]
-    lora_b = layer.lora_B if all_present else layer.lora_B[present]
-    hidden = torch.bmm(u_ext[token_block], lora_a.transpose(1, 2)) * weight_block
-    delta = torch.bmm(hidden, lora_b.transpose(1, 2))
-    out = u.new_zeros(tokens_n + 1, layer.out_features)
-    out.index_add_(0, token_block.reshape(-1), delta.reshape(-1, delta.shape[-1]))
-    return out[:tokens_n]
-
-
-def mixture_loop_weighted_hidden(
-    layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor
-) -> Tensor:
-    """The loop, with the weight applied to the r-wide hidden instead of the d-wide delta."""
-    k = indices.shape[-1]
-    out = torch.zeros(u.shape[0], layer.out_features, dtype=u.dtype)
+    out = torch.zeros(u.shape[0], layer.out_features, dtype=u.dtype, device=u.device)
     flat_expert = indices.reshape(-1)
     order = flat_expert.argsort(stable=True)
     counts = torch.bincount(flat_expert, minlength=layer.num_experts).tolist()
@@ -101,8 +48,9 @@ def mixture_loop_weighted_hidden(
         pairs = order[start : start + count]
         start += count
         tokens = pairs // k
-        hidden = (u[tokens] @ layer.lora_A[z].T) * flat_weight[pairs, None]
-        out.index_add_(0, tokens, hidden @ layer.lora_B[z].T)
+        hidden = u[tokens] @ layer.lora_A[z].T  # [count, r]
+        delta = (hidden @ layer.lora_B[z].T) * flat_weight[pairs, None]
+        out.index_add_(0, tokens, delta)
     return out
 
 
@@ -115,10 +63,8 @@ def mixture_gather(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Ten
 
 
 METHODS: dict[str, Callable[[RoutedLinear, Tensor, Tensor, Tensor], Tensor]] = {
-    "loop": mixture_loop,
-    "padded_bmm": mixture_padded_bmm,
-    "padded_scatter": mixture_padded_scatter,
-    "loop_weighted_hidden": mixture_loop_weighted_hidden,
+    "current": mixture_current,
+    "loop_v1": mixture_loop_v1,
     "gather": mixture_gather,
 }
 
@@ -129,8 +75,8 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-@app.command()
-def main(
+@app.command("layer")
+def layer_command(
     tokens: Annotated[int, typer.Option(help="Tokens T (batch x sequence).")] = 512,
     n_in: Annotated[int, typer.Option(help="Input width n.")] = 576,
     d_out: Annotated[int, typer.Option(help="Output width d.")] = 1536,
@@ -158,7 +104,7 @@ def main(
         layer = RoutedLinear(base, lora_a, lora_b, TokenRouter(rows, top_k))
         with torch.no_grad():
             indices, weights = layer.router(u)
-            reference = mixture_loop(layer, u, indices, weights)
+            reference = mixture_loop_v1(layer, u, indices, weights)
             for fn in METHODS.values():
                 torch.testing.assert_close(
                     fn(layer, u, indices, weights), reference, rtol=1e-4, atol=1e-4
@@ -189,6 +135,63 @@ def main(
                 }
             )
         )
+
+
+@app.command("model")
+def model_command(
+    experts: Annotated[str, typer.Option(help="N values, comma-separated.")] = "8,166,512",
+    batch_size: Annotated[int, typer.Option(help="Sequences.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    rank: Annotated[int, typer.Option(help="Expert rank r.")] = 16,
+    top_k: Annotated[int, typer.Option(help="k.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """Whole-model forward (SmolLM2-135M, random experts on every linear): base, the first
+    loop implementation and the current one, interleaved; seconds and ratios as JSON lines."""
+    from benchmarks.routing_cost import random_routed_layers, swapped
+    from phatgoose.models import load_base_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, _ = load_base_model()
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    current = RoutedLinear.selected_update
+    for n_experts in [int(x) for x in experts.split(",")]:
+        layers = random_routed_layers(model, n_experts, rank, top_k, seed=0)
+        times: dict[str, list[float]] = {"base": [], "loop_v1": [], "current": []}
+        for repeat in range(repeats + 1):  # the first round warms up
+            measured = {"base": _time(forward)}
+            with swapped(model, layers):
+                RoutedLinear.selected_update = mixture_loop_v1  # type: ignore[method-assign]
+                try:
+                    measured["loop_v1"] = _time(forward)
+                finally:
+                    RoutedLinear.selected_update = current  # type: ignore[method-assign]
+                measured["current"] = _time(forward)
+            if repeat:
+                for name, seconds in measured.items():
+                    times[name].append(seconds)
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        typer.echo(
+            json.dumps(
+                {
+                    "N": n_experts,
+                    "tokens": batch_size * seq_len,
+                    "seconds": {k: round(v, 3) for k, v in median.items()},
+                    "ratio_to_base": {
+                        k: round(v / median["base"], 3) for k, v in median.items() if k != "base"
+                    },
+                    "load_average": list(os.getloadavg()),
+                }
+            )
+        )
+        del layers
 
 
 if __name__ == "__main__":
