@@ -1,14 +1,48 @@
-"""PHATGOOSE as a library: LoRA experts, post-hoc gates, routers and evaluation."""
+"""PHATGOOSE as a library: LoRA experts, post-hoc gates, routers and evaluation.
+
+The public API is importable from here; each name loads its module on first use, so
+`import phatgoose` stays light (no torch) for code that only needs the version.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_release"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "load_base_model": "phatgoose.models",
+    "model_fingerprint": "phatgoose.models",
+    "base_model_spec": "phatgoose.models",
+    "Example": "phatgoose.data",
+    "load_examples": "phatgoose.data",
+    "load_bigbench_task": "phatgoose.bigbench",
+    "Expert": "phatgoose.expert",
+    "TrainingConfig": "phatgoose.training",
+    "train_expert": "phatgoose.training",
+    "train_gates": "phatgoose.training",
+    "expert_from_peft": "phatgoose.training",
+    "build_routed_model": "phatgoose.routing",
+    "unroute_model": "phatgoose.routing",
+    "capture_routing": "phatgoose.routing",
+    "evaluate_task": "phatgoose.evaluation",
+    "load_release": "phatgoose.release",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from phatgoose.bigbench import load_bigbench_task
+    from phatgoose.data import Example, load_examples
+    from phatgoose.evaluation import evaluate_task
+    from phatgoose.expert import Expert
+    from phatgoose.models import base_model_spec, load_base_model, model_fingerprint
+    from phatgoose.release import load_release
+    from phatgoose.routing import build_routed_model, capture_routing, unroute_model
+    from phatgoose.training import TrainingConfig, expert_from_peft, train_expert, train_gates
 
 
 def __getattr__(name: str) -> object:
-    # `phatgoose.load_release` without importing torch on `import phatgoose`.
-    if name == "load_release":
-        from phatgoose.release import load_release
-
-        return load_release
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'phatgoose' has no attribute {name!r}")
