@@ -62,18 +62,28 @@ def would_be_accepted(files: dict[str, bytes] | None, spec: BaseModelSpec) -> bo
     return True
 
 
+def write_tally(counts: Counter[tuple[str, int]], database_url: str, done: bool) -> None:
+    """Add (or update) this database's entry in the `PHATGOOSE_FUZZ_REPORT` file."""
+    if not REPORT:
+        return
+    path = Path(REPORT)
+    entries = json.loads(path.read_text()) if path.exists() else []
+    database = database_url.split(":", 1)[0]
+    entries = [e for e in entries if e["database"] != database]
+    by_label: dict[str, dict[str, int]] = {}
+    for (label, status), n in sorted(counts.items()):
+        by_label.setdefault(label, {})[str(status)] = n
+    entries.append(
+        {"database": database, "cases": sum(counts.values()), "done": done, "by_label": by_label}
+    )
+    path.write_text(json.dumps(entries, indent=1))
+
+
 @pytest.fixture
-def tally() -> Iterator[Counter[tuple[str, int]]]:
+def tally(database_url: str) -> Iterator[Counter[tuple[str, int]]]:
     counts: Counter[tuple[str, int]] = Counter()
     yield counts
-    if REPORT:
-        path = Path(REPORT)
-        previous = json.loads(path.read_text()) if path.exists() else []
-        by_label: dict[str, dict[str, int]] = {}
-        for (label, status), n in sorted(counts.items()):
-            by_label.setdefault(label, {})[str(status)] = n
-        previous.append({"cases": sum(counts.values()), "by_label": by_label})
-        path.write_text(json.dumps(previous, indent=1))
+    write_tally(counts, database_url, done=True)
 
 
 def _examples(database_url: str) -> int:
@@ -114,6 +124,8 @@ def test_hostile_uploads_are_4xx_and_change_nothing(
             "/api/v1/experts", headers={**alice, **case.headers}, content=case.body
         )
         tally[(case.label, response.status_code)] += 1
+        if sum(tally.values()) % 500 == 0:  # progress, for long runs
+            write_tally(tally, database_url, done=False)
         where = f"{case.label}: {response.status_code} {response.text[:300]}"
         assert 400 <= response.status_code < 500, where
         detail = response.json()["detail"]
