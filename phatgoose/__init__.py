@@ -29,7 +29,25 @@ _EXPORTS = {
     "load_release": "phatgoose.release",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "Example",
+    "Expert",
+    "TrainingConfig",
+    "__version__",
+    "base_model_spec",
+    "build_routed_model",
+    "capture_routing",
+    "evaluate_task",
+    "expert_from_peft",
+    "load_base_model",
+    "load_bigbench_task",
+    "load_examples",
+    "load_release",
+    "model_fingerprint",
+    "train_expert",
+    "train_gates",
+    "unroute_model",
+]
 
 if TYPE_CHECKING:
     from phatgoose.bigbench import load_bigbench_task
