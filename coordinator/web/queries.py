@@ -205,6 +205,11 @@ class BoardRow:
             return None
         return math.sqrt(sum(s.stderr**2 for s in self.scores.values())) / len(self.scores)
 
+    def group_mean(self, groups: dict[str, str], group: str) -> float | None:
+        """Mean over this row's tasks of one group (`held-in`, `held-out`)."""
+        values = [s.accuracy for task, s in self.scores.items() if groups.get(task) == group]
+        return sum(values) / len(values) if values else None
+
     @property
     def evaluator_versions(self) -> list[str]:
         return sorted({s.evaluator_version for s in self.scores.values()})
@@ -225,11 +230,13 @@ class Board:
     sort: str
     descending: bool
     groups: dict[str, str] = field(default_factory=dict)
+    group_columns: list[str] = field(default_factory=list)  # group means shown beside the mean
     base_models: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
 
 
-SORT_KEYS = ("mean", "release", "method", "base_model", "experts", "date")
+SORT_KEYS = ("mean", "release", "method", "base_model", "experts", "date", "held-in", "held-out")
+GROUPS = (Split.HELD_IN.value, Split.HELD_OUT.value)
 
 
 def _expert_counts() -> Subquery:
@@ -315,6 +322,8 @@ def leaderboard(
             "base_model": BaseModelRecord.name,
             "experts": experts,
             "date": per_release.c.evaluated_at,
+            "held-in": _group_mean(Split.HELD_IN, groups),
+            "held-out": _group_mean(Split.HELD_OUT, groups),
         }[sort]
     ordered = sort_column.desc() if descending else sort_column.asc()
     page = session.execute(
@@ -354,8 +363,20 @@ def leaderboard(
         sort=sort,
         descending=descending,
         groups=groups,
+        group_columns=[g for g in GROUPS if any(groups.get(t) == g for t in tasks)]
+        if split == Split.ALL
+        else [],
         base_models=base_model_names(session),
         methods=[*release_methods(session), ORACLE],
+    )
+
+
+def _group_mean(group: Split, groups: dict[str, str]) -> ColumnElement[Any]:
+    """A release's mean over the tasks of one group, as a correlated subquery to sort by."""
+    return (
+        select(func.avg(EvaluationResult.accuracy))
+        .where(EvaluationResult.release_id == Release.id, *_result_conditions(group, groups))
+        .scalar_subquery()
     )
 
 

@@ -129,11 +129,20 @@ def test_leaderboard_shows_every_evaluated_release_best_mean_first_after_the_ora
 
 def test_leaderboard_cells_show_accuracy_stderr_n_evaluator_and_date(client, world):
     row = _board(client)[1]
-    hyperbaton = row[5]  # task columns follow the mean, sorted by name
+    hyperbaton = row[7]  # after the mean and the held-in and held-out means, tasks by name
     stderr = math.sqrt(0.75 * 0.25 / 40)
     assert hyperbaton == f"0.750 ±{stderr:.3f} n=40"
     assert row[-2] == "0.1.0"
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row[-1])
+
+
+def test_leaderboard_shows_held_in_and_held_out_means_beside_the_mean(client, world):
+    rows = _board(client)
+    phatgoose, oracle = rows[1], rows[0]
+    assert phatgoose[5:7] == [f"{(0.75 + 0.65) / 2:.3f}", "0.600"]
+    assert oracle[5:7] == [f"{(0.80 + 0.70) / 2:.3f}", "0.550"]
+    by_held_out = _board(client, sort="held-out", order="desc")
+    assert _numbers(by_held_out)[1:] == ["#5", "#3", "#1", "#2", "#4"]
 
 
 def test_leaderboard_marks_baselines_and_links_each_release(client, world):

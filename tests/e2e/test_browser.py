@@ -198,8 +198,10 @@ def test_leaderboard_sorts_when_a_header_is_clicked(page, coordinator_url, scree
     assert _first_column(page) == ["#1", "#2", "#3", "#4", "#5", "#6"]
     assert "sort=release" in page.url and "order=asc" in page.url
 
-    page.locator('#leaderboard th[data-sort-key="task:navigate"] a').click()
-    cells = page.locator("#leaderboard tbody.rows tr td:nth-child(7)").all()
+    header = page.locator('#leaderboard th[data-sort-key="task:navigate"]')
+    column = int(header.evaluate("th => th.cellIndex")) + 1
+    header.locator("a").click()
+    cells = page.locator(f"#leaderboard tbody.rows tr td:nth-child({column})").all()
     values = [float(cell.get_attribute("data-value") or "nan") for cell in cells]
     assert values == sorted(values, reverse=True)
 
