@@ -12,11 +12,17 @@ the manifest) is ever uploaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:  # torch and transformers load slowly: --help stays fast without them
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from client.inspection import PackageReport
+    from phatgoose.training import TrainingConfig
 
 app = typer.Typer(
     help="Contributors: train an expert on private data, inspect it, publish it.",
@@ -110,7 +116,7 @@ def _config(
     lr: float,
     gate_lr: float | None,
     seed: int,
-):  # -> TrainingConfig (imported late: torch is slow to import and --help should be fast)
+) -> TrainingConfig:
     from phatgoose.training import TrainingConfig
 
     return TrainingConfig(
@@ -350,7 +356,7 @@ def push(
 
 
 # ------------------------------------------------------------------------ output
-def _load_base(base: str):  # -> (model, tokenizer)
+def _load_base(base: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from phatgoose.models import load_base_model
 
     with console.status(f"loading base model {base}"):
@@ -381,7 +387,7 @@ def _print_summary(out: Path) -> None:
     console.print(f"written to [bold]{out}[/bold]; next: phatgoose client inspect {out}")
 
 
-def _print_report(report) -> None:  # client.inspection.PackageReport
+def _print_report(report: PackageReport) -> None:
     table = Table(title=f"package {report.directory}", show_header=False)
     for name, size in report.files.items():
         table.add_row(name, f"{size:,} bytes")
