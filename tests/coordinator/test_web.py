@@ -469,3 +469,21 @@ def test_pages_follow_the_read_policy(make_app, settings):
     with TestClient(private) as client:
         for path in ("/", "/ui/releases", "/ui/experts", "/ui/leaderboard/methods.png"):
             assert client.get(path).status_code == 401, path
+
+
+def test_a_single_release_over_several_experts_counts_for_the_expert_it_names(
+    app, client, maintainer, world
+):
+    both = ["alice/hyperbaton@1", "alice/navigate@1"]
+    number = create_release(
+        client, maintainer, method="single", experts=both, expert="alice/navigate"
+    )
+    record_evaluation(app, number, {HYPERBATON: TaskOutcome(0.9)})
+    with app.state.sessionmaker() as session:
+        (oracle,) = queries.oracle_rows(session)
+    assert (oracle.scores[HYPERBATON].accuracy, oracle.scores[HYPERBATON].source_number) == (
+        0.9,
+        number,
+    )
+    html = client.get("/ui/releases/5").text
+    assert re.findall(r'class="kl-value">([^<]+)<', html)[0] == f"{-math.log(0.375):.3f}"
