@@ -487,3 +487,18 @@ def test_a_single_release_over_several_experts_counts_for_the_expert_it_names(
     )
     html = client.get("/ui/releases/5").text
     assert re.findall(r'class="kl-value">([^<]+)<', html)[0] == f"{-math.log(0.375):.3f}"
+
+
+def test_contributed_text_is_escaped(client, alice, tiny_base, tmp_path):
+    publish_expert(
+        client,
+        alice,
+        tiny_base,
+        tmp_path / "package",
+        "alice/tricky",
+        description="<script>alert(1)</script>",
+    )
+    for path in ("/ui/experts", "/ui/experts/alice/tricky"):
+        html = client.get(path).text
+        assert "<script>alert(1)</script>" not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
