@@ -186,6 +186,10 @@ def routing_cost(
             help="Skip a configuration whose expert weights exceed this share of available memory."
         ),
     ] = 0.6,
+    reference_max_n: Annotated[
+        int,
+        typer.Option(help="Largest N for dense and arrow_peft, which compute all N (0: no limit)."),
+    ] = 166,
     base_model: Annotated[str, typer.Option(help="Base model name or path.")] = "smollm2-135m",
     output: Annotated[
         Path,
@@ -213,6 +217,7 @@ def routing_cost(
         top_k=top_k,
         threads=threads,
         memory_fraction=memory_fraction,
+        reference_max_n=reference_max_n or None,
         train_steps=max(train_steps, 1),
     )
     record = rc.run_routing_cost(config, training=train_steps > 0, output=output)

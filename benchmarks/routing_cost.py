@@ -84,6 +84,9 @@ class RoutingCostConfig:
     # A configuration whose expert weights would need more than this share of the
     # machine's available memory is skipped (and reported as skipped).
     memory_fraction: float = 0.6
+    # The dense reference and PEFT's Arrow compute all N experts: above this N they are
+    # skipped (reported as such) to keep the run's time bounded. None: no limit.
+    reference_max_n: int | None = 166
     train_steps: int = 3  # timed steps of LoRA and of gate training (after one warm-up step)
     paper_lora_steps: int = 1000  # for the per-expert totals (gates: a tenth)
     seed: int = 0
@@ -507,8 +510,20 @@ def run_routing_cost(
             else 0.0
         )
         available = available_memory_mb()
-        if available is not None and weights_mb > config.memory_fraction * available:
+        too_many = (
+            implementation in ("dense", "arrow_peft")
+            and config.reference_max_n is not None
+            and n > config.reference_max_n
+        )
+        if too_many:
             result: dict[str, Any] = {
+                "implementation": implementation,
+                "n_experts": n,
+                "status": "skipped",
+                "error": f"N above reference_max_n={config.reference_max_n} (computes all N)",
+            }
+        elif available is not None and weights_mb > config.memory_fraction * available:
+            result = {
                 "implementation": implementation,
                 "n_experts": n,
                 "status": "skipped",

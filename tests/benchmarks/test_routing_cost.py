@@ -42,7 +42,7 @@ def tiny_config(**overrides):
 def test_runner_measures_every_configuration_with_a_floor(tmp_path):
     output = tmp_path / "cost.json"
     record = run_routing_cost(
-        tiny_config(),
+        tiny_config(reference_max_n=2),
         model_factory=tiny_model_and_tokenizer,
         isolate=False,
         output=output,
@@ -54,7 +54,13 @@ def test_runner_measures_every_configuration_with_a_floor(tmp_path):
         ("lora", None),
         *((impl, n) for impl in ("phatgoose", "dense", "arrow_peft") for n in (2, 4)),
     }
+    skipped = {
+        (r["implementation"], r["n_experts"]) for r in record["results"] if r["status"] == "skipped"
+    }
+    assert skipped == {("dense", 4), ("arrow_peft", 4)}  # above reference_max_n
     for r in record["results"]:
+        if (r["implementation"], r["n_experts"]) in skipped:
+            continue
         assert r["status"] == "ok", r
         assert r["latency_s"] > 0 and r["base_latency_s"] > 0 and r["tokens_per_s"] > 0
         assert r["ratio_to_base"] == pytest.approx(r["latency_s"] / r["base_latency_s"])
@@ -70,7 +76,7 @@ def test_runner_measures_every_configuration_with_a_floor(tmp_path):
         if r["implementation"] == "phatgoose"
     }
     assert floors[4] > floors[2]
-    assert set(record["growth"]) == {"phatgoose", "dense", "arrow_peft"}
+    assert set(record["growth"]) == {"phatgoose"}  # dense and arrow_peft lack N=4
     training = record["training"]
     assert training["status"] == "ok"
     assert training["lora_step_s"] > 0 and training["gate_step_s"] > 0
@@ -83,6 +89,7 @@ def test_runner_measures_every_configuration_with_a_floor(tmp_path):
     assert plot(record, tmp_path / "cost.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # two spawned interpreters import torch: seconds on an idle machine
 def test_isolated_runs_measure_in_fresh_processes(tmp_path):
     record = run_routing_cost(
         tiny_config(implementations=["phatgoose"], n_experts=[2]),
