@@ -472,16 +472,8 @@ def experts_table(sessions: Any, refs: Mapping[str, str]) -> Table:
     from coordinator.experts.service import resolve_ref
 
     table = Table(title="catalogued experts")
-    for column in (
-        "expert",
-        "examples",
-        "LoRA steps",
-        "final loss",
-        "gate steps",
-        "gate loss",
-        "bytes",
-        "via",
-    ):
+    table.add_column("expert", no_wrap=True)
+    for column in ("examples", "steps", "loss", "gate steps", "gate loss", "MB", "via"):
         table.add_column(column)
     with sessions() as session:
         for ref in refs.values():
@@ -494,7 +486,7 @@ def experts_table(sessions: Any, refs: Mapping[str, str]) -> Table:
                 _fmt(t.get("final_loss")),
                 str(t["gate_steps"]),
                 _fmt(t.get("final_gate_loss")),
-                f"{version.total_size:,}",
+                f"{version.total_size / 1e6:.1f}",
                 version.channel,
             )
     return table
