@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from urllib.parse import quote
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel
@@ -49,7 +50,12 @@ def get_base_model(name: str, session: SessionDep, _reader: ReaderDep) -> BaseMo
     return record.to_spec()
 
 
-@router.post("", status_code=201, summary="Register a base model spec (maintainers)")
+@router.post(
+    "",
+    status_code=201,
+    summary="Register a base model spec (maintainers)",
+    responses={409: {"description": "another spec is registered under this name"}},
+)
 def register_base_model(
     spec: BaseModelSpec, response: Response, session: SessionDep, _maintainer: MaintainerDep
 ) -> BaseModelSummary:
@@ -57,5 +63,6 @@ def register_base_model(
         record = service.register_base_model(session, spec)
     except service.BaseModelConflict as error:
         raise Conflict(str(error)) from error
-    response.headers["Location"] = f"/api/v1/base-models/{record.name}"
+    # Percent-encoded: a header is latin-1, a name may be any text.
+    response.headers["Location"] = f"/api/v1/base-models/{quote(record.name, safe='')}"
     return BaseModelSummary.of(record)

@@ -44,6 +44,18 @@ ROUTERS: list[tuple[str, str]] = [
 ]
 
 
+_ERROR_BODY = "`{detail: {error, check, file, tensor, expected, message}}`"
+# Answers any route may give, documented on every route of the schema: a bad token is 401
+# even on a public read, a contributor on a maintainer route 403, a missing object 404, and
+# a client over the rate limit 429.
+COMMON_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"description": "no valid bearer token: " + _ERROR_BODY},
+    403: {"description": "not allowed for this token: " + _ERROR_BODY},
+    404: {"description": "not found: " + _ERROR_BODY},
+    429: {"description": "over the rate limit (see Retry-After): " + _ERROR_BODY},
+}
+
+
 def _is_missing(error: ModuleNotFoundError, module: str) -> bool:
     return error.name is not None and (module + ".").startswith(error.name + ".")
 
@@ -107,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(CoordinatorError, _coordinator_error)
     app.add_exception_handler(PackageRejected, _package_rejected)
     for router, prefix in available_routers():
-        app.include_router(router, prefix=prefix)
+        app.include_router(router, prefix=prefix, responses=COMMON_RESPONSES)
     log.info(
         "coordinator ready: database %s, data in %s",
         engine.url.render_as_string(),

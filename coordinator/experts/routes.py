@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +26,9 @@ from coordinator.storage import BlobNotFound
 from protocol import PACKAGE_FILES
 
 log = logging.getLogger(__name__)
+
+# Version numbers are 32-bit integers in the database: a larger one is a 422, not a 500.
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="the version number")]
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
@@ -100,7 +103,7 @@ def list_experts(
     uploaded_by: Annotated[str | None, Query(description="the uploading token's name")] = None,
     status: service.Status = service.Status.ACTIVE,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> ExpertVersionPage:
     page = service.list_versions(
         session,
@@ -127,7 +130,7 @@ def get_expert(namespace: str, name: str, session: SessionDep, _reader: ReaderDe
 
 @router.get("/{namespace}/{name}/{version}", summary="One version: manifest, provenance, files")
 def get_version(
-    namespace: str, name: str, version: int, session: SessionDep, _reader: ReaderDep
+    namespace: str, name: str, version: VersionNumber, session: SessionDep, _reader: ReaderDep
 ) -> ExpertVersionDetail:
     return ExpertVersionDetail.of(service.get_version(session, namespace, name, version))
 
@@ -141,7 +144,7 @@ def get_version(
 def download_file(
     namespace: str,
     name: str,
-    version: int,
+    version: VersionNumber,
     filename: str,
     session: SessionDep,
     blobs: BlobsDep,
@@ -172,7 +175,12 @@ def download_file(
     responses={403: _ERROR, 404: _ERROR, 409: _ERROR},
 )
 def yank(
-    namespace: str, name: str, version: int, body: YankRequest, session: SessionDep, token: TokenDep
+    namespace: str,
+    name: str,
+    version: VersionNumber,
+    body: YankRequest,
+    session: SessionDep,
+    token: TokenDep,
 ) -> ExpertVersionDetail:
     found = service.get_version(session, namespace, name, version)
     return ExpertVersionDetail.of(
@@ -186,7 +194,7 @@ def yank(
     responses={403: _ERROR, 404: _ERROR, 409: _ERROR},
 )
 def unyank(
-    namespace: str, name: str, version: int, session: SessionDep, token: TokenDep
+    namespace: str, name: str, version: VersionNumber, session: SessionDep, token: TokenDep
 ) -> ExpertVersionDetail:
     found = service.get_version(session, namespace, name, version)
     return ExpertVersionDetail.of(service.unyank_version(session, found, by=token))

@@ -5,6 +5,8 @@
 - An escaped lone surrogate ("\\ud800") in a manifest string was accepted and committed;
   the 201 reply (and every later listing that showed the version) then failed to encode
   as UTF-8: a 500 after the commit, and a catalog listing broken for everyone.
+- A version number or list offset past 32 bits was a 500 (OverflowError on SQLite); a
+  base model name outside latin-1 broke the Location header after the commit (a 500).
 - Duplicate-key detection in JSON files and safetensors headers was quadratic in the number
   of keys: a 250 kB expert.json held a worker for 16 s, a 1 MiB one for minutes.
 """
@@ -22,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.numpy import load_file, save_file
 
+from protocol import BaseModelSpec
 from tests.reliability.catalog import catalog_state
 
 
@@ -115,3 +118,40 @@ def test_safetensors_header_with_many_keys_is_checked_in_linear_time(
     assert response.status_code == 201, response.text
     assert elapsed < 30, f"{elapsed:.1f} s (quadratic duplicate-key check?)"
     assert catalog_state(app).versions == before.versions + 1
+
+
+def test_out_of_range_numbers_in_the_url_are_422_not_500(
+    app: FastAPI, alice: dict[str, str], package: Callable[..., Path]
+) -> None:
+    """A version number or offset beyond the database's integers was an OverflowError
+    (SQLite) or a DataError (PostgreSQL): a 500. Found by the schemathesis run."""
+    with _no_server_errors(app) as client:
+        assert _post(client, alice, package("alice/demo")).status_code == 201
+        huge = str(2**64)
+        for path in (
+            f"/api/v1/experts/alice/demo/{huge}",
+            f"/api/v1/experts/alice/demo/{huge}/files/expert.json",
+            f"/api/v1/experts?offset={huge}",
+            "/api/v1/experts/alice/demo/0",
+        ):
+            response = client.get(path)
+            assert response.status_code == 422, (path, response.text)
+        response = client.post(
+            f"/api/v1/experts/alice/demo/{huge}/yank", json={"reason": "x"}, headers=alice
+        )
+        assert response.status_code == 422
+        assert client.get("/api/v1/experts/alice/demo/1").status_code == 200
+
+
+def test_base_model_with_a_non_latin1_name_gets_an_encoded_location(
+    app: FastAPI, maintainer: dict[str, str], base_spec: BaseModelSpec
+) -> None:
+    """The Location header of a new base model was the raw name: a name outside latin-1
+    failed to encode after the commit (a 500). Found by the schemathesis run."""
+    spec = base_spec.model_copy(update={"name": "模型 ü/x", "fingerprint": "sha256:" + "1" * 64})
+    with _no_server_errors(app) as client:
+        response = client.post(
+            "/api/v1/base-models", json=spec.model_dump(mode="json"), headers=maintainer
+        )
+    assert response.status_code == 201, response.text
+    assert response.headers["location"] == "/api/v1/base-models/%E6%A8%A1%E5%9E%8B%20%C3%BC%2Fx"
