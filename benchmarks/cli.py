@@ -99,6 +99,14 @@ def zero_shot(
             "--train-only", help="Train and cache the experts (and multitask), no scoring."
         ),
     ] = False,
+    cached_only: Annotated[
+        bool,
+        typer.Option(
+            "--cached-only",
+            help="Train and score nothing: report what the cache holds (methods not "
+            "cached are listed as not run).",
+        ),
+    ] = False,
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the resolved settings and exit.")
     ] = False,
@@ -142,6 +150,7 @@ def zero_shot(
         output=output,
         say=typer.echo,
         train_only=train_only,
+        cached_only=cached_only,
     )
     if train_only:
         typer.echo(f"trained and cached: {[e['name'] for e in record['experts']]}")

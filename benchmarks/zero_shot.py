@@ -325,13 +325,17 @@ def cache_key(task: str, fingerprint: str, config: ZeroShotConfig, training: Tra
 
 
 def _cached_or_trained(
-    directory: Path, train: Callable[[], tuple[Expert, dict[str, float]]]
+    directory: Path,
+    train: Callable[[], tuple[Expert, dict[str, float]]],
+    cached_only: bool = False,
 ) -> tuple[Expert, dict[str, Any]]:
     """Load the package at `directory`, or train it and save it there atomically."""
     timings_file = directory / "benchmark-timings.json"
     if (directory / "expert.json").is_file():
         timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
         return Expert.load(directory), {"cached": True, **timings}
+    if cached_only:
+        raise NotCached(f"no cached expert at {directory}")
     expert, timings = train()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
@@ -356,6 +360,7 @@ def task_expert(
     base: BaseModelIdentity,
     embedder: Embedder | None = None,
     progress: bool = True,
+    cached_only: bool = False,
 ) -> tuple[Expert, dict[str, Any]]:
     """The task's expert with gates, average activations and retrieval embeddings (cached)."""
     training_config = config.training_config()
@@ -391,7 +396,8 @@ def task_expert(
             "vector_seconds": vector_seconds,
         }
 
-    expert, info = _cached_or_trained(cache_dir / f"{expert_name(task.name)}-{key}", train)
+    directory = cache_dir / f"{expert_name(task.name)}-{key}"
+    expert, info = _cached_or_trained(directory, train, cached_only)
     return expert, {**info, "key": key}
 
 
@@ -404,6 +410,7 @@ def multitask_expert(
     *,
     base: BaseModelIdentity,
     progress: bool = True,
+    cached_only: bool = False,
 ) -> tuple[Expert, dict[str, Any]]:
     """One LoRA on the union of the held-in training pools (no gates: it is not routed)."""
     training_config = config.training_config(steps=config.resolved_multitask_steps)
@@ -420,7 +427,7 @@ def multitask_expert(
         )  # fmt: skip
         return expert, {"lora_seconds": time.perf_counter() - started}
 
-    expert, info = _cached_or_trained(cache_dir / f"multitask-{key}", train)
+    expert, info = _cached_or_trained(cache_dir / f"multitask-{key}", train, cached_only)
     return expert, {**info, "key": key}
 
 
@@ -492,6 +499,10 @@ def summarise(
 
 
 # ---------------------------------------------------------------------------- runner
+class NotCached(LookupError):
+    """`cached_only` was asked for and something is not in the cache yet."""
+
+
 class EvaluationCache:
     """Per (model configuration, task) results on disk, so an interrupted or repeated run
     scores nothing twice. `identity` names the configuration: the method, the cache keys
@@ -536,8 +547,10 @@ def evaluate_all(
     cache: EvaluationCache | None = None,
     identity: dict[str, Any] | None = None,
     prepare: Callable[[], None] | None = None,
+    cached_only: bool = False,
 ) -> dict[str, TaskResult]:
-    """Every task's result; cached ones are read, the rest scored (after `prepare()`, once)."""
+    """Every task's result; cached ones are read, the rest scored (after `prepare()`, once),
+    or with `cached_only`, `NotCached` is raised."""
     results = {}
     prepared = False
     for task in tasks:
@@ -546,6 +559,8 @@ def evaluate_all(
         cached = cache.get(identity or {}, task.name) if cache is not None else None
         if cached is not None:
             results[task.name] = cached
+        elif cached_only:
+            raise NotCached(f"no cached result for task {task.name!r}")
         else:
             if prepare is not None and not prepared:
                 prepare()
@@ -574,12 +589,15 @@ def run_zero_shot(
     progress: bool = True,
     say: Say = log.info,
     train_only: bool = False,
+    cached_only: bool = False,
 ) -> dict[str, Any]:
     """Train (or load) the experts, evaluate every method, and return the result record.
 
     `train_only` trains and caches what the methods need (the task experts, and the
     multitask LoRA when asked for) and evaluates nothing: several such runs can fill the
-    cache in parallel before one evaluation run.
+    cache in parallel before one evaluation run. `cached_only` trains and scores
+    nothing: it reports what the cache holds and lists the other methods under `not_run`
+    (the experts themselves must be cached).
 
     With `output`, the record is also written there after every method, so an interrupted
     run keeps what it measured. `embedder` replaces MiniLM (retrieval) in tests.
@@ -604,7 +622,12 @@ def run_zero_shot(
     held_in = [t.name for t in tasks if t.held_in]
     held_out = [t.name for t in tasks if not t.held_in]
     record["tasks"] = {
-        t.name: {"held_in": t.held_in, "n_eval": len(t.evaluation), "n_train": len(t.training)}
+        t.name: {
+            "held_in": t.held_in,
+            "n_eval": len(t.evaluation),
+            "n_scored": len(t.evaluation[: config.eval_limit]),
+            "n_train": len(t.training),
+        }
         for t in tasks
     }
     say(f"{len(held_in)} held-in tasks, {len(held_out)} held-out tasks")
@@ -622,7 +645,7 @@ def run_zero_shot(
         for task in tqdm([t for t in tasks if t.held_in], desc="experts", disable=not progress):
             expert, info = task_expert(
                 model, tokenizer, task, config, cache_dir,
-                base=base, embedder=embedder, progress=progress,
+                base=base, embedder=embedder, progress=progress, cached_only=cached_only,
             )  # fmt: skip
             experts.append(expert)
             record["experts"].append(
@@ -648,6 +671,7 @@ def run_zero_shot(
 
     record["methods"] = {}
     record["single_experts"] = {}
+    record["not_run"] = {}
     cache = EvaluationCache(cache_dir / "evaluations", config, base.fingerprint)
     expert_keys = [e["key"] for e in record["experts"]]
     singles_needed = any(m in methods for m in ("oracle", "best_individual"))
@@ -665,15 +689,14 @@ def run_zero_shot(
         bar.set_postfix_str(label)
         try:
             return evaluate_all(
-                model, tokenizer, tasks, config, bar, cache=cache, identity=identity, prepare=route
-            )
+                model, tokenizer, tasks, config, bar,
+                cache=cache, identity=identity, prepare=route, cached_only=cached_only,
+            )  # fmt: skip
         finally:
             if routing_state(model) is not None:
                 unroute_model(model)
 
-    # Most informative first, so a run cut short still compares PHATGOOSE with the
-    # base model, merged experts and the oracle.
-    for method in [m for m in PRIORITY if m in methods]:
+    def _evaluate_method(method: str) -> None:
         if method in ROUTED_METHODS:
             identity = {"method": method, "experts": expert_keys, "top_k": config.top_k}
             if method == "base":
@@ -717,8 +740,9 @@ def run_zero_shot(
         elif method == "multitask":
             bar.set_postfix_str("training multitask")
             expert, info = multitask_expert(
-                model, tokenizer, tasks, config, cache_dir, base=base, progress=progress
-            )
+                model, tokenizer, tasks, config, cache_dir,
+                base=base, progress=progress, cached_only=cached_only,
+            )  # fmt: skip
             record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
             results = evaluate_routed(
                 "multitask",
@@ -728,11 +752,20 @@ def run_zero_shot(
                 ),
             )
             record["methods"]["multitask"] = summarise(results, held_in, held_out)
+
+    # Most informative first, so a run cut short still compares PHATGOOSE with the
+    # base model, merged experts and the oracle.
+    for method in [m for m in PRIORITY if m in methods]:
+        try:
+            _evaluate_method(method)
+        except NotCached as missing:
+            record["not_run"][method] = f"not in the cache ({missing})"
+            say(f"{method}: not run ({missing})")
         if method in record["methods"]:
             say(f"{method}: {_means_text(record['methods'][method])}")
         save()
     bar.close()
-    record["complete"] = True
+    record["complete"] = not record["not_run"]
     save()
     return record
 
@@ -760,7 +793,7 @@ def markdown_table(record: dict[str, Any]) -> str:
                 "" if result is None else f"{result['accuracy']:.2f} ± {result['stderr']:.2f}"
             )
         label = f"{name} (held-in)" if info["held_in"] else name
-        lines.append(f"| {label} | {info['n_eval']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {info['n_scored']} | " + " | ".join(cells) + " |")
     for key, label in (
         ("held_in_mean", "**held-in mean**"),
         ("held_out_mean", "**held-out mean**"),
@@ -778,6 +811,8 @@ def markdown_table(record: dict[str, Any]) -> str:
         cost.append("" if value is None else f"{value:.2f}")
     lines.append("| s / 1000 scored tokens | | " + " | ".join(cost) + " |")
     choices = []
+    for method, why in record.get("not_run", {}).items():
+        choices.append(f"Not run: {method} ({why}).")
     if "oracle" in record["methods"]:
         picks = record["methods"]["oracle"]["choice"]
         choices.append("Oracle picks: " + ", ".join(f"{t} -> {e}" for t, e in picks.items()) + ".")

@@ -132,6 +132,30 @@ def test_rerun_loads_cached_experts_instead_of_training(tmp_path, tasks_dir):
     assert [e["cached"] for e in third["experts"]] == [False, False]
 
 
+def test_cached_only_reports_what_the_cache_holds_and_lists_the_rest(tmp_path, tasks_dir):
+    kwargs = dict(
+        cache_dir=tmp_path / "cache", tasks_dir=tasks_dir, embedder=letter_counts, progress=False
+    )
+    run_zero_shot(
+        tiny_config(methods=["phatgoose"]), base_model=(tiny_llama(), tiny_tokenizer()), **kwargs
+    )
+    record = run_zero_shot(
+        tiny_config(), base_model=(tiny_llama(), tiny_tokenizer()), cached_only=True, **kwargs
+    )
+    assert set(record["methods"]) == {"phatgoose"}
+    assert set(record["not_run"]) == {
+        "base",
+        "merged",
+        "single_experts",
+        "arrow",
+        "average_activation",
+        "retrieval",
+        "multitask",
+    }
+    assert not record["complete"]
+    assert "Not run: multitask" in markdown_table(record)
+
+
 def result(task, accuracy):
     return TaskResult(task=task, accuracy=accuracy, stderr=0.0, n=10, seconds=1.0, scored_tokens=10)
 
