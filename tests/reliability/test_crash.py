@@ -24,11 +24,7 @@ import io
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
-from safetensors.numpy import load, save
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -50,7 +44,8 @@ from coordinator.core.db import make_engine
 from coordinator.experts.models import ExpertFile, ExpertVersion
 from tests.coordinator.helpers import TinyBase, bearer_headers
 from tests.reliability.catalog import temp_blob_files
-from tests.reliability.fuzzing import BOUNDARY, multipart, read_package
+from tests.reliability.fuzzing import BOUNDARY, multipart
+from tests.reliability.workload import Launcher, Packages, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 CYCLES = int(os.environ.get("PHATGOOSE_CRASH_CYCLES", "25"))
@@ -60,89 +55,6 @@ UPLOADS_PER_CYCLE = 4
 PACKAGE_NAMES = sorted(
     ["adapter_config.json", "adapter_model.safetensors", "expert.json", "router.safetensors"]
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Launcher:
-    """Starts coordinator processes: forked from a warm parent, or as plain uvicorn."""
-
-    def __init__(self, settings: dict[str, object], env: dict[str, str]) -> None:
-        self.settings = settings
-        self.env = env
-        self.fork_server = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.forkserver"],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert self.fork_server.stdout is not None
-        assert self.fork_server.stdout.readline().strip() == "ready"
-        self.plain: subprocess.Popen[bytes] | None = None
-
-    def start_forked(self, port: int) -> int:
-        assert self.fork_server.stdin is not None and self.fork_server.stdout is not None
-        self.fork_server.stdin.write(json.dumps({"port": port, "settings": self.settings}) + "\n")
-        self.fork_server.stdin.flush()
-        return int(self.fork_server.stdout.readline())
-
-    def start_plain(self, port: int) -> int:
-        """`python -m uvicorn --factory coordinator.core.app:create_app`, settings from env."""
-        command = [sys.executable, "-m", "uvicorn", "--factory", "coordinator.core.app:create_app"]
-        command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        self.plain = subprocess.Popen(command, cwd=ROOT, env=self.env)
-        return self.plain.pid
-
-    def kill(self, pid: int) -> None:
-        assert pid > 1, pid  # never a process group
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        if self.plain is not None and self.plain.pid == pid:
-            self.plain.wait(timeout=30)
-            self.plain = None
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the fork server reaps it
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.005)
-        raise AssertionError(f"coordinator process {pid} survived SIGKILL")
-
-    def close(self) -> None:
-        if self.plain is not None:
-            self.plain.kill()
-            self.plain.wait(timeout=30)
-        if self.fork_server.stdin is not None:
-            self.fork_server.stdin.close()
-        self.fork_server.kill()
-        self.fork_server.wait(timeout=30)
-
-
-def wait_healthy(base_url: str, pid: int, timeout: float = 60) -> float:
-    started = time.monotonic()
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/api/v1/health", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise AssertionError("the coordinator process exited during start-up") from None
-        time.sleep(0.01)
-    raise AssertionError(f"the coordinator did not answer within {timeout} s")
 
 
 @dataclass
@@ -159,32 +71,6 @@ class Tally:
     kills: int = 0
     startup_seconds: list[float] = field(default_factory=list)
     cycle_seconds: list[float] = field(default_factory=list)
-
-
-class Packages:
-    """Distinct valid packages, cheaply: the same expert with slightly moved gates and B."""
-
-    def __init__(self, directory: Path) -> None:
-        self.base = read_package(directory)
-        self.router = load(self.base["router.safetensors"])
-        self.adapter = load(self.base["adapter_model.safetensors"])
-        self.count = 0
-        self.rng = np.random.default_rng(0)
-
-    def next(self) -> dict[str, bytes]:
-        self.count += 1
-        router = {
-            k: v + self.rng.normal(0, 1e-3, v.shape).astype(v.dtype) for k, v in self.router.items()
-        }
-        adapter = {
-            k: (v + self.rng.normal(0, 1e-4, v.shape).astype(v.dtype)) if "lora_B" in k else v
-            for k, v in self.adapter.items()
-        }
-        return {
-            **self.base,
-            "router.safetensors": save(router),
-            "adapter_model.safetensors": save(adapter),
-        }
 
 
 def _throttled(body: bytes, chunk: int, pause: float) -> Iterator[bytes]:
