@@ -1,36 +1,37 @@
 """The method works end to end on three tiny synthetic tasks (seeded, CPU).
 
 Design (the mechanism each number checks):
-- Base: `tiny_llama` (2 layers, hidden 64) with its tied embeddings scaled x5. With the
+- Base: `tiny_llama` (2 layers, hidden 64) with its tied embeddings scaled x5 (with the
   default 0.02 init the final RMSNorm caps every logit near 1, so no LoRA can make a
-  confident prediction; scaled up, the residual stream is dominated by the current token,
-  which gives the base a strong prior: "the next character repeats this one".
-- Three tasks, each on its own 8-character alphabet (letters, digits, symbols), same rule:
-  continue the alphabet's cycle ("cdef" -> "ghab"). Free-text training targets, so the
-  loss sits on the task's own characters at every target position and the LoRA helps at
-  every own token: that is what a PHATGOOSE gate learns to open on.
-- Multiple choice: the true continuation against "repeat" (the base's favourite) and
-  "go backwards". The three choices share their first character, so the choice is decided
-  by predictions made at the task's own characters (not at the shared space before it).
+  confident prediction).
+- Three tasks, each on its own 8-character alphabet (letters, digits, symbols), each with
+  its own rule for continuing a walk round the alphabet's cycle: step +1, -1 and +3
+  ("cdef" -> "ghab" for letters, "6543" -> "2107" for digits, ...).
+- Shared geometry, task offset: character i of every alphabet gets the same embedding
+  plus a per-task offset of the same norm. The experts' updates therefore carry over to
+  the other alphabets and the rules conflict (the digits expert walks letters backwards),
+  so averaging the experts (merged) mixes contradictory rules, while the offset tells the
+  tasks' tokens apart, which is what a router can use.
+- Free-text training targets: the loss sits on the task's own characters at every target
+  position, so the LoRA helps at every own token, which is what a PHATGOOSE gate learns
+  to open on.
+- Multiple choice: the three rules' continuations from the same (correct) next character,
+  so the choice is decided by predictions made at the task's own characters, not at the
+  shared space before the continuation.
 - LoRA on the MLP input projections (gate_proj, up_proj) only. Measured with LoRA on every
-  linear: the gates of attention/o_proj/down_proj modules often *close* on their own task
-  (the update there is not useful on its own) and then route away from their expert, and
-  down_proj inputs are so small that its gate barely moves; with the MLP inputs the gates
-  open on their own tokens (sigmoid > 0.85 at layer 0) and routing follows the alphabet.
-- Routing is measured with top_k=1: with N=3 experts top-2 always gives weight to a wrong
-  expert, so "mostly its own expert" is only meaningful for the top choice.
+  linear (other task designs): the gates of attention/o_proj/down_proj modules often
+  *close* on their own task (that module's update is not useful on its own) and then route
+  away from their expert, and down_proj inputs are so small that its gate barely moves.
+- Routing shares use top_k=1: with N=3 experts top-2 always gives weight to a wrong
+  expert, so "mostly its own expert" is only meaningful for the top choice (accuracy is
+  checked with k=1 and the default k=2).
 
-Measured (this seed): own-expert top-1 share over all routed tokens [0.65, 0.74, 0.72]
-(chance 1/3); with k=2, own share of the two slots [0.40, 0.46, 0.44] (at most 0.5).
-Accuracy (40 examples per task): base [0, 0, 0], merged [0.825, 1, 1], PHATGOOSE k=2
-[1, 1, 1], k=1 [0.85, 1, 1]. About 25 s on a loaded 2-core machine.
-
-Known gap (strict xfail below): merging does NOT fail here. The final RMSNorm makes logits
-depend on the direction of the hidden state, so a third of each expert's update still wins
-its own task; and experts on disjoint alphabets do not conflict. Tasks that conflict on
-shared tokens (a constant shared answer, positional copy rules) either leave the experts
-unable to learn in a tiny random model or put the decision at shared tokens, where gates
-trained on one task's data have no reason to discriminate.
+Measured (this seed, 40 examples per task): own-expert top-1 share over every routed
+token of the evaluation (prompt and choices, both adapted modules of both layers)
+[0.92, 0.89, 0.96] (chance 1/3); with k=2 the own share of the two slots is
+[0.48, 0.50, 0.49] (at most 0.5). Accuracy: base [0.47, 0.53, 0.15], merged
+[0.72, 0.57, 0.75], PHATGOOSE k=2 [1, 1, 1], k=1 [1, 1, 1]; each expert alone scores 1.0
+on its own task and 0.0-0.7 on the others. About 25 s on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ pytestmark = pytest.mark.slow
 
 K = 8
 ALPHABETS = {"letters": "abcdefgh", "digits": "01234567", "symbols": "!#$%&*+="}
+STEPS = {"letters": 1, "digits": -1, "symbols": 3}  # each task's walk round its cycle
 TASKS = list(ALPHABETS)
+# Gates get 40 steps (not the paper's tenth of the LoRA steps) at a higher rate: with 10
+# steps from zero they barely leave sigmoid = 0.5 in a model this small.
 CONFIG = TrainingConfig(
     r=4,
     lora_alpha=8,
@@ -66,9 +70,10 @@ CONFIG = TrainingConfig(
 )
 
 
-def _run(task: str, start: int, n: int) -> str:
+def _run(task: str, start: int, n: int, step: int | None = None) -> str:
+    step = STEPS[task] if step is None else step
     alphabet = ALPHABETS[task]
-    return "".join(alphabet[(start + i) % K] for i in range(n))
+    return "".join(alphabet[(start + step * i) % K] for i in range(n))
 
 
 def _training_set(task: str, n: int, seed: int) -> list[Example]:
@@ -76,22 +81,21 @@ def _training_set(task: str, n: int, seed: int) -> list[Example]:
     out = []
     for _ in range(n):
         start, m = rng.randrange(K), rng.randint(3, 6)
-        out.append(Example(prompt=_run(task, start, m), target=_run(task, start + m, 4)))
+        target = _run(task, start + STEPS[task] * m, 4)
+        out.append(Example(prompt=_run(task, start, m), target=target))
     return out
 
 
 def _eval_set(task: str, n: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
-    alphabet = ALPHABETS[task]
+    own = STEPS[task]
     out = []
     for _ in range(n):
         start, m = rng.randrange(K), rng.randint(3, 6)
-        nxt = start + m
-        choices = [
-            _run(task, nxt, 3),  # the cycle goes on (correct)
-            alphabet[nxt % K] * 3,  # repeat: what the base prefers
-            "".join(alphabet[(nxt - i) % K] for i in range(3)),  # backwards
-        ]
+        nxt = start + own * m
+        # Every rule's continuation from the correct next character; the first is right.
+        steps = [own] + [s for s in STEPS.values() if s != own]
+        choices = [_run(task, nxt, 3, step=s) for s in steps]
         order = list(range(3))
         rng.shuffle(order)
         out.append(
@@ -104,13 +108,28 @@ def _eval_set(task: str, n: int, seed: int) -> list[Example]:
     return out
 
 
+def _shared_geometry_base(tokenizer):
+    """The tiny base with embeddings x5; character i of every alphabet = a shared vector
+    plus a per-task offset of the same norm (see the module docstring)."""
+    model = tiny_llama(seed=0, hidden_size=64, layers=2)
+    embeddings = model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        embeddings.mul_(5.0)
+        ids = {t: tokenizer.convert_tokens_to_ids(list(a)) for t, a in ALPHABETS.items()}
+        shared = embeddings[ids["letters"]].clone()
+        norm = shared.norm(dim=1).mean()
+        for task in TASKS:
+            offset = torch.randn(embeddings.shape[1], generator=generator)
+            embeddings[ids[task]] = shared + offset / offset.norm() * norm
+    return model
+
+
 @pytest.fixture(scope="module")
 def setup():
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer()
-    model = tiny_llama(seed=0, hidden_size=64, layers=2)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(5.0)
+    model = _shared_geometry_base(tokenizer)
     experts, evals = [], {}
     for i, task in enumerate(TASKS):
         examples = _training_set(task, 100, seed=i)
@@ -147,36 +166,23 @@ def test_each_expert_learned_its_own_task(setup):
             own = evaluate_task(model, tokenizer, evals[task], task=task, progress=False)
         finally:
             unroute_model(model)
-        assert own.accuracy >= 0.9, (task, own.accuracy)
+        assert own.accuracy >= 0.95, (task, own.accuracy)
 
 
 def test_phatgoose_routes_each_task_mostly_to_its_own_expert(setup):
     # Every routed token of the evaluation (prompt and choices), every adapted module,
-    # top-1 decisions. Chance is 1/3. Measured [0.65, 0.74, 0.72].
+    # top-1 decisions. Chance is 1/3. Measured [0.92, 0.89, 0.96].
     _, shares = _scores(setup, "phatgoose", top_k=1)
-    assert all(share > 0.55 for share in shares), shares
+    assert all(share > 0.75 for share in shares), shares
 
 
-def test_phatgoose_scores_far_above_the_base(setup):
-    base, _ = _scores(setup, "base")
+def test_phatgoose_scores_far_above_base_and_merged(setup):
+    base, _ = _scores(setup, "base")  # measured [0.47, 0.53, 0.15]
+    merged, _ = _scores(setup, "merged")  # measured [0.72, 0.57, 0.75]
+    assert max(merged) <= 0.85, merged  # the conflicting rules do hurt when averaged
     for top_k in (1, 2):
-        phatgoose, _ = _scores(setup, "phatgoose", top_k=top_k)
-        assert min(phatgoose) >= 0.75, (top_k, phatgoose)
-        assert sum(phatgoose) / 3 >= sum(base) / 3 + 0.6, (top_k, phatgoose, base)
-
-
-def test_phatgoose_at_least_matches_merged(setup):
-    merged, _ = _scores(setup, "merged")
-    phatgoose, _ = _scores(setup, "phatgoose", top_k=2)
-    assert sum(phatgoose) / 3 >= sum(merged) / 3 - 0.02, (phatgoose, merged)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="merged experts also solve these disjoint-alphabet tasks (see module docstring); "
-    "a design where merging fails and gates still route is still open",
-)
-def test_phatgoose_scores_far_above_merged(setup):
-    merged, _ = _scores(setup, "merged")
-    phatgoose, _ = _scores(setup, "phatgoose", top_k=2)
-    assert sum(phatgoose) / 3 >= sum(merged) / 3 + 0.3, (phatgoose, merged)
+        phatgoose, _ = _scores(setup, "phatgoose", top_k=top_k)  # measured [1, 1, 1]
+        assert min(phatgoose) >= 0.9, (top_k, phatgoose)
+        mean = sum(phatgoose) / 3
+        assert mean >= sum(base) / 3 + 0.5, (top_k, phatgoose, base)
+        assert mean >= sum(merged) / 3 + 0.25, (top_k, phatgoose, merged)
