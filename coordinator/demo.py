@@ -534,15 +534,20 @@ def build_releases(
 
 
 def queue_evaluations(
-    sessions: Any, plan: DemoPlan, numbers: Mapping[str, int], maintainer: Any
+    sessions: Any,
+    plan: DemoPlan,
+    numbers: Mapping[str, int],
+    maintainer: Any,
+    *,
+    create: bool = True,
 ) -> int:
     """One evaluation job per release on the held-in and held-out tasks, unless one with
-    the same spec exists; returns how many were queued."""
+    the same spec exists; returns how many jobs are not done yet (new or unfinished)."""
     from coordinator.evaluations import service as evaluations
     from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
     from coordinator.releases import service as releases
 
-    queued = 0
+    pending = 0
     with sessions() as session:
         for number in numbers.values():
             request = EvaluationCreate(
@@ -559,38 +564,37 @@ def queue_evaluations(
                 for job in evaluations.list_jobs_of_release(session, release.id)
                 if {k: job.spec.get(k) for k in wanted} == wanted and job.state != "failed"
             ]
-            if not existing:
+            if not existing and create:
                 evaluations.create_job(session, request, by=maintainer)
-                queued += 1
-    return queued
+            if not any(job.state == "done" for job in existing):
+                pending += 1
+    return pending
 
 
 def leaderboard_table(sessions: Any, numbers: Mapping[str, int], plan: DemoPlan) -> Table:
+    """Tasks down, releases across: accuracy ± standard error, then the group means."""
     from coordinator.leaderboard.service import leaderboard
 
     with sessions() as session:
         board = leaderboard(session)
     rows = [row for row in board.releases if row.release in set(numbers.values())]
     table = Table(title="leaderboard (accuracy ± standard error)")
-    table.add_column("release")
-    table.add_column("method")
-    tasks = [*plan.held_in, *plan.held_out]
-    for task in tasks:
-        table.add_column(task + (" (held out)" if task in plan.held_out else ""))
-    table.add_column("held-in mean")
-    table.add_column("held-out mean")
+    table.add_column("task", no_wrap=True)
     for row in rows:
-        cells = [
-            f"{row.scores[t].accuracy:.2f}±{row.scores[t].stderr:.2f}" if t in row.scores else "-"
-            for t in tasks
-        ]
+        table.add_column(f"#{row.release} {row.method}", no_wrap=True)
+    for task in [*plan.held_in, *plan.held_out]:
+        label = task + (" (held out)" if task in plan.held_out else "")
         table.add_row(
-            str(row.release),
-            row.method,
-            *cells,
-            _fmt(row.group_means.get("held_in")),
-            _fmt(row.group_means.get("held_out")),
+            label,
+            *(
+                f"{row.scores[task].accuracy:.2f} ± {row.scores[task].stderr:.2f}"
+                if task in row.scores
+                else "-"
+                for row in rows
+            ),
         )
+    for group, label in (("held_in", "held-in mean"), ("held_out", "held-out mean")):
+        table.add_row(f"[bold]{label}[/bold]", *(_fmt(row.group_means.get(group)) for row in rows))
     return table
 
 
@@ -609,15 +613,21 @@ def evaluate_releases(
     maintainer = demo_maintainer(sessions)
     numbers = build_releases(sessions, base, list(refs.values()), maintainer)
     console.print("releases: " + ", ".join(f"#{n} {method}" for method, n in numbers.items()))
-    queued = queue_evaluations(sessions, plan, numbers, maintainer)
-    if queued:
+    pending = queue_evaluations(sessions, plan, numbers, maintainer)
+    if pending:
         tasks = len(plan.held_in) + len(plan.held_out)
         console.print(
-            f"evaluating {queued} release(s) on {tasks} tasks x {plan.n_eval} examples "
-            "(rank classification)"
+            f"evaluating {pending} release(s) on {tasks} tasks x {plan.n_eval} examples "
+            "(rank classification; tasks already scored are kept)"
         )
         with console.status("the evaluation worker is scoring the releases"):
             run_worker(settings, WorkerOptions(tasks_dir=tasks_dir, poll_seconds=1.0), once=True)
+        left = queue_evaluations(sessions, plan, numbers, maintainer, create=False)
+        if left:
+            console.print(
+                f"[yellow]{left} evaluation(s) did not finish (failed, or still leased by a "
+                "worker that stopped); re-run the demo or `phatgoose coordinator worker`[/yellow]"
+            )
     else:
         console.print("every release was already evaluated on these tasks")
     console.print(leaderboard_table(sessions, numbers, plan))
