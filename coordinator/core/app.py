@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
 import phatgoose
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(CoordinatorError, _coordinator_error)
     app.add_exception_handler(PackageRejected, _package_rejected)
+    app.add_exception_handler(DataError, _data_error)
     for router, prefix in available_routers():
         app.include_router(router, prefix=prefix, responses=COMMON_RESPONSES)
     log.info(
@@ -140,3 +142,18 @@ async def _coordinator_error(_request: Request, error: Exception) -> JSONRespons
 async def _package_rejected(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, PackageRejected)
     return JSONResponse({"detail": error.to_dict()}, status_code=422)
+
+
+async def _data_error(_request: Request, error: Exception) -> JSONResponse:
+    """A value from the request that the database cannot hold (a NUL byte in a name on
+    PostgreSQL, an integer past its range): the request's fault, not the server's."""
+    log.info("request value refused by the database: %s", error)
+    body = {
+        "error": "bad_request",
+        "check": "request",
+        "file": None,
+        "tensor": None,
+        "expected": "names without NUL bytes, integers within 64 bits",
+        "message": "the request holds a value the database cannot store or compare",
+    }
+    return JSONResponse({"detail": body}, status_code=400)

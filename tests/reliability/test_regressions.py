@@ -7,6 +7,7 @@
   as UTF-8: a 500 after the commit, and a catalog listing broken for everyone.
 - A version number or list offset past 32 bits was a 500 (OverflowError on SQLite); a
   base model name outside latin-1 broke the Location header after the commit (a 500).
+- A NUL byte in a name in the URL was a 500 on PostgreSQL (its text cannot hold NUL).
 - Duplicate-key detection in JSON files and safetensors headers was quadratic in the number
   of keys: a 250 kB expert.json held a worker for 16 s, a 1 MiB one for minutes.
 """
@@ -155,3 +156,28 @@ def test_base_model_with_a_non_latin1_name_gets_an_encoded_location(
         )
     assert response.status_code == 201, response.text
     assert response.headers["location"] == "/api/v1/base-models/%E6%A8%A1%E5%9E%8B%20%C3%BC%2Fx"
+
+
+def test_nul_bytes_in_names_are_4xx_not_500(
+    app: FastAPI, alice: dict[str, str], package: Callable[..., Path]
+) -> None:
+    """PostgreSQL text cannot hold NUL: a name with %00 in the URL was a DataError, a 500.
+    Found by test_access.py's traversal test on PostgreSQL."""
+    with _no_server_errors(app) as client:
+        assert _post(client, alice, package("alice/demo")).status_code == 201
+        for path in (
+            "/api/v1/experts/a%00b/demo",
+            "/api/v1/experts/alice/de%00mo/1",
+            "/api/v1/experts/alice/demo/1/files/expert.json%00",
+            "/api/v1/base-models/tiny%00",
+        ):
+            response = client.get(path)
+            assert 400 <= response.status_code < 500, (path, response.text)
+            assert response.json()["detail"]["message"]
+        # A filter matching nothing: an empty page (SQLite) or a 400 (PostgreSQL).
+        response = client.get("/api/v1/experts?namespace=a%00b")
+        assert response.status_code in (200, 400), response.text
+        response = client.post(
+            "/api/v1/experts/al%00ice/demo/1/yank", json={"reason": "x"}, headers=alice
+        )
+        assert 400 <= response.status_code < 500
