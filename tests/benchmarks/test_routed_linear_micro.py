@@ -10,13 +10,14 @@ from phatgoose.routing.layer import RoutedLinear, TokenRouter
 
 def per_token_reference(layer, u, indices, weights):
     out = torch.zeros(u.shape[0], layer.out_features)
-    for t in range(u.shape[0]):
+    for t in range(u.shape[0]):  # y_t = sum_k w_tk B_z A_z u_t
         for z, w in zip(indices[t].tolist(), weights[t].tolist(), strict=True):
             out[t] += w * (layer.lora_B[z] @ (layer.lora_A[z] @ u[t]))
     return out
 
 
 def layer_with(num_experts, n=6, d=5, rank=3):
+    """Default sizes are not multiples of 4: the platform's path must not need alignment."""
     generator = torch.Generator().manual_seed(num_experts)
     base = torch.nn.Linear(n, d, bias=False)
     lora_a = torch.randn(num_experts, rank, n, generator=generator)
@@ -25,6 +26,7 @@ def layer_with(num_experts, n=6, d=5, rank=3):
     return RoutedLinear(base, lora_a, lora_b, TokenRouter(rows, min(2, num_experts)))
 
 
+@pytest.mark.parametrize("sizes", [(6, 5, 3), (8, 12, 4)], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize(
     ("num_experts", "tokens", "choice"),
     [
@@ -34,10 +36,13 @@ def layer_with(num_experts, n=6, d=5, rank=3):
         (3, 20, "one"),  # every pair on one expert (a fixed router)
     ],
 )
-def test_selected_update_matches_the_loop_and_a_per_token_reference(num_experts, tokens, choice):
-    layer = layer_with(num_experts)
+def test_selected_update_matches_the_loop_and_a_per_token_reference(
+    num_experts, tokens, choice, sizes
+):
+    n, d, rank = sizes
+    layer = layer_with(num_experts, n=n, d=d, rank=rank)
     generator = torch.Generator().manual_seed(tokens)
-    u = torch.randn(tokens, 6, generator=generator)
+    u = torch.randn(tokens, n, generator=generator)
     k = 2
     if choice == "spread":
         indices = torch.stack(
@@ -55,6 +60,8 @@ def test_selected_update_matches_the_loop_and_a_per_token_reference(num_experts,
         layer.selected_update(u, indices, weights), expected, rtol=1e-4, atol=1e-4
     )
     for name, mixture in METHODS.items():
+        if name == "grouped_mm" and n % 4:
+            continue  # grouped_mm needs 16-byte strides
         torch.testing.assert_close(
             mixture(layer, u, indices, weights), expected, rtol=1e-4, atol=1e-4, msg=name
         )
