@@ -89,7 +89,7 @@ def tally(database_url: str) -> Iterator[Counter[tuple[str, int]]]:
 def _examples(database_url: str) -> int:
     if EXAMPLES:
         return EXAMPLES
-    return 300 if database_url.startswith("sqlite") else 150
+    return 250 if database_url.startswith("sqlite") else 120
 
 
 def test_hostile_uploads_are_4xx_and_change_nothing(
