@@ -65,7 +65,9 @@ from phatgoose.training import TrainingConfig, train_expert, train_gates
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
+IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft", "phatgoose_grouped")
+# Measured on request only (`--implementations`): a proposal, not the platform's layer.
+DEFAULT_IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
 ModelFactory = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
 
@@ -77,7 +79,7 @@ class RoutingCostConfig:
     repeats: int = 5
     warmup: int = 1
     n_experts: list[int] = field(default_factory=lambda: [8, 32, 166, 512])
-    implementations: list[str] = field(default_factory=lambda: list(IMPLEMENTATIONS))
+    implementations: list[str] = field(default_factory=lambda: list(DEFAULT_IMPLEMENTATIONS))
     rank: int = 16
     top_k: int = 2
     threads: int | None = None
@@ -212,6 +214,18 @@ def _peft_lora_config(targets: list[str], rank: int, **kwargs: Any) -> Any:
     )
 
 
+class GroupedRoutedLinear(RoutedLinear):
+    """PROPOSAL, measured here only: the platform's routed linear with its mixture done
+    by two `F.grouped_mm` calls (`routed_linear_micro.mixture_grouped_mm`)."""
+
+    def selected_update(
+        self, u: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        from benchmarks.routed_linear_micro import mixture_grouped_mm
+
+        return mixture_grouped_mm(self, u, indices, weights)
+
+
 @dataclass
 class Prepared:
     """A configuration ready to time: the model to call and how to run it as the base."""
@@ -226,10 +240,13 @@ def prepare(
 ) -> Prepared:
     if implementation == "base":
         return Prepared(model, nullcontext, nullcontext)
-    if implementation in ("phatgoose", "dense"):
+    if implementation in ("phatgoose", "dense", "phatgoose_grouped"):
         layers = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
         if implementation == "dense":
             layers = {path: DenseRoutedLinear(layer) for path, layer in layers.items()}
+        if implementation == "phatgoose_grouped":
+            for layer in layers.values():
+                layer.__class__ = GroupedRoutedLinear
         return Prepared(model, functools.partial(swapped, model, layers), nullcontext)
     from peft import get_peft_model
 
@@ -561,7 +578,7 @@ def growth(results: list[dict[str, Any]], n_experts: list[int]) -> dict[str, Any
         return {}
     low, high = min(n_experts), max(n_experts)
     out = {}
-    for implementation in ("phatgoose", "dense", "arrow_peft"):
+    for implementation in ("phatgoose", "phatgoose_grouped", "dense", "arrow_peft"):
         rows = {r["n_experts"]: r for r in results if r["implementation"] == implementation}
         a, b = rows.get(low), rows.get(high)
         if a and b and a.get("status") == "ok" and b.get("status") == "ok":
@@ -621,7 +638,12 @@ def plot(record: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     results = record["results"]
-    for implementation, style in (("phatgoose", "o-"), ("dense", "s--"), ("arrow_peft", "^-.")):
+    for implementation, style in (
+        ("phatgoose", "o-"),
+        ("phatgoose_grouped", "o:"),
+        ("dense", "s--"),
+        ("arrow_peft", "^-."),
+    ):
         rows = [
             r for r in results if r["implementation"] == implementation and r.get("status") == "ok"
         ]
