@@ -1,5 +1,5 @@
 """A short run of benchmarks/load_test.py: concurrent uploads and catalog reads against a
-coordinator process for a few seconds, then one 24 MB upload. Zero errors, and the upload
+coordinator process for a few seconds, then one 64 MB upload. Zero errors, and the upload
 streams: the server's heap (anonymous RSS) grows by far less than the package."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_short_load_has_no_errors_and_bounded_memory(kind: str) -> None:
         uploaders=2,
         readers=3,
         postgres_url=POSTGRES_URL if kind == "postgres" else None,
-        big_mb=24,
+        big_mb=64,
         fork=True,
     )
     assert result["errors"] == 0, result["error_samples"]

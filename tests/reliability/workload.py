@@ -4,6 +4,7 @@ and an endless supply of distinct valid packages."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -37,16 +38,7 @@ class Launcher:
         self.plain: subprocess.Popen[bytes] | None = None
         self.fork_server: subprocess.Popen[str] | None = None
         if fork:
-            self.fork_server = subprocess.Popen(
-                [sys.executable, "-m", "tests.reliability.forkserver"],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            assert self.fork_server.stdout is not None
-            assert self.fork_server.stdout.readline().strip() == "ready"
+            self.fork_server = shared_fork_server()
 
     def start_forked(self, port: int) -> int:
         assert self.fork_server is not None
@@ -82,14 +74,38 @@ class Launcher:
         raise AssertionError(f"coordinator process {pid} survived SIGKILL")
 
     def close(self) -> None:
+        """Stop a plain process still running (the shared fork server stays)."""
         if self.plain is not None:
             self.plain.kill()
             self.plain.wait(timeout=30)
-        if self.fork_server is not None:
-            if self.fork_server.stdin is not None:
-                self.fork_server.stdin.close()
-            self.fork_server.kill()
-            self.fork_server.wait(timeout=30)
+            self.plain = None
+
+
+_fork_server: subprocess.Popen[str] | None = None
+
+
+def shared_fork_server() -> subprocess.Popen[str]:
+    """One fork server per test process: its imports (torch among them) are paid once."""
+    global _fork_server
+    if _fork_server is None or _fork_server.poll() is not None:
+        _fork_server = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability.forkserver"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert _fork_server.stdout is not None
+        assert _fork_server.stdout.readline().strip() == "ready"
+        atexit.register(_stop_fork_server, _fork_server)
+    return _fork_server
+
+
+def _stop_fork_server(process: subprocess.Popen[str]) -> None:
+    if process.stdin is not None:
+        process.stdin.close()
+    process.kill()
+    process.wait(timeout=30)
 
 
 def wait_healthy(base_url: str, pid: int, timeout: float = 60) -> float:
