@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
+
+# Ids are 32-bit integers in the database: a larger one is a 422, not a 500.
+RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
@@ -45,7 +50,7 @@ def list_evaluations(
 
 
 @router.get("/{job_id}", summary="An evaluation: state, attempts, results", responses={404: _ERROR})
-def get_evaluation(job_id: int, session: SessionDep, _reader: ReaderDep) -> EvaluationDetail:
+def get_evaluation(job_id: RowNumber, session: SessionDep, _reader: ReaderDep) -> EvaluationDetail:
     job = service.get_job(session, job_id)
     return EvaluationDetail.of(
         job, service.release_number(session, job), service.job_results(session, job.id)

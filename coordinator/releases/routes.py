@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Path, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.evaluations import service as evaluations
@@ -19,6 +19,9 @@ from coordinator.releases.schemas import (
     ScoresSummary,
     release_url,
 )
+
+# Ids are 32-bit integers in the database: a larger one is a 422, not a 500.
+RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/releases", tags=["releases"])
 
@@ -51,7 +54,7 @@ def list_releases(
 
 
 @router.get("/{number}", summary="A release: experts, manifest and scores", responses={404: _ERROR})
-def get_release(number: int, session: SessionDep, _reader: ReaderDep) -> ReleaseDetail:
+def get_release(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> ReleaseDetail:
     release = service.get_release(session, number)
     return ReleaseDetail.of_scored(release, _scores(session, release.id))
 
@@ -61,7 +64,7 @@ def get_release(number: int, session: SessionDep, _reader: ReaderDep) -> Release
     summary="The artifact manifest phatgoose.load_release reads",
     responses={404: _ERROR},
 )
-def get_manifest(number: int, session: SessionDep, _reader: ReaderDep) -> dict[str, Any]:
+def get_manifest(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> dict[str, Any]:
     return service.get_release(session, number).manifest
 
 

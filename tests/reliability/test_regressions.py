@@ -181,3 +181,16 @@ def test_nul_bytes_in_names_are_4xx_not_500(
             "/api/v1/experts/al%00ice/demo/1/yank", json={"reason": "x"}, headers=alice
         )
         assert 400 <= response.status_code < 500
+
+
+def test_out_of_range_release_and_evaluation_ids_are_422_not_500(app: FastAPI) -> None:
+    """GET /evaluations/{job_id} with a job id past 64 bits was a 500 (schemathesis)."""
+    huge = str(2**64)
+    with _no_server_errors(app) as client:
+        for path in (
+            f"/api/v1/evaluations/{huge}",
+            f"/api/v1/releases/{huge}",
+            f"/api/v1/releases/{huge}/manifest",
+        ):
+            response = client.get(path)
+            assert response.status_code == 422, (path, response.text)
