@@ -161,6 +161,18 @@ def _executable(name: str) -> str:
     return found
 
 
+def flower_environment(**extra: str) -> dict[str, str]:
+    """The environment for Flower's processes: this interpreter's scripts first on PATH.
+
+    The SuperLink and SuperNodes start further Flower executables by name (the SuperLink
+    runs `flower-superexec`), so they must resolve to this environment's console scripts
+    even when it is not activated (`.venv/bin/phatgoose demo`, `make test`).
+    """
+    scripts = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {**os.environ, "PATH": f"{scripts}{os.pathsep}{path}" if path else scripts, **extra}
+
+
 class LocalFederation:
     """A SuperLink and one SuperNode per contributor, as subprocesses on loopback.
 
@@ -209,7 +221,7 @@ class LocalFederation:
         self.logs[name] = log_path
         with log_path.open("wb") as log:
             self.processes[name] = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+                command, stdout=log, stderr=subprocess.STDOUT, env=flower_environment(**env)
             )
 
     def _home(self, name: str) -> dict[str, str]:
@@ -293,7 +305,7 @@ class LocalFederation:
             str(overrides),
             "--stream",
         ]
-        env = {**os.environ, "FLWR_HOME": str(cli_home), "PYTHONUNBUFFERED": "1"}
+        env = flower_environment(FLWR_HOME=str(cli_home), PYTHONUNBUFFERED="1")
         log_path = self.workdir / "flwr-run.log"
         self.logs["run"] = log_path
         deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@ simulated nodes find their private data through the run config's `simulation-dat
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import pytest
 from coordinator.base_models.service import register_base_model
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
-from coordinator.demo import _accepts, _executable, free_port, stage_app
+from coordinator.demo import _accepts, _executable, flower_environment, free_port, stage_app
 from coordinator.experts.service import list_versions
 from phatgoose.models import base_model_spec, load_base_model
 from tests.client.helpers import save_tiny_base, write_private_data
@@ -39,7 +38,7 @@ def test_flwr_run_in_local_simulation_catalogues_one_expert_per_simulated_node(t
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
         "insecure = true\n"
     )
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    env = flower_environment(FLWR_HOME=str(home))
     overrides = tmp_path / "run-config.toml"
     overrides.write_text(
         f'base-model = "{base_dir}"\nlora-steps = 3\ngate-steps = 2\nbatch-size = 4\n'
