@@ -18,22 +18,16 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from protocol import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    MANIFEST_FILE,
-    RETRIEVAL_FILE,
-    ROUTER_FILE,
+from protocol.flower import (
+    FILES_KEY,
+    JSON_FILES,
+    METADATA_SUFFIX,
+    PACKAGE_RECORD,
+    RAW_STYPE,
+    SAFETENSORS_FILES,
+    SHA256_SUFFIX,
+    TRAINING_RECORD,
 )
-
-PACKAGE_RECORD = "package"
-TRAINING_RECORD = "training"
-RAW_STYPE = "safetensors.raw"
-JSON_FILES = (MANIFEST_FILE, ADAPTER_CONFIG_FILE)
-SAFETENSORS_FILES = (ADAPTER_WEIGHTS_FILE, ROUTER_FILE, RETRIEVAL_FILE)
-FILES_KEY = "files"
-METADATA_SUFFIX = ".metadata"
-SHA256_SUFFIX = ".sha256"
 
 
 def read_safetensors_raw(data: bytes) -> tuple[dict[str, Array], dict[str, str] | None]:

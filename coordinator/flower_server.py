@@ -37,27 +37,20 @@ from coordinator.core.errors import CoordinatorError
 from coordinator.experts.models import Channel
 from coordinator.experts.service import register_expert_package
 from coordinator.storage import LocalBlobStore
-from protocol import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    MANIFEST_FILE,
-    RETRIEVAL_FILE,
-    ROUTER_FILE,
+from protocol.flower import (
+    FILES_KEY,
+    JSON_FILES,
+    METADATA_SUFFIX,
+    PACKAGE_RECORD,
+    RAW_STYPE,
+    SAFETENSORS_FILES,
+    SHA256_SUFFIX,
+    TRAIN_CONFIG_RECORD,
 )
 from protocol.validation import PackageRejected
 
 log = logging.getLogger(__name__)
 
-# The reply's layout (written by the client; see docs/federation.md).
-PACKAGE_RECORD = "package"
-TRAINING_RECORD = "training"
-RAW_STYPE = "safetensors.raw"
-FILES_KEY = "files"
-METADATA_SUFFIX = ".metadata"
-SHA256_SUFFIX = ".sha256"
-JSON_FILES = (MANIFEST_FILE, ADAPTER_CONFIG_FILE)
-SAFETENSORS_FILES = (ADAPTER_WEIGHTS_FILE, ROUTER_FILE, RETRIEVAL_FILE)
-TRAIN_CONFIG_RECORD = "config"
 
 # Run-config keys forwarded to every node as its training hyper-parameters.
 TRAINING_KEYS = (
