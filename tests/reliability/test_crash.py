@@ -10,8 +10,8 @@ it again. After every restart:
   blob, every blob's bytes hash to its name; the start-up report is healthy;
 - no temporary file is left after the start-up clean-up (upload folders, blob temp files).
 
-`PHATGOOSE_CRASH_CYCLES` sets the kills per database: 25 by default (50 kills over SQLite
-and PostgreSQL in CI); docs/reliability.md records a run with 50 per database. Processes come from a
+`PHATGOOSE_CRASH_CYCLES` sets the kills per database: 50 by default, so CI kills the
+coordinator 50 times on SQLite and 50 times on PostgreSQL. Processes come from a
 fork server (tests/reliability/forkserver.py) that imports the coordinator once; one cycle
 per database starts a plain `python -m uvicorn --factory` process when
 `PHATGOOSE_CRASH_PLAIN=1` (start-up then imports everything, torch included: slow).
@@ -48,7 +48,7 @@ from tests.reliability.fuzzing import BOUNDARY, multipart
 from tests.reliability.workload import Launcher, Packages, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
-CYCLES = int(os.environ.get("PHATGOOSE_CRASH_CYCLES", "25"))
+CYCLES = int(os.environ.get("PHATGOOSE_CRASH_CYCLES", "50"))
 # Also start one plain `python -m uvicorn` process (slow where torch is imported at start-up).
 PLAIN = os.environ.get("PHATGOOSE_CRASH_PLAIN", "") == "1"
 UPLOADS_PER_CYCLE = 4
