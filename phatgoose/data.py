@@ -7,15 +7,18 @@ special tokens, and concatenated, with the boundary before a prompt's trailing s
 (`token_boundary`); training targets end with EOS (`continuation_ids`).
 """
 
+from __future__ import annotations
+
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch loads with the first batch, not with the data format
+    from torch import Tensor
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,8 @@ def collate_for_training(
 
 
 def _pad(rows: list[list[int]], value: int) -> tuple[Tensor, Tensor]:
+    import torch
+
     """Right-pad rows to one width (at least 1): (ids [b, width], mask [b, width])."""
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), value, dtype=torch.long)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from coordinator.experts.models import ExpertVersion
-from phatgoose.routing.stats import RoutingStats
+
+if TYPE_CHECKING:
+    from phatgoose.routing.stats import RoutingStats
 
 
 class UnreadableStats(ValueError):
@@ -79,6 +79,11 @@ def per_layer_routing(data: Mapping[str, Any]) -> LayerRouting:
 
 
 def _stats_from_counts(data: Mapping[str, Any]) -> RoutingStats:
+    # torch only here: the coordinator starts (and serves most pages) without importing it.
+    import torch
+
+    from phatgoose.routing.stats import RoutingStats
+
     names = [str(name) for name in data["experts"]]
     counts = {
         str(path): torch.tensor([int(c) for c in row], dtype=torch.long)

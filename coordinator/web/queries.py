@@ -22,7 +22,6 @@ from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
 from coordinator.experts.models import Expert, ExpertVersion
 from coordinator.releases.models import Release, ReleaseExpert
-from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -44,6 +43,9 @@ OTHER = "other"
 def task_groups(session: Session) -> dict[str, str]:
     """Task -> `held-in` or `held-out`: the benchmark suite's lists (BENCHMARK.md), then
     every finished evaluation's declared `task_groups` (the newest job wins)."""
+    # Imported here: phatgoose.bigbench brings torch, which the pages do not otherwise need.
+    from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS
+
     groups = {task: Split.HELD_IN.value for task in HELD_IN_TASKS}
     groups |= {task: Split.HELD_OUT.value for task in HELD_OUT_TASKS}
     specs = session.scalars(
