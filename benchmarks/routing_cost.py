@@ -655,7 +655,8 @@ def plot(record: dict[str, Any], path: Path) -> Path:
                 label=implementation,
             )
     floor_rows = sorted(
-        (r for r in results if r["implementation"] == "phatgoose"), key=lambda r: r["n_experts"]
+        (r for r in results if r["implementation"] == "phatgoose" and "floor_ratio" in r),
+        key=lambda r: r["n_experts"],
     )
     if floor_rows:
         ax.plot(
