@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch and transformers load slowly: --help stays fast witho
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from client.inspection import PackageReport
+    from client.training import ContributorOptions
     from phatgoose.training import TrainingConfig
 
 app = typer.Typer(
@@ -106,6 +107,27 @@ LicenseOption = Annotated[str, typer.Option("--license", help="SPDX licence of t
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+def _options(
+    description: str,
+    license: str,
+    max_examples: int | None,
+    average_activation: bool,
+    retrieval_embeddings: bool,
+    quiet: bool,
+) -> ContributorOptions:
+    """What `train` and `import-peft` share beyond the hyper-parameters."""
+    from client.training import ContributorOptions
+
+    return ContributorOptions(
+        description=description,
+        license=license,
+        max_examples=max_examples,
+        average_activation=average_activation,
+        retrieval_embeddings=retrieval_embeddings,
+        progress=not quiet,
+    )
+
+
 def _config(
     rank: int,
     alpha: float,
@@ -174,18 +196,13 @@ def train(
     parameters, router vectors and a manifest. Defaults suit a CPU (BENCHMARK.md's
     reference settings); the paper uses --rank 16 --lr 5e-3 and ~1000 steps.
     """
-    from client.training import ContributorOptions, train_contributor_expert
+    from client.training import train_contributor_expert
     from phatgoose.data import DataFormatError
 
     _confirm_retrieval(retrieval_embeddings)
     config = _config(rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed)
-    options = ContributorOptions(
-        description=description,
-        license=license,
-        max_examples=max_examples,
-        average_activation=average_activation,
-        retrieval_embeddings=retrieval_embeddings,
-        progress=not quiet,
+    options = _options(
+        description, license, max_examples, average_activation, retrieval_embeddings, quiet
     )
     try:
         expert = train_contributor_expert(
@@ -239,19 +256,14 @@ def import_peft(
     The adapter must have been trained on the same base model; its LoRA weights are kept
     unchanged.
     """
-    from client.training import ContributorOptions, import_peft_expert, slug
+    from client.training import import_peft_expert, slug
     from phatgoose.data import DataFormatError
     from phatgoose.expert import ExpertError
 
     _confirm_retrieval(retrieval_embeddings)
     config = _config(8, 16.0, gate_steps, gate_steps, batch_size, max_length, lr, lr, seed)
-    options = ContributorOptions(
-        description=description,
-        license=license,
-        max_examples=max_examples,
-        average_activation=average_activation,
-        retrieval_embeddings=retrieval_embeddings,
-        progress=not quiet,
+    options = _options(
+        description, license, max_examples, average_activation, retrieval_embeddings, quiet
     )
     try:
         expert = import_peft_expert(
