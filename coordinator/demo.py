@@ -51,12 +51,9 @@ class DemoPlan:
     LoRA step at batch 8 x 128 tokens, so batch 4 x 96 tokens and a few dozen steps)."""
 
     held_in: tuple[str, ...] = ("sports_understanding", "navigate", "hyperbaton")
-    held_out: tuple[str, ...] = (
-        "code_line_description",
-        "known_unknowns",
-        "novel_concepts",
-        "strategyqa",
-    )
+    # Three short held-out tasks: novel_concepts (long prompts, 32 examples) cost ~45 s
+    # per release and pushed a fresh-machine run past 15 minutes.
+    held_out: tuple[str, ...] = ("code_line_description", "known_unknowns", "strategyqa")
     n_eval: int = 40  # evaluation examples per task (held back from the contributors)
     max_examples: int = 200  # training examples a contributor uses (a seeded sample)
     lora_rank: int = 8
@@ -91,7 +88,7 @@ class DemoPlan:
 DEFAULT_PLAN = DemoPlan()
 QUICK_PLAN = replace(
     DEFAULT_PLAN,
-    held_out=("code_line_description", "novel_concepts"),
+    held_out=("known_unknowns", "strategyqa"),
     n_eval=16,
     max_examples=64,
     lora_steps=6,
