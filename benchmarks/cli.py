@@ -82,9 +82,41 @@ def zero_shot(
     cache_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Where trained expert packages are cached (default: the phatgoose cache)."
+            help="Directory of cached evaluation results, and of expert packages from "
+            "before the catalog (read and registered into the catalog when found). "
+            "Default: <phatgoose cache>/benchmark-experts."
         ),
     ] = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(
+            "--catalog",
+            help="The expert cache: a coordinator data directory (SQLite + blobs; created "
+            "and migrated if missing). Experts are looked up there by name (namespace "
+            "'bench') and cache key before training, and registered there once trained. "
+            "Default: <phatgoose cache>/benchmark-catalog (~/.cache/phatgoose/"
+            "benchmark-catalog unless PHATGOOSE_CACHE moves it).",
+            show_default=False,
+        ),
+    ] = None,
+    catalog_database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog-database-url",
+            help="A shared coordinator database (SQLAlchemy URL) for the catalog; the blobs "
+            "stay in --catalog. Default: the SQLite file in --catalog.",
+            show_default=False,
+        ),
+    ] = None,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish/--no-publish",
+            help="After the run (--cached-only too), put the results on the catalog's "
+            "leaderboard: a release per method (oracle excluded: it is no release) with "
+            "its results as a finished evaluation job; identical ones are reused.",
+        ),
+    ] = True,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -113,8 +145,9 @@ def zero_shot(
 ) -> None:
     """Zero-shot quality of every method of METHOD.md (per task accuracy, stderr, n, means, cost).
 
-    Trained experts are cached (keyed by task, base weights and hyper-parameters), so a
-    re-run only evaluates. Never tune anything on the held-out tasks.
+    Trained experts are cached in a coordinator catalog (keyed by task, base weights and
+    hyper-parameters), so a re-run only evaluates; the results go to a JSON file and onto
+    the catalog's leaderboard. Never tune anything on the held-out tasks.
     """
     from benchmarks import zero_shot as zs
 
@@ -144,22 +177,33 @@ def zero_shot(
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     output = output or RESULTS_DIR / f"zero-shot-{preset or 'custom'}.json"
-    record = zs.run_zero_shot(
-        settings,
-        cache_dir=cache_dir or cache_root() / "benchmark-experts",
-        output=output,
-        say=typer.echo,
-        train_only=train_only,
-        cached_only=cached_only,
-    )
+    from benchmarks.catalog import BenchmarkCatalog, default_catalog_dir
+
+    with BenchmarkCatalog(
+        catalog or default_catalog_dir(), database_url=catalog_database_url
+    ) as expert_catalog:
+        record = zs.run_zero_shot(
+            settings,
+            cache_dir=cache_dir or cache_root() / "benchmark-experts",
+            output=output,
+            say=typer.echo,
+            train_only=train_only,
+            cached_only=cached_only,
+            catalog=expert_catalog,
+            publish=publish and not train_only,
+        )
+        hint = expert_catalog.serve_hint()
     if train_only:
         typer.echo(f"trained and cached: {[e['name'] for e in record['experts']]}")
+        typer.echo(f"experts catalogued in {expert_catalog.data_dir}")
         return
     table = zs.markdown_table(record)
     output.with_suffix(".md").write_text(table)
     zs.plot_means(record, output.with_suffix(".png"))
     typer.echo(table)
     typer.echo(f"results: {output} (+ .md, .png)")
+    if publish:
+        typer.echo(hint)
 
 
 def _int_list(value: str) -> list[int]:

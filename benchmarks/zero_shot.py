@@ -12,10 +12,13 @@ Multitask budget: the same number of optimiser steps as all contributors togethe
 (`steps * number of experts`, batch unchanged), so it sees as many training examples as
 the experts did in total. Gate steps are not counted (multitask has no router).
 
-Trained experts are cached as expert packages under
-`<cache>/<task>-<key>` where the key hashes the task, the base model's weight fingerprint,
-the data split and every training hyper-parameter: a re-run with the same settings
-trains nothing.
+Trained experts are cached in a coordinator catalog (`benchmarks.catalog`): the expert
+`bench/<task>` whose manifest carries the cache key, which hashes the task, the base
+model's weight fingerprint, the data split and every training hyper-parameter; a re-run
+with the same settings trains nothing. Packages under `<cache>/<task>-<key>` (the cache
+before the catalog; still the cache when no catalog is given) are read too and registered
+into the catalog when found. With `publish`, the results become releases and finished
+evaluation jobs on that catalog's leaderboard.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -58,6 +61,9 @@ from phatgoose.training import (
     train_gates,
 )
 from protocol import BaseModelIdentity
+
+if TYPE_CHECKING:
+    from benchmarks.catalog import BenchmarkCatalog
 
 log = logging.getLogger(__name__)
 
@@ -328,15 +334,69 @@ def _cached_or_trained(
     directory: Path,
     train: Callable[[], tuple[Expert, dict[str, float]]],
     cached_only: bool = False,
+    *,
+    catalog: BenchmarkCatalog | None = None,
+    name: str = "",
+    key: str = "",
+    fingerprint: str = "",
+    registrable: Callable[[Expert], Expert | None] | None = None,
 ) -> tuple[Expert, dict[str, Any]]:
-    """Load the package at `directory`, or train it and save it there atomically."""
+    """The expert from the catalog (by `name` and cache `key`), else the package at
+    `directory` (registered into the catalog when found there), else trained: registered
+    into the catalog, or saved at `directory` atomically when there is no catalog (or the
+    catalog refuses it). `registrable` makes an expert the catalog accepts (gates for the
+    multitask LoRA), or returns None when that needs training and `cached_only` forbids it.
+    """
+    if catalog is not None:
+        ref = catalog.find(name, key, fingerprint)
+        if ref is not None:
+            return catalog.load(ref), {"cached": True, "source": "catalog", "ref": ref}
     timings_file = directory / "benchmark-timings.json"
     if (directory / "expert.json").is_file():
         timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-        return Expert.load(directory), {"cached": True, **timings}
+        expert = Expert.load(directory)
+        info: dict[str, Any] = {"cached": True, "source": "directory", **timings}
+        if catalog is not None:
+            expert, registered = _register(catalog, expert, key, registrable)
+            info.update(registered)
+        return expert, info
     if cached_only:
-        raise NotCached(f"no cached expert at {directory}")
+        where = f"in the catalog {catalog.data_dir} nor " if catalog is not None else ""
+        raise NotCached(f"no cached expert {name} (key {key}) {where}at {directory}")
     expert, timings = train()
+    info = {"cached": False, "source": "trained", **timings}
+    if catalog is not None:
+        expert, registered = _register(catalog, expert, key, registrable)
+        info.update(registered)
+        if registered["ref"] is not None:
+            return expert, info
+    _save_package(expert, timings, directory)  # nothing trained is lost
+    return expert, info
+
+
+def _register(
+    catalog: BenchmarkCatalog,
+    expert: Expert,
+    key: str,
+    registrable: Callable[[Expert], Expert | None] | None,
+) -> tuple[Expert, dict[str, Any]]:
+    """Register `expert` into the catalog: (the expert as registered, {"ref": ... or None,
+    "catalog": why not}). A refusal is reported, not raised: the expert stays usable."""
+    from coordinator.core.errors import CoordinatorError
+    from protocol.validation import PackageRejected
+
+    candidate = registrable(expert) if registrable is not None else expert
+    if candidate is None:
+        why = "not registered: it has no gates (a run without --cached-only trains them)"
+        return expert, {"ref": None, "catalog": why}
+    try:
+        return candidate, {"ref": catalog.register(candidate, key)}
+    except (CoordinatorError, PackageRejected) as error:
+        log.warning("the catalog refused expert %s (key %s): %s", expert.name, key, error)
+        return candidate, {"ref": None, "catalog": f"not registered: {error}"}
+
+
+def _save_package(expert: Expert, timings: dict[str, float], directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
@@ -347,7 +407,6 @@ def _cached_or_trained(
         tmp.rename(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return expert, {"cached": False, **timings}
 
 
 def task_expert(
@@ -361,6 +420,7 @@ def task_expert(
     embedder: Embedder | None = None,
     progress: bool = True,
     cached_only: bool = False,
+    catalog: BenchmarkCatalog | None = None,
 ) -> tuple[Expert, dict[str, Any]]:
     """The task's expert with gates, average activations and retrieval embeddings (cached)."""
     training_config = config.training_config()
@@ -396,8 +456,11 @@ def task_expert(
             "vector_seconds": vector_seconds,
         }
 
-    directory = cache_dir / f"{expert_name(task.name)}-{key}"
-    expert, info = _cached_or_trained(directory, train, cached_only)
+    name = expert_name(task.name)
+    expert, info = _cached_or_trained(
+        cache_dir / f"{name}-{key}", train, cached_only,
+        catalog=catalog, name=name, key=key, fingerprint=base.fingerprint,
+    )  # fmt: skip
     return expert, {**info, "key": key}
 
 
@@ -411,8 +474,11 @@ def multitask_expert(
     base: BaseModelIdentity,
     progress: bool = True,
     cached_only: bool = False,
+    catalog: BenchmarkCatalog | None = None,
 ) -> tuple[Expert, dict[str, Any]]:
-    """One LoRA on the union of the held-in training pools (no gates: it is not routed)."""
+    """One LoRA on the union of the held-in training pools. It is not routed, but the
+    catalog only accepts experts with gates: before registering, gates are trained on the
+    pooled data with the experts' gate settings (not counted in the multitask budget)."""
     training_config = config.training_config(steps=config.resolved_multitask_steps)
     held_in = [t for t in tasks if t.held_in]
     names = "+".join(sorted(t.name for t in held_in))
@@ -427,7 +493,20 @@ def multitask_expert(
         )  # fmt: skip
         return expert, {"lora_seconds": time.perf_counter() - started}
 
-    expert, info = _cached_or_trained(cache_dir / f"multitask-{key}", train, cached_only)
+    def registrable(expert: Expert) -> Expert | None:
+        if expert.has_gates:
+            return expert
+        if cached_only:
+            return None
+        return train_gates(
+            model, tokenizer, expert, pooled, config=config.training_config(), progress=progress
+        )
+
+    expert, info = _cached_or_trained(
+        cache_dir / f"multitask-{key}", train, cached_only,
+        catalog=catalog, name="multitask", key=key, fingerprint=base.fingerprint,
+        registrable=registrable,
+    )  # fmt: skip
     return expert, {**info, "key": key}
 
 
@@ -590,8 +669,14 @@ def run_zero_shot(
     say: Say = log.info,
     train_only: bool = False,
     cached_only: bool = False,
+    catalog: BenchmarkCatalog | None = None,
+    publish: bool = False,
 ) -> dict[str, Any]:
     """Train (or load) the experts, evaluate every method, and return the result record.
+
+    With a `catalog`, experts are looked up in and registered into it (`cache_dir` is read
+    as a fallback and keeps the evaluation results); with `publish` too, the results go
+    onto its leaderboard at the end (`record["leaderboard"]`; not with `train_only`).
 
     `train_only` trains and caches what the methods need (the task experts, and the
     multitask LoRA when asked for) and evaluates nothing: several such runs can fill the
@@ -634,6 +719,10 @@ def run_zero_shot(
 
     model, tokenizer = base_model or load_base_model(config.base_model)
     base = BaseModelIdentity(name=config.base_model, fingerprint=model_fingerprint(model))
+    if publish and catalog is None:
+        raise ValueError("publish needs a catalog (a coordinator data directory)")
+    if catalog is not None:  # experts can only be registered over a registered base model
+        catalog.ensure_base_model(model, config.base_model)
 
     methods = [m for m in METHODS if m in config.methods]
     if "oracle" in methods or "best_individual" in methods:
@@ -646,6 +735,7 @@ def run_zero_shot(
             expert, info = task_expert(
                 model, tokenizer, task, config, cache_dir,
                 base=base, embedder=embedder, progress=progress, cached_only=cached_only,
+                catalog=catalog,
             )  # fmt: skip
             experts.append(expert)
             record["experts"].append(
@@ -662,8 +752,9 @@ def run_zero_shot(
     if train_only:
         if "multitask" in methods:
             _, info = multitask_expert(
-                model, tokenizer, tasks, config, cache_dir, base=base, progress=progress
-            )
+                model, tokenizer, tasks, config, cache_dir,
+                base=base, progress=progress, catalog=catalog,
+            )  # fmt: skip
             record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
         record["complete"] = True
         save()
@@ -741,7 +832,7 @@ def run_zero_shot(
             bar.set_postfix_str("training multitask")
             expert, info = multitask_expert(
                 model, tokenizer, tasks, config, cache_dir,
-                base=base, progress=progress, cached_only=cached_only,
+                base=base, progress=progress, cached_only=cached_only, catalog=catalog,
             )  # fmt: skip
             record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
             results = evaluate_routed(
@@ -766,6 +857,16 @@ def run_zero_shot(
         save()
     bar.close()
     record["complete"] = not record["not_run"]
+    if publish and catalog is not None:
+        from benchmarks.catalog import publish as publish_results
+
+        record["leaderboard"] = publish_results(catalog, record)
+        say(
+            "published to the leaderboard: "
+            + ", ".join(f"{m} (release #{n})" for m, n in record["leaderboard"]["releases"].items())
+        )
+        for method, why in record["leaderboard"]["skipped"].items():
+            say(f"not on the leaderboard: {method} ({why})")
     save()
     return record
 

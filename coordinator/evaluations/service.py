@@ -13,6 +13,7 @@ write nothing, so no task is stored twice and a job is never finished by two wor
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -267,6 +268,68 @@ def _finish(job: EvaluationJob, state: JobState, now: datetime) -> None:
     job.state = state
     job.finished_at = now
     job.lease_expires_at = None
+
+
+def import_job(
+    session: Session,
+    request: EvaluationCreate,
+    scores: Sequence[TaskScore],
+    *,
+    by: Token,
+    source: Mapping[str, Any],
+) -> EvaluationJob:
+    """A finished job holding scores computed outside the workers (e.g. a benchmark run).
+
+    The job and its results are written in one transaction and the job is `done` from the
+    start, so no worker ever claims it and the leaderboard never sees half of it.
+    `source` (JSON) goes to `spec["source"]`: where the scores come from and how.
+    """
+    release = releases.get_release(session, request.release)
+    tasks = [score.task for score in scores]
+    if sorted(tasks) != sorted(request.tasks):
+        raise ValueError(
+            f"imported scores must cover the job's tasks exactly once: tasks {request.tasks}, "
+            f"scores for {tasks}"
+        )
+    spec = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
+    spec["requested_by"] = by.name
+    spec["source"] = dict(source)
+    now = utcnow()
+    begin_write(session)
+    job = EvaluationJob(
+        release_id=release.id,
+        spec=spec,
+        state=JobState.DONE,
+        attempts=1,
+        worker_id=f"import:{by.name}",
+        started_at=now,
+        finished_at=now,
+    )
+    session.add(job)
+    session.flush()
+    for score in scores:
+        session.add(
+            EvaluationResult(
+                job_id=job.id,
+                release_id=release.id,
+                task=score.task,
+                accuracy=score.accuracy,
+                stderr=score.stderr,
+                n=score.n,
+                evaluator_version=score.evaluator_version,
+                seconds=score.seconds,
+                routing_stats=score.routing_stats,
+            )
+        )
+    session.commit()
+    log.info(
+        "imported evaluation %d: release %d on %d task(s) by %s",
+        job.id,
+        release.number,
+        len(scores),
+        by.name,
+    )
+    return job
 
 
 # --- scores ----------------------------------------------------------------------------

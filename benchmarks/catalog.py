@@ -1,0 +1,363 @@
+"""The zero-shot benchmark's expert cache is a coordinator catalog, and its results go to
+that catalog's leaderboard.
+
+`BenchmarkCatalog` opens a coordinator data directory (SQLite + blobs, created and
+migrated if missing) or a shared database, and works through the coordinator's own
+services: experts enter through `register_expert_package` (the validation path of an HTTP
+upload), releases through `create_release`, results through the evaluations service.
+
+An expert is found again by its name (`expert_name(task)`) in the `bench` namespace and the
+benchmark's cache key, which the manifest carries in its free-form `description` as
+`[cache key <16 hex>]` (the manifest has no other free-form field, and the protocol stays
+as it is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+from transformers import PreTrainedModel
+
+import phatgoose
+from coordinator.auth import service as auth
+from coordinator.auth.models import Role, Token
+from coordinator.base_models.service import register_base_model
+from coordinator.core.app import open_database
+from coordinator.core.config import Settings
+from coordinator.evaluations import service as evaluations
+from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
+from coordinator.experts import service as experts_service
+from coordinator.experts.models import Channel, ExpertVersion
+from coordinator.leaderboard.schemas import Leaderboard
+from coordinator.leaderboard.service import leaderboard
+from coordinator.releases import service as releases
+from coordinator.releases.schemas import ReleaseCreate
+from coordinator.storage import LocalBlobStore
+from phatgoose.expert import Expert
+from phatgoose.models import base_model_spec, cache_root
+from protocol import PACKAGE_FILES
+
+NAMESPACE = "bench"
+SOURCE = "phatgoose bench zero-shot"
+# Routed methods published as releases over every expert of the run.
+RELEASED_METHODS = ("base", "phatgoose", "merged", "arrow", "average_activation", "retrieval")
+_KEY_MARK = re.compile(r"\s*\[cache key ([0-9a-f]{16})\]$")
+
+
+def default_catalog_dir() -> Path:
+    return cache_root() / "benchmark-catalog"
+
+
+def with_cache_key(expert: Expert, key: str) -> Expert:
+    """The expert with `[cache key <key>]` ending its manifest's description."""
+    description = _KEY_MARK.sub("", expert.manifest.description)
+    manifest = expert.manifest.model_copy(
+        update={"description": f"{description} [cache key {key}]".strip()}
+    )
+    return dataclasses.replace(expert, manifest=manifest)
+
+
+def cache_key_of(manifest: Mapping[str, Any]) -> str | None:
+    found = _KEY_MARK.search(str(manifest.get("description", "")))
+    return found.group(1) if found else None
+
+
+class BenchmarkCatalog:
+    """A coordinator catalog used as the benchmark's expert cache and leaderboard.
+
+    `data_dir` holds the blobs (and the SQLite file unless `database_url` names a shared
+    database). Experts are published by a maintainer token named after `namespace`
+    (created once), so bare expert names land in that namespace.
+    """
+
+    def __init__(
+        self, data_dir: Path, *, database_url: str | None = None, namespace: str = NAMESPACE
+    ) -> None:
+        options: dict[str, Any] = {"data_dir": Path(data_dir).expanduser()}
+        if database_url:
+            options["database_url"] = database_url
+        self.settings = Settings(**options)
+        self.data_dir = self.settings.data_dir
+        self.namespace = namespace
+        self.engine, self.sessions = open_database(self.settings)
+        self.blobs = LocalBlobStore(self.settings.blob_dir)
+        self._token: Token | None = None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> BenchmarkCatalog:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            yield session
+
+    @property
+    def token(self) -> Token:
+        """The benchmark's maintainer token (its secret is never needed)."""
+        if self._token is None:
+            with self.session() as session:
+                for token in auth.list_tokens(session):
+                    if (
+                        token.name == self.namespace
+                        and token.revoked_at is None
+                        and token.is_maintainer
+                    ):
+                        self._token = token
+                        break
+                else:
+                    self._token = auth.create_token(
+                        session, name=self.namespace, role=Role.MAINTAINER
+                    ).token
+        return self._token
+
+    # ----------------------------------------------------------------- experts
+    def ensure_base_model(self, model: PreTrainedModel, name: str) -> None:
+        """Register the base model (a no-op when this exact model is registered)."""
+        with self.session() as session:
+            register_base_model(session, base_model_spec(model, name))
+
+    def find(self, name: str, key: str, fingerprint: str) -> str | None:
+        """The newest active version of `namespace/name` with this cache key and base
+        weights, as `namespace/name@version`; None if there is none."""
+        with self.session() as session:
+            page = experts_service.list_versions(
+                session, namespace=self.namespace, name=name, limit=10_000
+            )
+            matches = [
+                v
+                for v in page.items
+                if cache_key_of(v.manifest) == key
+                and v.manifest.get("base_model", {}).get("fingerprint") == fingerprint
+            ]
+            return max(matches, key=lambda v: v.number).ref if matches else None
+
+    def load(self, ref: str) -> Expert:
+        """The expert `ref` read from the blob store."""
+        with self.session() as session:
+            version = experts_service.resolve_ref(session, ref)
+            files = {f.filename: f.sha256 for f in version.files}
+        with tempfile.TemporaryDirectory(prefix="bench-expert-") as tmp:
+            for filename, sha256 in files.items():
+                source = self.blobs.local_path(sha256)
+                if source is None:
+                    raise FileNotFoundError(
+                        f"{ref}: blob {sha256} of {filename} is missing from {self.blobs.root}"
+                    )
+                (Path(tmp) / filename).symlink_to(source.resolve())
+            return Expert.load(tmp)
+
+    def register(self, expert: Expert, key: str) -> str:
+        """Register `expert` (tagged with `key`) through the upload's validation path;
+        returns its ref. Content already in the catalog returns the existing version."""
+        tagged = with_cache_key(expert, key)
+        with tempfile.TemporaryDirectory(prefix="bench-upload-", dir=self._tmp_dir()) as tmp:
+            tagged.save(tmp)
+            files = {
+                name: Path(tmp) / name for name in PACKAGE_FILES if (Path(tmp) / name).is_file()
+            }
+            with self.session() as session:
+                try:
+                    version: ExpertVersion = experts_service.register_expert_package(
+                        session,
+                        self.blobs,
+                        self.settings,
+                        files=files,
+                        uploader=self.token,
+                        channel=Channel.HTTP,
+                    )
+                except experts_service.DuplicatePackage as duplicate:
+                    return duplicate.existing.ref
+                return version.ref
+
+    def _tmp_dir(self) -> Path:
+        self.settings.upload_tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.settings.upload_tmp_dir
+
+    # -------------------------------------------------------------- leaderboard
+    def leaderboard(self) -> Leaderboard:
+        with self.session() as session:
+            return leaderboard(session)
+
+    def serve_hint(self) -> str:
+        # The URL may hold a password: name the option, not its value.
+        url = " --database-url <the same URL>" if self.settings.database_url else ""
+        return (
+            f"leaderboard: run `phatgoose coordinator serve --data-dir {self.data_dir}{url}` "
+            "and open http://127.0.0.1:8765/ui/leaderboard"
+        )
+
+
+# ---------------------------------------------------------------------- publishing
+def evaluator_version(record: Mapping[str, Any]) -> str:
+    """The library version and the benchmark's scoring window (fits the 64-char column)."""
+    length = record["config"].get("eval_max_length") or record["config"]["max_length"]
+    return f"{phatgoose.__version__}+zero-shot-L{length}"[:64]
+
+
+def _release_number(
+    session: Session,
+    token: Token,
+    *,
+    method: str,
+    base_model: str,
+    experts: Sequence[str],
+    top_k: int | None,
+    expert: str | None,
+) -> int:
+    """An identical release (method, base model, experts, k, single expert), else a new one."""
+    for release in releases.list_releases(session, base_model=base_model, method=method):
+        manifest = release.manifest
+        if (
+            sorted(e["ref"] for e in manifest["experts"]) == sorted(experts)
+            and release.top_k == top_k
+            # a release records its single expert by name; the version is in `experts`
+            and manifest.get("expert") == (expert.split("@")[0] if expert else None)
+        ):
+            return release.number
+    request = ReleaseCreate(
+        method=method,  # type: ignore[arg-type]
+        experts=list(experts),
+        top_k=top_k,
+        expert=expert,
+        base_model=base_model,
+        notes=f"published by `{SOURCE}`",
+    )
+    return releases.create_release(session, request, by=token).number
+
+
+def _job_id(
+    session: Session,
+    token: Token,
+    request: EvaluationCreate,
+    scores: Sequence[evaluations.TaskScore],
+    source: Mapping[str, Any],
+) -> tuple[int, bool]:
+    """A finished job of the release with this spec and these scores, else a new imported
+    one: (job id, created)."""
+    wanted = {
+        **request.model_dump(mode="json", exclude={"release"}, exclude_none=True),
+        "source": dict(source),
+    }
+    ours = {s.task: (s.accuracy, s.stderr, s.n, s.evaluator_version) for s in scores}
+    release = releases.get_release(session, request.release)
+    for job in evaluations.list_jobs_of_release(session, release.id):
+        spec = {k: v for k, v in job.spec.items() if k != "requested_by"}
+        if job.state != "done" or spec != wanted:
+            continue
+        theirs = {
+            r.task: (r.accuracy, r.stderr, r.n, r.evaluator_version)
+            for r in evaluations.job_results(session, job.id)
+        }
+        if theirs == ours:
+            return job.id, False
+    job = evaluations.import_job(session, request, scores, by=token, source=source)
+    return job.id, True
+
+
+def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Releases for the run's methods and their results as finished evaluation jobs.
+
+    Routed methods become releases over every expert of the run (k = the run's top-k for
+    the token routers); best_individual and multitask become `single` releases over their
+    expert. Oracle uses a different expert per task, so it is no release and is skipped.
+    Identical releases and jobs are reused, so publishing twice adds nothing.
+    """
+    config = record["config"]
+    base_model = config["base_model"]
+    task_info = record["tasks"]
+    refs = {e["name"]: e.get("ref") for e in record.get("experts", [])}
+    version = evaluator_version(record)
+    source = {
+        "benchmark": "zero-shot",
+        "command": SOURCE,
+        "n_eval": config["n_eval"],
+        "eval_limit": config.get("eval_limit"),
+        "eval_max_length": config.get("eval_max_length") or config["max_length"],
+        "scoring": "rank classification (phatgoose.evaluation.evaluate_task)",
+    }  # no date: the same results published again must match the job already there
+    published: dict[str, Any] = {
+        "catalog": str(catalog.data_dir),
+        "releases": {},
+        "jobs": {},
+        "skipped": {},
+    }
+
+    def target(method: str) -> tuple[list[str], int | None, str | None] | str:
+        """(experts, top_k, single expert) of the method's release, or why there is none."""
+        if method == "oracle":
+            return "a different expert per task (selected on the evaluation labels): no release"
+        if method == "base":
+            return [], None, None
+        if method in RELEASED_METHODS:
+            missing = [name for name, ref in refs.items() if ref is None]
+            if missing or not refs:
+                return f"experts not in the catalog: {missing}"
+            top_k = config["top_k"] if method in releases.TOKEN_METHODS else None
+            return sorted(r for r in refs.values() if r), top_k, None
+        if method == "best_individual":
+            ref = refs.get(record["methods"][method]["choice"])
+        elif method == "multitask":
+            ref = record.get("multitask", {}).get("ref")
+        else:
+            return f"unknown method {method!r}"
+        if ref is None:
+            return "its expert is not in the catalog"
+        return [ref], None, ref
+
+    with catalog.session() as session:
+        for method, summary in record.get("methods", {}).items():
+            plan = target(method)
+            if isinstance(plan, str):
+                published["skipped"][method] = plan
+                continue
+            experts, top_k, expert = plan
+            number = _release_number(
+                session,
+                catalog.token,
+                method="single" if expert else method,
+                base_model=base_model,
+                experts=experts,
+                top_k=top_k,
+                expert=expert,
+            )
+            results = summary["tasks"]
+            tasks = [t for t in task_info if t in results]
+            request = EvaluationCreate(
+                release=number,
+                tasks=tasks,
+                examples_per_task=config.get("eval_limit") or config["n_eval"],
+                seed=config["split_seed"],
+                task_groups=TaskGroups(
+                    held_in=[t for t in tasks if task_info[t]["held_in"]],
+                    held_out=[t for t in tasks if not task_info[t]["held_in"]],
+                ),
+            )
+            scores = [
+                evaluations.TaskScore(
+                    task=t,
+                    accuracy=results[t]["accuracy"],
+                    stderr=results[t]["stderr"],
+                    n=results[t]["n"],
+                    evaluator_version=version,
+                    seconds=results[t]["seconds"],
+                    routing_stats=None,
+                )
+                for t in tasks
+            ]
+            job, _created = _job_id(session, catalog.token, request, scores, source)
+            published["releases"][method] = number
+            published["jobs"][method] = job
+    return published
