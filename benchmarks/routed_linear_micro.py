@@ -15,7 +15,8 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import torch
@@ -23,29 +24,33 @@ import torch.nn.functional as F
 import typer
 from torch import Tensor
 
-from phatgoose.routing.layer import RoutedLinear, TokenRouter
+from phatgoose.routing.layer import AffinityGroup, RoutedLinear, TokenRouter, share_affinities
 
 app = typer.Typer(add_completion=False)
 
 
 def mixture_current(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """The platform's implementation (`RoutedLinear.selected_update`)."""
+    """The platform's dispatch (`RoutedLinear.selected_update`): gathered for 1-2 tokens,
+    grouped_mm where it applies, else the padded block."""
     return layer.selected_update(u, indices, weights)
 
 
 def mixture_grouped_mm(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """A proposal: pairs sorted by expert through `F.grouped_mm` (torch >= 2.8; every
-    size a multiple of 16 bytes), two calls, no padding, no Python loop, no host sync."""
-    k = indices.shape[-1]
-    flat_expert = indices.reshape(-1)
-    order = flat_expert.argsort(stable=True)
-    ends = torch.bincount(flat_expert, minlength=layer.num_experts).cumsum(0).to(torch.int32)
-    rows = order // k
-    hidden = F.grouped_mm(u[rows], layer.lora_A.transpose(1, 2), offs=ends)  # [pairs, r]
-    hidden = hidden * weights.reshape(-1)[order, None].to(u.dtype)
-    delta = F.grouped_mm(hidden, layer.lora_B.transpose(1, 2), offs=ends)  # [pairs, d]
-    out = torch.zeros(u.shape[0], layer.out_features, dtype=u.dtype, device=u.device)
-    return out.index_add_(0, rows, delta)
+    """Pairs sorted by expert through two `F.grouped_mm` calls (`RoutedLinear.grouped_update`;
+    torch >= 2.8, CPU, every stride a multiple of 16 bytes)."""
+    return layer.grouped_update(u, indices, weights)
+
+
+def mixture_padded_bmm(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The fallback where grouped_mm does not apply (`RoutedLinear.padded_update`): padded
+    batched matmuls, the platform's mixture before grouped_mm was adopted."""
+    return layer.padded_update(u, indices, weights)
+
+
+def mixture_gathered(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Every pair gathers its expert's factors (`RoutedLinear.gathered_update`, used for 1-2
+    tokens; materialises `T k r (n + d)` weights, so not for many tokens)."""
+    return layer.gathered_update(u, indices, weights)
 
 
 def mixture_loop_v1(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -70,19 +75,12 @@ def mixture_loop_v1(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Te
     return out
 
 
-def mixture_gather(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """Every (token, slot) pair gathers its expert's factors (materialises T k r (n + d))."""
-    a = layer.lora_A[indices]  # [T, k, r, n]
-    b = layer.lora_B[indices]  # [T, k, d, r]
-    hidden = torch.einsum("tn,tkrn->tkr", u, a)
-    return torch.einsum("tkr,tkdr,tk->td", hidden, b, weights.to(u.dtype))
-
-
 METHODS: dict[str, Callable[[RoutedLinear, Tensor, Tensor, Tensor], Tensor]] = {
     **({"grouped_mm": mixture_grouped_mm} if hasattr(F, "grouped_mm") else {}),
     "current": mixture_current,
+    "padded_bmm": mixture_padded_bmm,
     "loop_v1": mixture_loop_v1,
-    "gather": mixture_gather,
+    "gathered": mixture_gathered,
 }
 
 
@@ -154,6 +152,47 @@ def layer_command(
         )
 
 
+@app.command("routers")
+def routers_command(
+    tokens: Annotated[int, typer.Option(help="Tokens T (batch x sequence).")] = 128,
+    n_in: Annotated[int, typer.Option(help="Input width n.")] = 576,
+    siblings: Annotated[int, typer.Option(help="Routers reading one input (q, k, v: 3).")] = 3,
+    experts: Annotated[str, typer.Option(help="N values, comma-separated.")] = "8,166,512",
+    top_k: Annotated[int, typer.Option(help="k.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 50,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """Routing of sibling linears that read one input: each router on its own against one
+    `AffinityGroup` (one standardisation, one GEMM, one top-k), interleaved; ms as JSON."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    u = torch.randn(tokens, n_in)
+    for n_experts in [int(x) for x in experts.split(",")]:
+        rows = [torch.randn(n_experts, n_in) for _ in range(siblings)]
+        alone = [TokenRouter(r, top_k) for r in rows]
+        grouped = [TokenRouter(r, top_k) for r in rows]
+        AffinityGroup(grouped)
+        times: dict[str, list[float]] = {"alone": [], "grouped": []}
+        with torch.no_grad():
+            for router, member in zip(alone, grouped, strict=True):
+                assert torch.equal(router(u)[0], member(u)[0])
+            for _ in range(repeats):
+                for name, members in (("alone", alone), ("grouped", grouped)):
+                    times[name].append(_time(lambda members=members: [r(u) for r in members]))
+        ms = {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items()}
+        typer.echo(json.dumps({"N": n_experts, "T": tokens, "siblings": siblings, "ms": ms}))
+
+
+# Whole-model variants: which mixture `selected_update` runs, and whether sibling linears
+# share one affinity computation (`share_affinities`).
+MODEL_VARIANTS: dict[str, tuple[Callable[..., Tensor] | None, bool]] = {
+    "loop_v1": (mixture_loop_v1, False),  # the first implementation
+    "padded_bmm": (mixture_padded_bmm, False),  # the platform before grouped_mm
+    "unshared": (None, False),  # the platform's mixture, each router on its own
+    "current": (None, True),  # the platform as `build_routed_model` makes it
+}
+
+
 @app.command("model")
 def model_command(
     experts: Annotated[str, typer.Option(help="N values, comma-separated.")] = "8,166,512",
@@ -163,9 +202,12 @@ def model_command(
     top_k: Annotated[int, typer.Option(help="k.")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 5,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    variants: Annotated[
+        str, typer.Option(help=f"Comma-separated, of {', '.join(MODEL_VARIANTS)}.")
+    ] = "padded_bmm,unshared,current",
 ) -> None:
-    """Whole-model forward (SmolLM2-135M, random experts on every linear): base, the first
-    loop implementation and the current one, interleaved; seconds and ratios as JSON lines."""
+    """Whole-model forward (SmolLM2-135M, random experts on every linear): the base model
+    and each variant, interleaved forward by forward; seconds and ratios as JSON lines."""
     from benchmarks.routing_cost import random_routed_layers, swapped
     from phatgoose.models import load_base_model
 
@@ -173,6 +215,10 @@ def model_command(
     torch.manual_seed(0)
     model, _ = load_base_model()
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len))
+    names = [v for v in variants.split(",") if v]
+    unknown = set(names) - set(MODEL_VARIANTS)
+    if unknown:
+        raise typer.BadParameter(f"unknown variants {sorted(unknown)}")
 
     def forward() -> None:
         with torch.no_grad():
@@ -181,19 +227,19 @@ def model_command(
     current = RoutedLinear.selected_update
     for n_experts in [int(x) for x in experts.split(",")]:
         layers = random_routed_layers(model, n_experts, rank, top_k, seed=0)
-        times: dict[str, list[float]] = {"base": [], "loop_v1": [], "current": []}
+        groups = share_affinities(layers.values())
+        times: dict[str, list[float]] = {name: [] for name in ["base", *names]}
         for repeat in range(repeats + 1):  # the first round warms up
             measured = {"base": _time(forward)}
             with swapped(model, layers):
-                RoutedLinear.selected_update = mixture_loop_v1  # type: ignore[method-assign]
-                try:
-                    measured["loop_v1"] = _time(forward)
-                finally:
-                    RoutedLinear.selected_update = current  # type: ignore[method-assign]
-                measured["current"] = _time(forward)
+                for name in names:
+                    mixture, shared = MODEL_VARIANTS[name]
+                    with _variant(layers, mixture, shared):
+                        measured[name] = _time(forward)
             if repeat:
                 for name, seconds in measured.items():
                     times[name].append(seconds)
+        RoutedLinear.selected_update = current  # type: ignore[method-assign]
         median = {name: statistics.median(ts) for name, ts in times.items()}
         typer.echo(
             json.dumps(
@@ -208,7 +254,34 @@ def model_command(
                 }
             )
         )
-        del layers
+        del layers, groups
+
+
+@contextmanager
+def _variant(
+    layers: dict[str, RoutedLinear],
+    mixture: Callable[..., Tensor] | None,
+    shared: bool,
+) -> Iterator[None]:
+    """Within the block, the routed linears use `mixture` (None: the platform's) and their
+    routers the affinity groups (or not)."""
+    current = RoutedLinear.selected_update
+    members = {
+        id(layer.router): (layer.router, layer.router.group)
+        for layer in layers.values()
+        if isinstance(layer.router, TokenRouter)
+    }
+    if mixture is not None:
+        RoutedLinear.selected_update = mixture  # type: ignore[method-assign,assignment]
+    if not shared:
+        for router, _ in members.values():
+            router.group = None
+    try:
+        yield
+    finally:
+        RoutedLinear.selected_update = current  # type: ignore[method-assign]
+        for router, group in members.values():
+            router.group = group
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Shapes: `u` is a module's input `[..., n]`, `W` is `[d, n]`, `N` experts of rank
 """
 
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,56 @@ from torch import Tensor, nn
 
 # LayerNorm's default: biased variance, eps added under the square root.
 STANDARDISE_EPS = 1e-5
+# Up to this many tokens, `RoutedLinear.gathered_update` gathers the selected experts'
+# factors instead of sorting pairs by expert (measured in docs/routing.md).
+FEW_TOKENS = 2
 # Experts with at most this many (token, slot) pairs (or twice the mean count, if larger)
 # share one padded batched matmul in `RoutedLinear.selected_update`.
 PAD_MIN_WIDTH = 8
+
+
+# `F.grouped_mm` (torch >= 2.8) runs the whole selected mixture in two calls. On CPU
+# (torch 2.13) it takes float32, bfloat16 and float16, not float64; on CUDA it wants bf16
+# kernels whose constraints differ, so only CPU uses it here.
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+use_grouped_mm = hasattr(F, "grouped_mm")  # tests switch it off to cover the fallback
+
+
+def grouped_mm_applies(u: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    """Whether `RoutedLinear.grouped_update` can take these operands.
+
+    grouped_mm needs one dtype, every matrix stride a multiple of 16 bytes (the gathered
+    `[pairs, n]` input, the `[pairs, r]` hidden and both factors as transposed views), and
+    no autograd graph through it: its backward fails on CPU in torch 2.13 (a stride error).
+    Nothing trains through a routed linear today; with a graph the padded path is used.
+    """
+    if not use_grouped_mm or u.device.type != "cpu" or u.dtype not in GROUPED_MM_DTYPES:
+        return False
+    if lora_A.dtype != u.dtype or lora_B.dtype != u.dtype or lora_A.device != u.device:
+        return False
+    if torch.is_grad_enabled() and (
+        u.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+    ):
+        return False
+    alignment = 16 // u.element_size()
+    return (
+        u.shape[-1] % alignment == 0
+        and lora_A.shape[1] % alignment == 0
+        and _aligned(lora_A.transpose(1, 2), alignment)
+        and _aligned(lora_B.transpose(1, 2), alignment)
+    )
+
+
+def _aligned(mat: Tensor, alignment: int) -> bool:
+    """grouped_mm's stride rule: one of the last two dims is unit-stride, the other's
+    stride spans its rows and is a multiple of `alignment` elements."""
+    rows_stride, cols_stride = mat.stride()[-2:]
+    rows, cols = mat.shape[-2:]
+    if rows_stride == 1 and cols_stride >= max(1, rows):
+        return cols_stride % alignment == 0
+    if cols_stride == 1 and rows_stride >= max(1, cols):
+        return rows_stride % alignment == 0
+    return False
 
 
 def standardise(x: Tensor) -> Tensor:
@@ -60,15 +108,116 @@ class TokenRouter(nn.Module):
         self.top_k = top_k
         # Rows are fixed after build: standardise them once, not on every forward.
         self.register_buffer("rows", standardise(rows.float()), persistent=False)
+        # Set by `AffinityGroup` when sibling linears read the same input.
+        self.group: AffinityGroup | None = None
+        self.member = 0
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        if self.group is not None:
+            return self.group.route(self.member, u)
         # Routing in float32 even in a half-precision model: top-k ties and the softmax
         # are where low precision would change decisions.
         affinity = standardise(u.float()) @ self.rows.float().T
-        top_k = affinity.topk(self.top_k, dim=-1)
-        # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
-        weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
-        return top_k.indices, weights
+        return _top_k_softmax(affinity, self.top_k, self.rows.shape[-1])
+
+
+def _top_k_softmax(affinity: Tensor, top_k: int, width: int) -> tuple[Tensor, Tensor]:
+    top = affinity.topk(top_k, dim=-1)
+    # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
+    return top.indices, torch.softmax(top.values / math.sqrt(width), dim=-1)
+
+
+class _Routed:
+    """One input's routing for the members of an `AffinityGroup`, until each takes its own."""
+
+    def __init__(self, u: Tensor, creator: int) -> None:
+        self.input = weakref.ref(u)  # a weak reference: the input is never kept alive
+        self.version = None if u.is_inference() else u._version
+        self.grad = torch.is_grad_enabled()
+        self.creator = creator
+        self.results: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def matches(self, u: Tensor) -> bool:
+        return (
+            self.input() is u
+            and u._version == self.version
+            and self.grad == torch.is_grad_enabled()
+        )
+
+
+class AffinityGroup(nn.Module):
+    """The token routers of sibling linears that read one input (q, k, v; gate, up):
+    standardise the input once and compute their affinities with one GEMM against the
+    concatenated rows, then one top-k and one softmax over `[..., members, N]`.
+
+    The first member called computes the routing of every member predicted to share its
+    input; the others take theirs. A result serves only the very tensor it came from
+    (identity, in-place version and grad mode checked; the input is only weakly referenced)
+    and is dropped once taken. Which members share an input is learnt: a member whose
+    precomputed result goes untaken (T5's cross-attention reads the decoder state in q, the
+    encoder's in k and v) is no longer computed with that member, and one asking for the
+    same input unpredicted is computed alone and predicted next time. Results equal the
+    members' own routing up to float summation order in the GEMM.
+    """
+
+    def __init__(self, routers: Sequence[TokenRouter]) -> None:
+        super().__init__()
+        if len({(tuple(r.rows.shape), r.top_k) for r in routers}) != 1 or len(routers) < 2:
+            raise ValueError("an affinity group needs >= 2 routers with equal rows shape and k")
+        self.num_experts, self.width = routers[0].rows.shape
+        self.top_k = routers[0].top_k
+        self.register_buffer("rows", torch.cat([r.rows for r in routers]), persistent=False)
+        self.partners = [set(range(len(routers))) for _ in routers]
+        self._pending: _Routed | None = None
+        self._gathered: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        for member, router in enumerate(routers):
+            # Each router keeps a view of its own rows (no second copy), used alone.
+            n = self.num_experts
+            router.rows = self.rows[member * n : (member + 1) * n]
+            router.group, router.member = self, member
+
+    def route(self, member: int, u: Tensor) -> tuple[Tensor, Tensor]:
+        """`TokenRouter.forward` for member `member` on input `u`."""
+        pending = self._pending
+        if u.is_inference():  # no version counter to prove the input unchanged: no sharing
+            return self._compute(member, u, {member}).results[member]
+        same = pending is not None and pending.matches(u)
+        if same and member not in pending.results and pending.results:
+            # Same input while others' results wait, not predicted (or asked twice):
+            # compute it alone, and predict it next time.
+            self.partners[pending.creator].add(member)
+            self.partners[member].add(pending.creator)
+            return self._compute(member, u, {member}).results[member]
+        if not same or member not in pending.results:
+            if pending is not None and not same:
+                # Predicted to share the creator's input, never asked for it: stop predicting.
+                self.partners[pending.creator] -= pending.results.keys()
+                for other in pending.results:
+                    self.partners[other].discard(pending.creator)
+            # Only a weak reference to `u` and the unclaimed results stay until replaced.
+            pending = self._pending = self._compute(member, u, self.partners[member])
+        return pending.results.pop(member)
+
+    def _compute(self, member: int, u: Tensor, members: set[int]) -> _Routed:
+        # One GEMM against the members' rows: a view when they are adjacent, else a copy
+        # kept for the last such member set (siblings come in path order, e.g. k, o, q, v).
+        order = sorted(members)
+        n = self.num_experts
+        if order[-1] - order[0] + 1 == len(order):
+            rows = self.rows[order[0] * n : (order[-1] + 1) * n]
+        else:
+            key = tuple(order)
+            source, rows = self._gathered.get(key, (None, None))
+            if source is not self.rows or rows is None:  # rebuilt after `.to()` and the like
+                rows = torch.cat([self.rows[m * n : (m + 1) * n] for m in order])
+                self._gathered = {key: (self.rows, rows)}
+        affinity = standardise(u.float()) @ rows.float().T
+        affinity = affinity.unflatten(-1, (len(order), n))
+        indices, weights = _top_k_softmax(affinity, self.top_k, self.width)
+        routed = _Routed(u, member)
+        for i, m in enumerate(order):
+            routed.results[m] = (indices[..., i, :], weights[..., i, :])
+        return routed
 
 
 class ArrowRouter(nn.Module):
@@ -197,14 +346,56 @@ class RoutedLinear(nn.Module):
     def selected_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """sum_k w_tk * B_{z_tk} A_{z_tk} u_t for tokens `u [T, n]`, `indices`/`weights [T, k]`.
 
-        The (token, slot) pairs are grouped by expert, so each expert's factors are read
-        once and only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is.
-        (Gathering A and B per pair instead would materialise `T*k*r*(n+d)` weights.)
+        Only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is: the (token,
+        slot) pairs are grouped by expert so each expert's factors are read once (gathering
+        A and B per pair would materialise `T*k*r*(n+d)` weights). Two implementations,
+        equal up to float summation order: `grouped_update` (one `F.grouped_mm` per factor,
+        where it applies) and `padded_update` (batched matmuls over a padded block).
+        """
+        if indices.numel() == 0:
+            return u.new_zeros(u.shape[0], self.out_features)
+        if u.shape[0] <= FEW_TOKENS:
+            return self.gathered_update(u, indices, weights)
+        if grouped_mm_applies(u, self.lora_A, self.lora_B):
+            return self.grouped_update(u, indices, weights)
+        return self.padded_update(u, indices, weights)
+
+    def gathered_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """`selected_update` for a token or two (cached generation): each pair gathers its
+        expert's factors, `k*r*(n+d)` weights per token, and two batched matmul-vector
+        products do the rest; no sorting or grouping."""
+        tokens, k = indices.shape
+        flat_expert = indices.reshape(-1)
+        inputs = u.repeat_interleave(k, dim=0) if k > 1 else u  # [pairs, n]
+        hidden = torch.bmm(self.lora_A[flat_expert], inputs[:, :, None])  # [pairs, r, 1]
+        hidden = hidden * weights.reshape(-1, 1, 1).to(u.dtype)
+        delta = torch.bmm(self.lora_B[flat_expert], hidden)  # [pairs, d, 1]
+        return delta.view(tokens, k, self.out_features).sum(1)
+
+    def grouped_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """`selected_update` through `F.grouped_mm`: the pairs sorted by expert form one
+        jagged `[pairs, n]` operand, `offs` marks where each expert's pairs end. Two calls,
+        no padding, no Python loop over experts and no host synchronisation."""
+        tokens, k = indices.shape
+        flat_expert = indices.reshape(-1)
+        order = flat_expert.argsort(stable=True)  # pairs grouped by expert
+        ends = torch.bincount(flat_expert, minlength=self.num_experts).cumsum(0)
+        ends = ends.to(torch.int32)  # grouped_mm wants int32 offsets
+        rows = order // k if k > 1 else order
+        hidden = F.grouped_mm(u[rows], self.lora_A.transpose(1, 2), offs=ends)  # [pairs, r]
+        # The weight scales the r-wide hidden, not the d-wide output.
+        hidden = hidden * weights.reshape(-1)[order, None].to(u.dtype)
+        delta = F.grouped_mm(hidden, self.lora_B.transpose(1, 2), offs=ends)  # [pairs, d]
+        out = torch.zeros(tokens, self.out_features, dtype=u.dtype, device=u.device)
+        return out.index_add_(0, rows, delta)
+
+    def padded_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """`selected_update` with plain matmuls, for wherever `grouped_mm` does not apply.
+
         Experts with few pairs, the common case when N is large, go together through
         two batched matmuls over a padded `[experts, width]` block of their pairs; an
         expert with more than `width` pairs (skewed routing, a fixed router) gets its own
-        matmuls, so padding never more than doubles the block's work. The weight scales
-        the r-wide hidden, not the d-wide output.
+        matmuls, so padding never more than doubles the block's work.
         """
         tokens, k = indices.shape
         flat_expert = indices.reshape(-1)
@@ -248,6 +439,23 @@ class RoutedLinear(nn.Module):
             delta = torch.bmm(hidden, lora_B.transpose(1, 2))  # [E, C, d]
             out.index_add_(0, token_block.reshape(-1), delta.reshape(-1, delta.shape[-1]))
         return out[:tokens]
+
+
+def share_affinities(layers: Iterable[RoutedLinear]) -> list[AffinityGroup]:
+    """Group the `TokenRouter`s of sibling linears (same parent module by `path`, same
+    input width, N and k) so each input is standardised once and routed with one GEMM.
+
+    Only siblings are grouped: linears of one attention or MLP block are where one input
+    feeds several linears; which siblings really share an input is learnt per forward.
+    """
+    siblings: dict[tuple, list[TokenRouter]] = {}
+    for layer in layers:
+        router = layer.router
+        if type(router) is not TokenRouter or router.group is not None:
+            continue
+        key = (layer.path.rpartition(".")[0], tuple(router.rows.shape), router.top_k)
+        siblings.setdefault(key, []).append(router)
+    return [AffinityGroup(routers) for routers in siblings.values() if len(routers) > 1]
 
 
 def _check_top_k(top_k: int, num_experts: int) -> None:

@@ -1,21 +1,36 @@
 """One routed linear on raw tensors, against a token-by-token reference."""
 
+import gc
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from phatgoose.routing import layer as routing_layer
 from phatgoose.routing.layer import (
+    AffinityGroup,
     ArrowRouter,
     FixedRouter,
     RoutedLinear,
     TokenRouter,
     constant_choice,
+    grouped_mm_applies,
+    share_affinities,
     stack_updates,
 )
 
 N_IN, D_OUT, RANKS = 12, 10, (2, 4, 4, 8, 3)
+HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
+
+
+@pytest.fixture(autouse=True, params=["grouped_mm", "padded_bmm"])
+def mixture(request, monkeypatch):
+    """Every test runs with the grouped_mm mixture and with its padded-bmm fallback."""
+    if request.param == "grouped_mm" and not HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    monkeypatch.setattr(routing_layer, "use_grouped_mm", request.param == "grouped_mm")
+    return request.param
 
 
 def random_updates(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -139,3 +154,152 @@ def test_mismatched_stacked_shapes_are_refused_with_the_module_path():
             FixedRouter(constant_choice()),
             path="layers.0.q",
         )
+
+
+def test_each_mixture_path_runs_where_it_applies(mixture, monkeypatch):
+    """Aligned float32 sizes on CPU take grouped_mm (when on); 1-2 tokens gather."""
+    updates, linear = random_updates(), base_linear()
+    layer = RoutedLinear(linear, *stack_updates(updates), TokenRouter(torch.randn(5, N_IN), 2))
+    calls = []
+    for name in ("grouped_update", "padded_update", "gathered_update"):
+        method = getattr(RoutedLinear, name)
+        monkeypatch.setattr(
+            RoutedLinear,
+            name,
+            lambda self, *a, name=name, method=method: calls.append(name) or method(self, *a),
+        )
+    layer(torch.randn(6, N_IN))
+    layer(torch.randn(2, N_IN))
+    first = "grouped_update" if mixture == "grouped_mm" else "padded_update"
+    assert calls == [first, "gathered_update"]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7])
+def test_few_and_many_tokens_match_the_reference(tokens):
+    updates, linear = random_updates(), base_linear()
+    gates = torch.randn(len(RANKS), N_IN)
+    layer = RoutedLinear(linear, *stack_updates(updates), TokenRouter(gates, top_k=2))
+    u = torch.randn(tokens, N_IN)
+    indices, weights = layer.router(u)
+
+    def select(token):
+        t = next(i for i in range(tokens) if torch.equal(u[i], token))
+        return indices[t].tolist(), weights[t]
+
+    torch.testing.assert_close(layer(u), reference(linear, updates, u, select), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no grouped_mm")
+def test_grouped_mm_applies_only_to_aligned_cpu_operands_without_a_graph(mixture, monkeypatch):
+    a, b = torch.zeros(3, 8, 12), torch.zeros(3, 10, 8)
+    u = torch.zeros(5, 12)
+    assert grouped_mm_applies(u, a, b) == (mixture == "grouped_mm")  # the switch
+    monkeypatch.setattr(routing_layer, "use_grouped_mm", True)
+    assert grouped_mm_applies(u, a, b)
+    u16, a16, b16 = torch.zeros(5, 16), torch.zeros(3, 8, 16), torch.zeros(3, 10, 8)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert grouped_mm_applies(u16.to(dtype), a16.to(dtype), b16.to(dtype))
+    assert not grouped_mm_applies(u.half(), a.half(), b.half())  # 12 halves: 24 bytes
+    assert not grouped_mm_applies(u.double(), a.double(), b.double())  # no CPU kernel
+    assert not grouped_mm_applies(torch.zeros(5, 6), torch.zeros(3, 8, 6), b)  # n = 6
+    assert not grouped_mm_applies(u, torch.zeros(3, 6, 12), torch.zeros(3, 10, 6))  # r = 6
+    assert not grouped_mm_applies(u, a, b.double())
+    # B stored as a transposed [N, r, d] view (d = 10 is not a multiple of 4 floats).
+    assert not grouped_mm_applies(u, a, torch.zeros(3, 8, 10).transpose(1, 2))
+    assert grouped_mm_applies(u, a, torch.zeros(3, 8, 12).transpose(1, 2))
+    assert not grouped_mm_applies(u.requires_grad_(), a, b)
+    with torch.no_grad():
+        assert grouped_mm_applies(u, a, b)
+
+
+def test_gradients_flow_through_the_routed_linear():
+    updates, linear = random_updates(), base_linear()
+    lora_A, lora_B = stack_updates(updates)
+    layer = RoutedLinear(linear, lora_A, lora_B, TokenRouter(torch.randn(5, N_IN), top_k=2))
+    u = torch.randn(6, N_IN, requires_grad=True)
+    layer(u).sum().backward()
+    expected = torch.autograd.grad(reference_sum(layer, u), u)[0]
+    torch.testing.assert_close(u.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def reference_sum(layer, u):
+    indices, weights = layer.router(u)
+    total = layer.base_layer(u).sum()
+    for t in range(u.shape[0]):
+        for z, w in zip(indices[t].tolist(), weights[t], strict=True):
+            total = total + w * (layer.lora_B[z] @ (layer.lora_A[z] @ u[t])).sum()
+    return total
+
+
+def sibling_layers(seed: int = 0, count: int = 3) -> list[RoutedLinear]:
+    gen = torch.Generator().manual_seed(seed)
+    updates = random_updates(seed)
+    return [
+        RoutedLinear(
+            base_linear(seed + i),
+            *stack_updates(updates),
+            TokenRouter(torch.randn(len(RANKS), N_IN, generator=gen), top_k=2),
+            path=f"block.attn.{name}",
+        )
+        for i, name in enumerate("qkv"[:count])
+    ]
+
+
+def test_an_affinity_group_routes_each_member_as_it_would_alone():
+    alone = sibling_layers()
+    grouped = sibling_layers()
+    (group,) = share_affinities(grouped)
+    u = torch.randn(2, 4, N_IN)
+    for solo, member in zip(alone, grouped, strict=True):
+        indices, weights = member.router(u)
+        solo_indices, solo_weights = solo.router(u)
+        assert torch.equal(indices, solo_indices)
+        torch.testing.assert_close(weights, solo_weights, atol=1e-6, rtol=1e-6)
+    v = torch.randn(3, N_IN)
+    for solo, member in zip(alone, grouped, strict=True):
+        torch.testing.assert_close(member(v), solo(v), atol=1e-6, rtol=1e-6)
+    assert not group._pending.results  # every result taken: nothing kept
+    assert group.partners == [{0, 1, 2}] * 3
+
+
+def test_an_affinity_group_learns_which_members_share_an_input():
+    """T5 cross-attention: q reads the decoder state, k and v the encoder's."""
+    alone, grouped = sibling_layers(), sibling_layers()
+    (group,) = share_affinities(grouped)
+    for _ in range(2):
+        decoder, encoder = torch.randn(3, N_IN), torch.randn(5, N_IN)
+        for solo, member, u in zip(alone, grouped, (decoder, encoder, encoder), strict=True):
+            torch.testing.assert_close(member(u), solo(u), atol=1e-6, rtol=1e-6)
+    assert group.partners == [{0}, {1, 2}, {1, 2}]
+
+
+def test_an_affinity_group_never_reuses_a_changed_or_freed_input():
+    alone, grouped = sibling_layers(), sibling_layers()
+    (group,) = share_affinities(grouped)
+    u = torch.randn(4, N_IN)
+    grouped[0](u)
+    u.mul_(-1)  # in place: the version changes, the routing must be recomputed
+    torch.testing.assert_close(grouped[1](u), alone[1](u), atol=1e-6, rtol=1e-6)
+    grouped[0](u)
+    del u
+    gc.collect()
+    v = torch.randn(4, N_IN)
+    torch.testing.assert_close(grouped[2](v), alone[2](v), atol=1e-6, rtol=1e-6)
+    with torch.inference_mode():
+        w = torch.randn(4, N_IN)
+        for solo, member in zip(alone, grouped, strict=True):
+            torch.testing.assert_close(member(w), solo(w), atol=1e-6, rtol=1e-6)
+    assert isinstance(group, AffinityGroup)
+
+
+def test_only_siblings_with_equal_routers_are_grouped():
+    layers = sibling_layers()
+    other = sibling_layers(count=1)[0]
+    other.path = "block.mlp.q"
+    arrow = RoutedLinear(
+        base_linear(), *stack_updates(random_updates()), ArrowRouter(torch.randn(5, N_IN), 2)
+    )
+    arrow.path = "block.attn.o"
+    groups = share_affinities([*layers, other, arrow])
+    assert len(groups) == 1 and [layer.router.group for layer in layers] == [groups[0]] * 3
+    assert other.router.group is None
