@@ -188,6 +188,7 @@ def routers_command(
 MODEL_VARIANTS: dict[str, tuple[Callable[..., Tensor] | None, bool]] = {
     "loop_v1": (mixture_loop_v1, False),  # the first implementation
     "padded_bmm": (mixture_padded_bmm, False),  # the platform before grouped_mm
+    "grouped_mm": (mixture_grouped_mm, False),  # grouped_mm whatever the token count
     "unshared": (None, False),  # the platform's mixture, each router on its own
     "current": (None, True),  # the platform as `build_routed_model` makes it
 }

@@ -176,6 +176,10 @@ class AffinityGroup(nn.Module):
             router.rows = self.rows[member * n : (member + 1) * n]
             router.group, router.member = self, member
 
+    def __getstate__(self) -> dict:
+        # Pending results (and their weak reference) belong to one forward: not pickled.
+        return {**super().__getstate__(), "_pending": None, "_gathered": {}}
+
     def route(self, member: int, u: Tensor) -> tuple[Tensor, Tensor]:
         """`TokenRouter.forward` for member `member` on input `u`."""
         pending = self._pending
