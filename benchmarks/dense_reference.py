@@ -38,13 +38,7 @@ class DenseRoutedLinear(nn.Module):
         routed = self.routed
         num, rank, _ = routed.lora_A.shape
         flat = u.reshape(-1, u.shape[-1])
-        # The router sees `u` itself, as in `RoutedLinear`: an `AffinityGroup` shares
-        # one input's routing between sibling linears only for the very same tensor.
-        indices, weights = routed.router(u)
-        indices, weights = (
-            indices.reshape(-1, indices.shape[-1]),
-            weights.reshape(flat.shape[0], -1),
-        )
+        indices, weights = routed.router(flat)
         # Dense weights [T, N]: the top-k weights in place, zero elsewhere.
         dense = flat.new_zeros(flat.shape[0], num)
         dense.scatter_(1, indices, weights.to(flat.dtype))

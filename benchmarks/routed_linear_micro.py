@@ -15,8 +15,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 import typer
 from torch import Tensor
 
-from phatgoose.routing.layer import AffinityGroup, RoutedLinear, TokenRouter, share_affinities
+from phatgoose.routing.layer import RoutedLinear, TokenRouter, standardise
 
 app = typer.Typer(add_completion=False)
 
@@ -152,6 +151,18 @@ def layer_command(
         )
 
 
+def shared_routing(routers: list[TokenRouter], u: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """PROPOSAL, measured, not adopted: routers of sibling linears reading one input (q, k,
+    v) standardise it once and route with one GEMM against their concatenated rows, one
+    top-k and one softmax over `[..., siblings, N]`. The bare computation, without the
+    bookkeeping a model needs to hand each sibling its result (see docs/routing.md)."""
+    rows = torch.cat([r.rows for r in routers])
+    affinity = (standardise(u.float()) @ rows.T).unflatten(-1, (len(routers), -1))
+    top = affinity.topk(routers[0].top_k, dim=-1)
+    weights = torch.softmax(top.values / math.sqrt(u.shape[-1]), dim=-1)
+    return [(top.indices[..., i, :], weights[..., i, :]) for i in range(len(routers))]
+
+
 @app.command("routers")
 def routers_command(
     tokens: Annotated[int, typer.Option(help="Tokens T (batch x sequence).")] = 128,
@@ -162,35 +173,30 @@ def routers_command(
     repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 50,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
 ) -> None:
-    """Routing of sibling linears that read one input: each router on its own against one
-    `AffinityGroup` (one standardisation, one GEMM, one top-k), interleaved; ms as JSON."""
+    """Routing of sibling linears that read one input: each `TokenRouter` on its own
+    against `shared_routing`, interleaved; ms as JSON lines."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     u = torch.randn(tokens, n_in)
     for n_experts in [int(x) for x in experts.split(",")]:
-        rows = [torch.randn(n_experts, n_in) for _ in range(siblings)]
-        alone = [TokenRouter(r, top_k) for r in rows]
-        grouped = [TokenRouter(r, top_k) for r in rows]
-        AffinityGroup(grouped)
-        times: dict[str, list[float]] = {"alone": [], "grouped": []}
+        routers = [TokenRouter(torch.randn(n_experts, n_in), top_k) for _ in range(siblings)]
+        times: dict[str, list[float]] = {"alone": [], "shared": []}
         with torch.no_grad():
-            for router, member in zip(alone, grouped, strict=True):
-                assert torch.equal(router(u)[0], member(u)[0])
+            for router, (indices, _) in zip(routers, shared_routing(routers, u), strict=True):
+                assert torch.equal(router(u)[0], indices)
             for _ in range(repeats):
-                for name, members in (("alone", alone), ("grouped", grouped)):
-                    times[name].append(_time(lambda members=members: [r(u) for r in members]))
+                times["alone"].append(_time(lambda routers=routers: [r(u) for r in routers]))
+                times["shared"].append(_time(functools.partial(shared_routing, routers, u)))
         ms = {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items()}
         typer.echo(json.dumps({"N": n_experts, "T": tokens, "siblings": siblings, "ms": ms}))
 
 
-# Whole-model variants: which mixture `selected_update` runs, and whether sibling linears
-# share one affinity computation (`share_affinities`).
-MODEL_VARIANTS: dict[str, tuple[Callable[..., Tensor] | None, bool]] = {
-    "loop_v1": (mixture_loop_v1, False),  # the first implementation
-    "padded_bmm": (mixture_padded_bmm, False),  # the platform before grouped_mm
-    "grouped_mm": (mixture_grouped_mm, False),  # grouped_mm whatever the token count
-    "unshared": (None, False),  # the platform's mixture, each router on its own
-    "current": (None, True),  # the platform as `build_routed_model` makes it
+# Whole-model variants: which mixture `selected_update` runs (None: the platform's).
+MODEL_VARIANTS: dict[str, Callable[..., Tensor] | None] = {
+    "loop_v1": mixture_loop_v1,  # the first implementation
+    "padded_bmm": mixture_padded_bmm,  # the platform before grouped_mm
+    "grouped_mm": mixture_grouped_mm,  # grouped_mm whatever the token count
+    "current": None,  # the platform's dispatch
 }
 
 
@@ -205,7 +211,7 @@ def model_command(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     variants: Annotated[
         str, typer.Option(help=f"Comma-separated, of {', '.join(MODEL_VARIANTS)}.")
-    ] = "padded_bmm,unshared,current",
+    ] = "padded_bmm,current",
 ) -> None:
     """Whole-model forward (SmolLM2-135M, random experts on every linear): the base model
     and each variant, interleaved forward by forward; seconds and ratios as JSON lines."""
@@ -228,19 +234,21 @@ def model_command(
     current = RoutedLinear.selected_update
     for n_experts in [int(x) for x in experts.split(",")]:
         layers = random_routed_layers(model, n_experts, rank, top_k, seed=0)
-        groups = share_affinities(layers.values())
         times: dict[str, list[float]] = {name: [] for name in ["base", *names]}
         for repeat in range(repeats + 1):  # the first round warms up
             measured = {"base": _time(forward)}
             with swapped(model, layers):
                 for name in names:
-                    mixture, shared = MODEL_VARIANTS[name]
-                    with _variant(layers, mixture, shared):
+                    mixture = MODEL_VARIANTS[name]
+                    if mixture is not None:
+                        RoutedLinear.selected_update = mixture  # type: ignore[method-assign,assignment]
+                    try:
                         measured[name] = _time(forward)
+                    finally:
+                        RoutedLinear.selected_update = current  # type: ignore[method-assign]
             if repeat:
                 for name, seconds in measured.items():
                     times[name].append(seconds)
-        RoutedLinear.selected_update = current  # type: ignore[method-assign]
         median = {name: statistics.median(ts) for name, ts in times.items()}
         typer.echo(
             json.dumps(
@@ -255,34 +263,7 @@ def model_command(
                 }
             )
         )
-        del layers, groups
-
-
-@contextmanager
-def _variant(
-    layers: dict[str, RoutedLinear],
-    mixture: Callable[..., Tensor] | None,
-    shared: bool,
-) -> Iterator[None]:
-    """Within the block, the routed linears use `mixture` (None: the platform's) and their
-    routers the affinity groups (or not)."""
-    current = RoutedLinear.selected_update
-    members = {
-        id(layer.router): (layer.router, layer.router.group)
-        for layer in layers.values()
-        if isinstance(layer.router, TokenRouter)
-    }
-    if mixture is not None:
-        RoutedLinear.selected_update = mixture  # type: ignore[method-assign,assignment]
-    if not shared:
-        for router, _ in members.values():
-            router.group = None
-    try:
-        yield
-    finally:
-        RoutedLinear.selected_update = current  # type: ignore[method-assign]
-        for router, group in members.values():
-            router.group = group
+        del layers
 
 
 if __name__ == "__main__":

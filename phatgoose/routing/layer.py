@@ -6,8 +6,7 @@ Shapes: `u` is a module's input `[..., n]`, `W` is `[d, n]`, `N` experts of rank
 """
 
 import math
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,13 +107,8 @@ class TokenRouter(nn.Module):
         self.top_k = top_k
         # Rows are fixed after build: standardise them once, not on every forward.
         self.register_buffer("rows", standardise(rows.float()), persistent=False)
-        # Set by `AffinityGroup` when sibling linears read the same input.
-        self.group: AffinityGroup | None = None
-        self.member = 0
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        if self.group is not None:
-            return self.group.route(self.member, u)
         # Routing in float32 even in a half-precision model: top-k ties and the softmax
         # are where low precision would change decisions.
         affinity = standardise(u.float()) @ self.rows.float().T
@@ -125,103 +119,6 @@ def _top_k_softmax(affinity: Tensor, top_k: int, width: int) -> tuple[Tensor, Te
     top = affinity.topk(top_k, dim=-1)
     # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
     return top.indices, torch.softmax(top.values / math.sqrt(width), dim=-1)
-
-
-class _Routed:
-    """One input's routing for the members of an `AffinityGroup`, until each takes its own."""
-
-    def __init__(self, u: Tensor, creator: int) -> None:
-        self.input = weakref.ref(u)  # a weak reference: the input is never kept alive
-        self.version = None if u.is_inference() else u._version
-        self.grad = torch.is_grad_enabled()
-        self.creator = creator
-        self.results: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def matches(self, u: Tensor) -> bool:
-        return (
-            self.input() is u
-            and u._version == self.version
-            and self.grad == torch.is_grad_enabled()
-        )
-
-
-class AffinityGroup(nn.Module):
-    """The token routers of sibling linears that read one input (q, k, v; gate, up):
-    standardise the input once and compute their affinities with one GEMM against the
-    concatenated rows, then one top-k and one softmax over `[..., members, N]`.
-
-    The first member called computes the routing of every member predicted to share its
-    input; the others take theirs. A result serves only the very tensor it came from
-    (identity, in-place version and grad mode checked; the input is only weakly referenced)
-    and is dropped once taken. Which members share an input is learnt: a member whose
-    precomputed result goes untaken (T5's cross-attention reads the decoder state in q, the
-    encoder's in k and v) is no longer computed with that member, and one asking for the
-    same input unpredicted is computed alone and predicted next time. Results equal the
-    members' own routing up to float summation order in the GEMM.
-    """
-
-    def __init__(self, routers: Sequence[TokenRouter]) -> None:
-        super().__init__()
-        if len({(tuple(r.rows.shape), r.top_k) for r in routers}) != 1 or len(routers) < 2:
-            raise ValueError("an affinity group needs >= 2 routers with equal rows shape and k")
-        self.num_experts, self.width = routers[0].rows.shape
-        self.top_k = routers[0].top_k
-        self.register_buffer("rows", torch.cat([r.rows for r in routers]), persistent=False)
-        self.partners = [set(range(len(routers))) for _ in routers]
-        self._pending: _Routed | None = None
-        self._gathered: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
-        for member, router in enumerate(routers):
-            # Each router keeps a view of its own rows (no second copy), used alone.
-            n = self.num_experts
-            router.rows = self.rows[member * n : (member + 1) * n]
-            router.group, router.member = self, member
-
-    def __getstate__(self) -> dict:
-        # Pending results (and their weak reference) belong to one forward: not pickled.
-        return {**super().__getstate__(), "_pending": None, "_gathered": {}}
-
-    def route(self, member: int, u: Tensor) -> tuple[Tensor, Tensor]:
-        """`TokenRouter.forward` for member `member` on input `u`."""
-        pending = self._pending
-        if u.is_inference():  # no version counter to prove the input unchanged: no sharing
-            return self._compute(member, u, {member}).results[member]
-        same = pending is not None and pending.matches(u)
-        if same and member not in pending.results and pending.results:
-            # Same input while others' results wait, not predicted (or asked twice):
-            # compute it alone, and predict it next time.
-            self.partners[pending.creator].add(member)
-            self.partners[member].add(pending.creator)
-            return self._compute(member, u, {member}).results[member]
-        if not same or member not in pending.results:
-            if pending is not None and not same:
-                # Predicted to share the creator's input, never asked for it: stop predicting.
-                self.partners[pending.creator] -= pending.results.keys()
-                for other in pending.results:
-                    self.partners[other].discard(pending.creator)
-            # Only a weak reference to `u` and the unclaimed results stay until replaced.
-            pending = self._pending = self._compute(member, u, self.partners[member])
-        return pending.results.pop(member)
-
-    def _compute(self, member: int, u: Tensor, members: set[int]) -> _Routed:
-        # One GEMM against the members' rows: a view when they are adjacent, else a copy
-        # kept for the last such member set (siblings come in path order, e.g. k, o, q, v).
-        order = sorted(members)
-        n = self.num_experts
-        if order[-1] - order[0] + 1 == len(order):
-            rows = self.rows[order[0] * n : (order[-1] + 1) * n]
-        else:
-            key = tuple(order)
-            source, rows = self._gathered.get(key, (None, None))
-            if source is not self.rows or rows is None:  # rebuilt after `.to()` and the like
-                rows = torch.cat([self.rows[m * n : (m + 1) * n] for m in order])
-                self._gathered = {key: (self.rows, rows)}
-        affinity = standardise(u.float()) @ rows.float().T
-        affinity = affinity.unflatten(-1, (len(order), n))
-        indices, weights = _top_k_softmax(affinity, self.top_k, self.width)
-        routed = _Routed(u, member)
-        for i, m in enumerate(order):
-            routed.results[m] = (indices[..., i, :], weights[..., i, :])
-        return routed
 
 
 class ArrowRouter(nn.Module):
@@ -443,23 +340,6 @@ class RoutedLinear(nn.Module):
             delta = torch.bmm(hidden, lora_B.transpose(1, 2))  # [E, C, d]
             out.index_add_(0, token_block.reshape(-1), delta.reshape(-1, delta.shape[-1]))
         return out[:tokens]
-
-
-def share_affinities(layers: Iterable[RoutedLinear]) -> list[AffinityGroup]:
-    """Group the `TokenRouter`s of sibling linears (same parent module by `path`, same
-    input width, N and k) so each input is standardised once and routed with one GEMM.
-
-    Only siblings are grouped: linears of one attention or MLP block are where one input
-    feeds several linears; which siblings really share an input is learnt per forward.
-    """
-    siblings: dict[tuple, list[TokenRouter]] = {}
-    for layer in layers:
-        router = layer.router
-        if type(router) is not TokenRouter or router.group is not None:
-            continue
-        key = (layer.path.rpartition(".")[0], tuple(router.rows.shape), router.top_k)
-        siblings.setdefault(key, []).append(router)
-    return [AffinityGroup(routers) for routers in siblings.values() if len(routers) > 1]
 
 
 def _check_top_k(top_k: int, num_experts: int) -> None:

@@ -23,7 +23,6 @@ from phatgoose.routing.layer import (
     RoutedLinear,
     TokenRouter,
     constant_choice,
-    share_affinities,
     stack_updates,
 )
 
@@ -170,8 +169,6 @@ def build_routed_model(
         except ValueError as error:
             # Name the module in every error (row builders name it already).
             raise (error if path in str(error) else ValueError(f"{path}: {error}")) from None
-    # q/k/v (gate/up) read one input: standardise it once, one affinity GEMM for all.
-    share_affinities(routed.values())
     for path, layer in routed.items():
         parent, _, child = path.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)

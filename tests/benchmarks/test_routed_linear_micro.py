@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from benchmarks.routed_linear_micro import METHODS, mixture_loop_v1
+from benchmarks.routed_linear_micro import METHODS, mixture_loop_v1, shared_routing
 from phatgoose.routing.layer import RoutedLinear, TokenRouter
 
 
@@ -68,3 +68,13 @@ def test_selected_update_matches_the_loop_and_a_per_token_reference(
     torch.testing.assert_close(
         mixture_loop_v1(layer, u, indices, weights), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_shared_routing_proposal_equals_each_routers_own():
+    generator = torch.Generator().manual_seed(0)
+    routers = [TokenRouter(torch.randn(7, 8, generator=generator), 2) for _ in range(3)]
+    u = torch.randn(2, 5, 8, generator=generator)
+    for router, (indices, weights) in zip(routers, shared_routing(routers, u), strict=True):
+        own_indices, own_weights = router(u)
+        assert torch.equal(indices, own_indices)
+        torch.testing.assert_close(weights, own_weights, rtol=1e-6, atol=1e-6)

@@ -1,7 +1,5 @@
 """One routed linear on raw tensors, against a token-by-token reference."""
 
-import gc
-import io
 import math
 
 import pytest
@@ -10,14 +8,12 @@ from torch import nn
 
 from phatgoose.routing import layer as routing_layer
 from phatgoose.routing.layer import (
-    AffinityGroup,
     ArrowRouter,
     FixedRouter,
     RoutedLinear,
     TokenRouter,
     constant_choice,
     grouped_mm_applies,
-    share_affinities,
     stack_updates,
 )
 
@@ -230,83 +226,3 @@ def reference_sum(layer, u):
         for z, w in zip(indices[t].tolist(), weights[t], strict=True):
             total = total + w * (layer.lora_B[z] @ (layer.lora_A[z] @ u[t])).sum()
     return total
-
-
-def sibling_layers(seed: int = 0, count: int = 3) -> list[RoutedLinear]:
-    gen = torch.Generator().manual_seed(seed)
-    updates = random_updates(seed)
-    return [
-        RoutedLinear(
-            base_linear(seed + i),
-            *stack_updates(updates),
-            TokenRouter(torch.randn(len(RANKS), N_IN, generator=gen), top_k=2),
-            path=f"block.attn.{name}",
-        )
-        for i, name in enumerate("qkv"[:count])
-    ]
-
-
-def test_an_affinity_group_routes_each_member_as_it_would_alone():
-    alone = sibling_layers()
-    grouped = sibling_layers()
-    (group,) = share_affinities(grouped)
-    u = torch.randn(2, 4, N_IN)
-    for solo, member in zip(alone, grouped, strict=True):
-        indices, weights = member.router(u)
-        solo_indices, solo_weights = solo.router(u)
-        assert torch.equal(indices, solo_indices)
-        torch.testing.assert_close(weights, solo_weights, atol=1e-6, rtol=1e-6)
-    v = torch.randn(3, N_IN)
-    for solo, member in zip(alone, grouped, strict=True):
-        torch.testing.assert_close(member(v), solo(v), atol=1e-6, rtol=1e-6)
-    assert not group._pending.results  # every result taken: nothing kept
-    assert group.partners == [{0, 1, 2}] * 3
-
-
-def test_an_affinity_group_learns_which_members_share_an_input():
-    """T5 cross-attention: q reads the decoder state, k and v the encoder's."""
-    alone, grouped = sibling_layers(), sibling_layers()
-    (group,) = share_affinities(grouped)
-    for _ in range(2):
-        decoder, encoder = torch.randn(3, N_IN), torch.randn(5, N_IN)
-        for solo, member, u in zip(alone, grouped, (decoder, encoder, encoder), strict=True):
-            torch.testing.assert_close(member(u), solo(u), atol=1e-6, rtol=1e-6)
-    assert group.partners == [{0}, {1, 2}, {1, 2}]
-
-
-def test_an_affinity_group_never_reuses_a_changed_or_freed_input():
-    alone, grouped = sibling_layers(), sibling_layers()
-    (group,) = share_affinities(grouped)
-    u = torch.randn(4, N_IN)
-    grouped[0](u)
-    u.mul_(-1)  # in place: the version changes, the routing must be recomputed
-    torch.testing.assert_close(grouped[1](u), alone[1](u), atol=1e-6, rtol=1e-6)
-    grouped[0](u)
-    del u
-    gc.collect()
-    v = torch.randn(4, N_IN)
-    torch.testing.assert_close(grouped[2](v), alone[2](v), atol=1e-6, rtol=1e-6)
-    with torch.inference_mode():
-        w = torch.randn(4, N_IN)
-        for solo, member in zip(alone, grouped, strict=True):
-            torch.testing.assert_close(member(w), solo(w), atol=1e-6, rtol=1e-6)
-    assert isinstance(group, AffinityGroup)
-    grouped[0](v)  # a result pending (weakly referencing v) must not stop pickling
-    buffer = io.BytesIO()
-    torch.save(grouped, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    torch.testing.assert_close(loaded[1](v), alone[1](v), atol=1e-6, rtol=1e-6)
-
-
-def test_only_siblings_with_equal_routers_are_grouped():
-    layers = sibling_layers()
-    other = sibling_layers(count=1)[0]
-    other.path = "block.mlp.q"
-    arrow = RoutedLinear(
-        base_linear(), *stack_updates(random_updates()), ArrowRouter(torch.randn(5, N_IN), 2)
-    )
-    arrow.path = "block.attn.o"
-    groups = share_affinities([*layers, other, arrow])
-    assert len(groups) == 1 and [layer.router.group for layer in layers] == [groups[0]] * 3
-    assert other.router.group is None

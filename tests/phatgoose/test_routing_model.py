@@ -10,10 +10,8 @@ from torch import nn
 
 from phatgoose.routing import RoutedLinear, build_routed_model, unroute_model
 from phatgoose.routing import layer as routing_layer
-from phatgoose.routing.layer import AffinityGroup
 from phatgoose.routing.rows import top_right_singular_vector
 from tests.phatgoose.experts import random_expert
-from tests.tiny import tiny_llama, tiny_t5
 
 RANKS = (2, 4, 4, 8, 3)
 
@@ -115,40 +113,6 @@ def test_token_routing_logits_equal_the_per_token_reference(tiny_model, method):
     routed = build_routed_model(tiny_model, experts, method, top_k=2)
     # rtol: grouped_mm sums in another order (T5 logits reach ~1, misses ~1.1e-5 absolute).
     torch.testing.assert_close(logits(routed, batch), expected, atol=1e-5, rtol=1e-5)
-    # Twice: the affinity groups have learnt which siblings share an input by now.
-    torch.testing.assert_close(logits(routed, batch), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("model_name", ["llama", "t5"])
-def test_sibling_linears_share_one_affinity_computation(model_name):
-    model = tiny_llama() if model_name == "llama" else tiny_t5()
-    routed = build_routed_model(model, make_experts(model), "phatgoose", top_k=2)
-    names: dict[AffinityGroup, dict[int, str]] = {}
-    for path, layer in routed.named_modules():
-        if isinstance(layer, RoutedLinear) and layer.router.group is not None:
-            members = names.setdefault(layer.router.group, {})
-            members[layer.router.member] = path.rpartition(".")[2]
-    # Siblings of equal input width: q, k, v, o and gate, up in each llama layer; each
-    # T5 attention's q, k, v, o (its MLP's wi and wo differ in width).
-    assert len(names) == (4 if model_name == "llama" else 6)
-    batch = batch_for(routed)
-    logits(routed, batch)
-    logits(routed, batch)
-    learnt = {
-        frozenset(frozenset(members[p] for p in group.partners[m]) for m in members)
-        for group, members in names.items()
-    }
-    if model_name == "llama":  # o_proj reads the attention's output, not the layer's input
-        qkv = frozenset({"q_proj", "k_proj", "v_proj"})
-        assert learnt == {
-            frozenset({qkv, frozenset({"o_proj"})}),
-            frozenset({frozenset({"gate_proj", "up_proj"})}),
-        }
-    else:  # self-attention: q, k, v share; cross-attention: k and v read the encoder
-        assert learnt == {
-            frozenset({frozenset("qkv"), frozenset("o")}),
-            frozenset({frozenset("q"), frozenset("kv"), frozenset("o")}),
-        }
 
 
 def test_arrow_rows_are_the_top_right_singular_vectors_of_b_a():
