@@ -112,13 +112,10 @@ class TokenRouter(nn.Module):
         # Routing in float32 even in a half-precision model: top-k ties and the softmax
         # are where low precision would change decisions.
         affinity = standardise(u.float()) @ self.rows.float().T
-        return _top_k_softmax(affinity, self.top_k, self.rows.shape[-1])
-
-
-def _top_k_softmax(affinity: Tensor, top_k: int, width: int) -> tuple[Tensor, Tensor]:
-    top = affinity.topk(top_k, dim=-1)
-    # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
-    return top.indices, torch.softmax(top.values / math.sqrt(width), dim=-1)
+        top_k = affinity.topk(self.top_k, dim=-1)
+        # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
+        weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
+        return top_k.indices, weights
 
 
 class ArrowRouter(nn.Module):
@@ -249,13 +246,16 @@ class RoutedLinear(nn.Module):
 
         Only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is: the (token,
         slot) pairs are grouped by expert so each expert's factors are read once (gathering
-        A and B per pair would materialise `T*k*r*(n+d)` weights). Two implementations,
-        equal up to float summation order: `grouped_update` (one `F.grouped_mm` per factor,
-        where it applies) and `padded_update` (batched matmuls over a padded block).
+        A and B per pair would materialise `T*k*r*(n+d)` weights), except for a token or
+        two, where gathering is cheaper than grouping (`gathered_update`). Otherwise
+        `grouped_update` (one `F.grouped_mm` per factor, where it applies) or
+        `padded_update` (batched matmuls over a padded block); all equal up to float
+        summation order.
         """
         if indices.numel() == 0:
             return u.new_zeros(u.shape[0], self.out_features)
-        if u.shape[0] <= FEW_TOKENS:
+        # One stacked expert (single, merged: its rank can reach min(n, d)) is never gathered.
+        if u.shape[0] <= FEW_TOKENS and self.num_experts > 1:
             return self.gathered_update(u, indices, weights)
         if grouped_mm_applies(u, self.lora_A, self.lora_B):
             return self.grouped_update(u, indices, weights)
