@@ -60,13 +60,14 @@ from phatgoose.models import (
     linear_module_paths,
     load_base_model,
 )
-from phatgoose.routing.layer import RoutedLinear, TokenRouter
+from phatgoose.routing.layer import FEW_TOKENS, RoutedLinear, TokenRouter
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft", "phatgoose_grouped")
-# Measured on request only (`--implementations`): a proposal, not the platform's layer.
+IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft", "phatgoose_padded")
+# Measured on request only (`--implementations`): phatgoose_padded is the layer's previous
+# mixture (batched matmuls over a padded block), kept to show what grouped_mm changed.
 DEFAULT_IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
 ModelFactory = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
@@ -214,16 +215,17 @@ def _peft_lora_config(targets: list[str], rank: int, **kwargs: Any) -> Any:
     )
 
 
-class GroupedRoutedLinear(RoutedLinear):
-    """PROPOSAL, measured here only: the platform's routed linear with its mixture done
-    by two `F.grouped_mm` calls (`routed_linear_micro.mixture_grouped_mm`)."""
+class PaddedRoutedLinear(RoutedLinear):
+    """The platform's routed linear with its mixture forced onto the padded-bmm path (what
+    `RoutedLinear` used before `F.grouped_mm`, and still uses where grouped_mm does not
+    apply), to measure both in one run."""
 
     def selected_update(
         self, u: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        from benchmarks.routed_linear_micro import mixture_grouped_mm
-
-        return mixture_grouped_mm(self, u, indices, weights)
+        if u.shape[0] <= FEW_TOKENS:
+            return self.gathered_update(u, indices, weights)
+        return self.padded_update(u, indices, weights)
 
 
 @dataclass
@@ -240,13 +242,13 @@ def prepare(
 ) -> Prepared:
     if implementation == "base":
         return Prepared(model, nullcontext, nullcontext)
-    if implementation in ("phatgoose", "dense", "phatgoose_grouped"):
+    if implementation in ("phatgoose", "dense", "phatgoose_padded"):
         layers = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
         if implementation == "dense":
             layers = {path: DenseRoutedLinear(layer) for path, layer in layers.items()}
-        if implementation == "phatgoose_grouped":
+        if implementation == "phatgoose_padded":
             for layer in layers.values():
-                layer.__class__ = GroupedRoutedLinear
+                layer.__class__ = PaddedRoutedLinear
         return Prepared(model, functools.partial(swapped, model, layers), nullcontext)
     from peft import get_peft_model
 
@@ -578,7 +580,7 @@ def growth(results: list[dict[str, Any]], n_experts: list[int]) -> dict[str, Any
         return {}
     low, high = min(n_experts), max(n_experts)
     out = {}
-    for implementation in ("phatgoose", "phatgoose_grouped", "dense", "arrow_peft"):
+    for implementation in ("phatgoose", "phatgoose_padded", "dense", "arrow_peft"):
         rows = {r["n_experts"]: r for r in results if r["implementation"] == implementation}
         a, b = rows.get(low), rows.get(high)
         if a and b and a.get("status") == "ok" and b.get("status") == "ok":
@@ -640,7 +642,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     results = record["results"]
     for implementation, style in (
         ("phatgoose", "o-"),
-        ("phatgoose_grouped", "o:"),
+        ("phatgoose_padded", "o:"),
         ("dense", "s--"),
         ("arrow_peft", "^-."),
     ):

@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.dense_reference import DenseRoutedLinear, densify, undensify
 from benchmarks.routing_cost import (
-    GroupedRoutedLinear,
+    PaddedRoutedLinear,
     RoutingCostConfig,
     Shapes,
     markdown_table,
@@ -146,15 +146,12 @@ def test_dense_reference_equals_the_benchmarks_random_routed_layers(llama):
     assert not torch.allclose(base, routed)  # the experts do change the output
 
 
-@pytest.mark.skipif(
-    not hasattr(torch.nn.functional, "grouped_mm"), reason="torch has no grouped_mm"
-)
-def test_grouped_proposal_equals_the_platforms_routed_linear(llama):
+def test_padded_comparison_equals_the_platforms_routed_linear(llama):
     layers = random_routed_layers(llama, n_experts=6, rank=4, top_k=2, seed=1)
     ids = torch.randint(0, llama.config.vocab_size, (2, 9))
     with torch.no_grad(), swapped(llama, layers):
         routed = llama(input_ids=ids).logits
         for layer in layers.values():
-            layer.__class__ = GroupedRoutedLinear
-        grouped = llama(input_ids=ids).logits
-    torch.testing.assert_close(grouped, routed, rtol=1e-4, atol=1e-5)
+            layer.__class__ = PaddedRoutedLinear
+        padded = llama(input_ids=ids).logits
+    torch.testing.assert_close(padded, routed, rtol=1e-4, atol=1e-5)
