@@ -224,8 +224,8 @@ def routing_cost(
         typer.Option(
             help="Comma-separated, from: lora (one PEFT adapter), phatgoose (the platform's "
             "routed linear), dense (reference: all N computed, then masked), arrow_peft "
-            "(PEFT's ArrowConfig), phatgoose_grouped (a proposal: the mixture through "
-            "F.grouped_mm). The base model is always measured."
+            "(PEFT's ArrowConfig), phatgoose_padded (the layer's previous mixture, "
+            "batched matmuls over a padded block). The base model is always measured."
         ),
     ] = "lora,phatgoose,dense,arrow_peft",
     rank: Annotated[int, typer.Option(help="Rank of every random expert.")] = 16,
