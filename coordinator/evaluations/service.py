@@ -211,20 +211,22 @@ class TaskScore:
 def record_result(session: Session, job_id: int, worker_id: str, score: TaskScore) -> None:
     """Store one task's score, only while the job is leased to `worker_id`."""
     job = _owned(session, job_id, worker_id)
-    session.add(
-        EvaluationResult(
-            job_id=job.id,
-            release_id=job.release_id,
-            task=score.task,
-            accuracy=score.accuracy,
-            stderr=score.stderr,
-            n=score.n,
-            evaluator_version=score.evaluator_version,
-            seconds=score.seconds,
-            routing_stats=score.routing_stats,
-        )
-    )
+    session.add(_result_row(job, score))
     session.commit()
+
+
+def _result_row(job: EvaluationJob, score: TaskScore) -> EvaluationResult:
+    return EvaluationResult(
+        job_id=job.id,
+        release_id=job.release_id,
+        task=score.task,
+        accuracy=score.accuracy,
+        stderr=score.stderr,
+        n=score.n,
+        evaluator_version=score.evaluator_version,
+        seconds=score.seconds,
+        routing_stats=score.routing_stats,
+    )
 
 
 def done_tasks(session: Session, job_id: int) -> set[str]:
@@ -307,20 +309,7 @@ def import_job(
     )
     session.add(job)
     session.flush()
-    for score in scores:
-        session.add(
-            EvaluationResult(
-                job_id=job.id,
-                release_id=release.id,
-                task=score.task,
-                accuracy=score.accuracy,
-                stderr=score.stderr,
-                n=score.n,
-                evaluator_version=score.evaluator_version,
-                seconds=score.seconds,
-                routing_stats=score.routing_stats,
-            )
-        )
+    session.add_all(_result_row(job, score) for score in scores)
     session.commit()
     log.info(
         "imported evaluation %d: release %d on %d task(s) by %s",
