@@ -340,13 +340,23 @@ def _multiple_choice_example(
     return task_prefix + input_prefix + text, choices, answer
 
 
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for a string no file system takes as a name (a long
+    comma-separated task list is longer than a file name may be)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def load_task_list(path_or_csv: str | Path) -> list[str]:
     """Task names from a file (one per line, `#` starts a comment) or a comma-separated
     string. Order is kept; repeats are dropped."""
     path = Path(path_or_csv)
-    if not path.is_file() and path.suffix in {".txt", ".lst", ".list"}:
+    is_file = _is_file(path)
+    if not is_file and path.suffix in {".txt", ".lst", ".list"}:
         raise FileNotFoundError(f"task list file {path} does not exist")
-    if path.is_file():
+    if is_file:
         lines = path.read_text(encoding="utf-8").splitlines()
         names = [line.split("#", 1)[0].strip() for line in lines]
         source = str(path)

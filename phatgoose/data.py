@@ -186,7 +186,9 @@ def load_examples(path: str | Path) -> list[Example]:
 # The token rule shared by training and scoring: the prompt and the continuation are
 # tokenised SEPARATELY, both without special tokens, and their ids concatenated, so a
 # continuation's tokens never depend on how a tokenizer would merge across the join.
-# Training targets end with the EOS id; no BOS is added anywhere.
+# Training targets end with the EOS id; no BOS is added anywhere. An empty prompt (BIG-bench
+# tasks such as misconceptions_russian score bare statements) becomes the EOS id alone: a
+# causal model then scores the continuation as text that starts a document.
 
 IGNORE_INDEX = -100  # positions the cross-entropy skips (PyTorch's and transformers' default)
 
@@ -204,8 +206,18 @@ def token_boundary(prompt: str, continuation: str) -> tuple[str, str]:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a prompt (no special tokens), up to the boundary of `token_boundary`."""
-    return list(tokenizer(token_boundary(prompt, "")[0], add_special_tokens=False)["input_ids"])
+    """Token ids of a prompt (no special tokens), up to the boundary of `token_boundary`;
+    `[eos]` (or `[bos]` without an EOS) for a prompt with no tokens, so there is always
+    something to condition on."""
+    ids = list(tokenizer(token_boundary(prompt, "")[0], add_special_tokens=False)["input_ids"])
+    if ids:
+        return ids
+    boundary = (
+        tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    )
+    if boundary is None:
+        raise ValueError("an empty prompt needs an eos or bos token to condition on")
+    return [boundary]
 
 
 def continuation_ids(

@@ -109,8 +109,6 @@ def _encode_pairs(
         if not example.choices:
             raise ValueError(f"example {index} has no choices; rank classification needs them")
         prompt = prompt_ids(tokenizer, example.prompt)
-        if not prompt:
-            raise ValueError(f"example {index} has an empty prompt: nothing to condition on")
         for choice_index, choice in enumerate(example.choices):
             continuation = continuation_ids(tokenizer, example.prompt, choice, add_eos=False)
             if not continuation:

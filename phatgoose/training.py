@@ -364,9 +364,11 @@ def train_expert(
 
 
 def _lora_state(peft_model: PeftModel) -> dict[str, Tensor]:
-    """The LoRA tensors under the keys PEFT saves, copied (training goes on in place)."""
+    """The LoRA tensors under the keys PEFT saves, copied to the CPU (training goes on in
+    place; an expert is a package, wherever it was trained)."""
     return {
-        k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in get_peft_model_state_dict(peft_model).items()
     }
 
 
@@ -515,19 +517,27 @@ def compute_average_activations(
             raise ValueError(f"{path!r} is not an nn.Linear of this model")
     chosen = _sample(examples, max_examples, seed)
     enc_dec = _is_encoder_decoder(model)
-    sums = {p: torch.zeros(modules[p].in_features, dtype=torch.float64) for p in paths}
+    # Sums stay on the model's device: a copy to the host per module and batch would make
+    # a GPU wait hundreds of times per batch.
+    device = next(model.parameters()).device
+    sums = {
+        p: torch.zeros(modules[p].in_features, dtype=torch.float64, device=device) for p in paths
+    }
     counts = dict.fromkeys(paths, 0)
-    masks: dict[int, Tensor] = {}  # sequence length -> [batch, length] token mask
+    # sequence length -> ([batch, length] float64 token mask on the device, its token count)
+    masks: dict[int, tuple[Tensor, int]] = {}
 
     def hook_for(path: str):
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             u = args[0]
-            mask = masks[u.shape[-2]].to(u.device, torch.bool)
-            selected = u[mask]  # [tokens, n]
-            sums[path] += selected.detach().to("cpu", torch.float64).sum(0)
-            counts[path] += selected.shape[0]
+            mask, tokens = masks[u.shape[-2]]
+            sums[path] += (u.detach().double() * mask[..., None]).sum(dim=(0, 1))
+            counts[path] += tokens
 
         return hook
+
+    def set_mask(mask: Tensor) -> None:
+        masks[mask.shape[1]] = (mask.to(device, torch.float64), int(mask.bool().sum()))
 
     handles = [modules[p].register_forward_pre_hook(hook_for(p)) for p in paths]
     try:
@@ -547,11 +557,11 @@ def compute_average_activations(
                         # differ with one more (masked, causally invisible) decoder slot.
                         pad = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype)
                         labels = torch.cat([labels, pad], dim=1)
-                    masks[batch["input_ids"].shape[1]] = batch["attention_mask"]
-                    masks[labels.shape[1]] = labels != IGNORE_INDEX
+                    set_mask(batch["attention_mask"])
+                    set_mask(labels != IGNORE_INDEX)
                     inputs = {**batch, "labels": labels}
                 else:
-                    masks[batch["input_ids"].shape[1]] = batch["attention_mask"]
+                    set_mask(batch["attention_mask"])
                     inputs = {
                         "input_ids": batch["input_ids"],
                         "attention_mask": batch["attention_mask"],
@@ -560,7 +570,7 @@ def compute_average_activations(
     finally:
         for handle in handles:
             handle.remove()
-    return {p: (sums[p] / max(counts[p], 1)).to(torch.float32) for p in paths}
+    return {p: (sums[p] / max(counts[p], 1)).to("cpu", torch.float32) for p in paths}
 
 
 PRIVACY_WARNING = (
@@ -619,7 +629,7 @@ def expert_from_peft(
             )
         lora_config = copy.deepcopy(lora_config)
         weights = {
-            k: v.detach().clone().contiguous()
+            k: v.detach().to("cpu", copy=True).contiguous()
             for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()
         }
     else:

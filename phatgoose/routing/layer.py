@@ -200,7 +200,7 @@ class RoutedLinear(nn.Module):
                 f"got {list(lora_B.shape)}"
             )
         self.base_layer = base_layer
-        self.router = router
+        self.router = router.to(base_layer.weight.device)  # its rows were built on the CPU
         self.path = path
         self.expert_ids = None if expert_ids is None else list(expert_ids)
         weight = base_layer.weight

@@ -154,6 +154,13 @@ def test_task_list_from_a_comma_separated_string():
     assert load_task_list(" hyperbaton, navigate,,") == ["hyperbaton", "navigate"]
 
 
+def test_a_task_list_longer_than_a_file_name_is_read_as_names():
+    # The whole default suite on the command line is over 255 characters.
+    names = [*HELD_IN_TASKS, *HELD_OUT_TASKS]
+    assert len(",".join(names)) > 255
+    assert load_task_list(",".join(names)) == names
+
+
 def test_empty_task_list_is_an_error():
     with pytest.raises(ValueError, match="no task names"):
         load_task_list(" , ")

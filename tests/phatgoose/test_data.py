@@ -148,6 +148,10 @@ def test_continuation_is_tokenised_apart_from_prompt_with_eos(tokenizer):
     assert continuation_ids(tokenizer, "Q: ", "ab", add_eos=False) == ids(tokenizer, " ab")
 
 
+def test_an_empty_prompt_is_the_eos_token(tokenizer):
+    assert prompt_ids(tokenizer, "") == [tokenizer.eos_token_id]
+
+
 def test_trailing_spaces_of_the_prompt_are_tokenised_with_the_continuation(tokenizer):
     # The joined text is unchanged; only the token boundary moves before the spaces.
     assert token_boundary("\nA: ", "yes") == ("\nA:", " yes")

@@ -135,9 +135,18 @@ def test_evaluate_task_rejects_examples_without_an_answer(llama, tokenizer):
         evaluate_task(llama, tokenizer, [EXAMPLES[0], Example("free", target="text")], task="t")
 
 
-def test_score_choices_rejects_an_empty_prompt(llama, tokenizer):
-    with pytest.raises(ValueError, match="example 0 has an empty prompt"):
-        score_choices(llama, tokenizer, [Example("", ("a", "b"), 0)], progress=False)
+def test_an_empty_prompt_is_scored_after_the_eos_token(llama, tokenizer):
+    # BIG-bench's misconceptions_russian has no input: its choices are bare statements.
+    scores = score_choices(llama, tokenizer, [Example("", ("ab", "c"), 0)], progress=False)
+    eos = tokenizer.eos_token_id
+    for choice, score in zip(("ab", "c"), scores[0], strict=True):
+        target = continuation_ids(tokenizer, "", choice, add_eos=False)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(
+                llama(input_ids=torch.tensor([[eos, *target]])).logits[0], -1
+            )
+        expected = sum(float(logprobs[j, t]) for j, t in enumerate(target)) / len(target)
+        assert score == pytest.approx(expected, abs=1e-5)
 
 
 def test_encoder_decoder_prompts_are_truncated_to_max_length(t5, tokenizer):
