@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 
 from phatgoose.models import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from benchmarks.catalog import BenchmarkCatalog
+    from benchmarks.zero_shot import ZeroShotConfig
 
 app = typer.Typer(
     help=(
@@ -73,7 +79,14 @@ def zero_shot(
     steps: Annotated[int | None, typer.Option(help="LoRA steps per expert.")] = None,
     gate_steps: Annotated[int | None, typer.Option(help="Gate steps per expert.")] = None,
     multitask_steps: Annotated[
-        int | None, typer.Option(help="Multitask LoRA steps (default: steps x experts).")
+        int | None,
+        typer.Option(
+            help="Multitask LoRA steps (default: the experts' total sequences over "
+            "--multitask-batch-size)."
+        ),
+    ] = None,
+    multitask_batch_size: Annotated[
+        int | None, typer.Option(help="Multitask LoRA batch size (default: the experts').")
     ] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per training sequence.")] = None,
     r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
@@ -125,6 +138,22 @@ def zero_shot(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where to train and score: auto (a CUDA GPU if there is one), cpu, cuda, "
+            "cuda:N. On CUDA, float32 products use TF32."
+        ),
+    ] = "auto",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Processes at a time: the experts train in parallel, then the methods "
+            "score in parallel, then this process assembles and publishes. One process "
+            "leaves a GPU mostly idle with a small model; on a 2-core CPU keep 1.",
+            min=1,
+        ),
+    ] = 1,
     train_only: Annotated[
         bool,
         typer.Option(
@@ -162,6 +191,7 @@ def zero_shot(
         "steps": steps,
         "gate_steps": gate_steps,
         "multitask_steps": multitask_steps,
+        "multitask_batch_size": multitask_batch_size,
         "max_length": max_length,
         "r": r,
         "top_k": top_k,
@@ -173,26 +203,44 @@ def zero_shot(
 
         typer.echo(json.dumps(dataclasses.asdict(settings), indent=2))
         raise typer.Exit()
+    try:
+        resolved_device = zs.resolve_device(device)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     output = output or RESULTS_DIR / f"zero-shot-{preset or 'custom'}.json"
+    cache_dir = cache_dir or cache_root() / "benchmark-experts"
     from benchmarks.catalog import BenchmarkCatalog, default_catalog_dir
 
-    with BenchmarkCatalog(
-        catalog or default_catalog_dir(), database_url=catalog_database_url
-    ) as expert_catalog:
+    catalog = catalog or default_catalog_dir()
+    with BenchmarkCatalog(catalog, database_url=catalog_database_url) as expert_catalog:
+        base_model_pair = None
+        parallel_info = None
+        if jobs > 1 and not cached_only:
+            base_model_pair, parallel_info = _run_jobs(
+                settings, jobs, expert_catalog,
+                device=str(resolved_device), threads=threads, cache_dir=cache_dir,
+                catalog_dir=catalog, catalog_database_url=catalog_database_url,
+                train_only=train_only,
+            )  # fmt: skip
         record = zs.run_zero_shot(
             settings,
-            cache_dir=cache_dir or cache_root() / "benchmark-experts",
+            cache_dir=cache_dir,
             output=output,
             say=typer.echo,
             train_only=train_only,
-            cached_only=cached_only,
+            cached_only=cached_only or parallel_info is not None,
             catalog=expert_catalog,
             publish=publish and not train_only,
+            device=resolved_device,
+            base_model=base_model_pair,
         )
         hint = expert_catalog.serve_hint()
+    if parallel_info is not None:
+        record["parallel"] = parallel_info
+        output.write_text(json.dumps(record, indent=2) + "\n")
     if train_only:
         typer.echo(f"trained and cached: {[e['name'] for e in record['experts']]}")
         typer.echo(f"experts catalogued in {expert_catalog.data_dir}")
@@ -204,6 +252,62 @@ def zero_shot(
     typer.echo(f"results: {output} (+ .md, .png)")
     if publish:
         typer.echo(hint)
+
+
+def _run_jobs(
+    settings: ZeroShotConfig,
+    jobs: int,
+    expert_catalog: BenchmarkCatalog,
+    *,
+    device: str,
+    threads: int | None,
+    cache_dir: Path,
+    catalog_dir: Path,
+    catalog_database_url: str | None,
+    train_only: bool,
+) -> tuple[tuple[PreTrainedModel, PreTrainedTokenizerBase], dict[str, object]]:
+    """Train, then score, in `jobs` processes (benchmarks/parallel.py); the base model
+    (loaded here, to register it before the jobs race to) and what the jobs took."""
+    import os
+    import time
+
+    from benchmarks import parallel
+    from phatgoose.models import load_base_model
+
+    started = time.perf_counter()
+    model, tokenizer = load_base_model(settings.base_model)
+    expert_catalog.ensure_base_model(model, settings.base_model)
+    workdir = parallel.new_workdir(cache_dir)
+    common = parallel.child_options(
+        settings,
+        workdir,
+        device=device,
+        threads=threads or max(1, (os.cpu_count() or 1) // jobs),
+        cache_dir=cache_dir,
+        catalog_dir=catalog_dir,
+        catalog_database_url=catalog_database_url,
+    )
+    typer.echo(f"{jobs} jobs at a time; settings, logs and partial results in {workdir}")
+    try:
+        seconds = parallel.run_jobs(
+            parallel.training_jobs(settings), common,
+            workdir=workdir, parallel=jobs, desc="training",
+        )  # fmt: skip
+        if not train_only:
+            seconds |= parallel.run_jobs(
+                parallel.scoring_jobs(settings), common,
+                workdir=workdir, parallel=jobs, desc="scoring",
+            )  # fmt: skip
+    except RuntimeError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+    info = {
+        "jobs": jobs,
+        "workdir": str(workdir),
+        "job_seconds": seconds,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    return (model, tokenizer), info
 
 
 def _int_list(value: str) -> list[int]:

@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmarks.machine import load_average, machine_info
+from benchmarks.machine import cpu_model, load_average, machine_info
 from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS, load_bigbench_task
 from phatgoose.data import Example
 from phatgoose.evaluation import TaskResult, evaluate_task
@@ -90,7 +90,9 @@ class ZeroShotConfig:
 
     Training hyper-parameters go to `phatgoose.training.TrainingConfig` unchanged;
     `eval_max_length` defaults to `max_length` (training and scoring see the same window).
-    `multitask_steps` defaults to `steps * len(held_in)` (the experts' total budget).
+    The multitask LoRA gets the experts' total budget in training sequences: with
+    `multitask_batch_size` (default `batch_size`), `multitask_steps` defaults to
+    `steps * len(held_in) * batch_size / multitask_batch_size` (rounded up).
     """
 
     held_in: list[str] = field(default_factory=lambda: list(HELD_IN_TASKS))
@@ -115,6 +117,7 @@ class ZeroShotConfig:
     eval_every: int | None = None
     seed: int = 0
     multitask_steps: int | None = None
+    multitask_batch_size: int | None = None
     # contributor vectors of the baselines
     max_vector_examples: int = 1000
     # inference
@@ -138,18 +141,24 @@ class ZeroShotConfig:
             raise ValueError("no tasks: give held-in and/or held-out tasks")
         if self.n_eval < 1:
             raise ValueError(f"n_eval must be >= 1, got {self.n_eval}")
+        if self.multitask_batch_size is not None and self.multitask_batch_size < 1:
+            raise ValueError(
+                f"multitask_batch_size must be None or >= 1, got {self.multitask_batch_size}"
+            )
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"eval_limit must be None or >= 1, got {self.eval_limit}")
         self.training_config()  # validates the hyper-parameters
 
-    def training_config(self, steps: int | None = None) -> TrainingConfig:
+    def training_config(
+        self, steps: int | None = None, batch_size: int | None = None
+    ) -> TrainingConfig:
         return TrainingConfig(
             r=self.r,
             lora_alpha=self.lora_alpha,
             learning_rate=self.learning_rate,
             warmup_ratio=self.warmup_ratio,
             steps=steps or self.steps,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             max_length=self.max_length,
             validation_fraction=self.validation_fraction,
             max_validation_examples=self.max_validation_examples,
@@ -160,8 +169,13 @@ class ZeroShotConfig:
         )
 
     @property
+    def resolved_multitask_batch_size(self) -> int:
+        return self.multitask_batch_size or self.batch_size
+
+    @property
     def resolved_multitask_steps(self) -> int:
-        return self.multitask_steps or self.steps * max(1, len(self.held_in))
+        sequences = self.steps * max(1, len(self.held_in)) * self.batch_size
+        return self.multitask_steps or -(-sequences // self.resolved_multitask_batch_size)
 
     @property
     def resolved_eval_max_length(self) -> int:
@@ -221,6 +235,9 @@ PAPER_PRESET: dict[str, Any] = {
     "learning_rate": 5e-3,
     "max_length": 512,
     "eval_batch_size": 32,
+    # The multitask budget (12 experts x 1000 steps x 8 sequences) in 3000 steps of 32: on a
+    # GPU, 12000 sequential steps of 8 would take longer than everything else together.
+    "multitask_batch_size": 32,
 }
 # A few minutes: checks the whole pipeline on real data, says nothing about quality.
 SMOKE_PRESET: dict[str, Any] = {
@@ -241,6 +258,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PRESET,
     "smoke": SMOKE_PRESET,
 }
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: the first CUDA GPU when there is one, else the CPU; otherwise a torch device
+    name (`cpu`, `cuda`, `cuda:1`), checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
 
 
 def load_config(
@@ -479,7 +510,9 @@ def multitask_expert(
     """One LoRA on the union of the held-in training pools. It is not routed, but the
     catalog only accepts experts with gates: before registering, gates are trained on the
     pooled data with the experts' gate settings (not counted in the multitask budget)."""
-    training_config = config.training_config(steps=config.resolved_multitask_steps)
+    training_config = config.training_config(
+        steps=config.resolved_multitask_steps, batch_size=config.resolved_multitask_batch_size
+    )
     held_in = [t for t in tasks if t.held_in]
     names = "+".join(sorted(t.name for t in held_in))
     key = cache_key("multitask:" + names, base.fingerprint, config, training_config)
@@ -671,8 +704,12 @@ def run_zero_shot(
     cached_only: bool = False,
     catalog: BenchmarkCatalog | None = None,
     publish: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Train (or load) the experts, evaluate every method, and return the result record.
+
+    Everything runs on `device` (see `resolve_device`); on CUDA, float32 matrix products
+    use TF32 (`torch.set_float32_matmul_precision("high")`, recorded in the result).
 
     With a `catalog`, experts are looked up in and registered into it (`cache_dir` is read
     as a fallback and keeps the evaluation results); with `publish` too, the results go
@@ -719,6 +756,15 @@ def run_zero_shot(
 
     model, tokenizer = base_model or load_base_model(config.base_model)
     base = BaseModelIdentity(name=config.base_model, fingerprint=model_fingerprint(model))
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    model.to(device)
+    record["device"] = {
+        "device": str(device),
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
     if publish and catalog is None:
         raise ValueError("publish needs a catalog (a coordinator data directory)")
     if catalog is not None:  # experts can only be registered over a registered base model
@@ -755,7 +801,11 @@ def run_zero_shot(
                 model, tokenizer, tasks, config, cache_dir,
                 base=base, progress=progress, catalog=catalog,
             )  # fmt: skip
-            record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
+            record["multitask"] = {
+                "steps": config.resolved_multitask_steps,
+                "batch_size": config.resolved_multitask_batch_size,
+                **info,
+            }
         record["complete"] = True
         save()
         return record
@@ -834,7 +884,11 @@ def run_zero_shot(
                 model, tokenizer, tasks, config, cache_dir,
                 base=base, progress=progress, cached_only=cached_only, catalog=catalog,
             )  # fmt: skip
-            record["multitask"] = {"steps": config.resolved_multitask_steps, **info}
+            record["multitask"] = {
+                "steps": config.resolved_multitask_steps,
+                "batch_size": config.resolved_multitask_batch_size,
+                **info,
+            }
             results = evaluate_routed(
                 "multitask",
                 {"method": "single", "expert": info["key"]},

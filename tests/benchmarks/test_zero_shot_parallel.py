@@ -1,0 +1,96 @@
+"""`phatgoose bench zero-shot --jobs N`: the run split into processes, planned and for real."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from benchmarks.parallel import Job, scoring_jobs, training_jobs
+from benchmarks.zero_shot import ZeroShotConfig, resolve_device
+from phatgoose.cli import app
+from tests.benchmarks.test_zero_shot import tiny_config, write_task
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+
+def test_one_training_job_per_expert_and_one_for_multitask():
+    config = tiny_config(methods=["phatgoose", "multitask"])
+    assert training_jobs(config) == [
+        Job("train-alpha", ("--train-only", "--held-in", "alpha", "--methods", "phatgoose")),
+        Job("train-beta", ("--train-only", "--held-in", "beta", "--methods", "phatgoose")),
+        Job("train-multitask", ("--train-only", "--methods", "multitask")),
+    ]
+    assert training_jobs(tiny_config(methods=["base"])) == []
+
+
+def test_single_experts_are_scored_one_expert_per_job_on_every_task():
+    jobs = scoring_jobs(tiny_config(methods=["base", "phatgoose", "oracle", "best_individual"]))
+    assert [job.label for job in jobs] == [
+        "score-base", "score-phatgoose", "score-single-alpha", "score-single-beta",
+    ]  # fmt: skip
+    # alpha's job holds alpha in and every other task out: its expert meets all of them.
+    assert jobs[2].args == (
+        "--held-in", "alpha", "--methods", "best_individual", "--held-out", "beta,gamma",
+    )  # fmt: skip
+
+
+def test_multitask_gets_the_experts_budget_in_sequences():
+    config = tiny_config(steps=10, batch_size=2)  # two experts: 40 sequences
+    assert (config.resolved_multitask_steps, config.resolved_multitask_batch_size) == (20, 2)
+    wide = tiny_config(steps=10, batch_size=2, multitask_batch_size=6)
+    assert (wide.resolved_multitask_steps, wide.resolved_multitask_batch_size) == (7, 6)
+    assert wide.training_config(batch_size=6).batch_size == 6
+    with pytest.raises(ValueError, match="multitask_batch_size must be None or >= 1"):
+        ZeroShotConfig(multitask_batch_size=0)
+
+
+def test_device_names_are_checked():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_parallel_run_trains_scores_assembles_and_publishes(tmp_path, monkeypatch):
+    # The jobs are real processes: they find the tasks and the base model on disk.
+    monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path / "cache"))
+    tasks = tmp_path / "cache" / "bigbench-1.0.0"
+    write_task(tasks, "alpha", ["yes", "no"], 14)
+    write_task(tasks, "beta", ["up", "down", "left"], 14)
+    write_task(tasks, "gamma", ["hot", "cold"], 6)
+    (tasks / ".complete.json").write_text("{}")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    settings = {
+        k: v
+        for k, v in vars(tiny_config(max_vector_examples=4)).items()
+        if k not in ("held_in", "held_out", "methods")
+    }
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    output = tmp_path / "results" / "parallel.json"
+
+    arguments = [
+        "bench", "zero-shot", "--config", str(tmp_path / "settings.json"),
+        "--held-in", "alpha,beta", "--held-out", "gamma",
+        "--methods", "phatgoose,best_individual", "--base-model", str(model_dir),
+        "--jobs", "2", "--device", "cpu", "--threads", "1",
+        "--catalog", str(tmp_path / "catalog"), "--output", str(output),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+
+    assert result.exit_code == 0, result.output
+    record = json.loads(output.read_text())
+    assert record["complete"] and not record["not_run"]
+    assert sorted(record["parallel"]["job_seconds"]) == [
+        "score-phatgoose", "score-single-alpha", "score-single-beta", "train-alpha", "train-beta",
+    ]  # fmt: skip
+    for method in ("phatgoose", "best_individual"):
+        assert sorted(record["methods"][method]["tasks"]) == ["alpha", "beta", "gamma"]
+    assert sorted(record["single_experts"]) == ["alpha", "beta"]
+    assert sorted(record["leaderboard"]["releases"]) == ["best_individual", "phatgoose"]
+    # The assembly read every expert from the catalog the jobs filled.
+    assert all(e["cached"] for e in record["experts"])
