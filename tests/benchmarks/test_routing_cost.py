@@ -9,12 +9,15 @@ from benchmarks.routing_cost import (
     PaddedRoutedLinear,
     RoutingCostConfig,
     Shapes,
+    add_task_adapters,
     markdown_table,
+    peft_lora_config,
     plot,
     random_routed_layers,
     run_routing_cost,
     swapped,
 )
+from phatgoose.models import default_target_modules
 from phatgoose.routing import build_routed_model
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -155,3 +158,36 @@ def test_padded_comparison_equals_the_platforms_routed_linear(llama):
             layer.__class__ = PaddedRoutedLinear
         padded = llama(input_ids=ids).logits
     torch.testing.assert_close(padded, routed, rtol=1e-4, atol=1e-5)
+
+
+def test_task_adapters_are_added_as_peft_add_adapter_adds_them():
+    from peft import get_peft_model
+
+    def with_adapters(add):
+        model = tiny_llama()
+        targets = default_target_modules(model)
+        torch.manual_seed(1)
+        peft_model = get_peft_model(model, peft_lora_config(targets, 2), adapter_name="task_0")
+        add(peft_model, targets)
+        return peft_model
+
+    def one_by_one(peft_model, targets):
+        for i in (1, 2):
+            peft_model.add_adapter(f"task_{i}", peft_lora_config(targets, 2))
+
+    reference = with_adapters(one_by_one)
+    fast = with_adapters(lambda m, targets: add_task_adapters(m, 3, targets, 2))
+    assert (
+        sorted(fast.peft_config) == sorted(reference.peft_config) == ["task_0", "task_1", "task_2"]
+    )
+    expected = reference.state_dict()
+    state = fast.state_dict()
+    assert sorted(state) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(state[key], tensor), key
+    inputs = torch.randint(4, 50, (1, 6))
+    for name in ("task_1", "task_2"):
+        reference.set_adapter(name)
+        fast.set_adapter(name)
+        with torch.no_grad():
+            assert torch.equal(fast(input_ids=inputs).logits, reference(input_ids=inputs).logits)
