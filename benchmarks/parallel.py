@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from tqdm.auto import tqdm
 
@@ -85,7 +86,7 @@ def run_jobs(
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pending = list(jobs)
-    running: dict[str, tuple[subprocess.Popen[bytes], float, object]] = {}
+    running: dict[str, tuple[subprocess.Popen[bytes], float, IO[bytes]]] = {}
     seconds: dict[str, float] = {}
     failed: dict[str, Path] = {}
     bar = tqdm(total=len(jobs), desc=desc, unit="job", disable=not progress)
@@ -103,7 +104,7 @@ def run_jobs(
         for label, (process, started, log) in list(running.items()):
             if process.poll() is None:
                 continue
-            log.close()  # type: ignore[attr-defined]
+            log.close()
             del running[label]
             seconds[label] = round(time.perf_counter() - started, 1)
             if process.returncode != 0:
