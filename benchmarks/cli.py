@@ -241,6 +241,12 @@ def zero_shot(
     if parallel_info is not None:
         record["parallel"] = parallel_info
         output.write_text(json.dumps(record, indent=2) + "\n")
+        if parallel_info["failed_jobs"]:
+            typer.echo(
+                f"results so far: {output}; failed jobs: {', '.join(parallel_info['failed_jobs'])}",
+                err=True,
+            )
+            raise typer.Exit(1)
     if train_only:
         typer.echo(f"trained and cached: {[e['name'] for e in record['experts']]}")
         typer.echo(f"experts catalogued in {expert_catalog.data_dir}")
@@ -293,18 +299,27 @@ def _run_jobs(
             parallel.training_jobs(settings), common,
             workdir=workdir, parallel=jobs, desc="training",
         )  # fmt: skip
-        if not train_only:
+    except parallel.JobsFailed as error:  # without its experts, nothing can be scored
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+    failed: list[str] = []
+    if not train_only:
+        try:
             seconds |= parallel.run_jobs(
                 parallel.scoring_jobs(settings), common,
                 workdir=workdir, parallel=jobs, desc="scoring",
             )  # fmt: skip
-    except RuntimeError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(1) from None
+        except parallel.JobsFailed as error:
+            # What the other jobs scored is cached: the assembly reports it and lists the
+            # rest as not run, and the command still fails.
+            typer.echo(str(error), err=True)
+            seconds |= error.seconds
+            failed = sorted(error.failed)
     info = {
         "jobs": jobs,
         "workdir": str(workdir),
         "job_seconds": seconds,
+        "failed_jobs": failed,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     return (model, tokenizer), info

@@ -11,7 +11,9 @@ expert cache) and the evaluation cache, at most `jobs` of them at a time:
    result file and publishes it, exactly as a one-process run would.
 
 Each job is `python -m phatgoose bench zero-shot` with the resolved settings in a JSON file
-and its own log; a failed job stops the run after its phase, naming the log to read.
+and its own log. A failed training job stops the run after its phase; a failed scoring job
+leaves the others' results, which the assembly reports (the rest as not run) before the
+command exits with an error naming the logs to read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ from typing import IO
 from tqdm.auto import tqdm
 
 from benchmarks.zero_shot import ROUTED_METHODS, ZeroShotConfig
+
+
+class JobsFailed(RuntimeError):
+    """Some jobs of a phase exited with an error; the rest ran to their end."""
+
+    def __init__(self, message: str, failed: dict[str, Path], seconds: dict[str, float]) -> None:
+        super().__init__(message)
+        self.failed = failed  # label -> log
+        self.seconds = seconds  # every job's seconds, failed ones too
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,7 @@ def run_jobs(
     progress: bool = True,
 ) -> dict[str, float]:
     """Run `jobs` (at most `parallel` at a time); the seconds each took. Raises
-    RuntimeError naming every failed job and its log once all of them have ended."""
+    `JobsFailed`, naming every failed job and its log, once all of them have ended."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -114,7 +125,9 @@ def run_jobs(
     bar.close()
     if failed:
         listed = "; ".join(f"{label} (log: {path})" for label, path in failed.items())
-        raise RuntimeError(f"{len(failed)} of {len(jobs)} {desc} jobs failed: {listed}")
+        raise JobsFailed(
+            f"{len(failed)} of {len(jobs)} {desc} jobs failed: {listed}", failed, seconds
+        )
     return seconds
 
 

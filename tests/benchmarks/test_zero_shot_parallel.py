@@ -1,6 +1,7 @@
 """`phatgoose bench zero-shot --jobs N`: the run split into processes, planned and for real."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,8 +55,10 @@ def test_device_names_are_checked():
             resolve_device("cuda")
 
 
-def test_parallel_run_trains_scores_assembles_and_publishes(tmp_path, monkeypatch):
-    # The jobs are real processes: they find the tasks and the base model on disk.
+@pytest.fixture
+def offline_run(tmp_path, monkeypatch):
+    """The command line of a two-expert run whose jobs (real processes) find the tasks
+    and a tiny base model on disk; the caller adds methods and options."""
     monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path / "cache"))
     tasks = tmp_path / "cache" / "bigbench-1.0.0"
     write_task(tasks, "alpha", ["yes", "no"], 14)
@@ -71,15 +74,17 @@ def test_parallel_run_trains_scores_assembles_and_publishes(tmp_path, monkeypatc
         if k not in ("held_in", "held_out", "methods")
     }
     (tmp_path / "settings.json").write_text(json.dumps(settings))
-    output = tmp_path / "results" / "parallel.json"
-
-    arguments = [
+    return [
         "bench", "zero-shot", "--config", str(tmp_path / "settings.json"),
-        "--held-in", "alpha,beta", "--held-out", "gamma",
-        "--methods", "phatgoose,best_individual", "--base-model", str(model_dir),
+        "--held-in", "alpha,beta", "--held-out", "gamma", "--base-model", str(model_dir),
         "--jobs", "2", "--device", "cpu", "--threads", "1",
-        "--catalog", str(tmp_path / "catalog"), "--output", str(output),
+        "--catalog", str(tmp_path / "catalog"),
     ]  # fmt: skip
+
+
+def test_parallel_run_trains_scores_assembles_and_publishes(tmp_path, offline_run):
+    output = tmp_path / "results" / "parallel.json"
+    arguments = [*offline_run, "--methods", "phatgoose,best_individual", "--output", str(output)]
     result = CliRunner().invoke(app, arguments)
 
     assert result.exit_code == 0, result.output
@@ -94,3 +99,28 @@ def test_parallel_run_trains_scores_assembles_and_publishes(tmp_path, monkeypatc
     assert sorted(record["leaderboard"]["releases"]) == ["best_individual", "phatgoose"]
     # The assembly read every expert from the catalog the jobs filled.
     assert all(e["cached"] for e in record["experts"])
+
+
+def test_a_failed_scoring_job_keeps_the_others_results_and_fails_the_run(
+    tmp_path, offline_run, monkeypatch
+):
+    from benchmarks import parallel
+
+    def with_a_broken_job(config):
+        return [*scoring_jobs(config), Job("score-broken", ("--methods", "no_such_method"))]
+
+    monkeypatch.setattr(parallel, "scoring_jobs", with_a_broken_job)
+    output = tmp_path / "results" / "partial.json"
+    result = CliRunner().invoke(
+        app, [*offline_run, "--methods", "phatgoose", "--output", str(output)]
+    )
+
+    assert result.exit_code == 1
+    assert "1 of 2 scoring jobs failed: score-broken (log: " in result.output
+    record = json.loads(output.read_text())
+    assert record["parallel"]["failed_jobs"] == ["score-broken"]
+    assert sorted(record["methods"]["phatgoose"]["tasks"]) == ["alpha", "beta", "gamma"]
+    assert (
+        "unknown methods"
+        in (Path(record["parallel"]["workdir"]) / "logs" / "score-broken.log").read_text()
+    )
