@@ -7,11 +7,18 @@ the highest-scoring choice and the metric accuracy (METHOD.md, "Evaluation").
 Tokens follow the rule shared with training (`data.prompt_ids`, `data.continuation_ids`):
 prompt and continuation are tokenised separately and their ids concatenated, so a choice is
 scored on exactly the tokens a trained expert learned to produce (minus the EOS).
+
+A causal model with a key/value cache reads each prompt once: one forward over the batch's
+prompts gives the first choice token's log-probabilities and the cache, which is then
+repeated per choice for a second forward over the choices' remaining tokens. The choices of
+a BIG-bench example share a prompt many times their length, so this costs about one forward
+per example instead of one per choice (single-token choices need no second forward at all).
+Routing decides each token from its own activation (or, for retrieval, from the row's
+prompt), so the scores equal one forward per (prompt, choice) sequence.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -23,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example, continuation_ids, prompt_ids
+from phatgoose.models import forward_accepts
 from phatgoose.routing import queries
 
 
@@ -70,14 +78,18 @@ def _score(
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    pairs = _encode_pairs(tokenizer, examples, max_length, is_encoder_decoder)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
     device = next(model.parameters()).device
+    if not is_encoder_decoder and forward_accepts(model, "past_key_values"):
+        return _score_shared_prompts(
+            model, tokenizer, examples, batch_size, max_length, progress, pad_id, device
+        )
 
+    pairs = _encode_pairs(tokenizer, examples, max_length, is_encoder_decoder)
     # Similar lengths share a batch, so little compute goes to padding.
     order = sorted(
         range(len(pairs)), key=lambda i: -(len(pairs[i].prompt) + len(pairs[i].continuation))
@@ -97,6 +109,23 @@ def _score(
     return scores, sum(len(p.continuation) for p in pairs)
 
 
+def _choice_ids(
+    tokenizer: PreTrainedTokenizerBase, example: Example, index: int
+) -> list[list[int]]:
+    """Token ids of every choice of example `index`, as joined to its prompt."""
+    if not example.choices:
+        raise ValueError(f"example {index} has no choices; rank classification needs them")
+    choices = []
+    for choice_index, choice in enumerate(example.choices):
+        ids = continuation_ids(tokenizer, example.prompt, choice, add_eos=False)
+        if not ids:
+            raise ValueError(
+                f"example {index}, choice {choice_index} ({choice!r}) has no tokens to score"
+            )
+        choices.append(ids)
+    return choices
+
+
 def _encode_pairs(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
@@ -106,15 +135,8 @@ def _encode_pairs(
     """Token ids per (example, choice), truncated as `data.collate_for_training` does."""
     pairs = []
     for index, example in enumerate(examples):
-        if not example.choices:
-            raise ValueError(f"example {index} has no choices; rank classification needs them")
         prompt = prompt_ids(tokenizer, example.prompt)
-        for choice_index, choice in enumerate(example.choices):
-            continuation = continuation_ids(tokenizer, example.prompt, choice, add_eos=False)
-            if not continuation:
-                raise ValueError(
-                    f"example {index}, choice {choice_index} ({choice!r}) has no tokens to score"
-                )
+        for choice_index, continuation in enumerate(_choice_ids(tokenizer, example, index)):
             # A choice keeps its start; the prompt keeps its end (the part next to the answer).
             if is_encoder_decoder:  # encoder and decoder each hold max_length tokens
                 continuation = continuation[:max_length]
@@ -126,29 +148,149 @@ def _encode_pairs(
     return pairs
 
 
+@dataclass(frozen=True)
+class _Prompted:
+    """One example for shared-prompt scoring: its prompt and the ids of every choice."""
+
+    example: int
+    prompt_text: str
+    prompt: list[int]
+    choices: list[list[int]]
+
+
+def _score_shared_prompts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[list[list[float]], int]:
+    """`_score` for causal models with a key/value cache: each prompt is read once.
+
+    Truncation keeps every sequence within `max_length`: a choice keeps its first
+    `max_length - 1` tokens, the prompt its last `max_length - longest choice` tokens (one
+    cut for all the example's choices, so they share it).
+    """
+    prompted = []
+    for index, example in enumerate(examples):
+        choices = [ids[: max_length - 1] for ids in _choice_ids(tokenizer, example, index)]
+        room = max_length - max(len(ids) for ids in choices)
+        prompt = prompt_ids(tokenizer, example.prompt)[-room:]
+        prompted.append(_Prompted(index, example.prompt, prompt, choices))
+    # Similar lengths share a batch, so little compute goes to padding; a batch holds at
+    # most `batch_size` (example, choice) rows, and at least one example.
+    prompted.sort(key=lambda p: -(len(p.prompt) + max(len(ids) for ids in p.choices)))
+    batches: list[list[_Prompted]] = []
+    rows = 0
+    for item in prompted:
+        if not batches or rows + len(item.choices) > batch_size:
+            batches.append([])
+            rows = 0
+        batches[-1].append(item)
+        rows += len(item.choices)
+
+    scores: list[list[float]] = [[] for _ in examples]
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+            for item, row in zip(batch, _score_prompted(model, batch, pad_id, device), strict=True):
+                scores[item.example] = row
+    return scores, sum(len(ids) for item in prompted for ids in item.choices)
+
+
+def _score_prompted(
+    model: nn.Module, batch: list[_Prompted], pad_id: int, device: torch.device
+) -> list[list[float]]:
+    """Mean log-probability of each choice of each example in `batch`."""
+    input_ids, prompt_mask = _left_padded([item.prompt for item in batch], pad_id)
+    # Left padding shifts every row; positions must count real tokens only.
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    with queries(model, [item.prompt_text for item in batch]):
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=prompt_mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=True,
+            **_logits_to_keep(model, 1),
+        )
+    # The last prompt position predicts every choice's first token.
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+    sums = [[float(first[i, ids[0]]) for ids in item.choices] for i, item in enumerate(batch)]
+
+    # The other tokens: one row per (example, choice) with more than one token, reading the
+    # choice's tokens but its last after the example's cached prompt.
+    rows = [(i, j) for i, item in enumerate(batch) for j, ids in enumerate(item.choices)]
+    rows = [(i, j) for i, j in rows if len(batch[i].choices[j]) > 1]
+    if rows:
+        owner = torch.tensor([i for i, _ in rows])
+        cache = out.past_key_values
+        cache.reorder_cache(owner.to(device))  # row r continues the prompt of example owner[r]
+        inputs, choice_mask = _right_padded([batch[i].choices[j][:-1] for i, j in rows], pad_id)
+        targets, _ = _right_padded([batch[i].choices[j][1:] for i, j in rows], 0)
+        width = inputs.shape[1]
+        positions = prompt_mask.sum(-1)[owner][:, None] + torch.arange(width)
+        with queries(model, [batch[i].prompt_text for i, _ in rows]):
+            logits = model(
+                input_ids=inputs.to(device),
+                attention_mask=torch.cat([prompt_mask[owner], choice_mask], dim=1).to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None].to(device))
+        picked = (logprobs[..., 0].cpu() * choice_mask).sum(-1)
+        for (i, j), value in zip(rows, picked.tolist(), strict=True):
+            sums[i][j] += value
+    return [
+        [total / len(ids) for total, ids in zip(row, item.choices, strict=True)]
+        for row, item in zip(sums, batch, strict=True)
+    ]
+
+
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask), every row ending at the last position."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask), every row starting at the first position."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _logits_to_keep(model: nn.Module, keep: int) -> dict[str, int]:
+    return {"logits_to_keep": keep} if forward_accepts(model, "logits_to_keep") else {}
+
+
 def _score_causal(
     model: nn.Module, batch: list[_Pair], pad_id: int, device: torch.device
 ) -> Tensor:
     """Left-padded rows `prompt + choice`; every choice ends at the last position, so only
     the last `longest choice + 1` positions need logits."""
-    rows = [p.prompt + p.continuation for p in batch]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
+    input_ids, attention_mask = _left_padded([p.prompt + p.continuation for p in batch], pad_id)
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(len(p.continuation) for p in batch) + 1
 
     kwargs: dict[str, object] = {"attention_mask": attention_mask.to(device)}
-    if _accepts(model, "position_ids"):
+    if forward_accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids.to(device)
-    if _accepts(model, "use_cache"):
+    if forward_accepts(model, "use_cache"):
         kwargs["use_cache"] = False  # one forward pass: a key/value cache is wasted memory
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = keep
+    kwargs.update(_logits_to_keep(model, keep))
     logits = model(input_ids=input_ids.to(device), **kwargs).logits[:, -keep:].float()
     logprobs = torch.log_softmax(logits, dim=-1)
 
@@ -189,11 +331,6 @@ def _score_encoder_decoder(
     mask = labels != -100
     token_logprobs = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return ((token_logprobs * mask).sum(-1) / mask.sum(-1)).cpu()
-
-
-def _accepts(model: nn.Module, argument: str) -> bool:
-    parameters = inspect.signature(model.forward).parameters
-    return argument in parameters
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ saves a converted copy (safetensors) into a cache and later loads read that copy
 from __future__ import annotations
 
 import hashlib
+import inspect
 import importlib.util
 import json
 import logging
@@ -150,6 +151,14 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def forward_accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the model's forward takes `argument` (a PEFT model: its base model's forward,
+    to which it passes extra keyword arguments)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else model
+    return argument in inspect.signature(inner.forward).parameters
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import phatgoose
 from phatgoose.data import IGNORE_INDEX, Example, batches, collate_for_training
 from phatgoose.expert import Expert, ExpertError, lora_summary, read_lora_config
-from phatgoose.models import default_target_modules, model_fingerprint
+from phatgoose.models import default_target_modules, forward_accepts, model_fingerprint
 from protocol import ADAPTER_WEIGHTS_FILE, BaseModelIdentity, ExpertManifest, TrainingSummary
 from protocol.manifest import EXPERT_NAME_PATTERN
 
@@ -158,11 +158,18 @@ def _target_loss_sum(
         logits = model(**batch, use_cache=False).logits
         labels = batch["labels"]
     else:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        # Token t is predicted from positions < t.
-        logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+        # Token t is predicted from positions < t: position p's logits meet label p + 1.
+        labels = batch["labels"][:, 1:]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if forward_accepts(model, "logits_to_keep"):
+            # Only the positions before a target token need the LM head, a few per row: the
+            # head's 576 x 49152 product and its softmax over every prompt token would
+            # otherwise be a fifth of a SmolLM2 step.
+            keep = (labels != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+            labels = labels[:, keep]
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, :-1]
     loss = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         labels.reshape(-1),
@@ -539,6 +546,13 @@ def compute_average_activations(
     def set_mask(mask: Tensor) -> None:
         masks[mask.shape[1]] = (mask.to(device, torch.float64), int(mask.bool().sum()))
 
+    # Unless the LM head is one of the modules, its output is not needed: a causal model
+    # computes it for one position only.
+    output_head = getattr(model, "get_output_embeddings", lambda: None)()
+    head_averaged = any(modules[p] is output_head for p in paths)
+    head = {}
+    if not enc_dec and not head_averaged and forward_accepts(model, "logits_to_keep"):
+        head = {"logits_to_keep": 1}
     handles = [modules[p].register_forward_pre_hook(hook_for(p)) for p in paths]
     try:
         with _eval_mode(model), torch.no_grad():
@@ -566,7 +580,7 @@ def compute_average_activations(
                         "input_ids": batch["input_ids"],
                         "attention_mask": batch["attention_mask"],
                     }
-                model(**_to_device(inputs, model), use_cache=False)
+                model(**_to_device(inputs, model), use_cache=False, **head)
     finally:
         for handle in handles:
             handle.remove()

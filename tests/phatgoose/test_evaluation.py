@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import math
 
 import pytest
@@ -159,20 +160,40 @@ def test_encoder_decoder_prompts_are_truncated_to_max_length(t5, tokenizer):
 
 
 def test_each_forward_sees_the_prompt_of_every_row(monkeypatch, llama, tokenizer):
-    seen: list[list[str]] = []
+    # A retrieval router routes row r by the text `queries` gives it: row r's own prompt.
+    current: list[str] = []
+    forwards: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
 
     @contextlib.contextmanager
     def recording_queries(model, texts):
-        seen.append(list(texts))
+        current[:] = texts
         yield
 
+    def record(_module, _args, kwargs):
+        forwards.append((list(current), kwargs["input_ids"], kwargs["attention_mask"]))
+
     monkeypatch.setattr(evaluation, "queries", recording_queries)
+    llama.register_forward_pre_hook(record, with_kwargs=True)
     score_choices(llama, tokenizer, EXAMPLES, batch_size=4, progress=False)
-    # 7 (example, choice) rows, longest first: batches of 4 and 3 rows.
-    assert [len(batch) for batch in seen] == [4, 3]
-    assert sorted(t for batch in seen for t in batch) == sorted(
-        e.prompt for e in EXAMPLES for _ in e.choices
-    )
+
+    by_prompt = {e.prompt: e for e in EXAMPLES}
+    prompts_read = []
+    for texts, input_ids, mask in forwards:
+        assert len(texts) == input_ids.shape[0]
+        for text, ids, row_mask in zip(texts, input_ids.tolist(), mask.tolist(), strict=True):
+            # The choices' pass also masks the cached prompt: its own tokens are the last.
+            real = [t for t, m in zip(ids, row_mask[-len(ids) :], strict=True) if m]
+            choices = [
+                continuation_ids(tokenizer, text, c, add_eos=False) for c in by_prompt[text].choices
+            ]
+            if real == prompt_ids(tokenizer, text):  # the prompt pass: each prompt once
+                prompts_read.append(text)
+            else:  # the choices' pass: a choice of this row's example, without its last token
+                assert real in [c[:-1] for c in choices]
+    assert sorted(prompts_read) == sorted(e.prompt for e in EXAMPLES)
+    # At most 4 (example, choice) rows per batch, longest first: examples {2, 0}, then {1};
+    # each batch is read as its prompts, then as its choices after the cached prompts.
+    assert [input_ids.shape[0] for _, input_ids, _ in forwards] == [2, 4, 1, 3]
 
 
 def test_routed_model_scores_equal_its_unbatched_reference(tiny_model, tokenizer):
@@ -183,3 +204,37 @@ def test_routed_model_scores_equal_its_unbatched_reference(tiny_model, tokenizer
     for example, row in zip(EXAMPLES, scores, strict=True):
         expected = [reference_score(routed, tokenizer, example.prompt, c) for c in example.choices]
         assert row == pytest.approx(expected, abs=1e-5)
+
+
+def test_one_token_choices_are_scored_from_the_prompt_forward_alone(llama, tokenizer):
+    # After "\n", a one-character choice is one token: no second forward for it, while "bc"
+    # in the same batch needs one.
+    examples = [Example("Pick:\n", ("a", "bc", "d"), 0), Example("Then:\n", ("x", "y"), 1)]
+    assert len(continuation_ids(tokenizer, "Pick:\n", "a", add_eos=False)) == 1
+    scores = score_choices(llama, tokenizer, examples, batch_size=8, progress=False)
+    for example, row in zip(examples, scores, strict=True):
+        expected = [reference_score(llama, tokenizer, example.prompt, c) for c in example.choices]
+        assert row == pytest.approx(expected, abs=1e-5)
+
+
+def test_peft_and_retrieval_models_score_as_one_sequence_per_choice(llama, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from phatgoose.routing import queries
+    from tests.phatgoose.test_routing_retrieval import letter_counts, retrieval_experts
+
+    peft_model = get_peft_model(
+        copy.deepcopy(llama),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    retrieval = build_routed_model(
+        copy.deepcopy(llama), retrieval_experts(llama), "retrieval", embedder=letter_counts
+    )
+    for model in (peft_model, retrieval):
+        scores = score_choices(model, tokenizer, EXAMPLES, batch_size=4, progress=False)
+        for example, row in zip(EXAMPLES, scores, strict=True):
+            with queries(model, [example.prompt]):
+                expected = [
+                    reference_score(model, tokenizer, example.prompt, c) for c in example.choices
+                ]
+            assert row == pytest.approx(expected, abs=1e-5)

@@ -9,7 +9,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from phatgoose.data import Example
+from phatgoose.data import Example, collate_for_training
 from phatgoose.expert import Expert, ExpertError
 from phatgoose.models import linear_module_paths, model_fingerprint
 from phatgoose.training import (
@@ -284,6 +284,25 @@ def test_train_gates_refuses_an_expert_for_other_modules(trained):
         train_gates(other, trained.tokenizer, trained.lora, TASK, config=CONFIG, progress=False)
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_target_loss_is_the_cross_entropy_of_the_full_logits(llama, tokenizer, wrapped):
+    # The loss takes logits only before target tokens (which sit at different positions in
+    # each right-padded row); it must equal the cross-entropy over the full logits.
+    model = llama
+    if wrapped:  # PEFT passes logits_to_keep through to its base model
+        config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+        model = get_peft_model(llama, config)
+    examples = [Example("a ->", target="XY"), Example("a much longer prompt ->", target="Z")]
+    batch = collate_for_training(tokenizer, examples, max_length=64, is_encoder_decoder=False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+    )
+    got = mean_target_loss(model, tokenizer, examples, batch_size=2, max_length=64)
+    assert got == pytest.approx(float(expected), abs=1e-5)
+
+
 # ---------------------------------------------------------------- average activations
 EXAMPLES = [Example(prompt="ab ->", target="X"), Example(prompt="longer prompt ->", target="YZ")]
 
@@ -318,6 +337,18 @@ def test_average_activations_match_a_hand_computation_on_llama(llama, tokenizer)
         expected = torch.cat(inputs[path]).mean(0)
         torch.testing.assert_close(averages[path], expected, rtol=1e-4, atol=1e-5)
         assert averages[path].dtype == torch.float32
+
+
+def test_average_activations_of_the_lm_head_cover_every_token(llama, tokenizer):
+    # The LM head is normally skipped (logits for one position); averaged, it needs them all.
+    averages = compute_average_activations(llama, tokenizer, ["lm_head"], EXAMPLES, batch_size=2)
+    finals = []
+    with torch.no_grad():
+        for ex in EXAMPLES:
+            text_ids = tokenizer(f"{ex.prompt} {ex.target}", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[*text_ids, tokenizer.eos_token_id]])
+            finals.append(llama(input_ids=ids, output_hidden_states=True).hidden_states[-1][0])
+    torch.testing.assert_close(averages["lm_head"], torch.cat(finals).mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_average_activations_use_prompt_tokens_in_the_encoder_and_target_in_the_decoder(
