@@ -8,8 +8,8 @@ saves a converted copy (safetensors) into a cache and later loads read that copy
 from __future__ import annotations
 
 import hashlib
-import inspect
 import importlib.util
+import inspect
 import json
 import logging
 import os
