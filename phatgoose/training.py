@@ -23,6 +23,7 @@ import random
 import re
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import phatgoose
-from phatgoose.data import IGNORE_INDEX, Example, batches, collate_for_training
+from phatgoose.data import IGNORE_INDEX, Example, batches, collate_for_training, pack_sequences
 from phatgoose.expert import Expert, ExpertError, lora_summary, read_lora_config
 from phatgoose.models import default_target_modules, forward_accepts, model_fingerprint
 from protocol import ADAPTER_WEIGHTS_FILE, BaseModelIdentity, ExpertManifest, TrainingSummary
@@ -158,9 +159,11 @@ def _target_loss_sum(
         logits = model(**batch, use_cache=False).logits
         labels = batch["labels"]
     else:
+        if packs_sequences(model):
+            batch = pack_sequences(batch)
         # Token t is predicted from positions < t: position p's logits meet label p + 1.
         labels = batch["labels"][:, 1:]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         if forward_accepts(model, "logits_to_keep"):
             # Only the positions before a target token need the LM head, a few per row: the
             # head's 576 x 49152 product and its softmax over every prompt token would
@@ -177,6 +180,40 @@ def _target_loss_sum(
         reduction="sum",
     )
     return loss, int((labels != IGNORE_INDEX).sum())
+
+
+_PACKING_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def packs_sequences(model: nn.Module) -> bool:
+    """Whether training may pack `model`'s batches into one row (`data.pack_sequences`).
+
+    Checked once per model, not assumed: two short sequences packed into one row must give
+    the logits each gives alone. transformers' causal models pass (they tell packed
+    sequences apart by their position ids); a model that ignores `position_ids`, or lets
+    the sequences see each other, fails and is trained on padded rows.
+    """
+    if model in _PACKING_CHECKED:
+        return _PACKING_CHECKED[model]
+    packs = False
+    if not _is_encoder_decoder(model) and forward_accepts(model, "position_ids"):
+        device = next(model.parameters()).device
+        vocab = int(model.config.vocab_size)
+        generator = torch.Generator().manual_seed(0)
+        first, second = (torch.randint(vocab, (1, n), generator=generator) for n in (5, 3))
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device)
+        with _eval_mode(model), torch.no_grad():
+            alone = [
+                model(input_ids=ids.to(device), use_cache=False).logits for ids in (first, second)
+            ]
+            packed = model(
+                input_ids=torch.cat([first, second], dim=1).to(device),
+                position_ids=positions,
+                use_cache=False,
+            ).logits
+        packs = torch.allclose(packed, torch.cat(alone, dim=1), rtol=1e-3, atol=1e-3)
+    _PACKING_CHECKED[model] = packs
+    return packs
 
 
 def mean_target_loss(

@@ -13,6 +13,7 @@ from phatgoose.data import (
     continuation_ids,
     load_examples,
     load_jsonl,
+    pack_sequences,
     prompt_ids,
     token_boundary,
 )
@@ -177,6 +178,40 @@ def test_causal_batch_labels_only_the_target_and_eos(tokenizer):
         [IGNORE_INDEX] * 2 + first[2:] + [IGNORE_INDEX] * 4,
         [IGNORE_INDEX] * 7 + second[7:],
     ]
+
+
+def test_packing_puts_short_sequences_together_in_rows_of_the_longest_width():
+    pad = 0
+    batch = {  # lengths 2, 5, 3: rows {5}, {3, 2}
+        "input_ids": torch.tensor([[1, 2, pad, pad, pad], [3, 4, 5, 6, 7], [8, 9, 10, pad, pad]]),
+        "attention_mask": torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "labels": torch.tensor(
+            [[-100, 2, -100, -100, -100], [-100, -100, 5, 6, 7], [-100, 9, 10, -100, -100]]
+        ),
+    }
+    packed = pack_sequences(batch)
+    assert set(packed) == {"input_ids", "position_ids", "labels"}  # no attention mask
+    assert packed["input_ids"].tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 1, 2]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[-100, -100, 5, 6, 7], [-100, 9, 10, -100, 2]]
+
+
+def test_a_packed_row_ends_in_a_segment_of_its_own_and_never_targets_a_first_token():
+    batch = {  # lengths 4, 1, 2: rows {4}, {2, 1} with one free slot
+        "input_ids": torch.tensor([[1, 2, 3, 4], [5, 0, 0, 0], [6, 7, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]),
+        "labels": torch.tensor([[1, 2, 3, 4], [5, -100, -100, -100], [6, 7, -100, -100]]),
+    }
+    packed = pack_sequences(batch)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4], [6, 7, 5, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]]
+    assert packed["labels"].tolist() == [[-100, 2, 3, 4], [-100, 7, -100, -100]]
+
+
+def test_a_batch_whose_sequences_do_not_share_rows_stays_padded(tokenizer):
+    examples = [Example(prompt="Q:", target="ab"), Example(prompt="Long Q:", target="c")]
+    batch = collate_for_training(tokenizer, examples, max_length=32, is_encoder_decoder=False)
+    assert pack_sequences(batch) is batch
 
 
 def test_causal_truncation_drops_prompt_from_the_left(tokenizer):

@@ -9,7 +9,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from phatgoose.data import Example, collate_for_training
+from phatgoose.data import Example, collate_for_training, pack_sequences
 from phatgoose.expert import Expert, ExpertError
 from phatgoose.models import linear_module_paths, model_fingerprint
 from phatgoose.training import (
@@ -21,6 +21,7 @@ from phatgoose.training import (
     expert_from_peft,
     gated_lora,
     mean_target_loss,
+    packs_sequences,
     split_validation,
     train_expert,
     train_gates,
@@ -292,15 +293,52 @@ def test_target_loss_is_the_cross_entropy_of_the_full_logits(llama, tokenizer, w
     if wrapped:  # PEFT passes logits_to_keep through to its base model
         config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
         model = get_peft_model(llama, config)
-    examples = [Example("a ->", target="XY"), Example("a much longer prompt ->", target="Z")]
+    examples = [
+        Example("a ->", target="XY"),
+        Example("a much longer prompt ->", target="Z"),
+        Example("b ->", target="W"),
+    ]
     batch = collate_for_training(tokenizer, examples, max_length=64, is_encoder_decoder=False)
+    # The loss below is computed on 2 packed rows: the long sequence, then the 2 short ones.
+    assert packs_sequences(model)
+    assert pack_sequences(batch)["input_ids"].shape == (2, batch["input_ids"].shape[1])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
     )
-    got = mean_target_loss(model, tokenizer, examples, batch_size=2, max_length=64)
+    got = mean_target_loss(model, tokenizer, examples, batch_size=3, max_length=64)
     assert got == pytest.approx(float(expected), abs=1e-5)
+
+
+class PositionBlind(nn.Module):
+    """Llama behind a forward that drops `position_ids`: packed sequences see each other."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_training_packs_sequences_only_where_the_model_keeps_them_apart(llama, tokenizer):
+    assert packs_sequences(llama)
+    assert packs_sequences(get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])))
+    assert not packs_sequences(tiny_t5())
+    blind = PositionBlind(llama)
+    assert not packs_sequences(blind)
+    # Unpacked (padded) rows give the model's true loss all the same.
+    examples = [Example("a ->", target="XY"), Example("a much longer prompt ->", target="Z")]
+    batch = collate_for_training(tokenizer, examples, max_length=64, is_encoder_decoder=False)
+    with torch.no_grad():
+        logits = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+    )
+    assert mean_target_loss(blind, tokenizer, examples, batch_size=2) == pytest.approx(
+        float(expected), abs=1e-5
+    )
 
 
 # ---------------------------------------------------------------- average activations
