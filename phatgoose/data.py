@@ -268,8 +268,8 @@ def collate_for_training(
     if is_encoder_decoder:
         inputs = [p[-max_length:] for p, _ in encoded]
         targets = [t[:max_length] for _, t in encoded]
-        input_ids, attention_mask = _pad(inputs, pad_id)
-        labels, _ = _pad(targets, IGNORE_INDEX)
+        input_ids, attention_mask = pad_rows(inputs, pad_id)
+        labels, _ = pad_rows(targets, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     sequences, label_rows = [], []
@@ -281,8 +281,8 @@ def collate_for_training(
         prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
         sequences.append(prompt + target)
         label_rows.append([IGNORE_INDEX] * len(prompt) + target)
-    input_ids, attention_mask = _pad(sequences, pad_id)
-    labels, _ = _pad(label_rows, IGNORE_INDEX)
+    input_ids, attention_mask = pad_rows(sequences, pad_id)
+    labels, _ = pad_rows(label_rows, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -331,7 +331,7 @@ def pack_sequences(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
-def _pad(rows: list[list[int]], value: int) -> tuple[Tensor, Tensor]:
+def pad_rows(rows: list[list[int]], value: int) -> tuple[Tensor, Tensor]:
     """Right-pad rows to one width (at least 1): (ids [b, width], mask [b, width])."""
     import torch
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from phatgoose.data import Example, continuation_ids, prompt_ids
+from phatgoose.data import Example, continuation_ids, pad_rows, prompt_ids
 from phatgoose.models import forward_accepts
 from phatgoose.routing import queries
 
@@ -227,8 +227,8 @@ def _score_prompted(
         owner = torch.tensor([i for i, _ in rows])
         cache = out.past_key_values
         cache.reorder_cache(owner.to(device))  # row r continues the prompt of example owner[r]
-        inputs, choice_mask = _right_padded([batch[i].choices[j][:-1] for i, j in rows], pad_id)
-        targets, _ = _right_padded([batch[i].choices[j][1:] for i, j in rows], 0)
+        inputs, choice_mask = pad_rows([batch[i].choices[j][:-1] for i, j in rows], pad_id)
+        targets, _ = pad_rows([batch[i].choices[j][1:] for i, j in rows], 0)
         width = inputs.shape[1]
         positions = prompt_mask.sum(-1)[owner][:, None] + torch.arange(width)
         with queries(model, [batch[i].prompt_text for i, _ in rows]):
@@ -257,17 +257,6 @@ def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     for i, row in enumerate(rows):
         ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(ids, attention mask), every row starting at the first position."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
     return ids, mask
 
 
