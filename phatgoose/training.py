@@ -186,7 +186,7 @@ _PACKING_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDi
 
 
 def packs_sequences(model: nn.Module) -> bool:
-    """Whether training may pack `model`'s batches into one row (`data.pack_sequences`).
+    """Whether training may pack `model`'s batches into shared rows (`data.pack_sequences`).
 
     Checked once per model, not assumed: two short sequences packed into one row must give
     the logits each gives alone. transformers' causal models pass (they tell packed
