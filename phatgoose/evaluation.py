@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example, continuation_ids, pad_rows, prompt_ids
-from phatgoose.models import forward_accepts
+from phatgoose.models import cache_keyword, forward_accepts, returned_cache
 from phatgoose.routing import queries
 
 
@@ -84,9 +84,18 @@ def _score(
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
     device = next(model.parameters()).device
-    if not is_encoder_decoder and forward_accepts(model, "past_key_values"):
+    cache_argument = None if is_encoder_decoder else cache_keyword(model)
+    if cache_argument is not None:
         return _score_shared_prompts(
-            model, tokenizer, examples, batch_size, max_length, progress, pad_id, device
+            model,
+            tokenizer,
+            examples,
+            batch_size,
+            max_length,
+            progress,
+            pad_id,
+            device,
+            cache_argument,
         )
 
     pairs = _encode_pairs(tokenizer, examples, max_length, is_encoder_decoder)
@@ -167,6 +176,7 @@ def _score_shared_prompts(
     progress: bool,
     pad_id: int,
     device: torch.device,
+    cache_argument: str,
 ) -> tuple[list[list[float]], int]:
     """`_score` for causal models with a key/value cache: each prompt is read once.
 
@@ -195,15 +205,22 @@ def _score_shared_prompts(
     scores: list[list[float]] = [[] for _ in examples]
     with torch.no_grad():
         for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-            for item, row in zip(batch, _score_prompted(model, batch, pad_id, device), strict=True):
+            for item, row in zip(
+                batch, _score_prompted(model, batch, pad_id, device, cache_argument), strict=True
+            ):
                 scores[item.example] = row
     return scores, sum(len(ids) for item in prompted for ids in item.choices)
 
 
 def _score_prompted(
-    model: nn.Module, batch: list[_Prompted], pad_id: int, device: torch.device
+    model: nn.Module,
+    batch: list[_Prompted],
+    pad_id: int,
+    device: torch.device,
+    cache_argument: str,
 ) -> list[list[float]]:
-    """Mean log-probability of each choice of each example in `batch`."""
+    """Mean log-probability of each choice of each example in `batch`; the forward takes
+    its key/value cache as `cache_argument` (`models.cache_keyword`)."""
     input_ids, prompt_mask = _left_padded([item.prompt for item in batch], pad_id)
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -225,7 +242,7 @@ def _score_prompted(
     rows = [(i, j) for i, j in rows if len(batch[i].choices[j]) > 1]
     if rows:
         owner = torch.tensor([i for i, _ in rows])
-        cache = out.past_key_values
+        cache = returned_cache(out)
         cache.reorder_cache(owner.to(device))  # row r continues the prompt of example owner[r]
         inputs, choice_mask = pad_rows([batch[i].choices[j][:-1] for i, j in rows], pad_id)
         targets, _ = pad_rows([batch[i].choices[j][1:] for i, j in rows], 0)
@@ -236,7 +253,7 @@ def _score_prompted(
                 input_ids=inputs.to(device),
                 attention_mask=torch.cat([prompt_mask[owner], choice_mask], dim=1).to(device),
                 position_ids=positions.to(device),
-                past_key_values=cache,
+                **{cache_argument: cache},
                 use_cache=True,
             ).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None].to(device))

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,6 +160,31 @@ def forward_accepts(model: nn.Module, argument: str) -> bool:
     get_base_model = getattr(model, "get_base_model", None)
     inner = get_base_model() if callable(get_base_model) else model
     return argument in inspect.signature(inner.forward).parameters
+
+
+# transformers 5.24 renamed the key/value cache argument and output field `past_key_values`
+# to `cache` (the old name is accepted with a warning until 5.40). Code that passes, reads or
+# watches for a cache goes through these two names, so both spellings behave the same.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword under which the model's forward takes a key/value cache, or None."""
+    return next((name for name in CACHE_KEYWORDS if forward_accepts(model, name)), None)
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's keyword arguments, under either spelling (None if absent)."""
+    return next((kwargs[n] for n in CACHE_KEYWORDS if kwargs.get(n) is not None), None)
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a forward returned, under either spelling of the output field."""
+    for name in CACHE_KEYWORDS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    raise ValueError("the model returned no key/value cache (was use_cache=True passed?)")
 
 
 def model_fingerprint(model: nn.Module) -> str:

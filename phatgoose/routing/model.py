@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from phatgoose.models import passed_cache
 from phatgoose.routing import rows
 from phatgoose.routing.layer import (
     ArrowRouter,
@@ -308,7 +309,7 @@ def _install_retrieval_hook(model: nn.Module, retrieval: RetrievalChoice) -> Rem
         return model.get_encoder().register_forward_pre_hook(on_encoder, with_kwargs=True)
 
     def on_forward(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if _has_cache(kwargs.get("past_key_values")) and retrieval.current is not None:
+        if _has_cache(passed_cache(kwargs)) and retrieval.current is not None:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         retrieval.on_new_input(input_ids, kwargs.get("attention_mask"))
@@ -316,12 +317,12 @@ def _install_retrieval_hook(model: nn.Module, retrieval: RetrievalChoice) -> Rem
     return model.register_forward_pre_hook(on_forward, with_kwargs=True)
 
 
-def _has_cache(past_key_values: Any) -> bool:
-    if past_key_values is None:
+def _has_cache(cache: Any) -> bool:
+    if cache is None:
         return False
-    if hasattr(past_key_values, "get_seq_length"):
-        return past_key_values.get_seq_length() > 0
-    return len(past_key_values) > 0
+    if hasattr(cache, "get_seq_length"):
+        return cache.get_seq_length() > 0
+    return len(cache) > 0
 
 
 def _default_embedder(texts: list[str]) -> Tensor:
