@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypedDict
 
 import torch
 import typer
@@ -260,6 +260,16 @@ def zero_shot(
         typer.echo(hint)
 
 
+class ParallelRun(TypedDict):
+    """The result JSON's `parallel` entry: how the jobs ran."""
+
+    jobs: int
+    workdir: str
+    job_seconds: dict[str, float]
+    failed_jobs: list[str]
+    wall_seconds: float
+
+
 def _run_jobs(
     settings: ZeroShotConfig,
     jobs: int,
@@ -271,7 +281,7 @@ def _run_jobs(
     catalog_dir: Path,
     catalog_database_url: str | None,
     train_only: bool,
-) -> tuple[tuple[PreTrainedModel, PreTrainedTokenizerBase], dict[str, object]]:
+) -> tuple[tuple[PreTrainedModel, PreTrainedTokenizerBase], ParallelRun]:
     """Train, then score, in `jobs` processes (benchmarks/parallel.py); the base model
     (loaded here, to register it before the jobs race to) and what the jobs took."""
     import os
@@ -315,7 +325,7 @@ def _run_jobs(
             typer.echo(str(error), err=True)
             seconds |= error.seconds
             failed = sorted(error.failed)
-    info = {
+    info: ParallelRun = {
         "jobs": jobs,
         "workdir": str(workdir),
         "job_seconds": seconds,

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -307,7 +308,7 @@ def available_tasks(tasks_dir: Path | None = None) -> list[str]:
     return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob(TASK_FILE))
 
 
-def _string_field(task: dict, key: str, default: str, task_file: Path) -> str:
+def _string_field(task: dict[str, Any], key: str, default: str, task_file: Path) -> str:
     value = task.get(key, default)
     if not isinstance(value, str):
         raise ValueError(f"{task_file}: {key!r} must be a string, got {type(value).__name__}")

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch loads with the first batch, not with the data format
     from torch import Tensor
@@ -151,7 +151,7 @@ def _example_from_record(record: object, path: Path, line: int) -> Example:
 
 
 def _refuse_unknown_fields(
-    record: dict, allowed: frozenset[str], fail: Callable[[str, str], DataFormatError]
+    record: dict[str, Any], allowed: frozenset[str], fail: Callable[[str, str], DataFormatError]
 ) -> None:
     unknown = sorted(set(record) - allowed)
     if unknown:

@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from protocol import BaseModelSpec, LinearModuleSpec
+from protocol import BaseModelSpec, LinearModuleSpec, matches_target_modules
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,10 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     transformers dequantises GGUF weights while loading but keeps its quantizer attached,
     which makes `save_pretrained` refuse; the cached copy is an ordinary checkpoint.
     """
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
+    loaded: Any = model  # transformers sets these attributes at load time, undeclared
+    loaded.hf_quantizer = None
+    loaded.is_quantized = False
+    loaded.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -201,7 +202,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """
     tensors = _unique_state_tensors(model)
     key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
-    cached = getattr(model, "_phatgoose_fingerprint", None)
+    cached: tuple[object, str] | None = getattr(model, "_phatgoose_fingerprint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
 
@@ -212,7 +213,7 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(header.encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     fingerprint = f"sha256:{digest.hexdigest()}"
-    model._phatgoose_fingerprint = (key, fingerprint)
+    vars(model)["_phatgoose_fingerprint"] = (key, fingerprint)  # a plain attribute, no tensor
     return fingerprint
 
 
@@ -258,7 +259,7 @@ def linear_module_paths(model: nn.Module, target_modules: list[str] | None = Non
         raise ValueError("target_modules is empty: name at least one linear layer")
     paths = []
     for path, _, _ in _block_linears(model):
-        if any(path == t or path.endswith("." + t) for t in targets):
+        if matches_target_modules(path, targets):
             paths.append(path)
     if not paths:
         raise ValueError(

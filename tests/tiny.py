@@ -4,6 +4,7 @@ Nothing is downloaded: the tokenizer is character level over printable ASCII.
 """
 
 import string
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -53,6 +54,8 @@ def tiny_llama(seed: int = 0, hidden_size: int = 32, layers: int = 2) -> LlamaFo
 
 def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
+    # Not a T5Config field since transformers 5.24, but kept and read by generate().
+    start: dict[str, Any] = {"decoder_start_token_id": 0}
     config = T5Config(
         vocab_size=len(tiny_tokenizer()),
         d_model=d_model,
@@ -63,6 +66,6 @@ def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2) -> T5ForCondition
         num_heads=4,
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
+        **start,
     )
     return T5ForConditionalGeneration(config).eval()

@@ -38,7 +38,7 @@ class StartupReport:
 def remove_stale_uploads(upload_dir: Path, older_than_seconds: float) -> list[Path]:
     """Remove upload folders and files left behind by interrupted requests."""
     cutoff = time.time() - older_than_seconds
-    removed = []
+    removed: list[Path] = []
     if not upload_dir.is_dir():
         return removed
     for entry in upload_dir.iterdir():

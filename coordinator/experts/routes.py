@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from collections.abc import Iterator
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.core.deps import BlobsDep, ReaderDep, SessionDep, SettingsDep, TokenDep
@@ -149,7 +150,7 @@ def download_file(
     session: SessionDep,
     blobs: BlobsDep,
     _reader: ReaderDep,
-) -> FileResponse:
+) -> Response:
     found = service.get_version(session, namespace, name, version)
     file = service.get_file(found, filename)
     try:
@@ -161,12 +162,17 @@ def download_file(
             file=filename,
         ) from error
     media_type = "application/json" if filename.endswith(".json") else "application/octet-stream"
-    return FileResponse(
-        path,
-        media_type=media_type,
-        filename=filename,
-        headers={"ETag": f'"{file.sha256}"', "X-Content-SHA256": file.sha256},
-    )
+    headers = {"ETag": f'"{file.sha256}"', "X-Content-SHA256": file.sha256}
+    if path is None:  # a store without local files: stream the blob from the store
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return StreamingResponse(_chunks(blobs.open(file.sha256)), media_type, headers=headers)
+    return FileResponse(path, media_type=media_type, filename=filename, headers=headers)
+
+
+def _chunks(handle: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(size):
+            yield chunk
 
 
 @router.post(

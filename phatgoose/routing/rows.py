@@ -59,7 +59,7 @@ def top_right_singular_vector(lora_A: Tensor, lora_B: Tensor) -> Tensor:
     """
     _, r_factor = torch.linalg.qr(lora_B.double())
     _, _, vh = torch.linalg.svd(r_factor @ lora_A.double(), full_matrices=False)
-    row = vh[0]
+    row: Tensor = vh[0]
     return (row * row[row.abs().argmax()].sign()).float()
 
 

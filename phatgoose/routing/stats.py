@@ -90,11 +90,13 @@ def capture_routing(model: nn.Module) -> Iterator[RoutingStats]:
     masks: dict[str, Tensor | None] = {}
     encoder_prefix = _encoder_prefix(model)
 
-    def remember_masks(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+    def remember_masks(_module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         masks["attention_mask"] = kwargs.get("attention_mask")
         masks["decoder_attention_mask"] = kwargs.get("decoder_attention_mask")
 
-    def remember_encoder_mask(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+    def remember_encoder_mask(
+        _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         masks["attention_mask"] = kwargs.get("attention_mask")
 
     def observe(layer: RoutedLinear, indices: Tensor) -> None:
@@ -136,5 +138,6 @@ def _mask_for(
 def _encoder_prefix(model: nn.Module) -> str | None:
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
-    encoder = model.get_encoder()
-    return next(path for path, module in model.named_modules() if module is encoder)
+    encoder = model.get_encoder()  # type: ignore[operator]  # encoder-decoder transformers
+    path: str = next(path for path, module in model.named_modules() if module is encoder)
+    return path

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2  # what starlette's TestClient returns since starlette 1.0
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -49,7 +49,7 @@ def package_parts(directory: Path) -> list[tuple[str, tuple[str, bytes]]]:
     return [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
 
 
-def upload(client: TestClient, headers: dict[str, str], directory: Path) -> httpx.Response:
+def upload(client: TestClient, headers: dict[str, str], directory: Path) -> httpx2.Response:
     return client.post("/api/v1/experts", headers=headers, files=package_parts(directory))
 
 

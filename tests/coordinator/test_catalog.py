@@ -105,6 +105,19 @@ def test_download_is_bit_exact(client, alice, package):
         assert response.headers["x-content-sha256"] == expected
 
 
+def test_download_from_a_store_without_local_files_streams_the_same_bytes(
+    app, client, alice, package, monkeypatch
+):
+    directory = package("alice/streamed", seed=8)
+    assert upload(client, alice, directory).status_code == 201
+    monkeypatch.setattr(app.state.blobs, "local_path", lambda sha256: None)
+    for path in directory.iterdir():
+        response = client.get(f"/api/v1/experts/alice/streamed/1/files/{path.name}")
+        assert response.status_code == 200
+        assert response.content == path.read_bytes()
+        assert response.headers["content-disposition"] == f'attachment; filename="{path.name}"'
+
+
 def test_download_of_a_non_package_file_is_404(client, published):
     response = client.get("/api/v1/experts/alice/demo/1/files/..%2F..%2Fcoordinator.sqlite")
     assert response.status_code == 404

@@ -15,6 +15,7 @@ import math
 import pickle
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _part(field_name: bytes, filename: bytes | None, data: bytes) -> bytes:
     )
 
 
-def multipart(parts: list[tuple[bytes, bytes | None, bytes]]) -> bytes:
+def multipart(parts: Sequence[tuple[bytes, bytes | None, bytes]]) -> bytes:
     return b"".join(_part(*p) for p in parts) + b"--" + BOUNDARY.encode() + b"--\r\n"
 
 
@@ -127,7 +128,7 @@ def clean_case(label: str, files: dict[str, bytes]) -> UploadCase:
     return UploadCase(label, dict(files), body, _headers())
 
 
-def _raw_case(label: str, parts: list[tuple[bytes, bytes | None, bytes]]) -> UploadCase:
+def _raw_case(label: str, parts: Sequence[tuple[bytes, bytes | None, bytes]]) -> UploadCase:
     return UploadCase(label, None, multipart(parts), _headers())
 
 
@@ -256,7 +257,7 @@ def _nbytes(entry: dict[str, object]) -> int:
     shape = entry.get("shape")
     size = 4
     if isinstance(shape, list) and all(isinstance(s, int) for s in shape):
-        size *= math.prod(shape)  # type: ignore[arg-type]
+        size *= math.prod(shape)
     return int(size)
 
 
@@ -459,7 +460,9 @@ def size_attack(draw: st.DrawFn, files: dict[str, bytes]) -> UploadCase:
 
 @st.composite
 def multipart_attack(draw: st.DrawFn, files: dict[str, bytes]) -> UploadCase:
-    parts = [(b"files", name.encode(), data) for name, data in files.items()]
+    parts: list[tuple[bytes, bytes | None, bytes]] = [
+        (b"files", name.encode(), data) for name, data in files.items()
+    ]
     kind = draw(
         st.sampled_from(
             [
@@ -490,8 +493,8 @@ def multipart_attack(draw: st.DrawFn, files: dict[str, bytes]) -> UploadCase:
         )
     if kind == "hostile_filename":
         index = draw(st.integers(0, len(parts) - 1))
-        name = draw(st.sampled_from(HOSTILE_NAMES)).encode("utf-8", "surrogatepass")
-        parts[index] = (b"files", name, parts[index][2])
+        hostile = draw(st.sampled_from(HOSTILE_NAMES)).encode("utf-8", "surrogatepass")
+        parts[index] = (b"files", hostile, parts[index][2])
         return _raw_case("multipart_hostile_filename", parts)
     if kind == "wrong_field":
         index = draw(st.integers(0, len(parts) - 1))
