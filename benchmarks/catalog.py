@@ -42,12 +42,10 @@ from coordinator.releases.schemas import ReleaseCreate
 from coordinator.storage import LocalBlobStore
 from phatgoose.expert import Expert
 from phatgoose.models import base_model_spec, cache_root
-from protocol import PACKAGE_FILES
+from protocol import METHOD_SPECS, PACKAGE_FILES, RoutingMethod, is_method
 
 NAMESPACE = "bench"
 SOURCE = "phatgoose bench zero-shot"
-# Routed methods published as releases over every expert of the run.
-RELEASED_METHODS = ("base", "phatgoose", "merged", "arrow", "average_activation", "retrieval")
 _KEY_MARK = re.compile(r"\s*\[cache key ([0-9a-f]{16})\]$")
 
 
@@ -211,7 +209,7 @@ def _release_number(
     session: Session,
     token: Token,
     *,
-    method: str,
+    method: RoutingMethod,
     base_model: str,
     experts: Sequence[str],
     top_k: int | None,
@@ -228,7 +226,7 @@ def _release_number(
         ):
             return release.number
     request = ReleaseCreate(
-        method=method,  # type: ignore[arg-type]
+        method=method,
         experts=list(experts),
         top_k=top_k,
         expert=expert,
@@ -270,10 +268,11 @@ def _job_id(
 def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, Any]:
     """Releases for the run's methods and their results as finished evaluation jobs.
 
-    Routed methods become releases over every expert of the run (k = the run's top-k for
-    the token routers); best_individual and multitask become `single` releases over their
-    expert. Oracle uses a different expert per task, so it is no release and is skipped.
-    Identical releases and jobs are reused, so publishing twice adds nothing.
+    Routing methods become releases over every expert of the run (none for base; k = the
+    run's top-k for the per-token routers); best_individual and multitask become `single`
+    releases over their expert. Oracle uses a different expert per task, so it is no
+    release and is skipped. Identical releases and jobs are reused, so publishing twice adds
+    nothing.
     """
     config = record["config"]
     base_model = config["base_model"]
@@ -295,18 +294,19 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
         "skipped": {},
     }
 
-    def target(method: str) -> tuple[list[str], int | None, str | None] | str:
-        """(experts, top_k, single expert) of the method's release, or why there is none."""
+    def target(method: str) -> tuple[RoutingMethod, list[str], int | None, str | None] | str:
+        """(method, experts, top_k, single expert) of the release, or why there is none."""
         if method == "oracle":
             return "a different expert per task (selected on the evaluation labels): no release"
-        if method == "base":
-            return [], None, None
-        if method in RELEASED_METHODS:
+        if is_method(method) and not METHOD_SPECS[method].single_expert:
+            spec = METHOD_SPECS[method]
+            if not spec.takes_experts:
+                return method, [], None, None
             missing = [name for name, ref in refs.items() if ref is None]
             if missing or not refs:
                 return f"experts not in the catalog: {missing}"
-            top_k = config["top_k"] if method in releases.TOKEN_METHODS else None
-            return sorted(r for r in refs.values() if r), top_k, None
+            top_k = config["top_k"] if spec.per_token else None
+            return method, sorted(r for r in refs.values() if r), top_k, None
         if method == "best_individual":
             ref = refs.get(record["methods"][method]["choice"])
         elif method == "multitask":
@@ -315,7 +315,7 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
             return f"unknown method {method!r}"
         if ref is None:
             return "its expert is not in the catalog"
-        return [ref], None, ref
+        return "single", [ref], None, ref
 
     with catalog.session() as session:
         for method, summary in record.get("methods", {}).items():
@@ -323,11 +323,11 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
             if isinstance(plan, str):
                 published["skipped"][method] = plan
                 continue
-            experts, top_k, expert = plan
+            release_method, experts, top_k, expert = plan
             number = _release_number(
                 session,
                 catalog.token,
-                method="single" if expert else method,
+                method=release_method,
                 base_model=base_model,
                 experts=experts,
                 top_k=top_k,

@@ -23,6 +23,9 @@ from phatgoose.routing.layer import RoutedLinear
 class DenseRoutedLinear(nn.Module):
     """All N experts for every token, then masked by the router's top-k weights."""
 
+    lora_A_all: Tensor  # [N * r, n]
+    lora_B_all: Tensor  # [N * r, d]
+
     def __init__(self, routed: RoutedLinear) -> None:
         super().__init__()
         self.routed = routed

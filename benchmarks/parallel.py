@@ -10,10 +10,10 @@ expert cache) and the evaluation cache, at most `jobs` of them at a time:
 3. assembly: this process reads every result from the caches (`cached_only`), writes the
    result file and publishes it, exactly as a one-process run would.
 
-Each job is `python -m phatgoose bench zero-shot` with the resolved settings in a JSON file
-and its own log. A failed training job stops the run after its phase; a failed scoring job
-leaves the others' results, which the assembly reports (the rest as not run) before the
-command exits with an error naming the logs to read.
+Each job is `python -m benchmarks zero-shot` (`phatgoose bench zero-shot`) with the resolved
+settings in a JSON file and its own log. A failed training job stops the run after its
+phase; a failed scoring job leaves the others' results, which the assembly reports (the rest
+as not run) before the command exits with an error naming the logs to read.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def scoring_jobs(config: ZeroShotConfig) -> list[Job]:
         every = [*config.held_in, *config.held_out]
         for task in config.held_in:
             others = ",".join(t for t in every if t != task)
-            args = ("--held-in", task, "--methods", "best_individual")
+            args: tuple[str, ...] = ("--held-in", task, "--methods", "best_individual")
             if others:
                 args += ("--held-out", others)
             jobs.append(Job(f"score-single-{task}", args))
@@ -105,17 +105,17 @@ def run_jobs(
         while pending and len(running) < parallel:
             job = pending.pop(0)
             log = open(logs / f"{job.label}.log", "wb")  # noqa: SIM115 (closed below)
-            command = [sys.executable, "-m", "phatgoose", "bench", "zero-shot", *common]
+            command = [sys.executable, "-m", "benchmarks", "zero-shot", *common]
             command += [*job.args, "--output", str(workdir / f"{job.label}.json")]
             log.write((" ".join(command) + "\n\n").encode())
             log.flush()
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             running[job.label] = (process, time.perf_counter(), log)
         time.sleep(0.5)
-        for label, (process, started, log) in list(running.items()):
+        for label, (process, started, job_log) in list(running.items()):
             if process.poll() is None:
                 continue
-            log.close()
+            job_log.close()
             del running[label]
             seconds[label] = round(time.perf_counter() - started, 1)
             if process.returncode != 0:

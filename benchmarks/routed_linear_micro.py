@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import typer
 from torch import Tensor
 
-from phatgoose.routing.layer import RoutedLinear, TokenRouter, standardise
+from phatgoose.routing.layer import RoutedLinear
+from phatgoose.routing.routers import TokenRouter, standardise
 
 app = typer.Typer(add_completion=False)
 
@@ -151,6 +152,11 @@ def layer_command(
         )
 
 
+def _route_each(routers: list[TokenRouter], u: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Each router on its own: what `shared_routing` is measured against."""
+    return [router(u) for router in routers]
+
+
 def shared_routing(routers: list[TokenRouter], u: Tensor) -> list[tuple[Tensor, Tensor]]:
     """PROPOSAL, measured, not adopted: routers of sibling linears reading one input (q, k,
     v) standardise it once and route with one GEMM against their concatenated rows, one
@@ -185,7 +191,7 @@ def routers_command(
             for router, (indices, _) in zip(routers, shared_routing(routers, u), strict=True):
                 assert torch.equal(router(u)[0], indices)
             for _ in range(repeats):
-                times["alone"].append(_time(lambda routers=routers: [r(u) for r in routers]))
+                times["alone"].append(_time(functools.partial(_route_each, routers, u)))
                 times["shared"].append(_time(functools.partial(shared_routing, routers, u)))
         ms = {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items()}
         typer.echo(json.dumps({"N": n_experts, "T": tokens, "siblings": siblings, "ms": ms}))
@@ -241,7 +247,7 @@ def model_command(
                 for name in names:
                     mixture = MODEL_VARIANTS[name]
                     if mixture is not None:
-                        RoutedLinear.selected_update = mixture  # type: ignore[method-assign,assignment]
+                        RoutedLinear.selected_update = mixture  # type: ignore[method-assign]
                     try:
                         measured[name] = _time(forward)
                     finally:

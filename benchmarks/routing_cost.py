@@ -40,7 +40,7 @@ import resource
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +60,8 @@ from phatgoose.models import (
     linear_module_paths,
     load_base_model,
 )
-from phatgoose.routing.layer import FEW_TOKENS, RoutedLinear, TokenRouter
+from phatgoose.routing.layer import FEW_TOKENS, RoutedLinear
+from phatgoose.routing.routers import TokenRouter
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Shapes:
         linears = [
             (modules[p].in_features, modules[p].out_features) for p in linear_module_paths(model)
         ]
-        config = model.config
+        config: Any = model.config  # a transformers config (the model is typed nn.Module)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -184,7 +185,7 @@ def random_routed_layers(
 
 
 @contextmanager
-def swapped(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
+def swapped(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]:
     """Within the block, `layers` replace the model's modules at their paths."""
     originals = {path: model.get_submodule(path) for path in layers}
     for path, layer in layers.items():
@@ -243,12 +244,13 @@ def prepare(
     if implementation == "base":
         return Prepared(model, nullcontext, nullcontext)
     if implementation in ("phatgoose", "dense", "phatgoose_padded"):
-        layers = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
-        if implementation == "dense":
-            layers = {path: DenseRoutedLinear(layer) for path, layer in layers.items()}
+        routed = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
         if implementation == "phatgoose_padded":
-            for layer in layers.values():
+            for layer in routed.values():
                 layer.__class__ = PaddedRoutedLinear
+        layers: Mapping[str, nn.Module] = routed
+        if implementation == "dense":
+            layers = {path: DenseRoutedLinear(layer) for path, layer in routed.items()}
         return Prepared(model, functools.partial(swapped, model, layers), nullcontext)
     from peft import get_peft_model
 
@@ -391,7 +393,9 @@ def measure_training_steps(
     examples = []
     for _ in range(4 * config.batch_size):
         ids = torch.randint(0, vocab, (config.seq_len,), generator=generator).tolist()
-        examples.append(Example(prompt=tokenizer.decode(ids), target="yes"))
+        prompt = tokenizer.decode(ids)
+        assert isinstance(prompt, str)  # one sequence of ids decodes to one text
+        examples.append(Example(prompt=prompt, target="yes"))
 
     def settings(steps: int) -> TrainingConfig:
         return TrainingConfig(

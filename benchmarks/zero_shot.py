@@ -42,45 +42,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from benchmarks.machine import cpu_model, load_average, machine_info
 from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS, load_bigbench_task
 from phatgoose.data import Example
+from phatgoose.embeddings import Embedder
 from phatgoose.evaluation import TaskResult, evaluate_task
 from phatgoose.expert import Expert
 from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerprint
+from phatgoose.pipeline import Say, train_contributor_expert
 from phatgoose.routing import build_routed_model, routing_state, unroute_model
-from phatgoose.training import (
-    TrainingConfig,
-    compute_average_activations,
-    compute_retrieval_embeddings,
-    train_expert,
-    train_gates,
-)
-from protocol import BaseModelIdentity
+from phatgoose.training import TrainingConfig, train_expert, train_gates
+from protocol import BaseModelIdentity, RoutingMethod, is_method
 
 if TYPE_CHECKING:
     from benchmarks.catalog import BenchmarkCatalog
 
 log = logging.getLogger(__name__)
 
-# Zero-shot routers first (what the benchmark is about), then the references.
-ROUTED_METHODS = ("base", "phatgoose", "merged", "arrow", "average_activation", "retrieval")
-REFERENCE_METHODS = ("oracle", "best_individual", "multitask")
-METHODS = ROUTED_METHODS + REFERENCE_METHODS
-# Evaluation order ("single_experts" stands for oracle and best_individual, which are
-# selected from every single expert's results).
+# Evaluation order. The routing methods are protocol's, all but "single": here
+# "single_experts" stands for the references oracle and best_individual, which are selected
+# from every single expert's results.
 PRIORITY = (
     "base", "phatgoose", "merged", "single_experts", "arrow", "average_activation",
     "retrieval", "multitask",
 )  # fmt: skip
+# The report's columns: zero-shot routers first (what the benchmark is about), then the
+# references (not zero-shot, or outside the setting).
+ROUTED_METHODS: tuple[RoutingMethod, ...] = tuple(m for m in PRIORITY if is_method(m))
+REFERENCE_METHODS = ("oracle", "best_individual", "multitask")
+METHODS: tuple[str, ...] = (*ROUTED_METHODS, *REFERENCE_METHODS)
 CACHE_FORMAT = 1  # bump when the way a cached expert is produced changes
-
-Embedder = Callable[[list[str]], Tensor]
-Say = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -460,34 +454,16 @@ def task_expert(
     key = cache_key(task.name, base.fingerprint, config, training_config)
 
     def train() -> tuple[Expert, dict[str, float]]:
-        started = time.perf_counter()
-        expert = train_expert(
+        timings: dict[str, float] = {}
+        expert = train_contributor_expert(
             model, tokenizer, task.training, name=expert_name(task.name),
             config=training_config, base_model=base,
-            description=f"BIG-bench {task.name} (benchmark expert)", progress=progress,
+            description=f"BIG-bench {task.name} (benchmark expert)",
+            average_activation=True, retrieval=True,
+            max_vector_examples=config.max_vector_examples, embedder=embedder,
+            progress=progress, timings=timings,
         )  # fmt: skip
-        lora_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        expert = train_gates(
-            model, tokenizer, expert, task.training, config=training_config, progress=progress
-        )
-        gate_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        activations = compute_average_activations(
-            model, tokenizer, expert.module_paths(), task.training,
-            max_examples=config.max_vector_examples, max_length=config.max_length,
-            batch_size=config.batch_size, seed=config.seed,
-        )  # fmt: skip
-        expert = expert.with_average_activations(activations)
-        expert = expert.with_retrieval_embeddings(
-            _retrieval_embeddings(task.training, config, embedder)
-        )
-        vector_seconds = time.perf_counter() - started
-        return expert, {
-            "lora_seconds": lora_seconds,
-            "gate_seconds": gate_seconds,
-            "vector_seconds": vector_seconds,
-        }
+        return expert, timings
 
     name = expert_name(task.name)
     expert, info = _cached_or_trained(
@@ -543,20 +519,6 @@ def multitask_expert(
         registrable=registrable,
     )  # fmt: skip
     return expert, {**info, "key": key}
-
-
-def _retrieval_embeddings(
-    examples: Sequence[Example], config: ZeroShotConfig, embedder: Embedder | None
-) -> Tensor:
-    if embedder is None:  # the contributor's MiniLM embeddings (with its privacy warning)
-        return compute_retrieval_embeddings(
-            examples, max_examples=config.max_vector_examples, seed=config.seed
-        )
-    chosen = list(examples)
-    if len(chosen) > config.max_vector_examples:
-        chosen = random.Random(config.seed).sample(chosen, config.max_vector_examples)
-    vectors = torch.as_tensor(embedder([ex.prompt for ex in chosen])).float()
-    return torch.nn.functional.normalize(vectors, dim=-1).contiguous()
 
 
 # ------------------------------------------------------------------- selection rules
@@ -660,7 +622,7 @@ def evaluate_all(
     *,
     cache: EvaluationCache | None = None,
     identity: dict[str, Any] | None = None,
-    prepare: Callable[[], None] | None = None,
+    prepare: Callable[[], object] | None = None,
     cached_only: bool = False,
 ) -> dict[str, TaskResult]:
     """Every task's result; cached ones are read, the rest scored (after `prepare()`, once),
@@ -761,7 +723,7 @@ def run_zero_shot(
     device = torch.device(device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types its wrapped .to oddly
     record["device"] = {
         "device": str(device),
         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),

@@ -1,8 +1,9 @@
 """The Flower ClientApp: a contributor's SuperNode trains an expert on its private data.
 
-On a `train` message (the run's hyper-parameters in the ConfigRecord `"config"`), the node
-trains LoRA and gates through the same service as `phatgoose client train`, and replies with
-the expert package (`client.flower_message`): arrays and the manifest, never the data.
+On a `train` message (a `protocol.flower.TrainingRequest` in the ConfigRecord `"config"`),
+the node trains LoRA and gates through the same service as `phatgoose client train`, and
+replies with the expert package (`client.flower_message`): arrays and the manifest, never
+the data.
 
 The node's private data and the expert's name come from the SuperNode's node config:
 
@@ -16,22 +17,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.flower_message import package_to_content
-from client.training import CPU_DEFAULTS, ContributorOptions, slug, train_contributor_expert
-from phatgoose.models import DEFAULT_BASE_MODEL
+from client.training import ContributorOptions, slug, train_contributor_expert
 from phatgoose.training import TrainingConfig
+from protocol.flower import TRAIN_CONFIG_RECORD, TrainingRequest, split_run_config
 
 log = logging.getLogger(__name__)
-
-TRAIN_CONFIG_RECORD = "config"
 
 
 class NodeConfigError(ValueError):
@@ -44,7 +41,8 @@ def node_dataset(context: Context) -> tuple[str, str]:
     if "data-path" in node:
         path = str(node["data-path"])
         return path, str(node.get("expert-name", "") or _stem(path))
-    datasets = str(context.run_config.get("simulation-datasets", ""))
+    _, round_settings = split_run_config(context.run_config)
+    datasets = round_settings.simulation_datasets
     if datasets and "partition-id" in node:
         entries = [e.strip() for e in datasets.split(";") if e.strip()]
         partition = int(node["partition-id"])
@@ -60,28 +58,25 @@ def node_dataset(context: Context) -> tuple[str, str]:
     )
 
 
-def training_config(config: Mapping[str, Any]) -> tuple[str, TrainingConfig, ContributorOptions]:
-    """`(base model, TrainingConfig, options)` from a train message's hyper-parameters."""
-    d = CPU_DEFAULTS
-    gate_lr = float(config.get("gate-learning-rate", 0) or 0)
-    max_examples = int(config.get("max-examples", 0) or 0)
+def contributor_settings(request: TrainingRequest) -> tuple[TrainingConfig, ContributorOptions]:
+    """What `client.training` needs to carry out a train request."""
     training = TrainingConfig(
-        r=int(config.get("lora-rank", d.r)),
-        lora_alpha=float(config.get("lora-alpha", d.lora_alpha)),
-        steps=int(config.get("lora-steps", d.steps)),
-        gate_steps=int(config.get("gate-steps", d.gate_steps or 1)),
-        batch_size=int(config.get("batch-size", d.batch_size)),
-        max_length=int(config.get("max-length", d.max_length)),
-        learning_rate=float(config.get("learning-rate", d.learning_rate)),
-        gate_learning_rate=gate_lr or None,
-        seed=int(config.get("seed", d.seed)),
+        r=request.lora_rank,
+        lora_alpha=request.lora_alpha,
+        steps=request.lora_steps,
+        gate_steps=request.gate_steps,
+        batch_size=request.batch_size,
+        max_length=request.max_length,
+        learning_rate=request.learning_rate,
+        gate_learning_rate=request.gate_learning_rate or None,
+        seed=request.seed,
     )
     options = ContributorOptions(
-        max_examples=max_examples or None,
-        average_activation=bool(config.get("average-activation", True)),
+        max_examples=request.max_examples or None,
+        average_activation=request.average_activation,
         progress=False,
     )
-    return str(config.get("base-model", DEFAULT_BASE_MODEL)), training, options
+    return training, options
 
 
 app = ClientApp()
@@ -91,13 +86,13 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train an expert on this node's data; reply with its package."""
     data_path, name = node_dataset(context)
-    config = msg.content.config_records.get(TRAIN_CONFIG_RECORD, {})
-    base, training, options = training_config(config)
+    request = TrainingRequest.from_config(msg.content.config_records.get(TRAIN_CONFIG_RECORD, {}))
+    training, options = contributor_settings(request)
     if context.node_config.get("show-progress", False):
         options = replace(options, progress=True)
     log.info("node %s: training expert %r on its private data", context.node_id, name)
     expert = train_contributor_expert(
-        data_path, name, base=base, config=training, options=options, say=log.info
+        data_path, name, base=request.base_model, config=training, options=options, say=log.info
     )
     summary = expert.manifest.training
     with tempfile.TemporaryDirectory(prefix="phatgoose-expert-") as tmp:

@@ -14,16 +14,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import httpx
 from tqdm.auto import tqdm
 
-from protocol import PACKAGE_FILES, REQUIRED_FILES
+from protocol import API_PREFIX, PACKAGE_FILES, REQUIRED_FILES
 
 log = logging.getLogger(__name__)
 
-UPLOAD_PATH = "/api/v1/experts"
+UPLOAD_PATH = f"{API_PREFIX}/experts"
 UPLOAD_FIELD = "files"
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -142,7 +142,8 @@ def _post_once(
         parts = []
         for name, path in files.items():
             handle = stack.enter_context(path.open("rb"))
-            parts.append((UPLOAD_FIELD, (name, _Counting(handle, bar), "application/octet-stream")))
+            counting = cast(IO[bytes], _Counting(handle, bar))  # httpx only reads it
+            parts.append((UPLOAD_FIELD, (name, counting, "application/octet-stream")))
         return http.post(url, headers=headers, files=parts)
 
 

@@ -10,24 +10,18 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from phatgoose import pipeline
 from phatgoose.data import Example, load_examples
 from phatgoose.expert import Expert
 from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerprint
-from phatgoose.training import (
-    PRIVACY_WARNING,
-    TrainingConfig,
-    compute_average_activations,
-    compute_retrieval_embeddings,
-    expert_from_peft,
-    train_expert,
-    train_gates,
-)
+from phatgoose.pipeline import Say
+from phatgoose.training import TrainingConfig, expert_from_peft
 from protocol import BaseModelIdentity
 
 log = logging.getLogger(__name__)
@@ -45,7 +39,6 @@ CPU_DEFAULTS = TrainingConfig(
 )
 
 BaseModel = tuple[PreTrainedModel, PreTrainedTokenizerBase]
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,8 @@ def train_contributor_expert(
     base_model: BaseModel | None = None,
     say: Say = log.info,
 ) -> Expert:
-    """LoRA, then the PHATGOOSE gates, then the optional baseline vectors; returns the expert.
+    """The contributor's data read and the base model loaded, then the pipeline (LoRA, gates,
+    the optional baseline vectors: `phatgoose.pipeline.train_contributor_expert`).
 
     `base` names the base model (`smollm2-135m` or a local Hugging Face directory);
     `base_model` may hand over an already loaded `(model, tokenizer)` for it.
@@ -95,19 +89,20 @@ def train_contributor_expert(
     examples = read_training_data(data, max_examples=options.max_examples, seed=config.seed)
     say(f"{len(examples)} training examples")
     model, tokenizer = base_model or _load(base, say)
-    expert = train_expert(
+    return pipeline.train_contributor_expert(
         model,
         tokenizer,
         examples,
         name=name,
         config=config,
+        average_activation=options.average_activation,
+        retrieval=options.retrieval_embeddings,
         base_model=base_identity(model, base),
         description=options.description,
         license=options.license,
         progress=options.progress,
+        say=say,
     )
-    say(f"LoRA trained: {config.steps} steps, final loss {expert.manifest.training.final_loss:.4f}")
-    return _finish(expert, model, tokenizer, examples, config, options, say)
 
 
 def import_peft_expert(
@@ -134,44 +129,17 @@ def import_peft_expert(
         license=options.license,
     )
     say(f"adapter read: {len(expert.module_paths())} modules, rank {expert.rank}")
-    return _finish(expert, model, tokenizer, examples, config, options, say)
-
-
-def _finish(
-    expert: Expert,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
-    config: TrainingConfig,
-    options: ContributorOptions,
-    say: Say,
-) -> Expert:
-    expert = train_gates(
-        model, tokenizer, expert, examples, config=config, progress=options.progress
+    return pipeline.add_gates_and_vectors(
+        model,
+        tokenizer,
+        expert,
+        examples,
+        config=config,
+        average_activation=options.average_activation,
+        retrieval=options.retrieval_embeddings,
+        progress=options.progress,
+        say=say,
     )
-    training = expert.manifest.training
-    say(f"gates trained: {training.gate_steps} steps, final loss {training.final_gate_loss:.4f}")
-    if training.examples == 0:  # an imported adapter: count the data its gates saw
-        training = training.model_copy(update={"examples": len(examples)})
-        expert = replace(expert, manifest=expert.manifest.model_copy(update={"training": training}))
-    if options.average_activation:
-        activations = compute_average_activations(
-            model,
-            tokenizer,
-            expert.module_paths(),
-            examples,
-            max_length=config.max_length,
-            batch_size=config.batch_size,
-            seed=config.seed,
-        )
-        expert = expert.with_average_activations(activations)
-        say(f"average activations computed over {min(len(examples), 1000)} examples")
-    if options.retrieval_embeddings:
-        say(f"warning: {PRIVACY_WARNING}")
-        embeddings = compute_retrieval_embeddings(examples, seed=config.seed)
-        expert = expert.with_retrieval_embeddings(embeddings)
-        say(f"retrieval embeddings computed for {embeddings.shape[0]} inputs")
-    return expert
 
 
 def _load(base: str, say: Say) -> BaseModel:

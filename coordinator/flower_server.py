@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -46,27 +46,13 @@ from protocol.flower import (
     SAFETENSORS_FILES,
     SHA256_SUFFIX,
     TRAIN_CONFIG_RECORD,
+    RoundSettings,
+    TrainingRequest,
+    split_run_config,
 )
 from protocol.validation import PackageRejected
 
 log = logging.getLogger(__name__)
-
-
-# Run-config keys forwarded to every node as its training hyper-parameters.
-TRAINING_KEYS = (
-    "base-model",
-    "lora-rank",
-    "lora-alpha",
-    "lora-steps",
-    "gate-steps",
-    "batch-size",
-    "max-length",
-    "learning-rate",
-    "gate-learning-rate",
-    "max-examples",
-    "average-activation",
-    "seed",
-)
 
 
 class PackageMessageError(ValueError):
@@ -89,7 +75,7 @@ def write_package_from_content(content: RecordDict, directory: str | Path) -> di
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise PackageMessageError(f"{PACKAGE_RECORD}[{FILES_KEY!r}] must list the file names")
     written: dict[str, Path] = {}
-    for name in files:
+    for name in cast(list[str], files):  # every item checked above
         if name in JSON_FILES:
             text = package.get(name)
             if not isinstance(text, str):
@@ -103,7 +89,7 @@ def write_package_from_content(content: RecordDict, directory: str | Path) -> di
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise PackageMessageError(
-                f"{name}: re-created file has sha256 {actual}, the sender's file {expected}"
+                f"{name}: re-created file has sha256 {actual}, the sender's file {expected!s}"
             )
         path = directory / name
         path.write_bytes(data)
@@ -138,6 +124,8 @@ def _safetensors_bytes(name: str, content: RecordDict, package: ConfigRecord) ->
             )
         tensors[key] = _tensor(name, key, array.dtype, array.shape, array.data)
     raw_metadata = package.get(name + METADATA_SUFFIX, "")
+    if not isinstance(raw_metadata, str):
+        raise PackageMessageError(f"{name}: its metadata must be JSON text in {PACKAGE_RECORD}")
     try:
         metadata = json.loads(raw_metadata) if raw_metadata else None
         # The same serializer the sender's file was written with, hence the same bytes.
@@ -209,8 +197,8 @@ def wait_for_nodes(grid: Grid, min_nodes: int, wait_seconds: float) -> list[int]
         time.sleep(1.0)
 
 
-def train_messages(nodes: Iterable[int], hyper_parameters: Mapping[str, Any]) -> list[Message]:
-    config = ConfigRecord(dict(hyper_parameters))
+def train_messages(nodes: Iterable[int], request: TrainingRequest) -> list[Message]:
+    config = ConfigRecord({**request.to_config()})  # a dict of ConfigRecord's own value type
     return [
         Message(
             RecordDict({TRAIN_CONFIG_RECORD: config}),
@@ -223,7 +211,7 @@ def train_messages(nodes: Iterable[int], hyper_parameters: Mapping[str, Any]) ->
 
 def run_round(
     grid: Grid,
-    hyper_parameters: Mapping[str, Any],
+    request: TrainingRequest,
     register: Registrar,
     *,
     min_nodes: int = 1,
@@ -237,9 +225,7 @@ def run_round(
         log.warning("no SuperNode connected within %.0f s: nothing to train", node_wait_seconds)
         return report
     print(f"asking {len(nodes)} node(s) to train an expert: {nodes}", flush=True)
-    replies = grid.send_and_receive(
-        train_messages(nodes, hyper_parameters), timeout=timeout_seconds
-    )
+    replies = grid.send_and_receive(train_messages(nodes, request), timeout=timeout_seconds)
     answered: set[int] = set()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -255,7 +241,7 @@ def run_round(
 
 def _register_reply(node: int, reply: Message, register: Registrar) -> NodeOutcome:
     if reply.has_error():
-        return NodeOutcome(node, "failed", reply.error.reason)
+        return NodeOutcome(node, "failed", reply.error.reason or "")
     try:
         with tempfile.TemporaryDirectory(prefix="phatgoose-flower-") as tmp:
             files = write_package_from_content(reply.content, tmp)
@@ -268,13 +254,13 @@ def _register_reply(node: int, reply: Message, register: Registrar) -> NodeOutco
 
 
 # ------------------------------------------------------------- the coordinator side
-def coordinator_settings(run_config: Mapping[str, Any]) -> Settings:
+def coordinator_settings(round_settings: RoundSettings) -> Settings:
     """The coordinator's settings (`PHATGOOSE_*`), with the run config's overrides."""
     overrides: dict[str, Any] = {}
-    if data_dir := str(run_config.get("coordinator-data-dir", "")):
-        overrides["data_dir"] = Path(data_dir)
-    if database_url := str(run_config.get("coordinator-database-url", "")):
-        overrides["database_url"] = database_url
+    if round_settings.coordinator_data_dir:
+        overrides["data_dir"] = Path(round_settings.coordinator_data_dir)
+    if round_settings.coordinator_database_url:
+        overrides["database_url"] = round_settings.coordinator_database_url
     return Settings(**overrides)
 
 
@@ -298,15 +284,14 @@ def rejection_text(error: PackageRejected | CoordinatorError) -> str:
 
 
 @contextmanager
-def coordinator_registrar(run_config: Mapping[str, Any]) -> Iterator[Registrar]:
+def coordinator_registrar(round_settings: RoundSettings) -> Iterator[Registrar]:
     """A registrar writing into the coordinator's catalog through its one registration path."""
-    settings = coordinator_settings(run_config)
+    settings = coordinator_settings(round_settings)
     engine, sessions = open_database(settings)  # migrated, like the service itself
     blobs = LocalBlobStore(settings.blob_dir)
-    namespace = str(run_config.get("namespace", "") or "flower")
     try:
         with sessions() as session:
-            uploader = flower_uploader(session, namespace)
+            uploader = flower_uploader(session, round_settings.namespace)
 
             def register(files: Mapping[str, Path]) -> str:
                 try:
@@ -335,16 +320,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """One round: train on every connected node, catalog what comes back, report."""
-    run_config = dict(context.run_config)
-    hyper_parameters = {k: run_config[k] for k in TRAINING_KEYS if k in run_config}
-    with coordinator_registrar(run_config) as register:
+    request, round_settings = split_run_config(context.run_config)
+    with coordinator_registrar(round_settings) as register:
         report = run_round(
             grid,
-            hyper_parameters,
+            request,
             register,
-            min_nodes=int(run_config.get("min-nodes", 1)),
-            node_wait_seconds=float(run_config.get("node-wait-seconds", 60.0)),
-            timeout_seconds=float(run_config.get("round-timeout-seconds", 3600.0)) or None,
+            min_nodes=round_settings.min_nodes,
+            node_wait_seconds=round_settings.node_wait_seconds,
+            timeout_seconds=round_settings.round_timeout_seconds or None,
         )
     # Printed: the run's log stream (`flwr run --stream`, `flwr log`) shows what landed.
     print(report.summary(), flush=True)

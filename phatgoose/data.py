@@ -182,6 +182,16 @@ def load_examples(path: str | Path) -> list[Example]:
     )
 
 
+def sample_examples(examples: Sequence[Example], limit: int, *, seed: int) -> list[Example]:
+    """Up to `limit` of the examples: all of them, or a seeded sample when there are more
+    (the contributor vectors' sample: average activations and retrieval embeddings)."""
+    if limit < 1:
+        raise ValueError(f"max_examples must be >= 1, got {limit}")
+    if len(examples) <= limit:
+        return list(examples)
+    return random.Random(seed).sample(list(examples), limit)
+
+
 # --------------------------------------------------------------------------- tokenising
 # The token rule shared by training and scoring: the prompt and the continuation are
 # tokenised SEPARATELY, both without special tokens, and their ids concatenated, so a

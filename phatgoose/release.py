@@ -1,22 +1,14 @@
 """Releases for inference: `load_release(path_or_url)` -> a routed model in one call.
 
 A release is a method and k over a fixed list of expert versions of one base model. Its
-artifact is a JSON manifest (`release.json`, below) plus the experts' package files:
-
-    {"format": "phatgoose-release", "format_version": 1, "number": 3,
-     "method": "phatgoose", "top_k": 2, "expert": null,
-     "base_model": {"name", "revision", "fingerprint", "architecture"},
-     "experts": [{"ref": "alice/hyperbaton@2", "namespace", "name", "version",
-                  "package_digest", "path": "experts/alice/hyperbaton/2",
-                  "files": [{"filename", "sha256", "size", "url"}, ...]}, ...], ...}
-
-It is read either from a coordinator (`http://host:8765/api/v1/releases/3`: the manifest at
-`.../manifest`, each file at its `url`, a path on the same server) or from a local release
-directory (`release.json` plus each expert's files under its `path`), such as
-`phatgoose coordinator export-release 3 DIR` writes. Every file is checked against its
-sha256 before use; downloads are cached, by content, under the phatgoose cache directory.
-Only JSON and safetensors are read. This module speaks HTTP and JSON only: it never
-imports the coordinator.
+artifact is a JSON manifest (`release.json`, read into `protocol.ReleaseManifest`) plus the
+experts' package files. It is read either from a coordinator
+(`http://host:8765/api/v1/releases/3`: the manifest at `.../manifest`, each file at its
+`url`, a path on the same server) or from a local release directory (`release.json` plus
+each expert's files under its `path`), such as `phatgoose coordinator export-release 3 DIR`
+writes. Every file is checked against its sha256 before use; downloads are cached, by
+content, under the phatgoose cache directory. Only JSON and safetensors are read. This
+module speaks HTTP and JSON only: it never imports the coordinator.
 """
 
 from __future__ import annotations
@@ -27,12 +19,20 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+
+from protocol.release import (
+    RELEASE_FILE,
+    InvalidReleaseManifest,
+    ReleasedExpert,
+    ReleaseFile,
+    ReleaseManifest,
+    parse_release_manifest,
+)
 
 if TYPE_CHECKING:  # torch is imported when a release is loaded, not when this is imported
     from torch import nn
@@ -42,20 +42,11 @@ if TYPE_CHECKING:  # torch is imported when a release is loaded, not when this i
 
 log = logging.getLogger(__name__)
 
-RELEASE_FILE = "release.json"
-RELEASE_FORMAT = "phatgoose-release"
-RELEASE_FORMAT_VERSION = 1
-
 BaseModel = tuple["nn.Module", "PreTrainedTokenizerBase"]
 
 
 class ReleaseError(ValueError):
     """A release manifest or one of its files is missing, malformed or does not match."""
-
-
-def expert_package_path(entry: Mapping[str, Any]) -> str:
-    """Where an expert's files live inside a release directory: `experts/<ns>/<name>/<v>`."""
-    return f"experts/{entry['namespace']}/{entry['name']}/{entry['version']}"
 
 
 def is_url(path_or_url: str | os.PathLike[str]) -> bool:
@@ -64,25 +55,26 @@ def is_url(path_or_url: str | os.PathLike[str]) -> bool:
 
 def read_release_manifest(
     path_or_url: str | os.PathLike[str], *, token: str | None = None, timeout: float = 60.0
-) -> dict[str, Any]:
+) -> ReleaseManifest:
     """The release manifest from a coordinator URL, a release directory or a `release.json`."""
     if is_url(path_or_url):
-        url = _manifest_url(str(path_or_url))
-        response = httpx.get(url, headers=_auth(token), timeout=timeout, follow_redirects=True)
+        source = _manifest_url(str(path_or_url))
+        response = httpx.get(source, headers=_auth(token), timeout=timeout, follow_redirects=True)
         if response.status_code != 200:
-            raise ReleaseError(f"GET {url}: HTTP {response.status_code}: {response.text[:500]}")
-        manifest = response.json()
+            raise ReleaseError(f"GET {source}: HTTP {response.status_code}: {response.text[:500]}")
+        text = response.text
     else:
         path = Path(path_or_url)
         file = path / RELEASE_FILE if path.is_dir() else path
         if not file.is_file():
             raise ReleaseError(f"{file}: no release manifest ({RELEASE_FILE}) there")
-        try:
-            manifest = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ReleaseError(f"{file}: not valid JSON ({error})") from None
-    _check_manifest(manifest)
-    return manifest
+        source, text = str(file), file.read_text(encoding="utf-8")
+    try:
+        return parse_release_manifest(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise ReleaseError(f"{source}: not valid JSON ({error})") from None
+    except InvalidReleaseManifest as error:
+        raise ReleaseError(f"{source}: {error}") from None
 
 
 def load_release(
@@ -109,28 +101,27 @@ def load_release(
     else:
         root = Path(path_or_url)
         root = root if root.is_dir() else root.parent
-        directories = [_local_package(root, entry) for entry in manifest["experts"]]
+        directories = [_local_package(root, entry) for entry in manifest.experts]
     experts = [
         _load_expert(directory, entry)
-        for directory, entry in zip(directories, manifest["experts"], strict=True)
+        for directory, entry in zip(directories, manifest.experts, strict=True)
     ]
 
     model, tokenizer = _base_model(manifest, base_model)
-    method = manifest["method"]
     build_routed_model(
         model,
         experts,
-        method=method,
-        top_k=manifest.get("top_k") or 1,
-        expert=manifest.get("expert"),
+        method=manifest.method,
+        top_k=manifest.top_k or 1,  # None for methods that do not route per token
+        expert=manifest.expert,
         tokenizer=tokenizer,
     )
     log.info(
-        "loaded release %s: %s over %d experts on %s",
-        manifest.get("number"),
-        method,
+        "loaded release %d: %s over %d experts on %s",
+        manifest.number,
+        manifest.method,
         len(experts),
-        manifest["base_model"]["name"],
+        manifest.base_model.name,
     )
     return model, tokenizer
 
@@ -147,23 +138,6 @@ def _auth(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _check_manifest(manifest: object) -> None:
-    if not isinstance(manifest, dict):
-        raise ReleaseError(f"a release manifest is a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != RELEASE_FORMAT:
-        raise ReleaseError(f"not a release manifest: format is {manifest.get('format')!r}")
-    if manifest.get("format_version") != RELEASE_FORMAT_VERSION:
-        raise ReleaseError(
-            f"release format_version {manifest.get('format_version')!r} is not supported "
-            f"(this library reads {RELEASE_FORMAT_VERSION})"
-        )
-    for key in ("method", "base_model", "experts"):
-        if key not in manifest:
-            raise ReleaseError(f"the release manifest has no {key!r}")
-    if "fingerprint" not in manifest["base_model"]:
-        raise ReleaseError("the release manifest's base_model has no fingerprint")
-
-
 # --- expert files ----------------------------------------------------------------------
 
 
@@ -175,50 +149,47 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _local_package(root: Path, entry: Mapping[str, Any]) -> Path:
-    directory = root / entry.get("path", expert_package_path(entry))
-    for file in entry["files"]:
-        path = directory / file["filename"]
+def _local_package(root: Path, entry: ReleasedExpert) -> Path:
+    directory = root / entry.path
+    for file in entry.files:
+        path = directory / file.filename
         if not path.is_file():
-            raise ReleaseError(f"{entry['ref']}: {path} is missing from the release directory")
-        if _sha256(path) != file["sha256"]:
+            raise ReleaseError(f"{entry.ref}: {path} is missing from the release directory")
+        if _sha256(path) != file.sha256:
             raise ReleaseError(
-                f"{entry['ref']}: {path} does not match its sha256 {file['sha256']} "
+                f"{entry.ref}: {path} does not match its sha256 {file.sha256} "
                 "(changed or corrupted)"
             )
     return directory
 
 
 def _download_experts(
-    manifest: Mapping[str, Any], release_url: str, token: str | None, cache_dir: Path | None
+    manifest: ReleaseManifest, release_url: str, token: str | None, cache_dir: Path | None
 ) -> list[Path]:
     from phatgoose.models import cache_root
 
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "experts"
     directories = []
     with httpx.Client(headers=_auth(token), timeout=300.0, follow_redirects=True) as client:
-        for entry in manifest["experts"]:
-            digest = str(entry["package_digest"]).removeprefix("sha256:")
-            directory = cache / digest
-            for file in entry["files"]:
-                _download_file(client, urljoin(release_url, file["url"]), directory, file)
+        for entry in manifest.experts:
+            directory = cache / entry.package_digest.removeprefix("sha256:")
+            for file in entry.files:
+                _download_file(client, urljoin(release_url, file.url), directory, file)
             directories.append(directory)
     return directories
 
 
-def _download_file(
-    client: httpx.Client, url: str, directory: Path, file: Mapping[str, Any]
-) -> None:
+def _download_file(client: httpx.Client, url: str, directory: Path, file: ReleaseFile) -> None:
     """Fetch one file into `directory` unless a copy with its sha256 is there already.
 
     Bytes go to a temp file, are hashed while written and renamed into place only if they
     match: the cache never holds a partial or wrong file under a real name.
     """
-    target = directory / file["filename"]
-    if target.is_file() and _sha256(target) == file["sha256"]:
+    target = directory / file.filename
+    if target.is_file() and _sha256(target) == file.sha256:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{file['filename']}-", dir=directory)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{file.filename}-", dir=directory)
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
@@ -228,47 +199,47 @@ def _download_file(
             for chunk in response.iter_bytes():
                 digest.update(chunk)
                 out.write(chunk)
-        if digest.hexdigest() != file["sha256"]:
+        if digest.hexdigest() != file.sha256:
             raise ReleaseError(
                 f"{url}: downloaded bytes have sha256 {digest.hexdigest()}, "
-                f"the release says {file['sha256']}"
+                f"the release says {file.sha256}"
             )
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("downloaded %s (%s)", url, file["sha256"][:12])
+    log.info("downloaded %s (%s)", url, file.sha256[:12])
 
 
-def _load_expert(directory: Path, entry: Mapping[str, Any]) -> Expert:
+def _load_expert(directory: Path, entry: ReleasedExpert) -> Expert:
     """The expert, named `namespace/name` as the release names it (names are unique there,
     while two packages may carry the same manifest name)."""
     from phatgoose.expert import Expert
 
     expert = Expert.load(directory)
-    full_name = f"{entry['namespace']}/{entry['name']}"
-    if expert.name == full_name:
+    if expert.name == entry.full_name:
         return expert
     return dataclasses.replace(
-        expert, manifest=expert.manifest.model_copy(update={"name": full_name})
+        expert, manifest=expert.manifest.model_copy(update={"name": entry.full_name})
     )
 
 
 # --- the base model --------------------------------------------------------------------
 
 
-def _base_model(manifest: Mapping[str, Any], base_model: BaseModel | str | None) -> BaseModel:
+def _base_model(manifest: ReleaseManifest, base_model: BaseModel | str | None) -> BaseModel:
     from phatgoose.models import load_base_model, model_fingerprint
 
-    identity = manifest["base_model"]
+    identity = manifest.base_model
     if base_model is None or isinstance(base_model, str):
-        model, tokenizer = load_base_model(base_model or identity["name"])
+        loaded: BaseModel = load_base_model(base_model or identity.name)
     else:
-        model, tokenizer = base_model
+        loaded = base_model
+    model, tokenizer = loaded
     found = model_fingerprint(model)
-    if found != identity["fingerprint"]:
+    if found != identity.fingerprint:
         raise ReleaseError(
             f"the base model's weights ({found}) are not the release's base model "
-            f"{identity['name']!r} ({identity['fingerprint']}); pass base_model= the right "
+            f"{identity.name!r} ({identity.fingerprint}); pass base_model= the right "
             "model (an already routed or PEFT-wrapped model fingerprints differently)"
         )
     return model, tokenizer

@@ -6,6 +6,8 @@ exactly these shapes.
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.manifest import DIGEST_PATTERN
+
 
 class LinearModuleSpec(BaseModel):
     """One `nn.Linear` of the base model, named by its path in `model.named_modules()`."""
@@ -20,7 +22,7 @@ class LinearModuleSpec(BaseModel):
 class BaseModelSpec(BaseModel):
     name: str = Field(examples=["smollm2-135m"])
     revision: str | None = None
-    fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    fingerprint: str = Field(pattern=DIGEST_PATTERN)
     architecture: str = Field(examples=["llama", "t5"])
     is_encoder_decoder: bool = False
     linear_modules: list[LinearModuleSpec]

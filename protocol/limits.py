@@ -10,6 +10,8 @@ from protocol.package import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     MANIFEST_FILE,
+    MAX_RETRIEVAL_EXAMPLES,
+    RETRIEVAL_EMBEDDING_DIM,
     RETRIEVAL_FILE,
     ROUTER_FILE,
 )
@@ -59,8 +61,8 @@ class AdmissionLimits(BaseModel):
     max_average_activation_norm: float = Field(default=1e5, gt=0)
 
     # Retrieval baseline: up to 1000 all-MiniLM-L6-v2 embeddings (384 dimensions).
-    max_retrieval_examples: int = Field(default=1000, gt=0)
-    retrieval_embedding_dim: int = Field(default=384, gt=0)
+    max_retrieval_examples: int = Field(default=MAX_RETRIEVAL_EXAMPLES, gt=0)
+    retrieval_embedding_dim: int = Field(default=RETRIEVAL_EMBEDDING_DIM, gt=0)
 
     def max_file_bytes(self, name: str) -> int:
         """The size limit for the package file called `name`."""

@@ -1,14 +1,18 @@
 """The expert manifest (`expert.json`): who made an expert, for which base model, and how."""
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 
+# A namespace, or an expert's name within it.
+SLUG_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,62}"
 # `namespace/slug` or a bare slug; the coordinator fills in the uploader's namespace.
-EXPERT_NAME_PATTERN = r"^([a-z0-9][a-z0-9_.-]{0,62}/)?[a-z0-9][a-z0-9_.-]{0,62}$"
+EXPERT_NAME_PATTERN = rf"^({SLUG_PATTERN}/)?{SLUG_PATTERN}$"
+# A content digest (a package, a base model's weights): `sha256:<64 hex>`.
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
 class BaseModelIdentity(BaseModel):
@@ -16,7 +20,7 @@ class BaseModelIdentity(BaseModel):
 
     name: str
     revision: str | None = None
-    fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    fingerprint: str = Field(pattern=DIGEST_PATTERN)
 
 
 class LoraSummary(BaseModel):

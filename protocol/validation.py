@@ -30,22 +30,25 @@ from protocol.package import (
     ADAPTER_WEIGHTS_FILE,
     AVERAGE_ACTIVATION_SUFFIX,
     GATE_SUFFIX,
+    LORA_DTYPES,
     MANIFEST_FILE,
     PACKAGE_FILES,
     REQUIRED_FILES,
     RETRIEVAL_EMBEDDINGS_KEY,
     RETRIEVAL_FILE,
     ROUTER_FILE,
+    VECTOR_DTYPE,
+)
+from protocol.peft_format import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    PEFT_KEY_PREFIX,
+    lora_keys,
+    lora_scale,
+    matches_target_modules,
 )
 
-# PEFT saves LoRA weights under the wrapped model's names, without the adapter name.
-PEFT_KEY_PREFIX = "base_model.model."
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
-
-# safetensors dtype names. bfloat16 has no numpy type, so the numpy reader cannot load it.
-LORA_DTYPES = ("F32", "F16")
-VECTOR_DTYPE = "F32"
+# How messages name safetensors dtypes.
 _DTYPE_NAMES = {
     "F64": "float64",
     "F32": "float32",
@@ -253,11 +256,6 @@ def package_digest(file_sha256: Mapping[str, str]) -> str:
     return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
-def lora_scale(rank: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """PEFT's scaling of B @ A: alpha / r, or alpha / sqrt(r) when rank-stabilised."""
-    return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
-
-
 def lora_update_norm(lora_a: np.ndarray, lora_b: np.ndarray, scale: float) -> float:
     """||scale * B @ A||_F without forming the d x n product.
 
@@ -273,20 +271,13 @@ def lora_update_norm(lora_a: np.ndarray, lora_b: np.ndarray, scale: float) -> fl
 def adapted_modules(
     target_modules: list[str], base: BaseModelSpec, exclude_modules: list[str] | None = None
 ) -> tuple[LinearModuleSpec, ...]:
-    """The base model's linear modules PEFT adapts for these names, in the model's order.
-
-    PEFT's rule for a list: a module path matches a name if it equals it or ends with
-    "." + name.
-    """
-
-    def matches(path: str, names: list[str]) -> bool:
-        return any(path == name or path.endswith("." + name) for name in names)
-
+    """The base model's linear modules PEFT adapts for these names, in the model's order
+    (`protocol.peft_format.matches_target_modules`)."""
     return tuple(
         m
         for m in base.linear_modules
-        if matches(m.path, target_modules)
-        and not (exclude_modules and matches(m.path, exclude_modules))
+        if matches_target_modules(m.path, target_modules)
+        and not (exclude_modules and matches_target_modules(m.path, exclude_modules))
     )
 
 
@@ -452,7 +443,7 @@ def _schema_expectation(error: Any) -> str:
         return "only the fields of the manifest schema"
     if kind == "string_pattern_mismatch":
         return f"a string matching {context['pattern']}"
-    return error["msg"]
+    return str(error["msg"])
 
 
 def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimits) -> _LoraLayout:
@@ -476,7 +467,10 @@ def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimi
     if rank > limits.max_rank:
         raise PackageRejected("rank", name, f"r is {rank}", expected=f"r at most {limits.max_rank}")
     alpha = config.get("lora_alpha")
-    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+    # bool is an int to isinstance, but not a number here.
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise reject(f"lora_alpha is {json.dumps(alpha)}", expected="lora_alpha a positive number")
+    if not math.isfinite(alpha) or alpha <= 0:
         raise reject(f"lora_alpha is {json.dumps(alpha)}", expected="lora_alpha a positive number")
     use_rslora = config.get("use_rslora", False)
     if type(use_rslora) is not bool:
@@ -669,10 +663,6 @@ def _check_unique_header_keys(name: str, path: Path, header_bytes: int) -> None:
         )
 
 
-def _lora_keys(path: str) -> tuple[str, str]:
-    return PEFT_KEY_PREFIX + path + LORA_A_SUFFIX, PEFT_KEY_PREFIX + path + LORA_B_SUFFIX
-
-
 def _check_exact_names(
     name: str, present: set[str], required: set[str], optional: set[str], what: str
 ) -> None:
@@ -697,7 +687,7 @@ def _check_exact_names(
 
 
 def _check_adapter_names(f: Any, modules: tuple[LinearModuleSpec, ...]) -> None:
-    required = {key for m in modules for key in _lora_keys(m.path)}
+    required = {key for m in modules for key in lora_keys(m.path)}
     _check_exact_names(
         ADAPTER_WEIGHTS_FILE,
         set(f.keys()),
@@ -776,7 +766,7 @@ def _check_tensor_header(
 
 def _check_adapter_headers(f: Any, layout: _LoraLayout) -> None:
     for m in layout.modules:
-        key_a, key_b = _lora_keys(m.path)
+        key_a, key_b = lora_keys(m.path)
         r = layout.rank
         _check_tensor_header(f, ADAPTER_WEIGHTS_FILE, key_a, (r, m.in_features), LORA_DTYPES)
         _check_tensor_header(f, ADAPTER_WEIGHTS_FILE, key_b, (m.out_features, r), LORA_DTYPES)
@@ -814,7 +804,7 @@ def _check_retrieval_header(f: Any, limits: AdmissionLimits) -> int:
             expected=f"at most {limits.max_retrieval_examples}",
         )
     _check_tensor_header(f, RETRIEVAL_FILE, key, shape, (VECTOR_DTYPE,))
-    return shape[0]
+    return int(shape[0])
 
 
 def _finite(name: str, key: str, values: np.ndarray) -> np.ndarray:
@@ -832,7 +822,7 @@ def _finite(name: str, key: str, values: np.ndarray) -> np.ndarray:
 
 def _check_adapter_values(f: Any, layout: _LoraLayout, limits: AdmissionLimits) -> None:
     for m in layout.modules:
-        key_a, key_b = _lora_keys(m.path)
+        key_a, key_b = lora_keys(m.path)
         lora_a = _finite(ADAPTER_WEIGHTS_FILE, key_a, f.get_tensor(key_a))
         lora_b = _finite(ADAPTER_WEIGHTS_FILE, key_b, f.get_tensor(key_b))
         norm = lora_update_norm(lora_a, lora_b, layout.scale)

@@ -5,8 +5,9 @@
 Compares every installed distribution with the lock: a locked package that is missing or at
 another version, or an installed package the lock does not name, is reported and the exit
 status is 1. Allowed beside the lock: this project itself (installed editable), torch at
-requirements/torch.txt's pin (a local tag such as +cpu included), the packages requirements/not-locked.txt names (torch's CUDA libraries,
-where a CUDA build was installed), and pip.
+requirements/torch.txt's pin (a local tag such as +cpu included), the packages that
+requirements/not-locked.txt names (torch's CUDA libraries, where a CUDA build was
+installed), and pip.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from coordinator.base_models import service
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.core.errors import Conflict, NotFound
-from protocol import BaseModelSpec
+from protocol import API_PREFIX, BaseModelSpec
 
 router = APIRouter(prefix="/base-models", tags=["base models"])
 
@@ -64,5 +64,5 @@ def register_base_model(
     except service.BaseModelConflict as error:
         raise Conflict(str(error)) from error
     # Percent-encoded: a header is latin-1, a name may be any text.
-    response.headers["Location"] = f"/api/v1/base-models/{quote(record.name, safe='')}"
+    response.headers["Location"] = f"{API_PREFIX}/base-models/{quote(record.name, safe='')}"
     return BaseModelSummary.of(record)

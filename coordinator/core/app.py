@@ -26,11 +26,11 @@ from coordinator.core.logging import RequestIdMiddleware, configure_logging
 from coordinator.core.ratelimit import RateLimitMiddleware, TokenBucketLimiter
 from coordinator.core.startup import run_startup_checks
 from coordinator.storage import LocalBlobStore
+from protocol import API_PREFIX
 from protocol.validation import PackageRejected
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
 
 # (module holding `router`, prefix)
 ROUTERS: list[tuple[str, str]] = [

@@ -10,6 +10,7 @@ from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
+from protocol import API_PREFIX
 
 # Ids are 32-bit integers in the database: a larger one is a 422, not a 500.
 RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -29,7 +30,7 @@ def create_evaluation(
     body: EvaluationCreate, response: Response, session: SessionDep, token: MaintainerDep
 ) -> EvaluationDetail:
     job = service.create_job(session, body, by=token)
-    response.headers["Location"] = f"/api/v1/evaluations/{job.id}"
+    response.headers["Location"] = f"{API_PREFIX}/evaluations/{job.id}"
     return EvaluationDetail.of(job, body.release, [])
 
 

@@ -8,8 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult
-
-API_VERSION = 1
+from protocol import API_PREFIX, API_VERSION, ApiVersion
 
 
 class TaskGroups(BaseModel):
@@ -81,7 +80,7 @@ class ResultInfo(BaseModel):
 
 
 class EvaluationDetail(BaseModel):
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     id: int
     release: int
     spec: dict[str, Any]
@@ -105,7 +104,7 @@ class EvaluationDetail(BaseModel):
             id=job.id,
             release=release_number,
             spec=job.spec,
-            state=job.state,  # type: ignore[arg-type]
+            state=job.state,
             attempts=job.attempts,
             worker_id=job.worker_id,
             lease_expires_at=job.lease_expires_at,
@@ -115,5 +114,5 @@ class EvaluationDetail(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             results=[ResultInfo.of(r) for r in results],
-            url=f"/api/v1/evaluations/{job.id}",
+            url=f"{API_PREFIX}/evaluations/{job.id}",
         )

@@ -16,9 +16,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.auth.models import Token
@@ -165,14 +165,17 @@ def heartbeat(session: Session, job_id: int, worker_id: str, *, lease_seconds: f
     """Extend the lease; False when the job is no longer leased to `worker_id`."""
     now = utcnow()
     begin_write(session)
-    renewed = session.execute(
-        update(EvaluationJob)
-        .where(
-            EvaluationJob.id == job_id,
-            EvaluationJob.worker_id == worker_id,
-            EvaluationJob.state == JobState.RUNNING,
-        )
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+    renewed = cast(
+        CursorResult[Any],
+        session.execute(  # an UPDATE's result has a rowcount
+            update(EvaluationJob)
+            .where(
+                EvaluationJob.id == job_id,
+                EvaluationJob.worker_id == worker_id,
+                EvaluationJob.state == JobState.RUNNING,
+            )
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+        ),
     ).rowcount
     session.commit()
     return bool(renewed)
@@ -324,50 +327,32 @@ def import_job(
 # --- scores ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Score:
-    """The newest result of a release on a task, with the group its job put the task in."""
+def latest_result_ids() -> Select[Any]:
+    """The rule for a release's score on a task, as SQL: the id of the newest result (the
+    highest id) of every (release, task) from a finished (`done`) job. Re-evaluating a
+    release replaces its scores; older results stay stored."""
+    return (
+        select(func.max(EvaluationResult.id))
+        .join(EvaluationJob, EvaluationJob.id == EvaluationResult.job_id)
+        .where(EvaluationJob.state == JobState.DONE)
+        .group_by(EvaluationResult.release_id, EvaluationResult.task)
+    )
 
-    result: EvaluationResult
-    group: str | None
 
-
-def latest_scores(session: Session, release_ids: list[int]) -> dict[int, dict[str, Score]]:
-    """Per release id, per task: the newest result from a finished (`done`) job."""
+def latest_scores(
+    session: Session, release_ids: list[int]
+) -> dict[int, dict[str, EvaluationResult]]:
+    """Per release id, per task: its result chosen by `latest_result_ids`. Task groups and
+    means come from the leaderboard service, the one rule for both."""
     if not release_ids:
         return {}
-    rows = session.execute(
-        select(EvaluationResult, EvaluationJob.spec)
-        .join(EvaluationJob, EvaluationResult.job_id == EvaluationJob.id)
-        .where(
+    results = session.scalars(
+        select(EvaluationResult).where(
             EvaluationResult.release_id.in_(release_ids),
-            EvaluationJob.state == JobState.DONE,
+            EvaluationResult.id.in_(latest_result_ids()),
         )
-        .order_by(EvaluationResult.id)
-    ).all()
-    scores: dict[int, dict[str, Score]] = {}
-    for result, spec in rows:  # later rows replace earlier ones: the newest wins
-        scores.setdefault(result.release_id, {})[result.task] = Score(
-            result, task_group(spec, result.task)
-        )
+    )
+    scores: dict[int, dict[str, EvaluationResult]] = {}
+    for result in results:
+        scores.setdefault(result.release_id, {})[result.task] = result
     return scores
-
-
-def task_group(spec: dict[str, Any], task: str) -> str | None:
-    groups = spec.get("task_groups") or {}
-    for group in ("held_in", "held_out"):
-        if task in groups.get(group, []):
-            return group
-    return None
-
-
-def mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def group_means(scores: dict[str, Score]) -> dict[str, float]:
-    by_group: dict[str, list[float]] = {}
-    for score in scores.values():
-        if score.group is not None:
-            by_group.setdefault(score.group, []).append(score.result.accuracy)
-    return {group: sum(v) / len(v) for group, v in sorted(by_group.items())}

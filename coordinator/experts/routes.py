@@ -165,7 +165,9 @@ def download_file(
     headers = {"ETag": f'"{file.sha256}"', "X-Content-SHA256": file.sha256}
     if path is None:  # a store without local files: stream the blob from the store
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-        return StreamingResponse(_chunks(blobs.open(file.sha256)), media_type, headers=headers)
+        return StreamingResponse(
+            _chunks(blobs.open(file.sha256)), media_type=media_type, headers=headers
+        )
     return FileResponse(path, media_type=media_type, filename=filename, headers=headers)
 
 

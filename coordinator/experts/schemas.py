@@ -8,8 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from coordinator.experts.models import Expert, ExpertVersion
-
-API_VERSION = 1
+from protocol import API_PREFIX, API_VERSION, ApiVersion
 
 
 class FileInfo(BaseModel):
@@ -33,7 +32,7 @@ class YankState(BaseModel):
 
 
 class ExpertVersionSummary(BaseModel):
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     namespace: str
     name: str
     version: int
@@ -77,7 +76,7 @@ class ExpertVersionDetail(ExpertVersionSummary):
 
 
 class ExpertDetail(BaseModel):
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     namespace: str
     name: str
     created_at: datetime
@@ -94,7 +93,7 @@ class ExpertDetail(BaseModel):
 
 
 class ExpertVersionPage(BaseModel):
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     items: list[ExpertVersionSummary]
     total: int = Field(description="matching versions in all pages")
     limit: int
@@ -106,7 +105,7 @@ class YankRequest(BaseModel):
 
 
 def version_url(version: ExpertVersion) -> str:
-    return f"/api/v1/experts/{version.expert.namespace}/{version.expert.name}/{version.number}"
+    return f"{API_PREFIX}/experts/{version.expert.namespace}/{version.expert.name}/{version.number}"
 
 
 def _summary_fields(version: ExpertVersion) -> dict[str, Any]:
@@ -124,7 +123,7 @@ def _summary_fields(version: ExpertVersion) -> dict[str, Any]:
         "description": version.manifest.get("description", ""),
         "provenance": Provenance(
             uploaded_by=version.uploaded_by,
-            channel=version.channel,  # type: ignore[arg-type]
+            channel=version.channel,
             uploaded_at=version.created_at,
         ),
         "yank": YankState(

@@ -1,1 +1,2 @@
-"""The leaderboard as JSON: releases x tasks (the web pages draw it from `service.leaderboard`)."""
+"""The leaderboard: releases x tasks ranked in SQL (`service.rank_releases`), served as JSON
+and drawn by the web pages."""

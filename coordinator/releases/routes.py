@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.evaluations import service as evaluations
+from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service
 from coordinator.releases.schemas import (
     JobInfo,
@@ -71,20 +72,22 @@ def get_manifest(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> 
 def _scores(session: SessionDep, release_id: int) -> ScoresSummary:
     scores = evaluations.latest_scores(session, [release_id]).get(release_id, {})
     jobs = evaluations.list_jobs_of_release(session, release_id)
+    groups = leaderboard.task_groups(session)  # the leaderboard's rule, so both agree
+    accuracies = {task: result.accuracy for task, result in scores.items()}
     return ScoresSummary(
         tasks={
             task: ScoreInfo(
-                accuracy=s.result.accuracy,
-                stderr=s.result.stderr,
-                n=s.result.n,
-                evaluator_version=s.result.evaluator_version,
-                job_id=s.result.job_id,
-                group=s.group,
-                routing_stats=s.result.routing_stats,
+                accuracy=result.accuracy,
+                stderr=result.stderr,
+                n=result.n,
+                evaluator_version=result.evaluator_version,
+                job_id=result.job_id,
+                group=groups.get(task),
+                routing_stats=result.routing_stats,
             )
-            for task, s in sorted(scores.items())
+            for task, result in sorted(scores.items())
         },
-        mean_accuracy=evaluations.mean([s.result.accuracy for s in scores.values()]),
-        group_means=evaluations.group_means(scores),
+        mean_accuracy=leaderboard.mean_accuracy(list(accuracies.values())),
+        group_means=leaderboard.group_means(accuracies, groups),
         evaluations=[JobInfo(id=j.id, state=j.state) for j in jobs],
     )

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from coordinator.releases.models import Release
+from protocol import API_PREFIX, API_VERSION, ApiVersion
+from protocol.methods import TOKEN_METHODS, RoutingMethod
 
-API_VERSION = 1
-
-# phatgoose.routing.METHODS, spelled out so the API process need not import torch.
-Method = Literal[
-    "phatgoose", "arrow", "average_activation", "retrieval", "merged", "single", "base"
-]
+# The routing methods (protocol.methods, no torch needed), as the API's query parameters
+# and bodies name them.
+Method = RoutingMethod
 
 
 class ReleaseCreate(BaseModel):
@@ -31,7 +30,7 @@ class ReleaseCreate(BaseModel):
     top_k: int | None = Field(
         default=None,
         ge=1,
-        description="experts per token (phatgoose, arrow, average_activation); "
+        description=f"experts per token ({', '.join(TOKEN_METHODS)}); "
         "default min(2, number of experts)",
     )
     expert: str | None = Field(
@@ -81,7 +80,7 @@ class ScoresSummary(BaseModel):
 
 
 class ReleaseSummary(BaseModel):
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     number: int
     method: str
     top_k: int | None
@@ -110,7 +109,7 @@ class ReleaseDetail(ReleaseSummary):
 
 
 def release_url(number: int) -> str:
-    return f"/api/v1/releases/{number}"
+    return f"{API_PREFIX}/releases/{number}"
 
 
 def _summary_fields(release: Release) -> dict[str, Any]:

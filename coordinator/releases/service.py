@@ -1,11 +1,11 @@
 """Releases: resolve a maintainer's request into an immutable, numbered release.
 
 `create_release` checks the request against what the catalog knows of each version (its
-base model, rank, adapted modules, whether it ships average activations or retrieval
-embeddings) and freezes the result: the exact versions, their package digests and file
-sha256s, and the artifact manifest `phatgoose.load_release` reads. Numbers are 1, 2, 3, ...
-and safe under concurrency: `number` is unique, and a creation that loses the race to a
-number retries with the next one.
+base model, rank, adapted modules, and the router vectors the method's `protocol.MethodSpec`
+needs it to ship) and freezes the result: the exact versions, their package digests and
+file sha256s, and the artifact manifest (`protocol.ReleaseManifest`) that
+`phatgoose.load_release` reads. Numbers are 1, 2, 3, ... and safe under concurrency:
+`number` is unique, and a creation that loses the race to a number retries with the next one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,20 @@ from coordinator.experts.schemas import version_url
 from coordinator.releases.models import Release, ReleaseExpert
 from coordinator.releases.schemas import ReleaseCreate
 from coordinator.storage import BlobStore
-from phatgoose.release import (
+from protocol.methods import METHOD_SPECS, TOKEN_METHODS, RoutingMethod
+from protocol.release import (
     RELEASE_FILE,
     RELEASE_FORMAT,
     RELEASE_FORMAT_VERSION,
+    ReleaseBaseModel,
+    ReleasedExpert,
+    ReleaseFile,
+    ReleaseManifest,
     expert_package_path,
 )
 
 log = logging.getLogger(__name__)
 
-TOKEN_METHODS = ("phatgoose", "arrow", "average_activation")
 DEFAULT_TOP_K = 2
 _MAX_ATTEMPTS = 20
 
@@ -105,7 +110,7 @@ def _insert_release(
         versions=versions,
         notes=request.notes,
         created_by=by.name,
-        created_at=created_at.isoformat(),
+        created_at=created_at,
     )
     release = Release(
         number=number,
@@ -127,57 +132,58 @@ def _insert_release(
 def build_manifest(
     *,
     number: int,
-    method: str,
+    method: RoutingMethod,
     top_k: int | None,
     expert: str | None,
     base: BaseModelRecord,
     versions: list[ExpertVersion],
     notes: str,
     created_by: str,
-    created_at: str,
+    created_at: datetime,
 ) -> dict[str, Any]:
-    """The artifact manifest (`release.json`): everything `phatgoose.load_release` needs."""
-    experts = []
-    for version in versions:
-        entry: dict[str, Any] = {
-            "ref": version.ref,
-            "namespace": version.expert.namespace,
-            "name": version.expert.name,
-            "version": version.number,
-            "package_digest": version.package_digest,
-            "rank": version.rank,
-            "modules": version.module_count,
-        }
-        url = version_url(version)
-        entry["path"] = expert_package_path(entry)
-        entry["files"] = [
-            {
-                "filename": f.filename,
-                "sha256": f.sha256,
-                "size": f.size,
-                "url": f"{url}/files/{f.filename}",
-            }
-            for f in version.files
-        ]
-        experts.append(entry)
-    return {
-        "format": RELEASE_FORMAT,
-        "format_version": RELEASE_FORMAT_VERSION,
-        "number": number,
-        "method": method,
-        "top_k": top_k,
-        "expert": expert,
-        "base_model": {
-            "name": base.name,
-            "revision": base.revision,
-            "fingerprint": base.fingerprint,
-            "architecture": base.architecture,
-        },
-        "experts": experts,
-        "notes": notes,
-        "created_by": created_by,
-        "created_at": created_at,
-    }
+    """The artifact manifest (`release.json`) as JSON: everything `phatgoose.load_release`
+    needs, validated by `protocol.ReleaseManifest` on the way out as on the way in."""
+    experts = [
+        ReleasedExpert(
+            ref=version.ref,
+            namespace=version.expert.namespace,
+            name=version.expert.name,
+            version=version.number,
+            package_digest=version.package_digest,
+            rank=version.rank,
+            modules=version.module_count,
+            path=expert_package_path(version.expert.namespace, version.expert.name, version.number),
+            files=[
+                ReleaseFile(
+                    filename=f.filename,
+                    sha256=f.sha256,
+                    size=f.size,
+                    url=f"{version_url(version)}/files/{f.filename}",
+                )
+                for f in version.files
+            ],
+        )
+        for version in versions
+    ]
+    manifest = ReleaseManifest(
+        format=RELEASE_FORMAT,
+        format_version=RELEASE_FORMAT_VERSION,
+        number=number,
+        method=method,
+        top_k=top_k,
+        expert=expert,
+        base_model=ReleaseBaseModel(
+            name=base.name,
+            revision=base.revision,
+            fingerprint=base.fingerprint,
+            architecture=base.architecture,
+        ),
+        experts=experts,
+        notes=notes,
+        created_by=created_by,
+        created_at=created_at,
+    )
+    return manifest.model_dump(mode="json")
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -193,21 +199,22 @@ def _resolve_experts(
 ) -> tuple[list[ExpertVersion], str | None]:
     """The versions, in request order, and for `single` the chosen expert's full name."""
     refs = list(request.experts)
-    if request.method == "base":
+    spec = METHOD_SPECS[request.method]
+    if not spec.takes_experts:
         if refs or request.expert:
             raise ReleaseRejected(
-                f"method 'base' takes no experts, got {len(refs) + bool(request.expert)}",
+                f"method {spec.name!r} takes no experts, got {len(refs) + bool(request.expert)}",
                 check="experts",
                 expected="experts: [] and no expert",
             )
         return [], None
-    if request.method == "single":
+    if spec.single_expert:
         if not refs and request.expert:
             refs = [request.expert]
         if request.expert is None and len(refs) != 1:
             raise ReleaseRejected(
-                f"method 'single' needs exactly one expert (or `expert` naming one of them), "
-                f"got {len(refs)}",
+                f"method {spec.name!r} needs exactly one expert (or `expert` naming one of "
+                f"them), got {len(refs)}",
                 check="experts",
                 expected="one expert",
             )
@@ -230,7 +237,7 @@ def _resolve_experts(
             expected="each namespace/name once",
         )
     single = None
-    if request.method == "single":
+    if spec.single_expert:
         wanted = request.expert or refs[0]
         single = wanted.rsplit("@", 1)[0] if "@" in wanted else wanted
         if single not in names:
@@ -321,8 +328,9 @@ def _base_model(
 
 
 def _check_method(request: ReleaseCreate, versions: list[ExpertVersion]) -> None:
-    method = request.method
-    if method == "merged":
+    """What the method's spec asks of the versions: shared shapes, shipped router vectors."""
+    spec = METHOD_SPECS[request.method]
+    if spec.same_shapes:
         shapes = {
             (v.rank, v.module_count, tuple(v.manifest["lora"]["target_modules"])) for v in versions
         }
@@ -331,30 +339,24 @@ def _check_method(request: ReleaseCreate, versions: list[ExpertVersion]) -> None
                 f"{v.ref} (r={v.rank}, {v.module_count} modules)" for v in versions
             )
             raise ReleaseRejected(
-                f"method 'merged' averages experts of identical shapes; these differ: {described}",
+                f"method {spec.name!r} averages experts of identical shapes; these differ: "
+                f"{described}",
                 check="shapes",
                 expected="the same rank and adapted modules for every expert",
             )
-    elif method == "average_activation":
-        missing = [v.ref for v in versions if not v.manifest.get("has_average_activation")]
+    for vector in spec.needs:
+        missing = [v.ref for v in versions if not vector.shipped_in(v.manifest)]
         if missing:
             raise ReleaseRejected(
-                f"method 'average_activation' needs average activations, which "
+                f"method {spec.name!r} needs {vector.description}, which "
                 f"{', '.join(missing)} do(es) not ship",
-                check="average_activation",
-            )
-    elif method == "retrieval":
-        missing = [v.ref for v in versions if not v.manifest.get("has_retrieval_embeddings")]
-        if missing:
-            raise ReleaseRejected(
-                f"method 'retrieval' needs retrieval embeddings, which "
-                f"{', '.join(missing)} do(es) not ship",
-                check="retrieval",
+                check=vector.name,
+                expected=f"versions that ship {vector.description}",
             )
 
 
 def _top_k(request: ReleaseCreate, versions: list[ExpertVersion]) -> int | None:
-    if request.method not in TOKEN_METHODS:
+    if not METHOD_SPECS[request.method].per_token:
         if request.top_k not in (None, 1):
             raise ReleaseRejected(
                 f"top_k is for {', '.join(TOKEN_METHODS)}; method {request.method!r} "
@@ -402,17 +404,18 @@ def export_release(
     """Write the release as a directory `phatgoose.load_release` reads: `release.json` and
     each expert's files under its `path`. `link` symlinks the blobs instead of copying."""
     directory.mkdir(parents=True, exist_ok=True)
-    for entry in release.manifest["experts"]:
-        package = directory / entry["path"]
+    for entry in ReleaseManifest.model_validate(release.manifest).experts:
+        package = directory / entry.path
         package.mkdir(parents=True, exist_ok=True)
-        for file in entry["files"]:
-            target = package / file["filename"]
+        for file in entry.files:
+            target = package / file.filename
             target.unlink(missing_ok=True)
-            source = blobs.local_path(file["sha256"])
+            source = blobs.local_path(file.sha256)
             if link and source is not None:
                 os.symlink(source.resolve(), target)
                 continue
-            with blobs.open(file["sha256"]) as blob, target.open("wb") as out:
+            with blobs.open(file.sha256) as blob, target.open("wb") as out:
                 shutil.copyfileobj(blob, out)
+    # The stored JSON as it is: `artifact_digest` is its digest.
     (directory / RELEASE_FILE).write_text(json.dumps(release.manifest, indent=2) + "\n")
     return directory

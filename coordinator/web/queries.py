@@ -1,141 +1,47 @@
-"""The SQL behind the pages. Every list is filtered, sorted and paginated in the database
-(limit/offset), so a page costs the same with ten experts or ten thousand.
-
-A release's score on a task is its latest evaluation result for that task (highest id):
-re-evaluating a release replaces its scores on the leaderboard, older results stay stored.
+"""What the pages read. The leaderboard, its Oracle and the per-method bests come from
+`coordinator.leaderboard.service` (the one source of the JSON API too); this module shapes
+them for the templates and holds the page-only queries (releases, catalog search). Every
+list is filtered, sorted and paginated in the database (limit/offset), so a page costs the
+same with ten experts or ten thousand.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Subquery, and_, false, func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.base_models.models import BaseModelRecord
-from coordinator.evaluations import service as evaluations
-from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
+from coordinator.evaluations.models import EvaluationResult
 from coordinator.experts.models import Expert, ExpertVersion
+from coordinator.leaderboard import service as leaderboard
+from coordinator.leaderboard.service import (
+    MAX_PAGE_SIZE,
+    ORACLE,
+    PAGE_SIZE,
+    TASK_GROUPS,
+    Split,
+)
 from coordinator.releases.models import Release, ReleaseExpert
 
-PAGE_SIZE = 50
-MAX_PAGE_SIZE = 200
 BASELINE_METHODS = ("base", "merged")
-ORACLE = "oracle"
-
-
-class Split(StrEnum):
-    """Which tasks a view covers: held-in ones, held-out ones, or all."""
-
-    ALL = "all"
-    HELD_IN = "held-in"
-    HELD_OUT = "held-out"
-
-
 OTHER = "other"
 
 
-def task_groups(session: Session) -> dict[str, str]:
-    """Task -> `held-in` or `held-out`: the benchmark suite's lists (BENCHMARK.md), then
-    every finished evaluation's declared `task_groups` (the newest job wins)."""
-    # Imported here: phatgoose.bigbench brings torch, which the pages do not otherwise need.
-    from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS
-
-    groups = {task: Split.HELD_IN.value for task in HELD_IN_TASKS}
-    groups |= {task: Split.HELD_OUT.value for task in HELD_OUT_TASKS}
-    specs = session.scalars(
-        select(EvaluationJob.spec)
-        .where(EvaluationJob.state == JobState.DONE)
-        .order_by(EvaluationJob.id)
-    )
-    for spec in specs:
-        declared = (spec or {}).get("task_groups") or {}
-        for key, group in (("held_in", Split.HELD_IN), ("held_out", Split.HELD_OUT)):
-            for task in declared.get(key) or []:
-                groups[str(task)] = group.value
-    return groups
-
-
-def _split_condition(split: Split, groups: dict[str, str]) -> ColumnElement[bool] | None:
-    if split == Split.ALL:
-        return None
-    return EvaluationResult.task.in_(sorted(t for t, g in groups.items() if g == split.value))
-
-
-def _latest_result_ids() -> Select[tuple[int]]:
-    """Ids of the newest result of every (release, task) from a finished (`done`) job,
-    the rule of `coordinator.evaluations.service.latest_scores`, as SQL to sort and page by."""
-    return (
-        select(func.max(EvaluationResult.id))
-        .join(EvaluationJob, EvaluationJob.id == EvaluationResult.job_id)
-        .where(EvaluationJob.state == JobState.DONE)
-        .group_by(EvaluationResult.release_id, EvaluationResult.task)
-    )
-
-
-def _result_conditions(
-    split: Split = Split.ALL, groups: dict[str, str] | None = None
-) -> list[ColumnElement[bool]]:
-    conditions = [EvaluationResult.id.in_(_latest_result_ids())]
-    split_condition = _split_condition(split, groups or {})
-    if split_condition is not None:
-        conditions.append(split_condition)
-    return conditions
-
-
-def _release_conditions(base_model: str | None, method: str | None) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
-    if base_model:
-        conditions.append(BaseModelRecord.name == base_model)
-    if method:
-        conditions.append(Release.method == method)
-    return conditions
-
-
-def single_expert_releases(
-    session: Session, *, base_model: str | None = None, version_ids: Sequence[int] | None = None
-) -> dict[int, tuple[Release, ExpertVersion, str]]:
-    """The Oracle's candidates, by release id: (release, its one expert, base model name).
-
-    A single-expert release is method `single` (the expert its manifest names) or any
-    method but `base` over exactly one expert.
-    """
-    one_expert = (
-        select(ReleaseExpert.release_id)
-        .group_by(ReleaseExpert.release_id)
-        .having(func.count() == 1)
-    )
-    query = (
-        select(Release, ExpertVersion, BaseModelRecord.name)
-        .join(ReleaseExpert, ReleaseExpert.release_id == Release.id)
-        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
-        .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
-        .where(
-            or_(Release.method == "single", Release.id.in_(one_expert)),
-            Release.method != "base",
-            *_release_conditions(base_model, None),
-        )
-    )
-    if version_ids is not None:
-        query = query.where(ExpertVersion.id.in_(list(version_ids)))
-    found: dict[int, tuple[Release, ExpertVersion, str]] = {}
-    for release, version, base_name in session.execute(query):
-        chosen = release.manifest.get("expert") if release.method == "single" else None
-        if chosen in (None, version.expert.full_name, version.ref):
-            found[release.id] = (release, version, base_name)
-    return found
+def group_label(group: str | None) -> str:
+    """How a task group reads on a page: `held_in` -> `held-in`; no group -> `other`."""
+    return group.replace("_", "-") if group else OTHER
 
 
 def clamp_page(limit: int, offset: int) -> tuple[int, int]:
     return max(1, min(limit, MAX_PAGE_SIZE)), max(0, offset)
 
 
-# --- scores ------------------------------------------------------------------------------
+# --- leaderboard ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -181,7 +87,8 @@ def release_kind(method: str) -> str:
 
 @dataclass
 class BoardRow:
-    """A leaderboard row: a release, or the Oracle computed from single-expert releases."""
+    """A leaderboard row: a release, or the Oracle computed from single-expert releases.
+    Its means follow the leaderboard service's rules."""
 
     kind: str  # release | baseline | oracle
     label: str
@@ -195,22 +102,16 @@ class BoardRow:
 
     @property
     def mean(self) -> float | None:
-        """Unweighted mean over the tasks this row has a score for."""
-        if not self.scores:
-            return None
-        return sum(s.accuracy for s in self.scores.values()) / len(self.scores)
+        return leaderboard.mean_accuracy([s.accuracy for s in self.scores.values()])
 
     @property
     def mean_stderr(self) -> float | None:
-        """Standard error of that mean, the tasks' errors taken as independent."""
-        if not self.scores:
-            return None
-        return math.sqrt(sum(s.stderr**2 for s in self.scores.values())) / len(self.scores)
+        return leaderboard.stderr_of_mean([s.stderr for s in self.scores.values()])
 
     def group_mean(self, groups: dict[str, str], group: str) -> float | None:
-        """Mean over this row's tasks of one group (`held-in`, `held-out`)."""
-        values = [s.accuracy for task, s in self.scores.items() if groups.get(task) == group]
-        return sum(values) / len(values) if values else None
+        """Mean over this row's tasks of one group (`held_in`, `held_out`)."""
+        accuracies = {task: s.accuracy for task, s in self.scores.items()}
+        return leaderboard.group_means(accuracies, groups).get(group)
 
     @property
     def evaluator_versions(self) -> list[str]:
@@ -231,25 +132,13 @@ class Board:
     offset: int
     sort: str
     descending: bool
-    groups: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)  # task -> held_in | held_out
     group_columns: list[str] = field(default_factory=list)  # group means shown beside the mean
     base_models: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
 
 
-SORT_KEYS = ("mean", "release", "method", "base_model", "experts", "date", "held-in", "held-out")
-GROUPS = (Split.HELD_IN.value, Split.HELD_OUT.value)
-
-
-def _expert_counts() -> Subquery:
-    return (
-        select(ReleaseExpert.release_id.label("release_id"), func.count().label("experts"))
-        .group_by(ReleaseExpert.release_id)
-        .subquery()
-    )
-
-
-def leaderboard(
+def board(
     session: Session,
     *,
     base_model: str | None = None,
@@ -260,112 +149,50 @@ def leaderboard(
     limit: int = PAGE_SIZE,
     offset: int = 0,
 ) -> Board:
-    """Evaluated releases against tasks, one page of them, sorted in SQL.
-
-    `sort` is one of `SORT_KEYS` or `task:<name>` (a task column); rows missing a sort
-    value come last either way. The Oracle rows (one per base model) are computed over all
-    single-expert releases, whatever the page.
-    """
+    """The leaderboard page: one page of `leaderboard.rank_releases` over the evaluated
+    releases, plus the Oracle rows (one per base model, over all single-expert releases,
+    whatever the page). An unknown `sort` falls back to the mean; `method=oracle` shows
+    only the Oracle."""
     limit, offset = clamp_page(limit, offset)
-    groups = task_groups(session)
-    release_filter = _release_conditions(base_model, method if method != ORACLE else None)
-    result_filter = _result_conditions(split, groups)
-
-    tasks = list(
-        session.scalars(
-            select(EvaluationResult.task)
-            .join(Release, Release.id == EvaluationResult.release_id)
-            .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
-            .where(*result_filter, *release_filter)
-            .distinct()
-            .order_by(EvaluationResult.task)
-        )
+    oracle_only = method == ORACLE
+    ranking = leaderboard.rank_releases(
+        session,
+        base_model=base_model,
+        method=None if oracle_only else method,
+        split=split,
+        evaluated_only=True,
+        sort=leaderboard.sort_key(sort) or "mean",
+        descending=descending,
+        limit=0 if oracle_only else limit,  # the Oracle alone still needs the task columns
+        offset=offset,
     )
-    per_release = (
-        select(
-            EvaluationResult.release_id.label("release_id"),
-            func.avg(EvaluationResult.accuracy).label("mean"),
-            func.max(EvaluationResult.created_at).label("evaluated_at"),
-        )
-        .where(*result_filter)
-        .group_by(EvaluationResult.release_id)
-        .subquery()
-    )
-    expert_counts = _expert_counts()
-    experts = func.coalesce(expert_counts.c.experts, 0)
-    query = (
-        select(Release, BaseModelRecord.name, experts)
-        .join(per_release, per_release.c.release_id == Release.id)
-        .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
-        .outerjoin(expert_counts, expert_counts.c.release_id == Release.id)
-        .where(*release_filter)
-    )
-    if method == ORACLE:
-        query = query.where(false())
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-
-    sort_column: ColumnElement[Any]
-    if sort.startswith("task:"):
-        sort_column = (
-            select(EvaluationResult.accuracy)
-            .where(
-                EvaluationResult.release_id == Release.id,
-                EvaluationResult.task == sort.removeprefix("task:"),
-                *result_filter,
-            )
-            .scalar_subquery()
-        )
-    else:
-        sort = sort if sort in SORT_KEYS else "mean"
-        sort_column = {
-            "mean": per_release.c.mean,
-            "release": Release.number,
-            "method": Release.method,
-            "base_model": BaseModelRecord.name,
-            "experts": experts,
-            "date": per_release.c.evaluated_at,
-            "held-in": _group_mean(Split.HELD_IN, groups),
-            "held-out": _group_mean(Split.HELD_OUT, groups),
-        }[sort]
-    ordered = sort_column.desc() if descending else sort_column.asc()
-    page = session.execute(
-        query.order_by(ordered.nulls_last(), Release.number).limit(limit).offset(offset)
-    ).all()
-
-    shown = set(tasks)
-    latest = evaluations.latest_scores(session, [release.id for release, _, _ in page])
+    groups = ranking.task_groups
     rows = [
         BoardRow(
-            kind=release_kind(release.method),
-            label=release_label(release),
-            method=release.method,
-            base_model=base_name,
-            scores={
-                task: Score.of(score.result)
-                for task, score in latest.get(release.id, {}).items()
-                if task in shown
-            },
-            number=release.number,
-            top_k=release.top_k,
-            experts=count,
-            created_at=release.created_at,
+            kind=release_kind(row.release.method),
+            label=release_label(row.release),
+            method=row.release.method,
+            base_model=row.base_model,
+            scores={task: Score.of(result) for task, result in row.scores.items()},
+            number=row.release.number,
+            top_k=row.release.top_k,
+            experts=row.experts,
+            created_at=row.release.created_at,
         )
-        for release, base_name, count in page
+        for row in ranking.releases
     ]
     show_oracle = method in (None, "", ORACLE)
     return Board(
-        tasks=tasks,
+        tasks=ranking.tasks,
         rows=rows,
-        oracles=oracle_rows(session, base_model=base_model, split=split, groups=groups)
-        if show_oracle
-        else [],
-        total=total,
+        oracles=oracle_rows(session, base_model=base_model, split=split) if show_oracle else [],
+        total=0 if oracle_only else ranking.total,
         limit=limit,
         offset=offset,
-        sort=sort,
-        descending=descending,
+        sort=ranking.sort,
+        descending=ranking.descending,
         groups=groups,
-        group_columns=[g for g in GROUPS if any(groups.get(t) == g for t in tasks)]
+        group_columns=[g for g in TASK_GROUPS if g in groups.values()]
         if split == Split.ALL
         else [],
         base_models=base_model_names(session),
@@ -373,49 +200,21 @@ def leaderboard(
     )
 
 
-def _group_mean(group: Split, groups: dict[str, str]) -> ColumnElement[Any]:
-    """A release's mean over the tasks of one group, as a correlated subquery to sort by."""
-    return (
-        select(func.avg(EvaluationResult.accuracy))
-        .where(EvaluationResult.release_id == Release.id, *_result_conditions(group, groups))
-        .scalar_subquery()
-    )
-
-
 def oracle_rows(
-    session: Session,
-    *,
-    base_model: str | None = None,
-    split: Split = Split.ALL,
-    groups: dict[str, str] | None = None,
+    session: Session, *, base_model: str | None = None, split: Split = Split.ALL
 ) -> list[BoardRow]:
     """Per base model, per task: the best single-expert release's score on that task."""
-    groups = groups if groups is not None else task_groups(session)
-    candidates = single_expert_releases(session, base_model=base_model)
-    if not candidates:
-        return []
-    results = session.scalars(
-        select(EvaluationResult)
-        .where(
-            EvaluationResult.release_id.in_(list(candidates)), *_result_conditions(split, groups)
-        )
-        .order_by(EvaluationResult.release_id)
-    )
-    best: dict[str, dict[str, tuple[EvaluationResult, Release]]] = {}
-    for result in results:
-        release, _version, base_name = candidates[result.release_id]
-        tasks = best.setdefault(base_name, {})
-        if result.task not in tasks or result.accuracy > tasks[result.task][0].accuracy:
-            tasks[result.task] = (result, release)
     return [
         BoardRow(
             kind="oracle",
             label="Oracle (best single expert per task)",
             method=ORACLE,
             base_model=base_name,
-            scores={task: Score.of(result, release) for task, (result, release) in tasks.items()},
+            scores={task: Score.of(s.result, s.release) for task, s in by_task.items()},
         )
-        for base_name, tasks in sorted(best.items())
+        for base_name, by_task in leaderboard.oracle_scores(
+            session, base_model=base_model, split=split
+        ).items()
     ]
 
 
@@ -442,40 +241,16 @@ def method_means(
     session: Session, *, base_model: str | None = None, split: Split = Split.ALL
 ) -> list[MethodMean]:
     """For each method, its best release's mean accuracy (plus the Oracle), best first."""
-    groups = task_groups(session)
-    per_release = session.execute(
-        select(
-            Release,
-            func.avg(EvaluationResult.accuracy),
-            func.sum(EvaluationResult.stderr * EvaluationResult.stderr),
-            func.count(),
-        )
-        .join(EvaluationResult, EvaluationResult.release_id == Release.id)
-        .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
-        .where(*_result_conditions(split, groups), *_release_conditions(base_model, None))
-        .group_by(Release.id)
-    ).all()
-    best: dict[str, MethodMean] = {}
-    candidates = [
+    return [
         MethodMean(
-            method=release.method,
-            label=release_label(release),
-            mean=float(mean),
-            stderr=math.sqrt(float(squares or 0.0)) / count,
-            tasks=int(count),
+            method=best.method,
+            label=release_label(best.release) if best.release is not None else best.base_model,
+            mean=best.mean,
+            stderr=best.stderr,
+            tasks=best.tasks,
         )
-        for release, mean, squares, count in per_release
+        for best in leaderboard.best_release_per_method(session, base_model=base_model, split=split)
     ]
-    for row in oracle_rows(session, base_model=base_model, split=split, groups=groups):
-        if row.mean is not None and row.mean_stderr is not None:
-            candidates.append(
-                MethodMean(ORACLE, f"{row.base_model}", row.mean, row.mean_stderr, len(row.scores))
-            )
-    for candidate in candidates:
-        current = best.get(candidate.method)
-        if current is None or candidate.mean > current.mean:
-            best[candidate.method] = candidate
-    return sorted(best.values(), key=lambda m: (-m.mean, m.method))
 
 
 # --- releases ----------------------------------------------------------------------------
@@ -506,19 +281,11 @@ def list_releases(
     limit: int = PAGE_SIZE,
     offset: int = 0,
 ) -> ReleasePage:
-    """Releases, newest first, with their expert count and evaluated tasks."""
+    """Releases, newest first, with their expert count, evaluated tasks and mean (the
+    leaderboard's summary of every task)."""
     limit, offset = clamp_page(limit, offset)
-    expert_counts = _expert_counts()
-    scores = (
-        select(
-            EvaluationResult.release_id.label("release_id"),
-            func.count().label("tasks"),
-            func.avg(EvaluationResult.accuracy).label("mean"),
-        )
-        .where(*_result_conditions())
-        .group_by(EvaluationResult.release_id)
-        .subquery()
-    )
+    expert_counts = leaderboard.expert_counts()
+    scores = leaderboard.release_summaries()
     query = (
         select(
             Release,
@@ -530,7 +297,7 @@ def list_releases(
         .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
         .outerjoin(expert_counts, expert_counts.c.release_id == Release.id)
         .outerjoin(scores, scores.c.release_id == Release.id)
-        .where(*_release_conditions(base_model, method))
+        .where(*leaderboard.release_conditions(base_model, method))
     )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.execute(query.order_by(Release.number.desc()).limit(limit).offset(offset)).all()
@@ -562,9 +329,10 @@ def release_versions(session: Session, release: Release) -> list[ExpertVersion]:
 
 
 def release_results(session: Session, release: Release) -> list[EvaluationResult]:
-    """The release's newest finished result on every task it was evaluated on, by task."""
-    latest = evaluations.latest_scores(session, [release.id]).get(release.id, {})
-    return [latest[task].result for task in sorted(latest)]
+    """The release's score on every task it was evaluated on (the leaderboard's rule), by
+    task."""
+    latest = leaderboard.latest_results(session, [release.id]).get(release.id, {})
+    return [latest[task] for task in sorted(latest)]
 
 
 @dataclass(frozen=True)
@@ -579,30 +347,24 @@ class OracleChoice:
 def oracle_choices(
     session: Session, versions: Sequence[ExpertVersion], tasks: Iterable[str]
 ) -> dict[str, OracleChoice]:
-    """Per task, the version (of `versions`) whose single-expert release scored best on it;
-    tasks with no evaluated single-expert release of these versions are absent."""
+    """Per task, the version (of `versions`) whose single-expert release scored best on it:
+    the Oracle restricted to these versions. Tasks with no evaluated single-expert release
+    of these versions are absent."""
     task_list = list(tasks)
     if not versions or not task_list:
         return {}
-    candidates = single_expert_releases(session, version_ids=[v.id for v in versions])
-    if not candidates:
-        return {}
     by_id = {version.id: version for version in versions}
-    results = session.scalars(
-        select(EvaluationResult)
-        .where(
-            EvaluationResult.release_id.in_(list(candidates)),
-            EvaluationResult.task.in_(task_list),
-            *_result_conditions(),
-        )
-        .order_by(EvaluationResult.release_id)
-    )
     best: dict[str, OracleChoice] = {}
-    for result in results:
-        release, version, _base = candidates[result.release_id]
-        current = best.get(result.task)
-        if current is None or result.accuracy > current.accuracy:
-            best[result.task] = OracleChoice(by_id[version.id], release.number, result.accuracy)
+    # A release's versions share one base model, so at most one base model answers.
+    for by_task in leaderboard.oracle_scores(
+        session, version_ids=list(by_id), tasks=task_list
+    ).values():
+        for task, score in by_task.items():
+            current = best.get(task)
+            if current is None or score.result.accuracy > current.accuracy:
+                best[task] = OracleChoice(
+                    by_id[score.version.id], score.release.number, score.result.accuracy
+                )
     return best
 
 

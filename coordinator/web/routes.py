@@ -22,6 +22,7 @@ from coordinator.core.errors import NotFound
 from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationResult
 from coordinator.experts import service as experts
+from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
 from coordinator.web import analysis, plots, queries
@@ -72,6 +73,7 @@ templates.env.filters["accuracy"] = _accuracy
 templates.env.filters["date"] = _date
 templates.env.filters["kl"] = _kl
 templates.env.filters["log"] = math.log
+templates.env.filters["group_label"] = queries.group_label
 
 
 def _blank(value: str | None) -> str | None:
@@ -111,7 +113,7 @@ def leaderboard_page(
     limit: Limit = PAGE_SIZE,
     offset: Offset = 0,
 ) -> HTMLResponse:
-    board = queries.leaderboard(
+    board = queries.board(
         session,
         base_model=_blank(base_model),
         method=_blank(method),
@@ -132,7 +134,10 @@ def leaderboard_page(
         base_model=base_model or "",
         method=method or "",
         split=split.value,
-        splits=[s.value for s in Split],
+        splits=[
+            (s.value, "all tasks" if s == Split.ALL else queries.group_label(s.value))
+            for s in Split
+        ],
         order=order,
         plot_url=f"/ui/leaderboard/methods.png?{plot_query}",
     )
@@ -143,8 +148,8 @@ def methods_plot(
     session: SessionDep, base_model: str | None = None, split: Split = Split.ALL
 ) -> Response:
     means = queries.method_means(session, base_model=_blank(base_model), split=split)
-    scope = {"all": "all tasks", "held-in": "held-in tasks", "held-out": "held-out tasks"}
-    title = f"Best release of each method, {scope[split.value]}"
+    scope = "all" if split == Split.ALL else queries.group_label(split.value)
+    title = f"Best release of each method, {scope} tasks"
     if base_model:
         title += f" ({base_model})"
     return Response(plots.method_bars(means, title), media_type="image/png")
@@ -219,7 +224,7 @@ def release_page(request: Request, session: SessionDep, number: int) -> HTMLResp
     results = queries.release_results(session, release)
     oracles = queries.oracle_choices(session, versions, [r.task for r in results])
     tasks = [_task_analysis(r, versions, oracles.get(r.task)) for r in results]
-    mean = sum(r.accuracy for r in results) / len(results) if results else None
+    mean = leaderboard.mean_accuracy([r.accuracy for r in results])
     base = queries.base_model_of(session, release)
     return _render(
         request,
@@ -232,7 +237,7 @@ def release_page(request: Request, session: SessionDep, number: int) -> HTMLResp
         tasks=tasks,
         mean=mean,
         jobs=evaluations.list_jobs_of_release(session, release.id),
-        groups=queries.task_groups(session),
+        groups=leaderboard.task_groups(session),
     )
 
 

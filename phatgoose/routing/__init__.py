@@ -1,18 +1,21 @@
 """Routers over many experts: PHATGOOSE and the baselines it is compared with.
 
-`layer.py` is what one routed linear computes, `model.py` puts routed linears into a model,
-`rows.py` gives each method's router rows and `stats.py` counts the experts chosen.
+`routers.py` is the routing math (who is chosen for a token, with what weight),
+`layer.py` what one routed linear computes with the chosen experts, `model.py` puts routed
+linears into a model, `rows.py` gives each method's router rows and `stats.py` counts the
+experts chosen.
 """
 
-from phatgoose.routing.layer import RoutedLinear, standardise
+from phatgoose.routing.layer import RoutedLinear
 from phatgoose.routing.model import (
-    METHODS,
     build_routed_model,
     queries,
     routing_state,
     unroute_model,
 )
+from phatgoose.routing.routers import standardise
 from phatgoose.routing.stats import RoutingStats, capture_routing
+from protocol.methods import METHODS
 
 __all__ = [
     "METHODS",

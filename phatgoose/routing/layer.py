@@ -1,7 +1,11 @@
-"""What one routed linear computes: the routers and the selected-only expert mixture.
+"""What one routed linear computes: the selected-only expert mixture.
 
-Every method shares `RoutedLinear`; a method differs only in its router (who is chosen
-for a token, with what weight) and in the low-rank factors stacked into the layer.
+Every method shares `RoutedLinear`; a method differs only in its router (`routers.py`: who
+is chosen for a token, with what weight) and in the low-rank factors stacked into the
+layer. Here is how the chosen experts' updates are computed, by one of four paths that
+agree up to float summation order (docs/routing.md): plain matmuls when one expert is
+stacked, gathered factors for a token or two, `grouped_mm` over the pairs sorted by
+expert, or padded batched matmuls.
 Shapes: `u` is a module's input `[..., n]`, `W` is `[d, n]`, `N` experts of rank <= `r`.
 """
 
@@ -12,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# LayerNorm's default: biased variance, eps added under the square root.
-STANDARDISE_EPS = 1e-5
 # Up to this many tokens, `RoutedLinear.gathered_update` gathers the selected experts'
 # factors instead of sorting pairs by expert (measured in docs/routing.md).
 FEW_TOKENS = 2
@@ -29,21 +31,23 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 use_grouped_mm = hasattr(F, "grouped_mm")  # tests switch it off to cover the fallback
 
 
-def grouped_mm_applies(u: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+def grouped_mm_applies(
+    u: Tensor, lora_A: Tensor, lora_B: Tensor, weights: Tensor | None = None
+) -> bool:
     """Whether `RoutedLinear.grouped_update` can take these operands.
 
     grouped_mm needs one dtype, every matrix stride a multiple of 16 bytes (the gathered
     `[pairs, n]` input, the `[pairs, r]` hidden and both factors as transposed views), and
     no autograd graph through it: its backward fails on CPU in torch 2.13 (a stride error).
-    Nothing trains through a routed linear today; with a graph the padded path is used.
+    Gate training differentiates the router's `weights`, which scale the hidden that the
+    second grouped_mm reads; with any graph the padded path is used.
     """
     if not use_grouped_mm or u.device.type != "cpu" or u.dtype not in GROUPED_MM_DTYPES:
         return False
     if lora_A.dtype != u.dtype or lora_B.dtype != u.dtype or lora_A.device != u.device:
         return False
-    if torch.is_grad_enabled() and (
-        u.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-    ):
+    operands = (u, lora_A, lora_B) if weights is None else (u, lora_A, lora_B, weights)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in operands):
         return False
     alignment = 16 // u.element_size()
     return (
@@ -64,11 +68,6 @@ def _aligned(mat: Tensor, alignment: int) -> bool:
     if cols_stride == 1 and rows_stride >= max(1, cols):
         return rows_stride % alignment == 0
     return False
-
-
-def standardise(x: Tensor) -> Tensor:
-    """x_bar = (x - mean(x)) / sqrt(var(x) + eps) over the last dim: LayerNorm, no affine."""
-    return F.layer_norm(x, (x.shape[-1],), eps=STANDARDISE_EPS)
 
 
 def stack_updates(updates: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
@@ -95,79 +94,6 @@ def stack_updates(updates: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tens
     return lora_A, lora_B
 
 
-class TokenRouter(nn.Module):
-    """PHATGOOSE (and average activation): per token, top-k of standardised affinities.
-
-    affinity = u_bar @ v_bar.T; weights = softmax(affinity_topk / sqrt(n)).
-    """
-
-    def __init__(self, rows: Tensor, top_k: int) -> None:
-        super().__init__()
-        _check_top_k(top_k, rows.shape[0])
-        self.top_k = top_k
-        # Rows are fixed after build: standardise them once, not on every forward.
-        self.register_buffer("rows", standardise(rows.float()), persistent=False)
-
-    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        # Routing in float32 even in a half-precision model: top-k ties and the softmax
-        # are where low precision would change decisions.
-        affinity = standardise(u.float()) @ self.rows.float().T
-        top_k = affinity.topk(self.top_k, dim=-1)
-        # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
-        weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
-        return top_k.indices, weights
-
-
-class ArrowRouter(nn.Module):
-    """Arrow: score |e_z^T u| on the raw input, top-k, softmax over the selected scores."""
-
-    def __init__(self, rows: Tensor, top_k: int) -> None:
-        super().__init__()
-        _check_top_k(top_k, rows.shape[0])
-        self.top_k = top_k
-        self.register_buffer("rows", rows.float(), persistent=False)
-
-    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        affinity = (u.float() @ self.rows.float().T).abs()
-        top_k = affinity.topk(self.top_k, dim=-1)
-        return top_k.indices, torch.softmax(top_k.values, dim=-1)
-
-
-class FixedRouter(nn.Module):
-    """One expert per batch row with weight 1 (single, merged, retrieval).
-
-    `choice()` returns the stacked-expert index per batch row, `[rows]`, or a scalar for
-    every row. Returned indices are `[batch, 1, ..., 1]`: one decision per row (what the
-    statistics count), broadcast over the row's tokens by the layer.
-    """
-
-    def __init__(self, choice: Callable[[], Tensor]) -> None:
-        super().__init__()
-        self.choice = choice
-
-    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        choice = self.choice().to(u.device).reshape(-1)
-        if u.dim() == 1:
-            indices = choice[:1]
-        else:
-            rows = u.shape[0]
-            if rows % choice.shape[0]:
-                raise ValueError(
-                    f"the routed batch has {rows} rows but {choice.shape[0]} query "
-                    "choices were set; expected the same number (or a multiple, for beams)"
-                )
-            # generate() repeats each row for beams / num_return_sequences, row by row.
-            choice = choice.repeat_interleave(rows // choice.shape[0])
-            indices = choice.reshape((rows,) + (1,) * (u.dim() - 1))
-        return indices, torch.ones(indices.shape, dtype=torch.float32, device=u.device)
-
-
-def constant_choice(index: int = 0) -> Callable[[], Tensor]:
-    """A `FixedRouter` choice that picks the same stacked expert for every row."""
-    choice = torch.tensor(index)
-    return lambda: choice
-
-
 Observer = Callable[["RoutedLinear", Tensor], None]
 
 
@@ -179,6 +105,9 @@ class RoutedLinear(nn.Module):
     `expert_ids[i]` is the index, in the routed model's expert list, of stacked expert i
     (None when the stacked experts are not real experts, as for merged).
     """
+
+    lora_A: Tensor
+    lora_B: Tensor
 
     def __init__(
         self,
@@ -227,7 +156,7 @@ class RoutedLinear(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.lora_A.shape[0]
+        return int(self.lora_A.shape[0])
 
     def forward(self, u: Tensor) -> Tensor:
         indices, weights = self.router(u)
@@ -239,27 +168,37 @@ class RoutedLinear(nn.Module):
             indices.expand(shape).reshape(-1, shape[-1]),
             weights.expand(shape).reshape(-1, shape[-1]),
         )
-        return self.base_layer(u) + update.reshape(*u.shape[:-1], -1)
+        base: Tensor = self.base_layer(u)
+        return base + update.reshape(*u.shape[:-1], -1)
 
     def selected_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """sum_k w_tk * B_{z_tk} A_{z_tk} u_t for tokens `u [T, n]`, `indices`/`weights [T, k]`.
 
         Only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is: the (token,
         slot) pairs are grouped by expert so each expert's factors are read once (gathering
-        A and B per pair would materialise `T*k*r*(n+d)` weights), except for a token or
-        two, where gathering is cheaper than grouping (`gathered_update`). Otherwise
-        `grouped_update` (one `F.grouped_mm` per factor, where it applies) or
-        `padded_update` (batched matmuls over a padded block); all equal up to float
-        summation order.
+        A and B per pair would materialise `T*k*r*(n+d)` weights), except with one stacked
+        expert (`single_expert_update`: nothing to group) and for a token or two, where
+        gathering is cheaper than grouping (`gathered_update`). Otherwise `grouped_update`
+        (one `F.grouped_mm` per factor, where it applies) or `padded_update` (batched
+        matmuls over a padded block); all equal up to float summation order.
         """
         if indices.numel() == 0:
             return u.new_zeros(u.shape[0], self.out_features)
-        # One stacked expert (single, merged: its rank can reach min(n, d)) is never gathered.
-        if u.shape[0] <= FEW_TOKENS and self.num_experts > 1:
+        if self.num_experts == 1:
+            return self.single_expert_update(u, weights)
+        if u.shape[0] <= FEW_TOKENS:
             return self.gathered_update(u, indices, weights)
-        if grouped_mm_applies(u, self.lora_A, self.lora_B):
+        if grouped_mm_applies(u, self.lora_A, self.lora_B, weights):
             return self.grouped_update(u, indices, weights)
         return self.padded_update(u, indices, weights)
+
+    def single_expert_update(self, u: Tensor, weights: Tensor) -> Tensor:
+        """`selected_update` when one expert is stacked (gate training, single, merged, whose
+        rank can reach min(n, d)): every pair is that expert's, so two plain matmuls do it,
+        with no sorting, grouping or gathering (and a backward that gate training can use)."""
+        hidden = u @ self.lora_A[0].T  # [T, r]
+        hidden = hidden * weights.sum(-1, keepdim=True).to(u.dtype)
+        return hidden @ self.lora_B[0].T
 
     def gathered_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """`selected_update` for a token or two (cached generation): each pair gathers its
@@ -340,11 +279,3 @@ class RoutedLinear(nn.Module):
             delta = torch.bmm(hidden, lora_B.transpose(1, 2))  # [E, C, d]
             out.index_add_(0, token_block.reshape(-1), delta.reshape(-1, delta.shape[-1]))
         return out[:tokens]
-
-
-def _check_top_k(top_k: int, num_experts: int) -> None:
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"top_k must be an integer between 1 and the number of experts at the module "
-            f"({num_experts}), got {top_k!r}"
-        )

@@ -2,13 +2,14 @@
 
 Like `peft.get_peft_model`, every base `nn.Linear` some expert adapts is replaced in place
 by a `RoutedLinear` wrapping it (its weights are shared, never copied); the model is then
-used exactly as before (forward, `generate`; causal and encoder-decoder alike).
+used exactly as before (forward, `generate`; causal and encoder-decoder alike). Gate
+training puts its gated linears in the same way (`build_gated_model`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,26 +19,25 @@ from torch.utils.hooks import RemovableHandle
 
 from phatgoose.models import passed_cache
 from phatgoose.routing import rows
-from phatgoose.routing.layer import (
+from phatgoose.routing.layer import RoutedLinear, stack_updates
+from phatgoose.routing.routers import (
     ArrowRouter,
     FixedRouter,
-    RoutedLinear,
+    GateRouter,
     TokenRouter,
     constant_choice,
-    stack_updates,
 )
+from protocol.methods import method_spec
 
 if TYPE_CHECKING:
+    from phatgoose.embeddings import Embedder
     from phatgoose.expert import Expert
 
-METHODS = ("phatgoose", "arrow", "average_activation", "retrieval", "merged", "single", "base")
-TOKEN_METHODS = ("phatgoose", "arrow", "average_activation")
 
 # Where a routed model keeps its routing state (a plain attribute, not a submodule).
 STATE_ATTR = "_phatgoose_routing"
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
-Embedder = Callable[[list[str]], Tensor]
 
 
 @dataclass
@@ -124,15 +124,9 @@ def build_routed_model(
     `tokenizer` (to decode input_ids when no `queries` are given) serve `"retrieval"`.
     `"base"` returns the model untouched.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown routing method {method!r}; expected one of {METHODS}")
-    state = getattr(model, STATE_ATTR, None)
-    if state is not None:
-        raise RuntimeError(
-            f"this model is already routed ({state.method} over {len(state.expert_names)} "
-            "experts); call unroute_model(model) first"
-        )
-    if method == "base":
+    spec = method_spec(method)
+    _check_not_routed(model)
+    if not spec.takes_experts:
         return model
     experts = list(experts)
     names = [e.name for e in experts]
@@ -140,7 +134,7 @@ def build_routed_model(
         raise ValueError(f"method {method!r} needs at least one expert, got none")
     if len(set(names)) != len(names):
         raise ValueError(f"expert names must be unique, got {names}")
-    if method in TOKEN_METHODS and (not isinstance(top_k, int) or top_k < 1):
+    if spec.per_token and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
 
     modules = dict(model.named_modules())
@@ -164,20 +158,47 @@ def build_routed_model(
     for path in paths:
         members = [z for z, e in enumerate(experts) if path in adapted[e.name]]
         try:
+            base = modules[path]
+            assert isinstance(base, nn.Linear)  # _check_expert_fits
             routed[path] = _routed_linear(
-                modules[path], path, experts, members, method, top_k, expert, retrieval
+                base, path, experts, members, method, top_k, expert, retrieval
             )
         except ValueError as error:
             # Name the module in every error (row builders name it already).
             raise (error if path in str(error) else ValueError(f"{path}: {error}")) from None
-    for path, layer in routed.items():
-        parent, _, child = path.rpartition(".")
-        setattr(modules[parent] if parent else model, child, layer)
+    _put_in_place(model, routed)
 
-    new_state = RoutingState(method, top_k if method in TOKEN_METHODS else 1, names, retrieval)
+    new_state = RoutingState(method, top_k if spec.per_token else 1, names, retrieval)
     if retrieval is not None:
         new_state.hooks.append(_install_retrieval_hook(model, retrieval))
     setattr(model, STATE_ATTR, new_state)
+    return model
+
+
+def build_gated_model(
+    model: ModelT, expert: Expert, gates: dict[str, Tensor] | None = None
+) -> ModelT:
+    """Put `expert`'s LoRA behind trainable sigmoid gates into `model`, in place (gate training).
+
+    Each adapted linear becomes a `RoutedLinear` over the one expert with a `GateRouter`:
+    `y = W u + scale * B A u * sigmoid(v^T u)`, the gate `v` starting at zero unless `gates`
+    (path -> [n]) are given. Only the gates are parameters (the LoRA factors are buffers);
+    freezing the base is the caller's choice. `unroute_model` puts the linears back.
+    """
+    _check_not_routed(model)
+    modules = dict(model.named_modules())
+    _check_expert_fits(expert, modules)
+    gated: dict[str, RoutedLinear] = {}
+    for path in expert.module_paths():
+        base = modules[path]
+        assert isinstance(base, nn.Linear)  # _check_expert_fits
+        gate = gates[path] if gates is not None else torch.zeros(base.in_features)
+        lora_A, lora_B = stack_updates([expert.lora_update(path)])
+        gated[path] = RoutedLinear(
+            base, lora_A, lora_B, GateRouter(gate), path=path, expert_ids=[0]
+        )
+    _put_in_place(model, gated)
+    setattr(model, STATE_ATTR, RoutingState("gates", 1, [expert.name]))
     return model
 
 
@@ -220,7 +241,7 @@ def queries(model: nn.Module, texts: list[str]) -> Iterator[None]:
 
 
 def _routed_linear(
-    base: nn.Module,
+    base: nn.Linear,
     path: str,
     experts: list[Expert],
     members: list[int],
@@ -262,24 +283,44 @@ def _routed_linear(
     return RoutedLinear(base, lora_A, lora_B, router, path=path, expert_ids=members)
 
 
+def _check_not_routed(model: nn.Module) -> None:
+    state = routing_state(model)
+    if state is not None:
+        raise RuntimeError(
+            f"this model is already routed ({state.method} over {len(state.expert_names)} "
+            "experts); call unroute_model(model) first"
+        )
+
+
 def _check_expert_fits(expert: Expert, modules: dict[str, nn.Module]) -> None:
+    # Loaded already (`expert` is one); importing it at the top would load peft.
+    from phatgoose.expert import ExpertError
+
     for path in expert.module_paths():
         linear = modules.get(path)
         if isinstance(linear, RoutedLinear):
             raise RuntimeError(f"{path} is already a routed linear; call unroute_model first")
         if not isinstance(linear, nn.Linear):
             found = "nothing" if linear is None else type(linear).__name__
-            raise ValueError(
+            raise ExpertError(
                 f"expert {expert.name!r} adapts {path}, but the model has {found} there "
                 "(expected an nn.Linear; is the expert for another base model?)"
             )
         a, b, _ = expert.lora_update(path)
         n, d = linear.in_features, linear.out_features
         if a.shape[1] != n or b.shape[0] != d:
-            raise ValueError(
+            raise ExpertError(
                 f"expert {expert.name!r} at {path}: update B {list(b.shape)} @ A "
-                f"{list(a.shape)} does not fit the model's linear [{d}, {n}] (out, in)"
+                f"{list(a.shape)} does not fit: the update is {b.shape[0]}x{a.shape[1]} but the "
+                f"model's linear is {d}x{n} (out x in; is the expert for another base model?)"
             )
+
+
+def _put_in_place(model: nn.Module, layers: dict[str, RoutedLinear]) -> None:
+    """Replace the linear at each path by its routed linear (which holds the original)."""
+    for path, layer in layers.items():
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def _check_same_modules(experts: list[Expert], adapted: dict[str, set[str]]) -> None:
@@ -302,13 +343,14 @@ def _install_retrieval_hook(model: nn.Module, retrieval: RetrievalChoice) -> Rem
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
 
-        def on_encoder(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def on_encoder(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             retrieval.on_new_input(input_ids, kwargs.get("attention_mask"))
 
-        return model.get_encoder().register_forward_pre_hook(on_encoder, with_kwargs=True)
+        encoder: nn.Module = model.get_encoder()  # type: ignore[operator]  # encoder-decoder
+        return encoder.register_forward_pre_hook(on_encoder, with_kwargs=True)
 
-    def on_forward(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def on_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if _has_cache(passed_cache(kwargs)) and retrieval.current is not None:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -320,9 +362,8 @@ def _install_retrieval_hook(model: nn.Module, retrieval: RetrievalChoice) -> Rem
 def _has_cache(cache: Any) -> bool:
     if cache is None:
         return False
-    if hasattr(cache, "get_seq_length"):
-        return cache.get_seq_length() > 0
-    return len(cache) > 0
+    length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)
+    return bool(length > 0)
 
 
 def _default_embedder(texts: list[str]) -> Tensor:

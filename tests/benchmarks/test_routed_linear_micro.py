@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from benchmarks.routed_linear_micro import METHODS, mixture_loop_v1, shared_routing
-from phatgoose.routing.layer import RoutedLinear, TokenRouter
+from phatgoose.routing.layer import RoutedLinear
+from phatgoose.routing.routers import TokenRouter
 
 
 def per_token_reference(layer, u, indices, weights):

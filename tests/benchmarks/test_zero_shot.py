@@ -8,6 +8,8 @@ import torch
 
 from benchmarks.zero_shot import (
     METHODS,
+    PRIORITY,
+    ROUTED_METHODS,
     ZeroShotConfig,
     best_individual_choice,
     load_config,
@@ -17,6 +19,7 @@ from benchmarks.zero_shot import (
     run_zero_shot,
 )
 from phatgoose.evaluation import TaskResult
+from protocol import METHOD_SPECS
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 WORDS = ["red", "blue", "green", "gold"]
@@ -190,3 +193,11 @@ def test_config_layers_preset_file_and_overrides(tmp_path):
         load_config("cpu", None, {"stepz": 3})
     with pytest.raises(ValueError, match="both held-in and held-out"):
         load_config(None, None, {"held_in": ["a"], "held_out": ["a"]})
+
+
+def test_the_benchmark_scores_every_routing_method_but_single_in_evaluation_order():
+    assert set(ROUTED_METHODS) == {n for n, s in METHOD_SPECS.items() if not s.single_expert}
+    assert ROUTED_METHODS == ("base", "phatgoose", "merged", "arrow", "average_activation",
+                              "retrieval")  # fmt: skip
+    assert list(ROUTED_METHODS) == [m for m in PRIORITY if m in METHOD_SPECS]
+    assert METHODS[len(ROUTED_METHODS) :] == ("oracle", "best_individual", "multitask")

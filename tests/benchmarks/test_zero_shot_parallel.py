@@ -7,9 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from app.cli import app
 from benchmarks.parallel import Job, scoring_jobs, training_jobs
 from benchmarks.zero_shot import ZeroShotConfig, resolve_device
-from phatgoose.cli import app
 from tests.benchmarks.test_zero_shot import tiny_config, write_task
 from tests.tiny import tiny_llama, tiny_tokenizer
 

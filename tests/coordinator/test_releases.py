@@ -10,7 +10,7 @@ from coordinator.auth.models import Role
 from coordinator.auth.service import create_token
 from coordinator.releases import service
 from coordinator.releases.schemas import Method, ReleaseCreate
-from phatgoose.routing import METHODS
+from protocol import METHOD_SPECS, METHODS, ReleaseManifest
 from tests.coordinator.release_helpers import create_release, publish
 
 
@@ -238,6 +238,21 @@ def test_retrieval_needs_embeddings(client, maintainer, experts):
     assert "bob/math@1" in detail["message"]
 
 
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS if any(v.manifest_flag for v in METHOD_SPECS[m].needs)]
+)
+def test_a_method_is_refused_over_a_version_without_the_vectors_its_spec_needs(
+    client, maintainer, experts, method
+):
+    needed = next(v for v in METHOD_SPECS[method].needs if v.manifest_flag)
+    detail = _refuse(client, maintainer, {"method": method, "experts": ["alice/demo", "bob/math"]})
+    assert detail["check"] == needed.name
+    assert detail["message"] == (
+        f"method {method!r} needs {needed.description}, which alice/demo@2, bob/math@1 "
+        "do(es) not ship"
+    )
+
+
 def test_top_k_above_the_number_of_experts_is_refused(client, maintainer, experts):
     detail = _refuse(
         client, maintainer, {"method": "phatgoose", "experts": ["bob/math"], "top_k": 2}
@@ -298,6 +313,18 @@ def test_manifest_endpoint_serves_the_artifact_manifest(client, maintainer, expe
         "experts/bob/math/1",
     ]
     assert service.manifest_digest(manifest) == created["artifact_digest"]
+
+
+def test_the_stored_manifest_is_a_release_manifest_that_writes_back_identically(
+    client, maintainer, experts
+):
+    created = create_release(
+        client, maintainer, method="single", experts=["bob/math", "alice/demo"], expert="bob/math"
+    )
+    manifest = ReleaseManifest.model_validate(created["manifest"])
+    assert (manifest.method, manifest.top_k, manifest.expert) == ("single", None, "bob/math")
+    assert [(e.ref, e.rank) for e in manifest.experts] == [("bob/math@1", 4), ("alice/demo@2", 4)]
+    assert manifest.model_dump(mode="json") == created["manifest"]
 
 
 def test_a_missing_release_is_404(client):

@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app as cli
 from phatgoose.expert import Expert
-from phatgoose.release import RELEASE_FILE, load_release
+from phatgoose.release import load_release
 from phatgoose.routing import build_routed_model, routing_state
+from protocol import RELEASE_FILE
 from tests.coordinator.helpers import live_server
 from tests.coordinator.release_helpers import create_release, publish
 from tests.tiny import tiny_llama, tiny_tokenizer

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from app.demo import DemoPlan, run_demo
+from app.federation import free_port
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
-from coordinator.demo import DemoPlan, free_port, run_demo
 from coordinator.experts.service import list_versions
 from coordinator.leaderboard.service import leaderboard
+from protocol.flower import TrainingRequest
 from tests.client.helpers import save_tiny_base
 
 pytestmark = pytest.mark.slow
@@ -22,14 +24,18 @@ TINY_PLAN = DemoPlan(
     held_in=("tiny_colors", "tiny_numbers"),
     held_out=("tiny_animals",),
     n_eval=4,
-    max_examples=16,
-    lora_rank=2,
-    lora_alpha=4.0,
-    lora_steps=3,
-    gate_steps=2,
-    batch_size=4,
-    max_length=48,
-    learning_rate=0.01,
+    training=TrainingRequest(
+        max_examples=16,
+        lora_rank=2,
+        lora_alpha=4.0,
+        lora_steps=3,
+        gate_steps=2,
+        batch_size=4,
+        max_length=48,
+        learning_rate=0.01,
+        gate_learning_rate=0.01,
+        average_activation=False,
+    ),
 )
 
 

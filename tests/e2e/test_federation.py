@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from app.federation import Contributor, LocalFederation
 from coordinator.base_models.service import register_base_model
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
-from coordinator.demo import Contributor, LocalFederation
 from coordinator.experts.service import list_versions
 from phatgoose.models import base_model_spec, load_base_model
 from tests.client.helpers import save_tiny_base, write_private_data

@@ -22,6 +22,7 @@ from coordinator.flower_server import (
 )
 from phatgoose.expert import Expert
 from phatgoose.models import base_model_spec
+from protocol.flower import RoundSettings, TrainingRequest
 from tests.client.helpers import marker_hits, save_tiny_base, write_private_data
 from tests.e2e.flower_helpers import node_context, record_bytes, serverapp_identity, train_message
 from tests.phatgoose.experts import random_expert
@@ -117,7 +118,7 @@ def test_the_round_registers_replies_and_reports_failures_rejections_and_timeout
 
     with serverapp_identity():
         report = run_round(
-            grid, {"lora-steps": 5}, register, node_wait_seconds=0, timeout_seconds=1
+            grid, TrainingRequest(lora_steps=5), register, node_wait_seconds=0, timeout_seconds=1
         )
 
     outcomes = {o.node_id: (o.status, o.expert or o.detail) for o in report.outcomes}
@@ -143,7 +144,8 @@ def test_replies_are_catalogued_through_the_coordinators_registration(tmp_path):
     package = expert.save(tmp_path / "otter")
     files = {p.name: p for p in package.iterdir()}
 
-    with coordinator_registrar({"coordinator-data-dir": str(settings.data_dir)}) as register:
+    round_settings = RoundSettings(coordinator_data_dir=str(settings.data_dir))
+    with coordinator_registrar(round_settings) as register:
         ref = register(files)
         with pytest.raises(Rejected, match="identical content is already published"):
             register(files)

@@ -8,10 +8,16 @@ import time
 
 import pytest
 
+from app.federation import (
+    flower_environment,
+    flower_executable,
+    free_port,
+    port_accepts,
+    stage_app,
+)
 from coordinator.base_models.service import register_base_model
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
-from coordinator.demo import _accepts, _executable, flower_environment, free_port, stage_app
 from coordinator.experts.service import list_versions
 from phatgoose.models import base_model_spec, load_base_model
 from tests.client.helpers import save_tiny_base, write_private_data
@@ -48,7 +54,7 @@ def test_flwr_run_in_local_simulation_catalogues_one_expert_per_simulated_node(t
     with (tmp_path / "superlink.log").open("wb") as log:
         superlink = subprocess.Popen(
             [
-                _executable("flower-superlink"),
+                flower_executable("flower-superlink"),
                 "--insecure",
                 "--simulation",
                 "--host",
@@ -63,11 +69,11 @@ def test_flwr_run_in_local_simulation_catalogues_one_expert_per_simulated_node(t
         )
     try:
         deadline = time.monotonic() + 60
-        while not _accepts(port) and time.monotonic() < deadline:
+        while not port_accepts(port) and time.monotonic() < deadline:
             time.sleep(0.2)
         run = subprocess.run(
             [
-                _executable("flwr"),
+                flower_executable("flwr"),
                 "run",
                 str(stage_app(tmp_path / "app")),
                 "sim",

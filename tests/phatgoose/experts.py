@@ -5,9 +5,9 @@ from peft import LoraConfig
 from torch import nn
 
 import phatgoose
-from phatgoose.expert import Expert, lora_summary, peft_key
+from phatgoose.expert import Expert, lora_summary
 from phatgoose.models import default_target_modules, linear_module_paths, model_fingerprint
-from protocol import BaseModelIdentity, ExpertManifest, TrainingSummary
+from protocol import BaseModelIdentity, ExpertManifest, TrainingSummary, lora_key
 
 
 def random_expert(
@@ -34,8 +34,8 @@ def random_expert(
     for path in linear_module_paths(model, targets):
         linear = modules[path]
         n, d = linear.in_features, linear.out_features
-        lora_weights[peft_key(path, "A")] = torch.randn(rank, n, generator=generator) / n**0.5
-        lora_weights[peft_key(path, "B")] = torch.randn(d, rank, generator=generator) / (
+        lora_weights[lora_key(path, "A")] = torch.randn(rank, n, generator=generator) / n**0.5
+        lora_weights[lora_key(path, "B")] = torch.randn(d, rank, generator=generator) / (
             2 * rank**0.5
         )
         gates[path] = torch.randn(n, generator=generator)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from phatgoose.embeddings import EMBEDDING_DIM, embed_texts
+from phatgoose.data import Example
+from phatgoose.embeddings import EMBEDDING_DIM, embed_texts, embed_training_inputs
 
 SENTENCES = [
     "A cat is sitting on the mat.",
@@ -45,3 +46,40 @@ def test_no_texts_give_an_empty_matrix():
 def test_a_single_string_is_refused():
     with pytest.raises(TypeError, match="list of strings"):
         embed_texts("one sentence")
+
+
+# --------------------------------------------- the retrieval baseline's contributor vectors
+TRAINING = [Example(prompt=f"prompt {i}", target="t") for i in range(12)]
+
+
+def axis_embedder(texts: list[str]) -> torch.Tensor:
+    """Not normalised on purpose: `embed_training_inputs` must normalise."""
+    return torch.tensor([[float(t.split()[1]) + 1.0, 3.0] for t in texts], dtype=torch.float64)
+
+
+def test_training_inputs_are_a_seeded_sample_of_the_prompts_embedded_with_unit_norm():
+    embeddings = embed_training_inputs(TRAINING, embedder=axis_embedder, max_examples=5, seed=1)
+    again = embed_training_inputs(TRAINING, embedder=axis_embedder, max_examples=5, seed=1)
+    other_seed = embed_training_inputs(TRAINING, embedder=axis_embedder, max_examples=5, seed=2)
+
+    assert embeddings.shape == (5, 2) and embeddings.dtype == torch.float32
+    assert embeddings.norm(dim=1) == pytest.approx([1.0] * 5, abs=1e-6)
+    assert torch.equal(embeddings, again)
+    assert not torch.equal(embeddings, other_seed)
+    assert len({round(float(x), 6) for x in embeddings[:, 0]}) == 5  # five distinct prompts
+
+
+def test_every_training_input_is_embedded_when_there_are_few():
+    embeddings = embed_training_inputs(TRAINING[:3], embedder=axis_embedder, max_examples=5)
+    expected = torch.nn.functional.normalize(axis_embedder(["prompt 0", "prompt 1", "prompt 2"]))
+    assert torch.allclose(embeddings, expected.float())
+
+
+def test_training_inputs_use_minilm_by_default(embeddings):
+    examples = [Example(prompt=s, target="x") for s in SENTENCES]
+    assert torch.allclose(embed_training_inputs(examples), embeddings, atol=1e-5)
+
+
+def test_no_training_inputs_are_refused():
+    with pytest.raises(ValueError, match="at least one training example"):
+        embed_training_inputs([], embedder=axis_embedder)

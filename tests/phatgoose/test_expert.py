@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
-from phatgoose.expert import Expert, ExpertError, peft_key
-from protocol import MANIFEST_FILE, RETRIEVAL_FILE, ROUTER_FILE
+from phatgoose.expert import Expert, ExpertError
+from protocol import MANIFEST_FILE, RETRIEVAL_FILE, ROUTER_FILE, lora_key
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama
 
@@ -143,7 +143,7 @@ def test_missing_gate_for_one_module_is_refused(expert):
 
 def test_lora_b_that_does_not_match_a_is_refused(expert):
     weights = dict(expert.lora_weights)
-    weights[peft_key("model.layers.0.self_attn.q_proj", "B")] = torch.zeros(32, 3)
+    weights[lora_key("model.layers.0.self_attn.q_proj", "B")] = torch.zeros(32, 3)
     with pytest.raises(ExpertError, match=r"q_proj: lora_A .* and lora_B .* do not form"):
         dataclasses.replace(expert, lora_weights=weights)
 

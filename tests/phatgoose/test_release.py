@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from phatgoose.models import model_fingerprint
-from phatgoose.release import RELEASE_FILE, ReleaseError, load_release, read_release_manifest
+from phatgoose.release import ReleaseError, load_release, read_release_manifest
 from phatgoose.routing import build_routed_model, routing_state
+from protocol import RELEASE_FILE
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -145,6 +146,25 @@ def test_an_unknown_format_version_is_refused(tmp_path, experts):
     (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ReleaseError, match="format_version 2 is not supported"):
         read_release_manifest(tmp_path)
+
+
+def test_a_malformed_manifest_is_refused_naming_the_file_and_field(tmp_path, experts):
+    write_release(tmp_path, experts)
+    manifest = json.loads((tmp_path / RELEASE_FILE).read_text())
+    manifest["experts"][1]["package_digest"] = "md5:abc"
+    (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError) as refused:
+        read_release_manifest(tmp_path)
+    assert str(refused.value).startswith(
+        f"{tmp_path / RELEASE_FILE}: release manifest field 'experts.1.package_digest' is invalid"
+    )
+
+
+def test_the_manifest_is_read_into_typed_fields(tmp_path, experts):
+    write_release(tmp_path, experts, method="single", top_k=None, expert="bob/b")
+    manifest = read_release_manifest(tmp_path)
+    assert (manifest.method, manifest.top_k, manifest.expert) == ("single", None, "bob/b")
+    assert [e.path for e in manifest.experts] == [f"experts/{n}/1" for n in NAMES]
 
 
 def test_a_directory_without_release_json_is_refused(tmp_path):

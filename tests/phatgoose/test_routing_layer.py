@@ -7,14 +7,13 @@ import torch
 from torch import nn
 
 from phatgoose.routing import layer as routing_layer
-from phatgoose.routing.layer import (
+from phatgoose.routing.layer import RoutedLinear, grouped_mm_applies, stack_updates
+from phatgoose.routing.routers import (
     ArrowRouter,
     FixedRouter,
-    RoutedLinear,
+    GateRouter,
     TokenRouter,
     constant_choice,
-    grouped_mm_applies,
-    stack_updates,
 )
 
 N_IN, D_OUT, RANKS = 12, 10, (2, 4, 4, 8, 3)
@@ -136,6 +135,35 @@ def test_constant_choice_routes_every_row_to_one_expert():
     torch.testing.assert_close(layer(u), linear(u) + scale * u @ a.T @ b.T)
 
 
+def test_gate_router_weights_its_one_expert_by_the_sigmoid_of_the_gate():
+    updates, linear = random_updates()[2:3], base_linear()
+    gate = torch.randn(N_IN)
+    layer = RoutedLinear(linear, *stack_updates(updates), GateRouter(gate))
+    u = torch.randn(3, 5, N_IN)
+
+    def select(token):  # y = W u + scale * B A u * sigmoid(v^T u)
+        return [0], torch.sigmoid(gate @ token)[None]
+
+    torch.testing.assert_close(layer(u), reference(linear, updates, u, select), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer(u[0, 0]), layer(u)[0, 0])  # one unbatched token
+
+
+def test_gate_router_trains_only_its_gate_through_every_mixture_path():
+    # Aligned sizes and an input without a graph: only the gate needs a gradient, which
+    # grouped_mm's CPU backward cannot give, so the padded path must take it.
+    updates, linear = random_updates()[2:3], base_linear()
+    linear.requires_grad_(False)
+    layer = RoutedLinear(linear, *stack_updates(updates), GateRouter(torch.zeros(N_IN)))
+    (gate,) = [p for p in layer.parameters() if p.requires_grad]
+    u = torch.randn(6, N_IN)
+    got = torch.autograd.grad(layer(u).sum(), gate)[0]
+    a, b, scale = updates[0]
+    expected_sum = sum(torch.sigmoid(gate @ t) * scale * (b @ (a @ t)).sum() for t in u)
+    expected = torch.autograd.grad(expected_sum, gate)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got.abs().max() > 0
+
+
 def test_top_k_larger_than_the_experts_is_refused():
     with pytest.raises(ValueError, match=r"top_k must be an integer between 1 and .* \(5\)"):
         TokenRouter(torch.randn(5, N_IN), top_k=6)
@@ -171,6 +199,17 @@ def test_each_mixture_path_runs_where_it_applies(mixture, monkeypatch):
     assert calls == [first, "gathered_update"]
 
 
+def test_one_stacked_expert_takes_two_plain_matmuls(monkeypatch):
+    updates, linear = random_updates()[2:3], base_linear()
+    layer = RoutedLinear(linear, *stack_updates(updates), FixedRouter(constant_choice()))
+    for name in ("grouped_update", "padded_update", "gathered_update"):
+        monkeypatch.setattr(RoutedLinear, name, None)  # any other path would fail
+    u = torch.randn(2, 4, N_IN)
+    a, b, scale = updates[0]
+    torch.testing.assert_close(layer(u), linear(u) + scale * u @ a.T @ b.T)
+    torch.testing.assert_close(layer(u[0, :1]), linear(u[0, :1]) + scale * u[0, :1] @ a.T @ b.T)
+
+
 @pytest.mark.parametrize("tokens", [1, 2, 3, 7])
 def test_few_and_many_tokens_match_the_reference(tokens):
     updates, linear = random_updates(), base_linear()
@@ -204,6 +243,7 @@ def test_grouped_mm_applies_only_to_aligned_cpu_operands_without_a_graph(mixture
     # B stored as a transposed [N, r, d] view (d = 10 is not a multiple of 4 floats).
     assert not grouped_mm_applies(u, a, torch.zeros(3, 8, 10).transpose(1, 2))
     assert grouped_mm_applies(u, a, torch.zeros(3, 8, 12).transpose(1, 2))
+    assert not grouped_mm_applies(u, a, b, torch.ones(5, 1, requires_grad=True))
     assert not grouped_mm_applies(u.requires_grad_(), a, b)
     with torch.no_grad():
         assert grouped_mm_applies(u, a, b)

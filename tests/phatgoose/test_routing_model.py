@@ -11,6 +11,7 @@ from torch import nn
 from phatgoose.routing import RoutedLinear, build_routed_model, unroute_model
 from phatgoose.routing import layer as routing_layer
 from phatgoose.routing.rows import top_right_singular_vector
+from protocol import TOKEN_METHODS
 from tests.phatgoose.experts import random_expert
 
 RANKS = (2, 4, 4, 8, 3)
@@ -103,7 +104,7 @@ def mixture(request, monkeypatch):
 
 
 @pytest.mark.usefixtures("mixture")
-@pytest.mark.parametrize("method", ["phatgoose", "arrow", "average_activation"])
+@pytest.mark.parametrize("method", TOKEN_METHODS)
 def test_token_routing_logits_equal_the_per_token_reference(tiny_model, method):
     experts, batch = make_experts(tiny_model), batch_for(tiny_model)
     hooks = naive_routing_hooks(tiny_model, experts, method, top_k=2)

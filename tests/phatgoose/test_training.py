@@ -1,7 +1,6 @@
 import dataclasses
 import logging
 import re
-import sys
 import types
 
 import pytest
@@ -9,13 +8,15 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+import phatgoose.embeddings
 from phatgoose.data import Example, collate_for_training, pack_sequences
 from phatgoose.expert import Expert, ExpertError
 from phatgoose.models import linear_module_paths, model_fingerprint
+from phatgoose.routing import build_routed_model, routing_state
+from phatgoose.routing.layer import RoutedLinear, stack_updates
+from phatgoose.routing.routers import GateRouter
 from phatgoose.training import (
-    GatedLoRALinear,
     TrainingConfig,
-    _warmup_then_linear_decay,
     compute_average_activations,
     compute_retrieval_embeddings,
     expert_from_peft,
@@ -26,6 +27,8 @@ from phatgoose.training import (
     train_expert,
     train_gates,
 )
+from phatgoose.training.gates import gate_of
+from phatgoose.training.lora import _warmup_then_linear_decay
 from tests.tiny import tiny_llama, tiny_t5, tiny_tokenizer
 
 MAKERS = {"llama": tiny_llama, "t5": tiny_t5}
@@ -226,20 +229,19 @@ def test_checkpoint_is_the_state_of_the_best_validation_step(caplog, tmp_path):
 
 # ------------------------------------------------------------------------------- gates
 def test_gated_layer_computes_the_gated_lora_formula():
+    # Gate training's layer is the routed linear over one expert with a sigmoid gate router.
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
     a, b = torch.randn(3, 6), torch.randn(5, 3)
-    layer = GatedLoRALinear(base, a, b, scale=0.5)
-    with torch.no_grad():
-        layer.gate.copy_(torch.randn(6))
+    layer = RoutedLinear(base, *stack_updates([(a, b, 0.5)]), GateRouter(torch.randn(6)))
     u = torch.randn(2, 4, 6)
     # y = W u + scale * B A u * sigmoid(v^T u)
-    expected = base(u) + 0.5 * (u @ a.T @ b.T) * torch.sigmoid(u @ layer.gate)[..., None]
+    expected = base(u) + 0.5 * (u @ a.T @ b.T) * torch.sigmoid(u @ gate_of(layer))[..., None]
     torch.testing.assert_close(layer(u), expected)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == [
-        "gate",
-        "base.weight",
-        "base.bias",
+        "base_layer.weight",
+        "base_layer.bias",
+        "router.gate",
     ]
 
 
@@ -248,8 +250,16 @@ def test_gated_lora_restores_the_original_linears(trained):
     with gated_lora(trained.model, trained.gated) as layers:
         path = trained.gated.module_paths()[0]
         assert trained.model.get_submodule(path) is layers[path]
-        assert layers[path].base is before[path]
+        assert layers[path].base_layer is before[path]
     assert all(m is before[k] for k, m in trained.model.named_modules())
+
+
+def test_a_gated_model_counts_as_routed_until_the_gates_are_taken_out(trained):
+    with gated_lora(trained.model, trained.lora):
+        assert routing_state(trained.model).method == "gates"
+        with pytest.raises(RuntimeError, match=r"already routed \(gates over 1 experts\)"):
+            build_routed_model(trained.model, [trained.gated])
+    assert routing_state(trained.model) is None
 
 
 def test_train_gates_changes_only_the_gates(trained):
@@ -430,9 +440,7 @@ def test_retrieval_embeddings_embed_the_inputs_and_warn_about_privacy(monkeypatc
         embedded.append(list(texts))
         return torch.ones(len(texts), 384, dtype=torch.float64)
 
-    fake = types.ModuleType("phatgoose.embeddings")
-    fake.embed_texts = fake_embed_texts
-    monkeypatch.setitem(sys.modules, "phatgoose.embeddings", fake)
+    monkeypatch.setattr(phatgoose.embeddings, "embed_texts", fake_embed_texts)
     with pytest.warns(UserWarning, match="leak information about that data"):
         embeddings = compute_retrieval_embeddings(TASK, max_examples=10)
     assert embeddings.shape == (10, 384) and embeddings.dtype == torch.float32

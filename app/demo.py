@@ -18,15 +18,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -38,51 +31,40 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from app.federation import Contributor, LocalFederation
+from protocol.flower import FlowerConfigError, RoundSettings, TrainingRequest
+
 console = Console(stderr=True)
 
-CONNECTION = "phatgoose-local"
 DEMO_NAMESPACE = "demo"
 
 
 # ------------------------------------------------------------------------- the plan
+# Sized for 2 CPU cores (BENCHMARK.md: ~5 s per LoRA step at batch 8 x 128 tokens, so batch
+# 4 x 96 tokens and a few dozen steps); the rest as the run config's defaults.
+DEMO_TRAINING = TrainingRequest(
+    max_examples=200,  # training examples a contributor uses (a seeded sample)
+    lora_steps=30,
+    gate_steps=6,
+    max_length=96,
+    learning_rate=2e-3,
+    gate_learning_rate=2e-3,
+    # The releases built here (PHATGOOSE, merged, base) do not need average activations.
+    average_activation=False,
+)
+
+
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo trains and evaluates; sized for 2 CPU cores (BENCHMARK.md: ~5 s per
-    LoRA step at batch 8 x 128 tokens, so batch 4 x 96 tokens and a few dozen steps)."""
+    """What the demo trains and evaluates. The base model is chosen when it runs
+    (`run_demo(base=...)`); `training.seed` also seeds the held-back evaluation split."""
 
     held_in: tuple[str, ...] = ("sports_understanding", "navigate", "hyperbaton")
     # Three short held-out tasks: novel_concepts (long prompts, 32 examples) cost ~45 s
     # per release and pushed a fresh-machine run past 15 minutes.
     held_out: tuple[str, ...] = ("code_line_description", "known_unknowns", "strategyqa")
     n_eval: int = 40  # evaluation examples per task (held back from the contributors)
-    max_examples: int = 200  # training examples a contributor uses (a seeded sample)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_steps: int = 30
-    gate_steps: int = 6
-    batch_size: int = 4
-    max_length: int = 96
-    learning_rate: float = 2e-3
-    # The releases built here (PHATGOOSE, merged, base) do not need average activations.
-    average_activation: bool = False
-    seed: int = 0
-
-    def hyper_parameters(self, base: str) -> dict[str, Any]:
-        """The Flower run config's training keys (pyproject.toml, [tool.flwr.app.config])."""
-        return {
-            "base-model": base,
-            "lora-rank": self.lora_rank,
-            "lora-alpha": self.lora_alpha,
-            "lora-steps": self.lora_steps,
-            "gate-steps": self.gate_steps,
-            "batch-size": self.batch_size,
-            "max-length": self.max_length,
-            "learning-rate": self.learning_rate,
-            "gate-learning-rate": self.learning_rate,
-            "max-examples": self.max_examples,
-            "average-activation": self.average_activation,
-            "seed": self.seed,
-        }
+    training: TrainingRequest = DEMO_TRAINING
 
 
 DEFAULT_PLAN = DemoPlan()
@@ -90,263 +72,8 @@ QUICK_PLAN = replace(
     DEFAULT_PLAN,
     held_out=("known_unknowns", "strategyqa"),
     n_eval=16,
-    max_examples=64,
-    lora_steps=6,
-    gate_steps=2,
+    training=DEMO_TRAINING.with_changes(max_examples=64, lora_steps=6, gate_steps=2),
 )
-
-
-@dataclass(frozen=True)
-class Contributor:
-    """One contributor: its expert's name and its private data (on its own machine)."""
-
-    name: str
-    data_path: Path
-
-
-# -------------------------------------------------------------- the local federation
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def app_directory() -> Path:
-    """The Flower app: this project's checkout (its pyproject.toml has [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[1]
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "flwr" not in tomllib.loads(pyproject.read_text()).get(
-        "tool", {}
-    ):
-        raise RuntimeError(
-            f"{root} has no pyproject.toml with [tool.flwr.app]: the demo runs from a source "
-            "checkout of the platform (pip install -e .)"
-        )
-    return root
-
-
-APP_PACKAGES = ("protocol", "phatgoose", "client", "coordinator")
-
-
-def stage_app(destination: Path) -> Path:
-    """A copy of the Flower app's files (pyproject.toml and the packages' Python files).
-
-    `flwr run` bundles the directory it is given; staging keeps it from walking the
-    checkout's virtual environment and data (which the bundle would exclude anyway).
-    """
-    source = app_directory()
-    if destination.exists():
-        shutil.rmtree(destination)
-    destination.mkdir(parents=True)
-    shutil.copy2(source / "pyproject.toml", destination / "pyproject.toml")
-    for package in APP_PACKAGES:
-        for path in (source / package).rglob("*.py"):
-            if "__pycache__" in path.parts:
-                continue
-            target = destination / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-    return destination
-
-
-def _executable(name: str) -> str:
-    """A console script of this environment (next to the running Python), else on PATH."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"`{name}` not found: install flwr (pip install 'flwr[simulation]')")
-    return found
-
-
-def flower_environment(**extra: str) -> dict[str, str]:
-    """The environment for Flower's processes: this interpreter's scripts first on PATH.
-
-    The SuperLink and SuperNodes start further Flower executables by name (the SuperLink
-    runs `flower-superexec`), so they must resolve to this environment's console scripts
-    even when it is not activated (`.venv/bin/phatgoose demo`, `make test`).
-    """
-    scripts = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    return {**os.environ, "PATH": f"{scripts}{os.pathsep}{path}" if path else scripts, **extra}
-
-
-class LocalFederation:
-    """A SuperLink and one SuperNode per contributor, as subprocesses on loopback.
-
-    Insecure (no TLS) because nothing leaves 127.0.0.1; docs/federation.md shows the same
-    commands with TLS and SuperNode authentication for real deployments. Every process gets
-    its own FLWR_HOME under `workdir`, and its output goes to a log file there.
-    """
-
-    def __init__(self, workdir: Path, contributors: Sequence[Contributor]) -> None:
-        self.workdir = workdir
-        self.contributors = list(contributors)
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: dict[str, Path] = {}
-
-    # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> LocalFederation:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._start_superlink()
-            for contributor in self.contributors:
-                self._start_supernode(contributor)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop the SuperNodes, then the SuperLink (SIGTERM, then SIGKILL after 10 s)."""
-        for name in reversed(list(self.processes)):
-            process = self.processes.pop(name)
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-    def _spawn(self, name: str, command: list[str], env: Mapping[str, str]) -> None:
-        log_path = self.workdir / f"{name}.log"
-        self.logs[name] = log_path
-        with log_path.open("wb") as log:
-            self.processes[name] = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=flower_environment(**env)
-            )
-
-    def _home(self, name: str) -> dict[str, str]:
-        home = self.workdir / "homes" / name
-        home.mkdir(parents=True, exist_ok=True)
-        return {"FLWR_HOME": str(home)}
-
-    def _start_superlink(self) -> None:
-        self._spawn(
-            "superlink",
-            [
-                _executable("flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                # Offline: the app's dependencies are this environment's, never installed.
-                "--disable-runtime-dependency-installation",
-            ],
-            self._home("superlink"),
-        )
-        deadline = time.monotonic() + 60
-        while not _accepts(self.port):
-            self._check_alive("superlink")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the SuperLink did not start; see {self.logs['superlink']}")
-            time.sleep(0.2)
-
-    def _start_supernode(self, contributor: Contributor) -> None:
-        node_config = (
-            f'data-path="{contributor.data_path}" expert-name="{contributor.name}" '
-            "show-progress=true"
-        )
-        # Nodes share this machine's cores: one thread each keeps them from fighting.
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.contributors))))
-        self._spawn(
-            f"supernode-{contributor.name}",
-            [
-                _executable("flower-supernode"),
-                "--insecure",
-                "--superlink",
-                self.address,
-                "--port",
-                str(free_port()),
-                "--node-config",
-                node_config,
-            ],
-            {**self._home(f"supernode-{contributor.name}"), "OMP_NUM_THREADS": threads},
-        )
-
-    def _check_alive(self, name: str) -> None:
-        process = self.processes[name]
-        if process.poll() is not None:
-            tail = self.logs[name].read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
-
-    # ------------------------------------------------------------------------ runs
-    def run(
-        self, run_config: Mapping[str, Any], *, on_line: Any = None, timeout: float = 3600
-    ) -> int:
-        """`flwr run` of this project's app on the federation; returns its exit code.
-
-        The run config overrides go through a TOML file; `on_line` sees every line of the
-        run's streamed log.
-        """
-        cli_home = self.workdir / "homes" / "flwr-cli"
-        cli_home.mkdir(parents=True, exist_ok=True)
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
-        )
-        overrides = self.workdir / "run-config.toml"
-        overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
-        command = [
-            _executable("flwr"),
-            "run",
-            str(stage_app(self.workdir / "app")),
-            CONNECTION,
-            "--run-config",
-            str(overrides),
-            "--stream",
-        ]
-        env = flower_environment(FLWR_HOME=str(cli_home), PYTHONUNBUFFERED="1")
-        log_path = self.workdir / "flwr-run.log"
-        self.logs["run"] = log_path
-        deadline = time.monotonic() + timeout
-        with (
-            log_path.open("w") as log,
-            subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
-            ) as process,
-        ):
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-                if time.monotonic() > deadline:
-                    process.kill()
-                    break
-            return process.wait()
-
-    def last_line(self, name: str) -> str:
-        """The latest line (or progress-bar state) a process wrote to its log."""
-        path = self.logs.get(name)
-        if path is None or not path.exists():
-            return ""
-        with path.open("rb") as log:
-            log.seek(max(0, path.stat().st_size - 4096))
-            tail = log.read().decode("utf-8", "replace")
-        lines = [part for line in tail.splitlines() for part in line.split("\r") if part.strip()]
-        return lines[-1].strip() if lines else ""
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
 
 
 # ------------------------------------------------------------------ the coordinator
@@ -386,7 +113,9 @@ def write_contributor_data(
 
     contributors = []
     for task in plan.held_in:
-        split = load_bigbench_task(task, n_eval=plan.n_eval, seed=plan.seed, tasks_dir=tasks_dir)
+        split = load_bigbench_task(
+            task, n_eval=plan.n_eval, seed=plan.training.seed, tasks_dir=tasks_dir
+        )
         path = directory / _slug(task) / "train.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = [
@@ -409,9 +138,9 @@ def catalogued(sessions: Any, plan: DemoPlan, fingerprint: str) -> dict[str, str
             training = manifest.get("training", {})
             if (
                 manifest.get("base_model", {}).get("fingerprint") == fingerprint
-                and training.get("steps") == plan.lora_steps
-                and training.get("gate_steps") == plan.gate_steps
-                and manifest.get("lora", {}).get("r") == plan.lora_rank
+                and training.get("steps") == plan.training.lora_steps
+                and training.get("gate_steps") == plan.training.gate_steps
+                and manifest.get("lora", {}).get("r") == plan.training.lora_rank
             ):
                 found[version.expert.name] = version.ref  # the newest version wins
     return found
@@ -563,7 +292,7 @@ def queue_evaluations(
                 release=number,
                 tasks=[*plan.held_in, *plan.held_out],
                 examples_per_task=plan.n_eval,
-                seed=plan.seed,
+                seed=plan.training.seed,
                 task_groups=TaskGroups(held_in=list(plan.held_in), held_out=list(plan.held_out)),
             )
             wanted = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
@@ -706,7 +435,11 @@ def demo(
     if held_out:
         plan = replace(plan, held_out=tuple(t.strip() for t in held_out.split(",") if t.strip()))
     if steps:
-        plan = replace(plan, lora_steps=steps, gate_steps=max(1, steps // 5))
+        try:
+            training = plan.training.with_changes(lora_steps=steps, gate_steps=max(1, steps // 5))
+        except FlowerConfigError as error:
+            raise typer.BadParameter(str(error), param_hint="--steps") from None
+        plan = replace(plan, training=training)
     code = run_demo(
         plan, data_dir=data_dir, base=base, tasks_dir=tasks_dir, port=port, retrain=retrain
     )
@@ -755,19 +488,20 @@ def run_demo(
             if any(c.name == name for c in contributors):
                 console.print(f"reusing {ref} from the catalog")
         if todo:
+            request = plan.training.with_changes(base_model=base)
             console.print(
-                f"training {len(todo)} expert(s) by federation: {plan.lora_steps} LoRA steps + "
-                f"{plan.gate_steps} gate steps each, batch {plan.batch_size} x "
-                f"{plan.max_length} tokens"
+                f"training {len(todo)} expert(s) by federation: {request.lora_steps} LoRA "
+                f"steps + {request.gate_steps} gate steps each, batch {request.batch_size} x "
+                f"{request.max_length} tokens"
             )
-            run_config = {
-                **plan.hyper_parameters(base),
-                "coordinator-data-dir": str(coordinator_dir),
-                "namespace": DEMO_NAMESPACE,
-                "min-nodes": len(todo),
-                "node-wait-seconds": 120.0,
-                "round-timeout-seconds": 3600.0,
-            }
+            round_settings = RoundSettings(
+                coordinator_data_dir=str(coordinator_dir),
+                namespace=DEMO_NAMESPACE,
+                min_nodes=len(todo),
+                node_wait_seconds=120.0,
+                round_timeout_seconds=3600.0,
+            )
+            run_config = {**request.to_config(), **round_settings.to_config()}
             code = train_by_federation(
                 data_dir / "federation", todo, run_config, sessions, plan, spec.fingerprint
             )

@@ -1,0 +1,132 @@
+"""The routing math: who is chosen for a token, and with what weight.
+
+A router maps a module's input `u [..., n]` to `(indices [..., k], weights [..., k])`: the
+stacked experts of one `RoutedLinear` that the token uses and their mixture weights. How
+the layer then computes the selected updates is `layer.py`'s business.
+- `TokenRouter`: PHATGOOSE and average activation (standardised affinity, top-k,
+  softmax with 1/sqrt(n));
+- `ArrowRouter`: Arrow (|e_z^T u|, top-k, softmax);
+- `FixedRouter`: one expert per batch row (single, merged, retrieval);
+- `GateRouter`: gate training, the one expert weighted by a trainable sigmoid gate.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# LayerNorm's default: biased variance, eps added under the square root.
+STANDARDISE_EPS = 1e-5
+
+
+def standardise(x: Tensor) -> Tensor:
+    """x_bar = (x - mean(x)) / sqrt(var(x) + eps) over the last dim: LayerNorm, no affine."""
+    return F.layer_norm(x, (x.shape[-1],), eps=STANDARDISE_EPS)
+
+
+class TokenRouter(nn.Module):
+    """PHATGOOSE (and average activation): per token, top-k of standardised affinities.
+
+    affinity = u_bar @ v_bar.T; weights = softmax(affinity_topk / sqrt(n)).
+    """
+
+    rows: Tensor
+
+    def __init__(self, rows: Tensor, top_k: int) -> None:
+        super().__init__()
+        _check_top_k(top_k, rows.shape[0])
+        self.top_k = top_k
+        # Rows are fixed after build: standardise them once, not on every forward.
+        self.register_buffer("rows", standardise(rows.float()), persistent=False)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        # Routing in float32 even in a half-precision model: top-k ties and the softmax
+        # are where low precision would change decisions.
+        affinity = standardise(u.float()) @ self.rows.float().T
+        top_k = affinity.topk(self.top_k, dim=-1)
+        # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
+        weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
+        return top_k.indices, weights
+
+
+class ArrowRouter(nn.Module):
+    """Arrow: score |e_z^T u| on the raw input, top-k, softmax over the selected scores."""
+
+    rows: Tensor
+
+    def __init__(self, rows: Tensor, top_k: int) -> None:
+        super().__init__()
+        _check_top_k(top_k, rows.shape[0])
+        self.top_k = top_k
+        self.register_buffer("rows", rows.float(), persistent=False)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        affinity = (u.float() @ self.rows.float().T).abs()
+        top_k = affinity.topk(self.top_k, dim=-1)
+        return top_k.indices, torch.softmax(top_k.values, dim=-1)
+
+
+class FixedRouter(nn.Module):
+    """One expert per batch row with weight 1 (single, merged, retrieval).
+
+    `choice()` returns the stacked-expert index per batch row, `[rows]`, or a scalar for
+    every row. Returned indices are `[batch, 1, ..., 1]`: one decision per row (what the
+    statistics count), broadcast over the row's tokens by the layer.
+    """
+
+    def __init__(self, choice: Callable[[], Tensor]) -> None:
+        super().__init__()
+        self.choice = choice
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        choice = self.choice().to(u.device).reshape(-1)
+        if u.dim() == 1:
+            indices = choice[:1]
+        else:
+            rows = u.shape[0]
+            if rows % choice.shape[0]:
+                raise ValueError(
+                    f"the routed batch has {rows} rows but {choice.shape[0]} query "
+                    "choices were set; expected the same number (or a multiple, for beams)"
+                )
+            # generate() repeats each row for beams / num_return_sequences, row by row.
+            choice = choice.repeat_interleave(rows // choice.shape[0])
+            indices = choice.reshape((rows,) + (1,) * (u.dim() - 1))
+        return indices, torch.ones(indices.shape, dtype=torch.float32, device=u.device)
+
+
+def constant_choice(index: int = 0) -> Callable[[], Tensor]:
+    """A `FixedRouter` choice that picks the same stacked expert for every row."""
+    choice = torch.tensor(index)
+    return lambda: choice
+
+
+class GateRouter(nn.Module):
+    """Gate training (METHOD.md): the one stacked expert, weighted per token by its gate.
+
+    weight = sigmoid(v^T u); `gate` (v, float32) is the only trainable parameter, so
+    `y = W u + scale * B A u * sigmoid(v^T u)`. Training starts from `v = 0` (a weight of
+    0.5 for every token); at inference the gate is only a router row (`TokenRouter`).
+    """
+
+    def __init__(self, gate: Tensor) -> None:
+        super().__init__()
+        if gate.dim() != 1:
+            raise ValueError(f"a gate is one vector [n], got shape {list(gate.shape)}")
+        self.gate = nn.Parameter(gate.detach().to(torch.float32, copy=True))
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        weights = torch.sigmoid(u.float() @ self.gate).unsqueeze(-1)  # [..., 1]
+        # Every token picks stacked expert 0; one index broadcasts over all of them.
+        indices = torch.zeros((1,) * u.dim(), dtype=torch.long, device=u.device)
+        return indices, weights
+
+
+def _check_top_k(top_k: int, num_experts: int) -> None:
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"top_k must be an integer between 1 and the number of experts at the module "
+            f"({num_experts}), got {top_k!r}"
+        )

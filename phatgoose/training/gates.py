@@ -1,0 +1,116 @@
+"""PHATGOOSE gates, trained after the LoRA with everything else frozen.
+
+METHOD.md: `y = W u + (alpha/r) B A u * sigmoid(v^T u)`, only `v` trained (from zeros), with
+the same data, objective and hyper-parameters as the LoRA, for about a tenth of the steps.
+The gated linears are the routing package's own `RoutedLinear`s over the one expert with a
+`GateRouter` (`routing.build_gated_model`); they are taken out again afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from phatgoose.data import Example
+from phatgoose.expert import Expert
+from phatgoose.models import model_fingerprint
+from phatgoose.routing.layer import RoutedLinear
+from phatgoose.routing.model import build_gated_model, unroute_model
+from phatgoose.routing.routers import GateRouter
+from phatgoose.training.lora import TrainingConfig, optimise, split_validation
+from phatgoose.training.plumbing import restored, seeded
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gated_lora(
+    model: nn.Module, expert: Expert, gates: dict[str, Tensor] | None = None
+) -> Iterator[dict[str, RoutedLinear]]:
+    """Temporarily put `expert`'s LoRA behind sigmoid gates into `model`.
+
+    Gates start at zero unless given. Yields path -> gated `RoutedLinear` (its gate is
+    `layer.router.gate`); on exit the original linears are back in place (the model is
+    otherwise untouched).
+    """
+    build_gated_model(model, expert, gates)
+    try:
+        gated: dict[str, RoutedLinear] = {}
+        for path in expert.module_paths():
+            layer = model.get_submodule(path)
+            assert isinstance(layer, RoutedLinear)
+            gated[path] = layer
+        yield gated
+    finally:
+        unroute_model(model)
+
+
+def gate_of(layer: RoutedLinear) -> nn.Parameter:
+    """The trainable gate vector `v [n]` of a linear that `gated_lora` put in."""
+    if not isinstance(layer.router, GateRouter):
+        raise TypeError(f"{layer.path} is routed by {type(layer.router).__name__}, not gated")
+    return layer.router.gate
+
+
+def train_gates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    expert: Expert,
+    examples: Sequence[Example],
+    *,
+    config: TrainingConfig | None = None,
+    progress: bool = True,
+) -> Expert:
+    """Train `expert`'s PHATGOOSE gates with base and LoRA frozen; returns a new Expert.
+
+    Uses the same training split (`split_validation`), objective, batch size, schedule shape
+    and optimiser as the LoRA, for `config.resolved_gate_steps` steps.
+    """
+    config = config or TrainingConfig()
+    _warn_if_other_base(model, expert)
+    training, _ = split_validation(examples, config)
+    steps = config.resolved_gate_steps
+    started = time.perf_counter()
+    with restored(model), seeded(model, config.seed):
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        with gated_lora(model, expert) as gated:
+            losses = optimise(
+                model,
+                tokenizer,
+                [gate_of(layer) for layer in gated.values()],
+                training,
+                steps=steps,
+                learning_rate=config.resolved_gate_learning_rate,
+                config=config,
+                desc=f"gates {expert.name}",
+                progress=progress,
+            )
+            gates = {p: gate_of(layer).detach().float().cpu().clone() for p, layer in gated.items()}
+    window = losses[-max(1, math.ceil(steps / 10)) :]
+    log.info(
+        "trained gates of %s: %d steps in %.1f s, final loss %.4f",
+        expert.name,
+        steps,
+        time.perf_counter() - started,
+        losses[-1],
+    )
+    return expert.with_gates(gates, gate_steps=steps, final_gate_loss=sum(window) / len(window))
+
+
+def _warn_if_other_base(model: nn.Module, expert: Expert) -> None:
+    fingerprint = model_fingerprint(model)
+    if fingerprint != expert.manifest.base_model.fingerprint:
+        message = (
+            f"expert {expert.name!r} was made for base model "
+            f"{expert.manifest.base_model.fingerprint}, this model is {fingerprint}"
+        )
+        warnings.warn(message, UserWarning, stacklevel=3)
+        log.warning(message)

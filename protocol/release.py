@@ -1,0 +1,206 @@
+"""The release manifest (`release.json`): a routing method and k over fixed expert versions.
+
+The coordinator writes it (`ReleaseManifest(...).model_dump(mode="json")`) and serves it at
+`/api/v1/releases/{n}/manifest`; `phatgoose.load_release` reads it with
+`parse_release_manifest`. A manifest of another format or a newer `format_version` is
+refused before its fields are read, so an older library says why rather than which field.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any, Final, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+
+from protocol.manifest import DIGEST_PATTERN, SLUG_PATTERN, BaseModelIdentity
+from protocol.methods import METHOD_SPECS, TOKEN_METHODS, RoutingMethod
+from protocol.package import PACKAGE_FILES, REQUIRED_FILES
+
+RELEASE_FILE = "release.json"
+RELEASE_FORMAT: Final = "phatgoose-release"
+RELEASE_FORMAT_VERSION: Final = 1
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+_SLUG = f"^{SLUG_PATTERN}$"
+
+
+class InvalidReleaseManifest(ValueError):
+    """A release manifest that does not follow the format; the message names the field."""
+
+
+def expert_package_path(namespace: str, name: str, version: int) -> str:
+    """Where an expert's files live inside a release directory: `experts/<ns>/<name>/<v>`."""
+    return f"experts/{namespace}/{name}/{version}"
+
+
+class ReleaseFile(BaseModel):
+    """One file of an expert package, as the coordinator stores and serves it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filename: str = Field(examples=["adapter_model.safetensors"])
+    sha256: str = Field(pattern=SHA256_HEX_PATTERN)
+    size: int = Field(ge=0)
+    url: str = Field(description="where the coordinator serves it, relative to the manifest")
+
+    @model_validator(mode="after")
+    def _is_a_package_file(self) -> Self:
+        if self.filename not in PACKAGE_FILES:
+            raise ValueError(
+                f"filename {self.filename!r} is not a package file ({', '.join(PACKAGE_FILES)})"
+            )
+        return self
+
+
+class ReleasedExpert(BaseModel):
+    """An expert version frozen into a release: its package digest and every file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str = Field(examples=["alice/hyperbaton@2"], description="namespace/name@version")
+    namespace: str = Field(pattern=_SLUG)
+    name: str = Field(pattern=_SLUG)
+    version: int = Field(ge=1)
+    package_digest: str = Field(pattern=DIGEST_PATTERN)
+    rank: int | None = Field(default=None, ge=1)
+    modules: int | None = Field(default=None, ge=1, description="number of adapted modules")
+    path: str = Field(description="its directory in an exported release (default from the ref)")
+    files: list[ReleaseFile]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, data: Any) -> Any:
+        ref_parts = ("namespace", "name", "version")
+        if isinstance(data, dict) and "path" not in data and all(k in data for k in ref_parts):
+            path = expert_package_path(data["namespace"], data["name"], data["version"])
+            return {**data, "path": path}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.ref != f"{self.full_name}@{self.version}":
+            raise ValueError(
+                f"ref {self.ref!r} is not namespace/name@version ({self.full_name}@{self.version})"
+            )
+        names = [f.filename for f in self.files]
+        repeated = sorted(n for n, count in Counter(names).items() if count > 1)
+        if repeated:
+            raise ValueError(f"{self.ref} lists {', '.join(repeated)} more than once")
+        missing = [n for n in REQUIRED_FILES if n not in names]
+        if missing:
+            raise ValueError(f"{self.ref} lacks the package file(s) {', '.join(missing)}")
+        return self
+
+    @property
+    def full_name(self) -> str:
+        """`namespace/name`: how the release names the expert."""
+        return f"{self.namespace}/{self.name}"
+
+
+class ReleaseBaseModel(BaseModelIdentity):
+    """The base model every expert of the release was trained on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str | None = Field(default=None, examples=["llama", "t5"])
+
+
+class ReleaseManifest(BaseModel):
+    """Everything `phatgoose.load_release` needs, frozen when the release is created."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["phatgoose-release"]
+    format_version: Literal[1]
+    number: int = Field(ge=1)
+    method: RoutingMethod
+    top_k: int | None = Field(default=None, ge=1, description=f"for {', '.join(TOKEN_METHODS)}")
+    expert: str | None = Field(
+        default=None, description="method single: the expert used, as namespace/name"
+    )
+    base_model: ReleaseBaseModel
+    experts: list[ReleasedExpert]
+    notes: str = ""
+    created_by: str | None = None
+    created_at: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_format(cls, data: Any) -> Any:
+        """Format and version first: a newer manifest may differ in any other field."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("format") != RELEASE_FORMAT:
+            raise ValueError(
+                f"not a release manifest: format is {data.get('format')!r}, "
+                f"expected {RELEASE_FORMAT!r}"
+            )
+        version = data.get("format_version")
+        if type(version) is not int or version != RELEASE_FORMAT_VERSION:
+            newer = (
+                " (a newer phatgoose reads it)"
+                if type(version) is int and version > RELEASE_FORMAT_VERSION
+                else ""
+            )
+            raise ValueError(
+                f"release format_version {version!r} is not supported: this library reads "
+                f"format_version {RELEASE_FORMAT_VERSION}{newer}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _fits_the_method(self) -> Self:
+        spec = METHOD_SPECS[self.method]
+        if not spec.takes_experts and self.experts:
+            raise ValueError(f"method {self.method!r} takes no experts, got {len(self.experts)}")
+        if spec.takes_experts and not self.experts:
+            raise ValueError(f"method {self.method!r} needs at least one expert")
+        names = [e.full_name for e in self.experts]
+        repeated = sorted(n for n, count in Counter(names).items() if count > 1)
+        if repeated:
+            raise ValueError(f"an expert may appear once per release: {', '.join(repeated)}")
+        if spec.per_token and self.top_k is None:
+            raise ValueError(f"method {self.method!r} routes per token and needs top_k")
+        if spec.per_token and self.top_k is not None and self.top_k > len(self.experts):
+            raise ValueError(f"top_k={self.top_k} but the release has {len(names)} expert(s)")
+        if not spec.per_token and self.top_k is not None:
+            raise ValueError(f"top_k is for {', '.join(TOKEN_METHODS)}, not {self.method!r}")
+        if spec.single_expert and self.expert not in names:
+            raise ValueError(
+                f"method {self.method!r} needs `expert` naming one of {names}, got {self.expert!r}"
+            )
+        if not spec.single_expert and self.expert is not None:
+            raise ValueError(f"`expert` is for method 'single', not {self.method!r}")
+        return self
+
+
+def parse_release_manifest(data: object) -> ReleaseManifest:
+    """`data` (a parsed JSON value) as a manifest, or `InvalidReleaseManifest` saying why."""
+    if not isinstance(data, dict):
+        raise InvalidReleaseManifest(
+            f"a release manifest is a JSON object, got {type(data).__name__}"
+        )
+    try:
+        return ReleaseManifest.model_validate(data)
+    except ValidationError as error:
+        raise InvalidReleaseManifest(describe_errors(error.errors())) from None
+
+
+def describe_errors(errors: list[ErrorDetails]) -> str:
+    """The first schema error in words, naming its field (`experts.0.files.1.sha256`)."""
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    field = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "value_error":  # a rule of the validators above: their own words
+        problem = str((first.get("ctx") or {}).get("error", first["msg"]))
+        return f"{field}: {problem}{more}" if field else problem + more
+    if first["type"] == "missing":
+        return f"release manifest field {field!r} is missing{more}"
+    if first["type"] == "extra_forbidden":
+        return (
+            f"release manifest field {field!r} is not part of format_version "
+            f"{RELEASE_FORMAT_VERSION}{more}"
+        )
+    return f"release manifest field {field!r} is invalid ({first['msg']}){more}"

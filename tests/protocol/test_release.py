@@ -1,0 +1,169 @@
+"""The release manifest: what the coordinator writes and the library reads, and every
+malformed or foreign manifest refused with the field it trips on."""
+
+import pytest
+
+from protocol import (
+    REQUIRED_FILES,
+    InvalidReleaseManifest,
+    ReleaseManifest,
+    expert_package_path,
+    parse_release_manifest,
+)
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def expert_entry(namespace="alice", name="demo", version=2):
+    return {
+        "ref": f"{namespace}/{name}@{version}",
+        "namespace": namespace,
+        "name": name,
+        "version": version,
+        "package_digest": DIGEST,
+        "rank": 4,
+        "modules": 12,
+        "path": f"experts/{namespace}/{name}/{version}",
+        "files": [
+            {
+                "filename": filename,
+                "sha256": f"{z:064x}",
+                "size": 10 + z,
+                "url": f"/api/v1/experts/{namespace}/{name}/{version}/files/{filename}",
+            }
+            for z, filename in enumerate(sorted(REQUIRED_FILES))
+        ],
+    }
+
+
+def manifest(**changes):
+    data = {
+        "format": "phatgoose-release",
+        "format_version": 1,
+        "number": 3,
+        "method": "phatgoose",
+        "top_k": 2,
+        "expert": None,
+        "base_model": {
+            "name": "tiny",
+            "revision": None,
+            "fingerprint": DIGEST,
+            "architecture": "llama",
+        },
+        "experts": [expert_entry(), expert_entry("bob", "math", 1)],
+        "notes": "",
+        "created_by": "carol",
+        "created_at": "2026-01-02T03:04:05.678901Z",
+    }
+    return {**data, **changes}
+
+
+def refusal(data):
+    with pytest.raises(InvalidReleaseManifest) as refused:
+        parse_release_manifest(data)
+    return str(refused.value)
+
+
+def test_a_manifest_reads_into_typed_fields_and_writes_back_the_same_json():
+    parsed = parse_release_manifest(manifest())
+    assert (parsed.method, parsed.top_k, parsed.base_model.fingerprint) == ("phatgoose", 2, DIGEST)
+    assert [e.full_name for e in parsed.experts] == ["alice/demo", "bob/math"]
+    assert parsed.model_dump(mode="json") == manifest()
+
+
+def test_a_newer_format_version_is_refused_naming_the_version():
+    message = refusal(manifest(format_version=2, experts="changed in version 2"))
+    assert message == (
+        "release format_version 2 is not supported: this library reads format_version 1 "
+        "(a newer phatgoose reads it)"
+    )
+
+
+def test_another_format_is_refused_before_its_fields():
+    assert refusal(manifest(format="something-else")).startswith(
+        "not a release manifest: format is 'something-else'"
+    )
+
+
+def test_a_json_array_is_refused():
+    assert refusal([manifest()]) == "a release manifest is a JSON object, got list"
+
+
+def test_a_malformed_field_is_named_by_its_path():
+    data = manifest()
+    data["experts"][1]["files"][2]["sha256"] = "not-hex"
+    message = refusal(data)
+    assert message.startswith("release manifest field 'experts.1.files.2.sha256' is invalid")
+
+
+def test_a_missing_field_is_named():
+    data = manifest()
+    del data["base_model"]["fingerprint"]
+    assert refusal(data) == "release manifest field 'base_model.fingerprint' is missing"
+
+
+def test_an_unknown_field_is_refused_as_not_in_the_format():
+    assert refusal(manifest(signature="...")) == (
+        "release manifest field 'signature' is not part of format_version 1"
+    )
+
+
+def test_a_file_outside_the_package_format_is_refused():
+    data = manifest()
+    data["experts"][0]["files"][0]["filename"] = "model.pkl"
+    assert "filename 'model.pkl' is not a package file" in refusal(data)
+
+
+def test_an_expert_lacking_a_required_file_is_refused():
+    data = manifest()
+    del data["experts"][0]["files"][3]
+    assert refusal(data) == "experts.0: alice/demo@2 lacks the package file(s) router.safetensors"
+
+
+def test_a_ref_that_is_not_namespace_name_version_is_refused():
+    data = manifest()
+    data["experts"][0]["ref"] = "alice/demo@1"
+    assert "ref 'alice/demo@1' is not namespace/name@version (alice/demo@2)" in refusal(data)
+
+
+def test_an_expert_path_defaults_to_its_place_in_an_exported_release():
+    data = manifest()
+    del data["experts"][1]["path"]
+    parsed = parse_release_manifest(data)
+    assert parsed.experts[1].path == expert_package_path("bob", "math", 1) == "experts/bob/math/1"
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        ({"top_k": None}, "method 'phatgoose' routes per token and needs top_k"),
+        ({"top_k": 3}, "top_k=3 but the release has 2 expert(s)"),
+        ({"method": "merged"}, "top_k is for phatgoose, arrow, average_activation, not 'merged'"),
+        ({"method": "base", "top_k": None}, "method 'base' takes no experts, got 2"),
+        ({"experts": []}, "method 'phatgoose' needs at least one expert"),
+        ({"expert": "bob/math"}, "`expert` is for method 'single', not 'phatgoose'"),
+        (
+            {"method": "single", "top_k": None, "expert": "carol/x"},
+            "method 'single' needs `expert` naming one of ['alice/demo', 'bob/math'], "
+            "got 'carol/x'",
+        ),
+    ],
+)
+def test_the_manifest_fits_its_method(changes, refused):
+    assert refusal(manifest(**changes)) == refused
+
+
+def test_an_expert_appears_once():
+    assert refusal(manifest(experts=[expert_entry(), expert_entry(version=3)])) == (
+        "an expert may appear once per release: alice/demo"
+    )
+
+
+def test_single_names_one_of_its_experts():
+    parsed = parse_release_manifest(manifest(method="single", top_k=None, expert="bob/math"))
+    assert parsed.expert == "bob/math"
+
+
+def test_the_model_refuses_the_same_way_when_built_directly():
+    with pytest.raises(ValueError, match="format_version 2 is not supported"):
+        ReleaseManifest.model_validate(manifest(format_version=2))
