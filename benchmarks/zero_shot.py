@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -55,7 +54,7 @@ from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerpr
 from phatgoose.pipeline import Say, train_contributor_expert
 from phatgoose.routing import build_routed_model, routing_state, unroute_model
 from phatgoose.training import TrainingConfig, train_expert, train_gates
-from protocol import BaseModelIdentity, RoutingMethod, is_method
+from protocol import BaseModelIdentity, RoutingMethod, is_method, slug
 
 if TYPE_CHECKING:
     from benchmarks.catalog import BenchmarkCatalog
@@ -337,7 +336,7 @@ def load_tasks(config: ZeroShotConfig, tasks_dir: Path | None = None) -> list[Be
 
 def expert_name(task: str) -> str:
     """A valid expert name for a task (`parent/subtask` -> `parent-subtask`)."""
-    return re.sub(r"[^a-z0-9_.-]+", "-", task.lower()).strip("-._")[:63] or "expert"
+    return slug(task)
 
 
 # ------------------------------------------------------------------------ expert cache

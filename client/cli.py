@@ -256,9 +256,10 @@ def import_peft(
     The adapter must have been trained on the same base model; its LoRA weights are kept
     unchanged.
     """
-    from client.training import import_peft_expert, slug
+    from client.training import import_peft_expert
     from phatgoose.data import DataFormatError
     from phatgoose.expert import ExpertError
+    from protocol import slug
 
     _confirm_retrieval(retrieval_embeddings)
     config = _config(8, 16.0, gate_steps, gate_steps, batch_size, max_length, lr, lr, seed)

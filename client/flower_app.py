@@ -24,8 +24,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.flower_message import package_to_content
-from client.training import ContributorOptions, slug, train_contributor_expert
+from client.training import ContributorOptions, train_contributor_expert
 from phatgoose.training import TrainingConfig
+from protocol import slug
 from protocol.flower import TRAIN_CONFIG_RECORD, TrainingRequest, split_run_config
 
 log = logging.getLogger(__name__)

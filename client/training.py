@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +144,3 @@ def import_peft_expert(
 def _load(base: str, say: Say) -> BaseModel:
     say(f"loading base model {base}")
     return load_base_model(base)
-
-
-def slug(text: str) -> str:
-    """A valid expert name from free text (`My Adapter_v2` -> `my-adapter_v2`)."""
-    cleaned = re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-._")
-    return cleaned[:63] or "expert"

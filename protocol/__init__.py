@@ -13,6 +13,7 @@ from protocol.manifest import (
     ExpertManifest,
     LoraSummary,
     TrainingSummary,
+    slug,
 )
 from protocol.methods import (
     AVERAGE_ACTIVATION,
@@ -128,6 +129,7 @@ __all__ = [
     "package_digest",
     "parse_lora_key",
     "parse_release_manifest",
+    "slug",
     "validate_directory",
     "validate_package",
 ]

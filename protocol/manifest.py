@@ -1,5 +1,6 @@
 """The expert manifest (`expert.json`): who made an expert, for which base model, and how."""
 
+import re
 from datetime import UTC, datetime
 from typing import Final, Literal
 
@@ -11,6 +12,15 @@ FORMAT_VERSION: Final = 1
 SLUG_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,62}"
 # `namespace/slug` or a bare slug; the coordinator fills in the uploader's namespace.
 EXPERT_NAME_PATTERN = rf"^({SLUG_PATTERN}/)?{SLUG_PATTERN}$"
+
+
+def slug(text: str) -> str:
+    """A valid namespace or expert name from free text (`My Adapter_v2` -> `my-adapter_v2`,
+    `parent/subtask` -> `parent-subtask`); `expert` when nothing usable is left."""
+    cleaned = re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-._")
+    return cleaned[:63] or "expert"
+
+
 # A content digest (a package, a base model's weights): `sha256:<64 hex>`.
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 

@@ -1,15 +1,22 @@
+import types
+
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from phatgoose.models import (
+    CACHE_KEYWORDS,
     DEFAULT_BASE_MODEL,
     base_model_spec,
+    cache_keyword,
     cache_root,
     default_target_modules,
+    forward_accepts,
     linear_module_paths,
     load_base_model,
     model_fingerprint,
+    passed_cache,
+    returned_cache,
 )
 from tests.tiny import tiny_llama
 
@@ -135,3 +142,24 @@ def test_smollm2_loads_from_the_converted_cache():
     assert default_target_modules(model) == LLAMA_TARGETS
     assert len(linear_module_paths(model)) == 30 * 7
     assert tokenizer.pad_token is not None
+
+
+# transformers 5.24 renamed `past_key_values` to `cache` (argument and output field); the
+# scoring and retrieval code must read a cache under either name.
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_is_found_under_either_spelling(name):
+    marker = object()
+    assert passed_cache({name: marker, "input_ids": None}) is marker
+    assert returned_cache(types.SimpleNamespace(**{name: marker})) is marker
+
+
+def test_no_cache_passed_is_none_and_none_returned_is_an_error():
+    assert passed_cache({"cache": None, "past_key_values": None}) is None
+    with pytest.raises(ValueError, match="returned no key/value cache"):
+        returned_cache(types.SimpleNamespace(logits=1))
+
+
+def test_cache_keyword_is_the_one_the_installed_transformers_takes():
+    keyword = cache_keyword(tiny_llama())
+    assert keyword in CACHE_KEYWORDS
+    assert forward_accepts(tiny_llama(), keyword)
