@@ -105,12 +105,28 @@ def test_download_is_bit_exact(client, alice, package):
         assert response.headers["x-content-sha256"] == expected
 
 
+class _WithoutLocalFiles:
+    """A blob store that can only be read through `open` (as object storage would be)."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def local_path(self, sha256):
+        return None
+
+    def open(self, sha256):
+        return self._store.path(sha256).open("rb")
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
 def test_download_from_a_store_without_local_files_streams_the_same_bytes(
     app, client, alice, package, monkeypatch
 ):
     directory = package("alice/streamed", seed=8)
     assert upload(client, alice, directory).status_code == 201
-    monkeypatch.setattr(app.state.blobs, "local_path", lambda sha256: None)
+    monkeypatch.setattr(app.state, "blobs", _WithoutLocalFiles(app.state.blobs))
     for path in directory.iterdir():
         response = client.get(f"/api/v1/experts/alice/streamed/1/files/{path.name}")
         assert response.status_code == 200
