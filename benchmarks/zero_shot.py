@@ -54,7 +54,14 @@ from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerpr
 from phatgoose.pipeline import Say, train_contributor_expert
 from phatgoose.routing import build_routed_model, routing_state, unroute_model
 from phatgoose.training import TrainingConfig, train_expert, train_gates
-from protocol import BaseModelIdentity, RoutingMethod, is_method, slug
+from protocol import (
+    ROUTER_NUMERICS,
+    BaseModelIdentity,
+    RoutingMethod,
+    is_method,
+    method_spec,
+    slug,
+)
 
 if TYPE_CHECKING:
     from benchmarks.catalog import BenchmarkCatalog
@@ -803,6 +810,9 @@ def run_zero_shot(
     def _evaluate_method(method: str) -> None:
         if method in ROUTED_METHODS:
             identity = {"method": method, "experts": expert_keys, "top_k": config.top_k}
+            if method_spec(method).standardises_rows:
+                # Scores cached under other router numerics are another experiment.
+                identity["router_numerics"] = ROUTER_NUMERICS
             if method == "base":
                 identity = {"method": "base"}
             results = evaluate_routed(

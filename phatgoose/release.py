@@ -115,6 +115,7 @@ def load_release(
         top_k=manifest.top_k or 1,  # None for methods that do not route per token
         expert=manifest.expert,
         tokenizer=tokenizer,
+        router_numerics=manifest.router_numerics,
     )
     log.info(
         "loaded release %d: %s over %d experts on %s",

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeGuard, get_args
+from typing import Final, Literal, TypeGuard, get_args
+
+# The router's numerics, recorded in every release so that its results stay reproducible:
+# 1: a router row (gate or average activation) standardised like a token, LayerNorm with
+#    eps = 1e-5 under the square root. Freshly trained gates have variances near 1e-5, so
+#    eps shrank each expert's row by its own factor and gate scale decided routing.
+# 2: a router row standardised scale-free, (v - mean) / std (a constant row -> zeros): v and
+#    c * v route the same for any c > 0. Tokens keep LayerNorm's eps in both.
+ROUTER_NUMERICS: Final = 2
 
 RoutingMethod = Literal[
     "phatgoose", "arrow", "average_activation", "retrieval", "merged", "single", "base"
@@ -52,6 +60,7 @@ class MethodSpec:
     `takes_experts`: False for the base model alone.
     `single_expert`: one expert, named by `expert`, serves every input.
     `same_shapes`: the experts are averaged, so they share rank and adapted modules.
+    `standardises_rows`: its router rows are standardised, the rule `ROUTER_NUMERICS` names.
     """
 
     name: RoutingMethod
@@ -61,6 +70,7 @@ class MethodSpec:
     takes_experts: bool = True
     single_expert: bool = False
     same_shapes: bool = False
+    standardises_rows: bool = False
 
 
 METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
@@ -71,6 +81,7 @@ METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
             "per token and module, top-k over the experts' trained gates",
             per_token=True,
             needs=(GATE,),
+            standardises_rows=True,
         ),
         MethodSpec(
             "arrow",
@@ -82,6 +93,7 @@ METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
             "as PHATGOOSE, with each module's mean training activation as the router row",
             per_token=True,
             needs=(AVERAGE_ACTIVATION,),
+            standardises_rows=True,
         ),
         MethodSpec(
             "retrieval",

@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import ErrorDetails
 
 from protocol.manifest import DIGEST_PATTERN, SLUG_PATTERN, BaseModelIdentity
-from protocol.methods import METHOD_SPECS, TOKEN_METHODS, RoutingMethod
+from protocol.methods import METHOD_SPECS, ROUTER_NUMERICS, TOKEN_METHODS, RoutingMethod
 from protocol.package import PACKAGE_FILES, REQUIRED_FILES
 
 RELEASE_FILE = "release.json"
 RELEASE_FORMAT: Final = "phatgoose-release"
-RELEASE_FORMAT_VERSION: Final = 1
+# 2: `router_numerics` records how token routers standardise their rows (1 for every
+# release of format_version 1, whose manifests do not carry it).
+RELEASE_FORMAT_VERSION: Final = 2
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
 _SLUG = f"^{SLUG_PATTERN}$"
 
@@ -113,10 +115,15 @@ class ReleaseManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["phatgoose-release"]
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     number: int = Field(ge=1)
     method: RoutingMethod
     top_k: int | None = Field(default=None, ge=1, description=f"for {', '.join(TOKEN_METHODS)}")
+    router_numerics: int = Field(
+        ge=1,
+        le=ROUTER_NUMERICS,
+        description="how token routers standardise their rows (protocol.ROUTER_NUMERICS)",
+    )
     expert: str | None = Field(
         default=None, description="method single: the expert used, as namespace/name"
     )
@@ -138,7 +145,7 @@ class ReleaseManifest(BaseModel):
                 f"expected {RELEASE_FORMAT!r}"
             )
         version = data.get("format_version")
-        if type(version) is not int or version != RELEASE_FORMAT_VERSION:
+        if type(version) is not int or version not in (1, RELEASE_FORMAT_VERSION):
             newer = (
                 " (a newer phatgoose reads it)"
                 if type(version) is int and version > RELEASE_FORMAT_VERSION
@@ -146,7 +153,17 @@ class ReleaseManifest(BaseModel):
             )
             raise ValueError(
                 f"release format_version {version!r} is not supported: this library reads "
-                f"format_version {RELEASE_FORMAT_VERSION}{newer}"
+                f"format_version 1 to {RELEASE_FORMAT_VERSION}{newer}"
+            )
+        if version == 1:
+            if "router_numerics" in data:
+                raise ValueError("router_numerics is not part of release format_version 1")
+            return {**data, "router_numerics": 1}  # what every release then was made with
+        numerics = data.get("router_numerics")
+        if type(numerics) is int and numerics > ROUTER_NUMERICS:
+            raise ValueError(
+                f"router_numerics {numerics} is not supported: this library routes with 1 to "
+                f"{ROUTER_NUMERICS} (a newer phatgoose reads it)"
             )
         return data
 
@@ -185,10 +202,11 @@ def parse_release_manifest(data: object) -> ReleaseManifest:
     try:
         return ReleaseManifest.model_validate(data)
     except ValidationError as error:
-        raise InvalidReleaseManifest(describe_errors(error.errors())) from None
+        version = data.get("format_version", RELEASE_FORMAT_VERSION)
+        raise InvalidReleaseManifest(describe_errors(error.errors(), version)) from None
 
 
-def describe_errors(errors: list[ErrorDetails]) -> str:
+def describe_errors(errors: list[ErrorDetails], format_version: object) -> str:
     """The first schema error in words, naming its field (`experts.0.files.1.sha256`)."""
     first = errors[0]
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
@@ -200,7 +218,6 @@ def describe_errors(errors: list[ErrorDetails]) -> str:
         return f"release manifest field {field!r} is missing{more}"
     if first["type"] == "extra_forbidden":
         return (
-            f"release manifest field {field!r} is not part of format_version "
-            f"{RELEASE_FORMAT_VERSION}{more}"
+            f"release manifest field {field!r} is not part of format_version {format_version}{more}"
         )
     return f"release manifest field {field!r} is invalid ({first['msg']}){more}"

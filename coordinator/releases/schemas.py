@@ -85,6 +85,11 @@ class ReleaseSummary(BaseModel):
     method: str
     top_k: int | None
     expert: str | None
+    router_numerics: int = Field(
+        description="how its token routers standardise their rows (1: releases of manifest "
+        "format_version 1, LayerNorm's eps; 2: scale-free); scores of different numerics "
+        "are not the same experiment"
+    )
     base_model: str
     experts: list[ReleaseExpertInfo]
     notes: str
@@ -119,6 +124,7 @@ def _summary_fields(release: Release) -> dict[str, Any]:
         "method": release.method,
         "top_k": release.top_k,
         "expert": manifest.get("expert"),
+        "router_numerics": manifest.get("router_numerics", 1),  # format_version 1: always 1
         "base_model": manifest["base_model"]["name"],
         "experts": [
             ReleaseExpertInfo(

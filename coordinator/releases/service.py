@@ -35,7 +35,7 @@ from coordinator.experts.schemas import version_url
 from coordinator.releases.models import Release, ReleaseExpert
 from coordinator.releases.schemas import ReleaseCreate
 from coordinator.storage import BlobStore
-from protocol.methods import METHOD_SPECS, TOKEN_METHODS, RoutingMethod
+from protocol.methods import METHOD_SPECS, ROUTER_NUMERICS, TOKEN_METHODS, RoutingMethod
 from protocol.release import (
     RELEASE_FILE,
     RELEASE_FORMAT,
@@ -171,6 +171,7 @@ def build_manifest(
         number=number,
         method=method,
         top_k=top_k,
+        router_numerics=ROUTER_NUMERICS,
         expert=expert,
         base_model=ReleaseBaseModel(
             name=base.name,

@@ -27,7 +27,7 @@ from phatgoose.routing.routers import (
     TokenRouter,
     constant_choice,
 )
-from protocol.methods import method_spec
+from protocol.methods import ROUTER_NUMERICS, method_spec
 
 if TYPE_CHECKING:
     from phatgoose.embeddings import Embedder
@@ -48,6 +48,7 @@ class RoutingState:
     top_k: int
     expert_names: list[str]
     retrieval: RetrievalChoice | None = None
+    router_numerics: int = ROUTER_NUMERICS
     hooks: list[RemovableHandle] = field(default_factory=list)
 
 
@@ -117,14 +118,21 @@ def build_routed_model(
     expert: str | None = None,
     embedder: Embedder | None = None,
     tokenizer: Any = None,
+    router_numerics: int = ROUTER_NUMERICS,
 ) -> ModelT:
     """Route `model` over `experts` with `method`, in place, and return it.
 
     `expert` names the expert for `method="single"`; `embedder` (texts -> [len, e]) and
     `tokenizer` (to decode input_ids when no `queries` are given) serve `"retrieval"`.
+    `router_numerics` (protocol.ROUTER_NUMERICS) is how token routers standardise their
+    rows: the current rule unless a release made with an older one is reproduced.
     `"base"` returns the model untouched.
     """
     spec = method_spec(method)
+    if router_numerics not in range(1, ROUTER_NUMERICS + 1):
+        raise ValueError(
+            f"router_numerics must be 1 to {ROUTER_NUMERICS} (this library), got {router_numerics}"
+        )
     _check_not_routed(model)
     if not spec.takes_experts:
         return model
@@ -161,14 +169,16 @@ def build_routed_model(
             base = modules[path]
             assert isinstance(base, nn.Linear)  # _check_expert_fits
             routed[path] = _routed_linear(
-                base, path, experts, members, method, top_k, expert, retrieval
+                base, path, experts, members, method, top_k, expert, retrieval, router_numerics
             )
         except ValueError as error:
             # Name the module in every error (row builders name it already).
             raise (error if path in str(error) else ValueError(f"{path}: {error}")) from None
     _put_in_place(model, routed)
 
-    new_state = RoutingState(method, top_k if spec.per_token else 1, names, retrieval)
+    new_state = RoutingState(
+        method, top_k if spec.per_token else 1, names, retrieval, router_numerics
+    )
     if retrieval is not None:
         new_state.hooks.append(_install_retrieval_hook(model, retrieval))
     setattr(model, STATE_ATTR, new_state)
@@ -249,6 +259,7 @@ def _routed_linear(
     top_k: int,
     expert: str | None,
     retrieval: RetrievalChoice | None,
+    router_numerics: int,
 ) -> RoutedLinear:
     chosen = [experts[z] for z in members]
     if method == "merged":
@@ -277,7 +288,9 @@ def _routed_linear(
         "arrow": rows.arrow_rows,
     }[method](chosen, path)
     router = (
-        ArrowRouter(router_rows, top_k) if method == "arrow" else TokenRouter(router_rows, top_k)
+        ArrowRouter(router_rows, top_k)
+        if method == "arrow"
+        else TokenRouter(router_rows, top_k, numerics=router_numerics)
     )
     lora_A, lora_B = stack_updates([e.lora_update(path) for e in chosen])
     return RoutedLinear(base, lora_A, lora_B, router, path=path, expert_ids=members)

@@ -17,13 +17,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from protocol import ROUTER_NUMERICS
+
 # LayerNorm's default: biased variance, eps added under the square root.
 STANDARDISE_EPS = 1e-5
 
 
 def standardise(x: Tensor) -> Tensor:
-    """x_bar = (x - mean(x)) / sqrt(var(x) + eps) over the last dim: LayerNorm, no affine."""
+    """A token's x_bar = (x - mean(x)) / sqrt(var(x) + eps) over the last dim: LayerNorm, no
+    affine. eps scales every affinity of a token by the same factor, so it can never change
+    which experts a token chooses; module inputs have variances far above it."""
     return F.layer_norm(x, (x.shape[-1],), eps=STANDARDISE_EPS)
+
+
+def standardise_rows(rows: Tensor, numerics: int = ROUTER_NUMERICS) -> Tensor:
+    """Router rows (one gate or average activation per expert) standardised over the last
+    dim, by the rule of `numerics` (protocol.ROUTER_NUMERICS says what each version is).
+
+    Version 2 divides by the row's own standard deviation and nothing else, so `v` and
+    `c * v` give the same row for any c > 0: how long or fast a contributor trained its
+    gates cannot decide routing. A constant row (an untrained, all-zero gate) becomes zeros.
+    Version 1, LayerNorm's eps, is kept to reproduce releases made with it.
+    """
+    if numerics == 1:
+        return standardise(rows.float())
+    if numerics != ROUTER_NUMERICS:
+        raise ValueError(
+            f"router numerics {numerics} is not supported: this library has 1 to {ROUTER_NUMERICS}"
+        )
+    exact = rows.double()  # computed once per build: float64 keeps tiny rows exact
+    centred = exact - exact.mean(-1, keepdim=True)
+    std = centred.pow(2).mean(-1, keepdim=True).sqrt()
+    return torch.where(std > 0, centred / std.clamp_min(1e-300), 0.0).float()
 
 
 class TokenRouter(nn.Module):
@@ -34,12 +59,13 @@ class TokenRouter(nn.Module):
 
     rows: Tensor
 
-    def __init__(self, rows: Tensor, top_k: int) -> None:
+    def __init__(self, rows: Tensor, top_k: int, *, numerics: int = ROUTER_NUMERICS) -> None:
         super().__init__()
         _check_top_k(top_k, rows.shape[0])
         self.top_k = top_k
+        self.numerics = numerics
         # Rows are fixed after build: standardise them once, not on every forward.
-        self.register_buffer("rows", standardise(rows.float()), persistent=False)
+        self.register_buffer("rows", standardise_rows(rows, numerics), persistent=False)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         # Routing in float32 even in a half-precision model: top-k ties and the softmax

@@ -5,12 +5,14 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import select
 
 from coordinator.auth.models import Role
 from coordinator.auth.service import create_token
 from coordinator.releases import service
+from coordinator.releases.models import Release
 from coordinator.releases.schemas import Method, ReleaseCreate
-from protocol import METHOD_SPECS, METHODS, ReleaseManifest
+from protocol import METHOD_SPECS, METHODS, ROUTER_NUMERICS, ReleaseManifest
 from tests.coordinator.release_helpers import create_release, publish
 
 
@@ -305,9 +307,10 @@ def test_manifest_endpoint_serves_the_artifact_manifest(client, maintainer, expe
     assert manifest == created["manifest"]
     assert (manifest["format"], manifest["format_version"], manifest["top_k"]) == (
         "phatgoose-release",
-        1,
+        2,
         2,
     )
+    assert manifest["router_numerics"] == created["router_numerics"] == ROUTER_NUMERICS
     assert [e["path"] for e in manifest["experts"]] == [
         "experts/alice/demo/2",
         "experts/bob/math/1",
@@ -332,3 +335,17 @@ def test_a_missing_release_is_404(client):
         response = client.get(path)
         assert response.status_code == 404
         assert response.json()["detail"]["message"] == "no release 7"
+
+
+def test_a_release_stored_before_router_numerics_reads_as_numerics_1(
+    app, client, maintainer, experts
+):
+    create_release(client, maintainer, method="phatgoose", experts=["alice/demo", "bob/math"])
+    with app.state.sessionmaker() as session:  # the row as format_version 1 wrote it
+        release = session.scalars(select(Release)).one()
+        old = {k: v for k, v in release.manifest.items() if k != "router_numerics"}
+        release.manifest = {**old, "format_version": 1}
+        session.commit()
+    assert client.get("/api/v1/releases/1").json()["router_numerics"] == 1
+    manifest = client.get("/api/v1/releases/1/manifest").json()
+    assert ReleaseManifest.model_validate(manifest).router_numerics == 1

@@ -10,14 +10,16 @@ import torch
 from phatgoose.models import model_fingerprint
 from phatgoose.release import ReleaseError, load_release, read_release_manifest
 from phatgoose.routing import build_routed_model, routing_state
-from protocol import RELEASE_FILE
+from protocol import RELEASE_FILE, ROUTER_NUMERICS
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 NAMES = ("alice/a", "bob/b", "carol/c")
 
 
-def write_release(directory, experts, method="phatgoose", top_k=2, expert=None):
+def write_release(
+    directory, experts, method="phatgoose", top_k=2, expert=None, *, format_version=2
+):
     """A release directory as the coordinator exports it, written by hand."""
     entries = []
     for z, e in enumerate(experts):
@@ -44,7 +46,7 @@ def write_release(directory, experts, method="phatgoose", top_k=2, expert=None):
     base = tiny_llama()
     manifest = {
         "format": "phatgoose-release",
-        "format_version": 1,
+        "format_version": format_version,
         "number": 1,
         "method": method,
         "top_k": top_k,
@@ -52,6 +54,8 @@ def write_release(directory, experts, method="phatgoose", top_k=2, expert=None):
         "base_model": {"name": "tiny", "revision": None, "fingerprint": model_fingerprint(base)},
         "experts": entries,
     }
+    if format_version >= 2:
+        manifest["router_numerics"] = ROUTER_NUMERICS
     (directory / RELEASE_FILE).write_text(json.dumps(manifest))
     return directory
 
@@ -84,6 +88,14 @@ def test_directory_release_gives_the_logits_of_build_routed_model(
     assert not torch.equal(logits(model), logits(tiny_llama()))
     state = routing_state(model)
     assert (state.method, state.expert_names) == (method, list(NAMES))
+
+
+def test_a_release_routes_with_the_numerics_it_was_made_with(tmp_path, experts):
+    write_release(tmp_path, experts, format_version=1)  # made before router_numerics 2
+    model, _ = load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
+    assert routing_state(model).router_numerics == 1
+    old = build_routed_model(tiny_llama(), experts, top_k=2, router_numerics=1)
+    assert torch.equal(logits(model), logits(old))
 
 
 def test_release_json_path_works_like_its_directory(tmp_path, experts):
@@ -142,9 +154,9 @@ def test_base_model_by_path_is_loaded_and_checked(tmp_path, experts):
 def test_an_unknown_format_version_is_refused(tmp_path, experts):
     write_release(tmp_path, experts)
     manifest = json.loads((tmp_path / RELEASE_FILE).read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ReleaseError, match="format_version 2 is not supported"):
+    with pytest.raises(ReleaseError, match="format_version 3 is not supported"):
         read_release_manifest(tmp_path)
 
 

@@ -43,8 +43,15 @@ def base_linear(seed: int = 1) -> nn.Linear:
 
 
 def by_hand_standardise(x: torch.Tensor) -> torch.Tensor:
+    """A token: LayerNorm's eps under the square root."""
     centred = x - x.mean(-1, keepdim=True)
     return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def by_hand_standardise_row(x: torch.Tensor) -> torch.Tensor:
+    """A router row (router numerics 2): divided by its own standard deviation only."""
+    centred = x.double() - x.double().mean(-1, keepdim=True)
+    return (centred / centred.pow(2).mean(-1, keepdim=True).sqrt()).float()
 
 
 def reference(linear, updates, u, select):
@@ -67,7 +74,9 @@ def test_token_router_matches_per_token_phatgoose_reference():
     u = torch.randn(3, 5, N_IN)
 
     def select(token):
-        affinity = torch.stack([by_hand_standardise(g) @ by_hand_standardise(token) for g in gates])
+        affinity = torch.stack(
+            [by_hand_standardise_row(g) @ by_hand_standardise(token) for g in gates]
+        )
         chosen = affinity.argsort(descending=True)[:2]
         return chosen.tolist(), torch.softmax(affinity[chosen] / math.sqrt(N_IN), dim=0)
 

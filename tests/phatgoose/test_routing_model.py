@@ -40,8 +40,15 @@ def logits(model, batch):
 
 
 def by_hand_standardise(x):
+    """A token: LayerNorm's eps under the square root."""
     centred = x - x.mean()
     return centred / torch.sqrt(centred.pow(2).mean() + 1e-5)
+
+
+def by_hand_standardise_row(x):
+    """A router row (router numerics 2): divided by its own standard deviation only."""
+    centred = x.double() - x.double().mean()
+    return (centred / centred.pow(2).mean().sqrt()).float()
 
 
 def naive_selector(method, experts, path, top_k):
@@ -63,7 +70,7 @@ def naive_selector(method, experts, path, top_k):
     vectors = [
         e.gates[path] if method == "phatgoose" else e.average_activations[path] for e in experts
     ]
-    rows = torch.stack([by_hand_standardise(v) for v in vectors])
+    rows = torch.stack([by_hand_standardise_row(v) for v in vectors])
 
     def select(token):
         affinity = rows @ by_hand_standardise(token)

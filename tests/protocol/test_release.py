@@ -39,10 +39,11 @@ def expert_entry(namespace="alice", name="demo", version=2):
 def manifest(**changes):
     data = {
         "format": "phatgoose-release",
-        "format_version": 1,
+        "format_version": 2,
         "number": 3,
         "method": "phatgoose",
         "top_k": 2,
+        "router_numerics": 2,
         "expert": None,
         "base_model": {
             "name": "tiny",
@@ -72,9 +73,34 @@ def test_a_manifest_reads_into_typed_fields_and_writes_back_the_same_json():
 
 
 def test_a_newer_format_version_is_refused_naming_the_version():
-    message = refusal(manifest(format_version=2, experts="changed in version 2"))
+    message = refusal(manifest(format_version=3, experts="changed in version 3"))
     assert message == (
-        "release format_version 2 is not supported: this library reads format_version 1 "
+        "release format_version 3 is not supported: this library reads format_version 1 "
+        "to 2 (a newer phatgoose reads it)"
+    )
+
+
+def test_a_format_version_1_manifest_was_routed_with_router_numerics_1():
+    old = manifest(format_version=1)
+    del old["router_numerics"]
+    assert parse_release_manifest(old).router_numerics == 1
+
+
+def test_format_version_1_cannot_claim_other_router_numerics():
+    assert refusal(manifest(format_version=1, router_numerics=2)) == (
+        "router_numerics is not part of release format_version 1"
+    )
+
+
+def test_format_version_2_must_say_its_router_numerics():
+    data = manifest()
+    del data["router_numerics"]
+    assert refusal(data) == "release manifest field 'router_numerics' is missing"
+
+
+def test_newer_router_numerics_are_refused_naming_them():
+    assert refusal(manifest(router_numerics=3)) == (
+        "router_numerics 3 is not supported: this library routes with 1 to 2 "
         "(a newer phatgoose reads it)"
     )
 
@@ -104,7 +130,7 @@ def test_a_missing_field_is_named():
 
 def test_an_unknown_field_is_refused_as_not_in_the_format():
     assert refusal(manifest(signature="...")) == (
-        "release manifest field 'signature' is not part of format_version 1"
+        "release manifest field 'signature' is not part of format_version 2"
     )
 
 
@@ -165,5 +191,5 @@ def test_single_names_one_of_its_experts():
 
 
 def test_the_model_refuses_the_same_way_when_built_directly():
-    with pytest.raises(ValueError, match="format_version 2 is not supported"):
-        ReleaseManifest.model_validate(manifest(format_version=2))
+    with pytest.raises(ValueError, match="format_version 3 is not supported"):
+        ReleaseManifest.model_validate(manifest(format_version=3))
