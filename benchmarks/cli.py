@@ -409,3 +409,61 @@ def routing_cost(
     rc.plot(record, output.with_suffix(".png"))
     typer.echo(table)
     typer.echo(f"results: {output} (+ .md, .png)")
+
+
+@app.command("router-scale")
+def router_scale(
+    preset: Annotated[str, typer.Option(help="The zero-shot preset whose experts to use.")] = "cpu",
+    more_gate_steps: Annotated[
+        str, typer.Option(help="Gate steps to retrain every expert's gates with, comma-separated.")
+    ] = "64",
+    catalog: Annotated[
+        Path | None, typer.Option(help="The zero-shot benchmark's catalog (its expert cache).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="The zero-shot benchmark's --cache-dir.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Result JSON (default benchmarks/results/router-scale-<preset>.json)."),
+    ] = None,
+) -> None:
+    """Router numerics 1 (LayerNorm's eps on gate rows) against 2 (scale-free), held-in only.
+
+    Reads the preset's experts from the zero-shot cache (train them first with
+    `phatgoose bench zero-shot --preset P --train-only`); reports gate variances, each
+    numerics' held-in accuracy (paired, with a bootstrap interval) and the share of routing
+    that goes to each task's own expert, and the same after retraining gates for longer.
+    """
+    from benchmarks import router_scale as rs
+    from benchmarks import zero_shot as zs
+    from benchmarks.catalog import BenchmarkCatalog, default_catalog_dir
+    from benchmarks.machine import machine_info
+    from phatgoose.models import load_base_model, model_fingerprint
+    from protocol import BaseModelIdentity
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    settings = zs.load_config(preset=preset)
+    output = output or RESULTS_DIR / f"router-scale-{preset}.json"
+    tasks = [t for t in zs.load_tasks(settings) if t.held_in]
+    model, tokenizer = load_base_model(settings.base_model)
+    base = BaseModelIdentity(name=settings.base_model, fingerprint=model_fingerprint(model))
+    with BenchmarkCatalog(catalog or default_catalog_dir()) as expert_catalog:
+        experts = [
+            zs.task_expert(
+                model, tokenizer, task, settings, cache_dir or cache_root() / "benchmark-experts",
+                base=base, cached_only=True, catalog=expert_catalog, progress=False,
+            )[0]
+            for task in tasks
+        ]  # fmt: skip
+    record = rs.run_router_scale(
+        model, tokenizer, experts, tasks, settings,
+        more_gate_steps=_int_list(more_gate_steps), say=typer.echo,
+    )  # fmt: skip
+    record["machine"] = machine_info()
+    rs.write(record, output)
+    typer.echo(rs.markdown(record))
+    typer.echo(f"results: {output} (+ .md)")
