@@ -188,19 +188,23 @@ def run_router_scale(
     by_task = {t.name: t for t in held_in}
     for steps in more_gate_steps:
         started = time.perf_counter()
-        retrained = []
+        retrained, curves = [], {}
         for expert in experts:
             task = by_task[_task_of(expert.name, by_task)]
             training = dataclasses.replace(config.training_config(), gate_steps=steps)
+            curve: list[float] = []
             retrained.append(
                 train_gates(
-                    model, tokenizer, expert, task.training, config=training, progress=False
+                    model, tokenizer, expert, task.training, config=training, progress=False,
+                    loss_curve=curve,
                 )
-            )
+            )  # fmt: skip
+            curves[expert.name] = [round(loss, 4) for loss in curve]
         scored = score_routed(model, tokenizer, retrained, held_in, config, router_numerics=2)
         record["gate_steps"][str(steps)] = {
             "gates": {e.name: gate_statistics(e) for e in retrained},
             "final_gate_loss": {e.name: e.manifest.training.final_gate_loss for e in retrained},
+            "gate_loss_curve": curves,
             "numerics_2": _summary(scored),
             "minus_preset_gates": paired_difference(outcomes[2], scored),
             "seconds": round(time.perf_counter() - started, 1),

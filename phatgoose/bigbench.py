@@ -30,8 +30,12 @@ from phatgoose.models import cache_root
 
 log = logging.getLogger(__name__)
 
+# Both downloads are pinned by hash, like every package of the lock (docs/dependencies.md):
+# the task files are the benchmark's data, and the pip that fetches them runs code.
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
-LEGACY_PIP = "pip>=23,<26"
+BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+LEGACY_PIP = "pip==25.3"
+LEGACY_PIP_SHA256 = "9655943313a94722b7774661c21049070f6bbb0a1516bf02f7c8d5d9201514cd"
 TASKS_MEMBER_DIR = ("bigbench", "benchmark_tasks")
 TASK_FILE = "task.json"
 _COMPLETE_MARKER = ".complete.json"
@@ -117,7 +121,9 @@ def _download_sdist(dest: Path, *, progress: bool) -> Path:
         "--no-binary",
         ":all:",
         "--no-build-isolation",
-        BIGBENCH_REQUIREMENT,
+        "--require-hashes",
+        "-r",
+        str(_hashed(dest.parent / "bigbench.txt", BIGBENCH_REQUIREMENT, BIGBENCH_SDIST_SHA256)),
         "-d",
         str(dest),
         *_quiet_flags(progress),
@@ -127,8 +133,9 @@ def _download_sdist(dest: Path, *, progress: bool) -> Path:
     result = subprocess.run(command, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(
-            f"pip download of {BIGBENCH_REQUIREMENT} failed (exit {result.returncode}); it "
-            "needs a reachable package index and the `wheel` package (pip install wheel)"
+            f"pip download of {BIGBENCH_REQUIREMENT} failed (exit {result.returncode}): it "
+            "needs a reachable package index and the `wheel` package (pip install wheel), and "
+            f"refuses a file whose sha256 is not {BIGBENCH_SDIST_SHA256} (pip's message above)"
         )
     archives = sorted(dest.glob("bigbench-*.tar.gz"))
     if len(archives) != 1:
@@ -153,11 +160,23 @@ def _pip_for_sdist_download(target: Path, *, progress: bool) -> str | None:
         LEGACY_PIP,
         target,
     )
-    command = [sys.executable, "-m", "pip", "install", "--target", str(target), LEGACY_PIP]
+    requirements = _hashed(target.parent / "legacy-pip.txt", LEGACY_PIP, LEGACY_PIP_SHA256)
+    command = [
+        sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes",
+        "--target", str(target), "-r", str(requirements),
+    ]  # fmt: skip
     result = subprocess.run([*command, *_quiet_flags(progress)], check=False)
     if result.returncode != 0:
         raise RuntimeError(f"could not install {LEGACY_PIP} to download {BIGBENCH_REQUIREMENT}")
     return str(target)
+
+
+def _hashed(path: Path, requirement: str, sha256: str) -> Path:
+    """A one-line requirements file pinning `requirement` to the file with this sha256 (pip
+    checks a `--hash` only in a requirements file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+    return path
 
 
 def _quiet_flags(progress: bool) -> list[str]:

@@ -67,11 +67,13 @@ def train_gates(
     *,
     config: TrainingConfig | None = None,
     progress: bool = True,
+    loss_curve: list[float] | None = None,
 ) -> Expert:
     """Train `expert`'s PHATGOOSE gates with base and LoRA frozen; returns a new Expert.
 
     Uses the same training split (`split_validation`), objective, batch size, schedule shape
-    and optimiser as the LoRA, for `config.resolved_gate_steps` steps.
+    and optimiser as the LoRA, for `config.resolved_gate_steps` steps. `loss_curve`, when
+    given, receives every step's training loss.
     """
     config = config or TrainingConfig()
     _warn_if_other_base(model, expert)
@@ -94,6 +96,8 @@ def train_gates(
                 progress=progress,
             )
             gates = {p: gate_of(layer).detach().float().cpu().clone() for p, layer in gated.items()}
+    if loss_curve is not None:
+        loss_curve.extend(losses)
     window = losses[-max(1, math.ceil(steps / 10)) :]
     log.info(
         "trained gates of %s: %d steps in %.1f s, final loss %.4f",

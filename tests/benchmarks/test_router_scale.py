@@ -72,5 +72,6 @@ def test_the_record_covers_both_numerics_and_the_longer_gates():
         assert all(0 <= share <= 1 for share in summary["own_expert_share"].values())
     longer = record["gate_steps"]["2"]
     assert set(longer["final_gate_loss"]) == {"bench/alpha", "bench/beta"}
+    assert [len(curve) for curve in longer["gate_loss_curve"].values()] == [2, 2]
     assert longer["gates"]["bench/alpha"]["modules"] == len(experts[0].gates)
     assert "numerics 2 (2)" in markdown(record)
