@@ -259,6 +259,7 @@ def test_release_page_shows_manifest_with_linked_expert_versions(client, world):
     assert [r[1] for r in rows] == ["alice/hyperbaton", "alice/navigate"]
     assert "/ui/experts/alice/hyperbaton#v1" in response.text
     assert "phatgoose, k=2" in response.text
+    assert "<dt>Router numerics</dt><dd>2 (scale-free router rows)</dd>" in response.text
 
 
 def test_release_page_lists_scores_per_task(client, world):
