@@ -8,22 +8,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.manifest import DIGEST_PATTERN
 
+# Names are printable: no control characters (a NUL byte cannot even be stored by PostgreSQL).
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+MAX_FEATURES = 2**31 - 1  # far beyond any linear layer; within every database's integers
+
 
 class LinearModuleSpec(BaseModel):
     """One `nn.Linear` of the base model, named by its path in `model.named_modules()`."""
 
     model_config = ConfigDict(frozen=True)
 
-    path: str = Field(examples=["model.layers.0.self_attn.q_proj"])
-    in_features: int = Field(gt=0)
-    out_features: int = Field(gt=0)
+    path: str = Field(examples=["model.layers.0.self_attn.q_proj"], pattern=PRINTABLE_PATTERN)
+    in_features: int = Field(gt=0, le=MAX_FEATURES)
+    out_features: int = Field(gt=0, le=MAX_FEATURES)
 
 
 class BaseModelSpec(BaseModel):
-    name: str = Field(examples=["smollm2-135m"])
-    revision: str | None = None
+    name: str = Field(examples=["smollm2-135m"], pattern=PRINTABLE_PATTERN)
+    revision: str | None = Field(default=None, pattern=PRINTABLE_PATTERN)
     fingerprint: str = Field(pattern=DIGEST_PATTERN)
-    architecture: str = Field(examples=["llama", "t5"])
+    architecture: str = Field(examples=["llama", "t5"], pattern=PRINTABLE_PATTERN)
     is_encoder_decoder: bool = False
     linear_modules: list[LinearModuleSpec]
 

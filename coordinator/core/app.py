@@ -21,7 +21,7 @@ import phatgoose
 from coordinator import migrations
 from coordinator.core.config import Settings
 from coordinator.core.db import make_engine, make_sessionmaker
-from coordinator.core.errors import CoordinatorError
+from coordinator.core.errors import ERROR_RESPONSE, CoordinatorError
 from coordinator.core.logging import RequestIdMiddleware, configure_logging
 from coordinator.core.ratelimit import RateLimitMiddleware, TokenBucketLimiter
 from coordinator.core.startup import run_startup_checks
@@ -100,6 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="PHATGOOSE coordinator",
         version=phatgoose.__version__,
         description="Catalog of privately trained LoRA experts, releases and evaluations.",
+        # Any route that reads input may answer 400 when the database cannot hold a value of
+        # it (`_data_error`), so every route documents it.
+        responses={400: ERROR_RESPONSE},
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# How every error response is documented in the OpenAPI schema.
+ERROR_RESPONSE: dict[str, Any] = {
+    "description": "`{detail: {error, check, file, tensor, expected, message}}`"
+}
+
 
 class CoordinatorError(Exception):
     status_code = 400

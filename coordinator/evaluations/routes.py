@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
+from coordinator.core.errors import ERROR_RESPONSE
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
@@ -17,14 +18,12 @@ RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
-_ERROR = {"description": "`{detail: {error, check, file, tensor, expected, message}}`"}
-
 
 @router.post(
     "",
     status_code=201,
     summary="Queue an evaluation of a release (maintainers); a worker runs it",
-    responses={401: _ERROR, 403: _ERROR, 404: _ERROR, 422: _ERROR},
+    responses={401: ERROR_RESPONSE, 403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 422: ERROR_RESPONSE},
 )
 def create_evaluation(
     body: EvaluationCreate, response: Response, session: SessionDep, token: MaintainerDep
@@ -50,7 +49,9 @@ def list_evaluations(
     ]
 
 
-@router.get("/{job_id}", summary="An evaluation: state, attempts, results", responses={404: _ERROR})
+@router.get(
+    "/{job_id}", summary="An evaluation: state, attempts, results", responses={404: ERROR_RESPONSE}
+)
 def get_evaluation(job_id: RowNumber, session: SessionDep, _reader: ReaderDep) -> EvaluationDetail:
     job = service.get_job(session, job_id)
     return EvaluationDetail.of(

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.core.deps import BlobsDep, ReaderDep, SessionDep, SettingsDep, TokenDep
-from coordinator.core.errors import StorageError
+from coordinator.core.errors import ERROR_RESPONSE, StorageError
 from coordinator.experts import service
 from coordinator.experts.models import Channel
 from coordinator.experts.schemas import (
@@ -33,7 +33,6 @@ VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="the version
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
-_ERROR = {"description": "`{detail: {error, check, file, tensor, expected, message}}`"}
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -64,13 +63,13 @@ _UPLOAD_BODY: dict[str, Any] = {
     summary="Publish an expert package (a new version)",
     openapi_extra=_UPLOAD_BODY,
     responses={
-        400: _ERROR,
-        401: _ERROR,
-        403: _ERROR,
-        409: _ERROR,
-        413: _ERROR,
-        415: _ERROR,
-        422: _ERROR,
+        400: ERROR_RESPONSE,
+        401: ERROR_RESPONSE,
+        403: ERROR_RESPONSE,
+        409: ERROR_RESPONSE,
+        413: ERROR_RESPONSE,
+        415: ERROR_RESPONSE,
+        422: ERROR_RESPONSE,
     },
 )
 async def upload_expert(
@@ -140,7 +139,11 @@ def get_version(
     "/{namespace}/{name}/{version}/files/{filename}",
     summary="Download one package file (yanked versions too)",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: _ERROR, 500: _ERROR},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        404: ERROR_RESPONSE,
+        500: ERROR_RESPONSE,
+    },
 )
 def download_file(
     namespace: str,
@@ -180,7 +183,7 @@ def _chunks(handle: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
 @router.post(
     "/{namespace}/{name}/{version}/yank",
     summary="Yank a version (owner or maintainer)",
-    responses={403: _ERROR, 404: _ERROR, 409: _ERROR},
+    responses={403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 409: ERROR_RESPONSE},
 )
 def yank(
     namespace: str,
@@ -199,7 +202,7 @@ def yank(
 @router.post(
     "/{namespace}/{name}/{version}/unyank",
     summary="Undo a yank (owner or maintainer)",
-    responses={403: _ERROR, 404: _ERROR, 409: _ERROR},
+    responses={403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 409: ERROR_RESPONSE},
 )
 def unyank(
     namespace: str, name: str, version: VersionNumber, session: SessionDep, token: TokenDep

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
+from coordinator.core.errors import ERROR_RESPONSE
 from coordinator.evaluations import service as evaluations
 from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service
@@ -26,14 +27,12 @@ RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/releases", tags=["releases"])
 
-_ERROR = {"description": "`{detail: {error, check, file, tensor, expected, message}}`"}
-
 
 @router.post(
     "",
     status_code=201,
     summary="Create a release (maintainers): a method and k over expert versions",
-    responses={401: _ERROR, 403: _ERROR, 409: _ERROR, 422: _ERROR},
+    responses={401: ERROR_RESPONSE, 403: ERROR_RESPONSE, 409: ERROR_RESPONSE, 422: ERROR_RESPONSE},
 )
 def create_release(
     body: ReleaseCreate, response: Response, session: SessionDep, token: MaintainerDep
@@ -54,7 +53,9 @@ def list_releases(
     return [ReleaseSummary.of(r) for r in releases]
 
 
-@router.get("/{number}", summary="A release: experts, manifest and scores", responses={404: _ERROR})
+@router.get(
+    "/{number}", summary="A release: experts, manifest and scores", responses={404: ERROR_RESPONSE}
+)
 def get_release(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> ReleaseDetail:
     release = service.get_release(session, number)
     return ReleaseDetail.of_scored(release, _scores(session, release.id))
@@ -63,7 +64,7 @@ def get_release(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> R
 @router.get(
     "/{number}/manifest",
     summary="The artifact manifest phatgoose.load_release reads",
-    responses={404: _ERROR},
+    responses={404: ERROR_RESPONSE},
 )
 def get_manifest(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> dict[str, Any]:
     return service.get_release(session, number).manifest

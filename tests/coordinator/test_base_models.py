@@ -54,3 +54,20 @@ def test_conflicting_spec_over_http_is_409(client, maintainer, base_spec):
         "/api/v1/base-models", headers=maintainer, json=spec.model_dump(mode="json")
     )
     assert response.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("architecture", "llama\x00"), ("name", "tiny\nforged"), ("in_features", 2**63)],
+)
+def test_a_spec_the_database_could_not_hold_is_422_naming_the_field(
+    client, maintainer, base_spec, field, value
+):
+    body = base_spec.model_dump(mode="json")
+    if field == "in_features":
+        body["linear_modules"][0]["in_features"] = value
+    else:
+        body[field] = value
+    response = client.post("/api/v1/base-models", headers=maintainer, json=body)
+    assert response.status_code == 422
+    assert field in str(response.json()["detail"])
