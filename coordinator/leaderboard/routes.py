@@ -42,8 +42,7 @@ def get_leaderboard(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> Leaderboard:
-    return service.leaderboard(
-        session,
+    view = service.LeaderboardView(
         base_model=base_model,
         method=method,
         split=split,
@@ -53,3 +52,4 @@ def get_leaderboard(
         limit=limit,
         offset=offset,
     )
+    return service.leaderboard(session, view)

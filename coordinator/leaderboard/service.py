@@ -18,6 +18,7 @@ rule is written once, here or where it is cited:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -227,6 +228,26 @@ class RankedRelease:
 
 
 @dataclass(frozen=True)
+class LeaderboardView:
+    """Which releases, against which tasks, in which order, which page.
+
+    `sort` is one of `SORT_KEYS` or `task:<name>` (`held-in` and `held-out` are accepted
+    too); rows without a value come last either way, ties go by release number.
+    `evaluated_only` keeps the releases with at least one score in view. `limit=None`: every
+    row; `limit=0`: no row, only the tasks and the total.
+    """
+
+    base_model: str | None = None
+    method: str | None = None
+    split: Split = Split.ALL
+    evaluated_only: bool = False
+    sort: str = "release"
+    descending: bool = False
+    limit: int | None = None
+    offset: int = 0
+
+
+@dataclass(frozen=True)
 class Ranking:
     """One page of ranked releases and what the whole ranking covers."""
 
@@ -234,69 +255,49 @@ class Ranking:
     tasks: list[str]  # every task in view some matching release (on any page) was scored on
     task_groups: dict[str, str]  # task (of `tasks`) -> held_in | held_out, where known
     total: int  # matching releases on all pages
-    limit: int | None
-    offset: int
-    split: Split
-    sort: str
-    descending: bool
-    evaluated_only: bool
+    view: LeaderboardView  # as asked, its sort key in its one spelling
 
 
-def rank_releases(
-    session: Session,
-    *,
-    base_model: str | None = None,
-    method: str | None = None,
-    split: Split = Split.ALL,
-    evaluated_only: bool = False,
-    sort: str = "release",
-    descending: bool = False,
-    limit: int | None = None,
-    offset: int = 0,
-) -> Ranking:
-    """Releases against the view's tasks, sorted and paged in SQL (`limit=None`: every row;
-    `limit=0`: no row, only the tasks and the total).
-
-    `sort` is one of `SORT_KEYS` or `task:<name>` (`held-in` and `held-out` are accepted
-    too); rows without a value come last either way, ties go by release number.
-    `evaluated_only` keeps the releases with at least one score in view.
-    """
-    key = sort_key(sort)
+def rank_releases(session: Session, view: LeaderboardView = LeaderboardView()) -> Ranking:
+    """Releases against the view's tasks, sorted and paged in SQL."""
+    key = sort_key(view.sort)
     if key is None:
-        raise ValueError(f"unknown sort key {sort!r}; expected one of {SORT_KEYS} or task:<name>")
+        raise ValueError(
+            f"unknown sort key {view.sort!r}; expected one of {SORT_KEYS} or task:<name>"
+        )
     groups = task_groups(session)
-    view = results_in_view(split, groups)
-    by_release = release_conditions(base_model, method)
+    in_view = results_in_view(view.split, groups)
+    by_release = release_conditions(view.base_model, view.method)
 
     tasks = list(
         session.scalars(
             select(EvaluationResult.task)
             .join(Release, Release.id == EvaluationResult.release_id)
             .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
-            .where(*view, *by_release)
+            .where(*in_view, *by_release)
             .distinct()
             .order_by(EvaluationResult.task)
         )
     )
-    summaries = release_summaries(view)
+    summaries = release_summaries(in_view)
     counts = expert_counts()
     experts = func.coalesce(counts.c.experts, 0)
     query = (
         select(Release, BaseModelRecord.name, experts)
         .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
         .outerjoin(counts, counts.c.release_id == Release.id)
-        .join(summaries, summaries.c.release_id == Release.id, isouter=not evaluated_only)
+        .join(summaries, summaries.c.release_id == Release.id, isouter=not view.evaluated_only)
         .where(*by_release)
     )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
 
-    column = _sort_column(key, view, groups, summaries, experts)
-    ordered = column.desc() if descending else column.asc()
-    query = query.order_by(ordered.nulls_last(), Release.number).offset(offset)
-    if limit is not None:
-        query = query.limit(limit)
+    column = _sort_column(key, in_view, groups, summaries, experts)
+    ordered = column.desc() if view.descending else column.asc()
+    query = query.order_by(ordered.nulls_last(), Release.number).offset(view.offset)
+    if view.limit is not None:
+        query = query.limit(view.limit)
     page = session.execute(query).all()
-    scores = latest_results(session, [release.id for release, _, _ in page], view)
+    scores = latest_results(session, [release.id for release, _, _ in page], in_view)
     return Ranking(
         releases=[
             RankedRelease(release, base_name, count, scores.get(release.id, {}))
@@ -305,12 +306,7 @@ def rank_releases(
         tasks=tasks,
         task_groups={task: groups[task] for task in tasks if task in groups},
         total=total,
-        limit=limit,
-        offset=offset,
-        split=split,
-        sort=key,
-        descending=descending,
-        evaluated_only=evaluated_only,
+        view=dataclasses.replace(view, sort=key),
     )
 
 
@@ -353,42 +349,22 @@ def _sort_column(
     return columns[key]
 
 
-def leaderboard(
-    session: Session,
-    *,
-    base_model: str | None = None,
-    method: str | None = None,
-    split: Split = Split.ALL,
-    evaluated_only: bool = False,
-    sort: str = "release",
-    descending: bool = False,
-    limit: int | None = None,
-    offset: int = 0,
-) -> Leaderboard:
+def leaderboard(session: Session, view: LeaderboardView = LeaderboardView()) -> Leaderboard:
     """`rank_releases` as the JSON of `GET /leaderboard`."""
-    ranking = rank_releases(
-        session,
-        base_model=base_model,
-        method=method,
-        split=split,
-        evaluated_only=evaluated_only,
-        sort=sort,
-        descending=descending,
-        limit=limit,
-        offset=offset,
-    )
+    ranking = rank_releases(session, view)
+    view = ranking.view
     return Leaderboard(
         tasks=ranking.tasks,
         task_groups=ranking.task_groups,
         releases=[_json_row(row, ranking.task_groups) for row in ranking.releases],
-        filters={"base_model": base_model, "method": method},
-        split=ranking.split.value,
-        evaluated_only=ranking.evaluated_only,
-        sort=ranking.sort,
-        order="desc" if ranking.descending else "asc",
+        filters={"base_model": view.base_model, "method": view.method},
+        split=view.split.value,
+        evaluated_only=view.evaluated_only,
+        sort=view.sort,
+        order="desc" if view.descending else "asc",
         total=ranking.total,
-        limit=ranking.limit,
-        offset=ranking.offset,
+        limit=view.limit,
+        offset=view.offset,
     )
 
 

@@ -155,8 +155,7 @@ def board(
     only the Oracle."""
     limit, offset = clamp_page(limit, offset)
     oracle_only = method == ORACLE
-    ranking = leaderboard.rank_releases(
-        session,
+    view = leaderboard.LeaderboardView(
         base_model=base_model,
         method=None if oracle_only else method,
         split=split,
@@ -166,6 +165,7 @@ def board(
         limit=0 if oracle_only else limit,  # the Oracle alone still needs the task columns
         offset=offset,
     )
+    ranking = leaderboard.rank_releases(session, view)
     groups = ranking.task_groups
     rows = [
         BoardRow(
@@ -189,8 +189,8 @@ def board(
         total=0 if oracle_only else ranking.total,
         limit=limit,
         offset=offset,
-        sort=ranking.sort,
-        descending=ranking.descending,
+        sort=ranking.view.sort,
+        descending=ranking.view.descending,
         groups=groups,
         group_columns=[g for g in TASK_GROUPS if g in groups.values()]
         if split == Split.ALL
