@@ -439,13 +439,14 @@ def router_scale(
     from benchmarks import router_scale as rs
     from benchmarks import zero_shot as zs
     from benchmarks.catalog import BenchmarkCatalog, default_catalog_dir
-    from benchmarks.machine import machine_info
+    from benchmarks.machine import load_average, machine_info
     from phatgoose.models import load_base_model, model_fingerprint
     from protocol import BaseModelIdentity
 
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
+    machine = machine_info()  # the date and load at the start
     settings = zs.load_config(preset=preset)
     output = output or RESULTS_DIR / f"router-scale-{preset}.json"
     tasks = [t for t in zs.load_tasks(settings) if t.held_in]
@@ -463,7 +464,7 @@ def router_scale(
         model, tokenizer, experts, tasks, settings,
         more_gate_steps=_int_list(more_gate_steps), say=typer.echo,
     )  # fmt: skip
-    record["machine"] = machine_info()
+    record["machine"] = {**machine, "load_average_end": load_average()}
     rs.write(record, output)
     typer.echo(rs.markdown(record))
     typer.echo(f"results: {output} (+ .md)")
