@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from protocol.manifest import DIGEST_PATTERN, SLUG_PATTERN, BaseModelIdentity
 from protocol.methods import METHOD_SPECS, ROUTER_NUMERICS, TOKEN_METHODS, RoutingMethod
 from protocol.package import PACKAGE_FILES, REQUIRED_FILES
+from protocol.validation import package_digest
 
 RELEASE_FILE = "release.json"
 RELEASE_FORMAT: Final = "phatgoose-release"
@@ -25,6 +26,11 @@ RELEASE_FORMAT: Final = "phatgoose-release"
 # release of format_version 1, whose manifests do not carry it).
 RELEASE_FORMAT_VERSION: Final = 2
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+# A file's `url`: an absolute path on the server that serves the manifest (never another
+# host: `//host/x` and schemes are refused here, and `load_release` checks the origin of
+# the joined URL again). No query, fragment, backslash or control character.
+FILE_URL_PATTERN = r"^/([A-Za-z0-9._~@%+=:,-][A-Za-z0-9._~@%+=:,/-]*)?$"
+MAX_FILE_URL_LENGTH = 2048
 _SLUG = f"^{SLUG_PATTERN}$"
 
 
@@ -45,7 +51,12 @@ class ReleaseFile(BaseModel):
     filename: str = Field(examples=["adapter_model.safetensors"])
     sha256: str = Field(pattern=SHA256_HEX_PATTERN)
     size: int = Field(ge=0)
-    url: str = Field(description="where the coordinator serves it, relative to the manifest")
+    url: str = Field(
+        pattern=FILE_URL_PATTERN,
+        max_length=MAX_FILE_URL_LENGTH,
+        examples=["/api/v1/experts/alice/hyperbaton/2/files/adapter_model.safetensors"],
+        description="where the coordinator serves it: a path on the manifest's own server",
+    )
 
     @model_validator(mode="after")
     def _is_a_package_file(self) -> Self:
@@ -68,7 +79,10 @@ class ReleasedExpert(BaseModel):
     package_digest: str = Field(pattern=DIGEST_PATTERN)
     rank: int | None = Field(default=None, ge=1)
     modules: int | None = Field(default=None, ge=1, description="number of adapted modules")
-    path: str = Field(description="its directory in an exported release (default from the ref)")
+    path: str = Field(
+        description="its directory in an exported release: always "
+        "experts/<namespace>/<name>/<version> (the default)"
+    )
     files: list[ReleaseFile]
 
     @model_validator(mode="before")
@@ -93,6 +107,19 @@ class ReleasedExpert(BaseModel):
         missing = [n for n in REQUIRED_FILES if n not in names]
         if missing:
             raise ValueError(f"{self.ref} lacks the package file(s) {', '.join(missing)}")
+        # The path becomes a folder under the release directory: only the one the ref
+        # names, so no manifest can point a reader outside it.
+        expected_path = expert_package_path(self.namespace, self.name, self.version)
+        if self.path != expected_path:
+            raise ValueError(f"{self.ref}: path {self.path!r} must be {expected_path!r}")
+        # The digest names the package's cache folder: it must be the digest of the files
+        # listed, so a manifest cannot file one package's bytes under another's digest.
+        digest = package_digest({f.filename: f.sha256 for f in self.files})
+        if self.package_digest != digest:
+            raise ValueError(
+                f"{self.ref}: package_digest {self.package_digest} is not the digest of "
+                f"its files' sha256 ({digest})"
+            )
         return self
 
     @property

@@ -10,7 +10,7 @@ import torch
 from phatgoose.models import model_fingerprint
 from phatgoose.release import ReleaseError, load_release, read_release_manifest
 from phatgoose.routing import build_routed_model, routing_state
-from protocol import RELEASE_FILE, ROUTER_NUMERICS
+from protocol import RELEASE_FILE, ROUTER_NUMERICS, package_digest
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -22,18 +22,17 @@ def write_release(
 ):
     """A release directory as the coordinator exports it, written by hand."""
     entries = []
-    for z, e in enumerate(experts):
+    for e in experts:
         namespace, name = e.name.split("/")
         entry = {
             "ref": f"{e.name}@1",
             "namespace": namespace,
             "name": name,
             "version": 1,
-            "package_digest": f"sha256:{z:064x}",
             "path": f"experts/{namespace}/{name}/1",
         }
         package = e.save(directory / entry["path"])
-        entry["files"] = [
+        entry["files"] = files = [
             {
                 "filename": p.name,
                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
@@ -42,6 +41,7 @@ def write_release(
             }
             for p in sorted(package.iterdir())
         ]
+        entry["package_digest"] = package_digest({f["filename"]: f["sha256"] for f in files})
         entries.append(entry)
     base = tiny_llama()
     manifest = {
@@ -121,6 +121,9 @@ def test_experts_are_named_by_the_release_not_their_manifest(tmp_path):
             if file["filename"] == "expert.json":
                 data = (tmp_path / entry["path"] / "expert.json").read_bytes()
                 file["sha256"] = hashlib.sha256(data).hexdigest()
+        entry["package_digest"] = package_digest(
+            {f["filename"]: f["sha256"] for f in entry["files"]}
+        )
     (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
     routed, _ = load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
     assert routing_state(routed).expert_names == ["alice/same", "bob/same"]

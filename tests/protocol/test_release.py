@@ -8,6 +8,7 @@ from protocol import (
     InvalidReleaseManifest,
     ReleaseManifest,
     expert_package_path,
+    package_digest,
     parse_release_manifest,
 )
 
@@ -15,24 +16,25 @@ DIGEST = "sha256:" + "ab" * 32
 
 
 def expert_entry(namespace="alice", name="demo", version=2):
+    files = [
+        {
+            "filename": filename,
+            "sha256": f"{z:064x}",
+            "size": 10 + z,
+            "url": f"/api/v1/experts/{namespace}/{name}/{version}/files/{filename}",
+        }
+        for z, filename in enumerate(sorted(REQUIRED_FILES))
+    ]
     return {
         "ref": f"{namespace}/{name}@{version}",
         "namespace": namespace,
         "name": name,
         "version": version,
-        "package_digest": DIGEST,
+        "package_digest": package_digest({f["filename"]: f["sha256"] for f in files}),
         "rank": 4,
         "modules": 12,
         "path": f"experts/{namespace}/{name}/{version}",
-        "files": [
-            {
-                "filename": filename,
-                "sha256": f"{z:064x}",
-                "size": 10 + z,
-                "url": f"/api/v1/experts/{namespace}/{name}/{version}/files/{filename}",
-            }
-            for z, filename in enumerate(sorted(REQUIRED_FILES))
-        ],
+        "files": files,
     }
 
 
@@ -193,3 +195,39 @@ def test_single_names_one_of_its_experts():
 def test_the_model_refuses_the_same_way_when_built_directly():
     with pytest.raises(ValueError, match="format_version 3 is not supported"):
         ReleaseManifest.model_validate(manifest(format_version=3))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../../escaped", "/tmp/escaped", "experts/alice/demo/2/../../../x", "experts/bob/math/1"],
+)
+def test_an_expert_path_is_only_the_one_its_ref_names(path):
+    data = manifest()
+    data["experts"][0]["path"] = path
+    assert f"path {path!r} must be 'experts/alice/demo/2'" in refusal(data)
+
+
+def test_a_package_digest_must_be_the_digest_of_the_files_listed():
+    data = manifest()
+    data["experts"][0]["files"][0]["sha256"] = "f" * 64
+    assert "is not the digest of its files' sha256" in refusal(data)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://elsewhere.example/x",
+        "//elsewhere.example/x",
+        "/\\elsewhere.example/x",
+        "files/x",
+        "/x?token=1",
+        "/x#y",
+        "/x\r\nHost: elsewhere",
+        "javascript:alert(1)",
+        "/" + "x" * 3000,
+    ],
+)
+def test_a_file_url_is_a_path_on_the_manifest_server(url):
+    data = manifest()
+    data["experts"][0]["files"][0]["url"] = url
+    assert "experts.0.files.0.url" in refusal(data)
