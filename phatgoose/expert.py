@@ -60,7 +60,10 @@ class ExpertError(ValueError):
 
 def module_order_key(path: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key for module paths: numeric parts compare as numbers (layer 2 before 10)."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in path.split("."))
+    return tuple(
+        (0, int(part)) if part.isascii() and part.isdigit() else (1, part)
+        for part in path.split(".")
+    )
 
 
 def lora_summary(lora_config: LoraConfig, modules: int) -> LoraSummary:

@@ -12,6 +12,7 @@ tensor rather than the package. The contract is documented in docs/expert-packag
 import hashlib
 import json
 import math
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ from safetensors import safe_open
 
 from protocol.base_model import BaseModelSpec, LinearModuleSpec
 from protocol.limits import DEFAULT_LIMITS, AdmissionLimits
-from protocol.manifest import FORMAT_VERSION, ExpertManifest
+from protocol.manifest import (
+    FORMAT_VERSION,
+    MAX_IDENTIFIER_CHARS,
+    MAX_SAFE_INTEGER,
+    MAX_TARGET_MODULES,
+    ExpertManifest,
+)
 from protocol.package import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -45,7 +52,7 @@ from protocol.peft_format import (
     PEFT_KEY_PREFIX,
     lora_keys,
     lora_scale,
-    matches_target_modules,
+    target_module_matcher,
 )
 
 # How messages name safetensors dtypes.
@@ -67,6 +74,9 @@ _DTYPE_NAMES = {
 # untouched). `r`, `lora_alpha`, `use_rslora`, `target_modules`, `exclude_modules` and
 # `task_type` are checked on their own. Every other key must be off (null, false, empty or
 # "none"): an unknown option from a newer PEFT is rejected rather than silently ignored.
+# None of these keys is kept: the stored config is rewritten from the checked values
+# (`_canonical_config`), because some of them make PEFT import code (`auto_mapping`,
+# `megatron_core`) or fetch files (`base_model_name_or_path`, `revision`) when loading.
 _INERT_CONFIG_KEYS = frozenset(
     {
         "peft_type",
@@ -90,6 +100,22 @@ _INERT_CONFIG_KEYS = frozenset(
 # trained with them is not an update of the published base model.
 _BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _TASK_TYPES = {False: "CAUSAL_LM", True: "SEQ_2_SEQ_LM"}
+# What the stored adapter_config.json says about every option the platform does not use:
+# written out (not left to PEFT's defaults) so that a later PEFT with other defaults still
+# loads a plain LoRA update.
+_CANONICAL_OFF: dict[str, Any] = {
+    "alpha_pattern": {},
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "init_lora_weights": True,  # the saved weights replace the initialisation at load time
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "lora_bias": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "use_dora": False,
+}
 
 _HASH_CHUNK = 1 << 20
 
@@ -134,23 +160,28 @@ class ValidatedPackage:
     """What admission learned about an accepted package."""
 
     manifest: ExpertManifest
-    adapter_config: dict[str, Any]
+    adapter_config: dict[str, Any]  # canonical: what is stored and served (_canonical_config)
     module_paths: tuple[str, ...]  # adapted modules, paths in the base model, in its order
     rank: int
     lora_alpha: float
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
     file_sha256: dict[str, str]  # file name -> hex digest
     file_bytes: dict[str, int]
-    digest: str  # "sha256:<hex>" over the files, see package_digest
+    digest: str  # "sha256:<hex>" over the files as stored, see package_digest
     total_bytes: int
     has_average_activation: bool
     has_retrieval: bool
     retrieval_examples: int
 
+    # adapter_config.json as stored: the canonical rewrite of the uploaded one.
+    # `file_sha256`, `file_bytes`, `digest` and `total_bytes` describe these bytes.
+    canonical_adapter_config: bytes
+
 
 @dataclass(frozen=True)
 class _LoraLayout:
-    config: dict[str, Any]
+    config: dict[str, Any]  # canonical
+    target_modules: tuple[str, ...]  # sorted, without duplicates
     rank: int
     lora_alpha: float
     scale: float
@@ -202,7 +233,12 @@ def validate_package(
         if retrieval is not None:
             _check_retrieval_values(retrieval)
 
-    hashes = {name: file_sha256(path) for name, path in paths.items()}
+    canonical = canonical_json_bytes(layout.config)
+    hashes = {
+        name: file_sha256(path) for name, path in paths.items() if name != ADAPTER_CONFIG_FILE
+    }
+    hashes[ADAPTER_CONFIG_FILE] = hashlib.sha256(canonical).hexdigest()
+    sizes[ADAPTER_CONFIG_FILE] = len(canonical)
     return ValidatedPackage(
         manifest=manifest,
         adapter_config=layout.config,
@@ -217,7 +253,27 @@ def validate_package(
         has_average_activation=has_average_activation,
         has_retrieval=has_retrieval,
         retrieval_examples=examples,
+        canonical_adapter_config=canonical,
     )
+
+
+@contextmanager
+def stored_files(
+    validated: ValidatedPackage, files: Mapping[str, Path]
+) -> Iterator[dict[str, Path]]:
+    """The package files as they are stored: `files`, with the adapter config replaced by
+    its canonical rewrite (in a temporary file that lasts as long as the context)."""
+    with tempfile.TemporaryDirectory(prefix="phatgoose-canonical-") as folder:
+        config = Path(folder) / ADAPTER_CONFIG_FILE
+        config.write_bytes(validated.canonical_adapter_config)
+        yield {**{name: Path(path) for name, path in files.items()}, ADAPTER_CONFIG_FILE: config}
+
+
+def canonical_json_bytes(data: Any) -> bytes:
+    """One byte string per JSON value: sorted keys, two-space indent, UTF-8, newline."""
+    return (
+        json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    ).encode()
 
 
 def validate_directory(
@@ -272,13 +328,11 @@ def adapted_modules(
     target_modules: list[str], base: BaseModelSpec, exclude_modules: list[str] | None = None
 ) -> tuple[LinearModuleSpec, ...]:
     """The base model's linear modules PEFT adapts for these names, in the model's order
-    (`protocol.peft_format.matches_target_modules`)."""
-    return tuple(
-        m
-        for m in base.linear_modules
-        if matches_target_modules(m.path, target_modules)
-        and not (exclude_modules and matches_target_modules(m.path, exclude_modules))
-    )
+    (`protocol.peft_format.matches_target_modules`). Names are looked up in a set, so the
+    cost is linear in the number of modules and names, not their product."""
+    targeted = target_module_matcher(target_modules)
+    excluded = target_module_matcher(exclude_modules or [])
+    return tuple(m for m in base.linear_modules if targeted(m.path) and not excluded(m.path))
 
 
 # --- files and sizes -------------------------------------------------------------------
@@ -350,11 +404,27 @@ def _load_json(path: Path, name: str) -> Any:
     def no_constants(token: str) -> Any:
         raise ValueError(f"{token} is not JSON")
 
+    # `1e999` is JSON syntax but overflows to infinity, which no JSON writer (nor SQLite's
+    # JSON functions) accepts back; integers past 2^53 lose precision in most readers.
+    def finite_float(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {token[:40]} overflows a double")
+        return value
+
+    def safe_int(token: str) -> int:
+        value = int(token)
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise ValueError(f"the integer {token[:40]} is beyond +-(2^53 - 1)")
+        return value
+
     try:
         data = json.loads(
             path.read_bytes().decode("utf-8"),
             object_pairs_hook=no_duplicates,
             parse_constant=no_constants,
+            parse_float=finite_float,
+            parse_int=safe_int,
         )
         # An escaped lone surrogate ("\ud800") parses, but cannot be written back as UTF-8:
         # it would break every later reply that shows the manifest.
@@ -481,32 +551,31 @@ def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimi
         # PEFT reads a string as a regular expression; an untrusted one can backtrack for
         # exponential time, so the package must list the names instead.
         raise reject(
-            f"target_modules is the regular expression {json.dumps(target)}",
+            f"target_modules is the regular expression {_shorten(json.dumps(target))}",
             expected="target_modules a list of module names (or full module paths)",
         )
-    if not _is_name_list(target) or not target:
+    if not target:
         raise reject(
-            f"target_modules is {json.dumps(target)}",
+            f"target_modules is {_shorten(json.dumps(target))}",
             expected="target_modules a non-empty list of names",
         )
+    _check_name_list(target, "target_modules")
     exclude = config.get("exclude_modules")
-    if exclude is not None and not _is_name_list(exclude):
-        raise reject(
-            f"exclude_modules is {json.dumps(exclude)}",
-            expected="exclude_modules null or a list of names",
-        )
+    if exclude is not None:
+        _check_name_list(exclude, "exclude_modules")
 
     task_type = config.get("task_type")
     expected_task = _TASK_TYPES[base.is_encoder_decoder]
     if task_type is not None and task_type != expected_task:
         raise reject(
-            f"task_type {json.dumps(task_type)} does not fit the {base.architecture} base model",
+            f"task_type {_shorten(json.dumps(task_type))} does not fit the "
+            f"{base.architecture} base model",
             expected=f'task_type "{expected_task}" or null',
         )
     init = config.get("init_lora_weights", True)
     if init not in _BASE_PRESERVING_INITS or (init in (0, 1) and type(init) is not bool):
         raise reject(
-            f"init_lora_weights {json.dumps(init)} changes the base model's weights",
+            f"init_lora_weights {_shorten(json.dumps(init))} changes the base model's weights",
             expected='init_lora_weights true, false, "gaussian", "eva" or "orthogonal"',
         )
     handled = {"r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "task_type"}
@@ -515,20 +584,24 @@ def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimi
             continue
         if not _is_off(config[key]):
             raise reject(
-                f"{key} is {json.dumps(config[key])}: the platform routes plain LoRA updates only",
-                expected=f'{key} null, false, empty or "none"',
+                f"{_shorten(key, 100)} is {_shorten(json.dumps(config[key]))}: "
+                "the platform routes plain LoRA updates only",
+                expected=f'{_shorten(key, 100)} null, false, empty or "none"',
             )
 
     modules = adapted_modules(target, base, exclude)
     if not modules:
         raise reject(
-            f"target_modules {target} match no linear module of '{base.name}'",
+            f"target_modules {_shorten(json.dumps(target))} match no linear module "
+            f"of '{base.name}'",
             expected="names of linear modules of the base model (e.g. "
             + ", ".join(sorted({m.path.rsplit(".", 1)[-1] for m in base.linear_modules}))
             + ")",
         )
+    targets = tuple(sorted(set(target)))
     return _LoraLayout(
-        config=config,
+        config=_canonical_config(config, base, targets, sorted(set(exclude)) if exclude else None),
+        target_modules=targets,
         rank=rank,
         lora_alpha=float(alpha),
         scale=lora_scale(rank, float(alpha), use_rslora),
@@ -536,8 +609,68 @@ def _check_adapter_config(path: Path, base: BaseModelSpec, limits: AdmissionLimi
     )
 
 
-def _is_name_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+def _check_name_list(value: Any, key: str) -> None:
+    """A bounded list of module names: each non-empty, printable and at most
+    MAX_IDENTIFIER_CHARS long (matching is linear in them, and they are stored and shown)."""
+    expected = (
+        f"{key} a list of at most {MAX_TARGET_MODULES} module names, each a non-empty "
+        f"printable string of at most {MAX_IDENTIFIER_CHARS} characters"
+    )
+    if not isinstance(value, list):
+        raise PackageRejected(
+            "peft_config",
+            ADAPTER_CONFIG_FILE,
+            f"{key} is {_shorten(json.dumps(value))}",
+            expected=expected,
+        )
+    if len(value) > MAX_TARGET_MODULES:
+        raise PackageRejected(
+            "peft_config",
+            ADAPTER_CONFIG_FILE,
+            f"{key} lists {len(value)} names",
+            expected=expected,
+        )
+    for index, name in enumerate(value):
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > MAX_IDENTIFIER_CHARS
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+        ):
+            raise PackageRejected(
+                "peft_config",
+                ADAPTER_CONFIG_FILE,
+                f"{key}[{index}] is {_shorten(json.dumps(name))}",
+                expected=expected,
+            )
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """At most `limit` characters of `text` (error messages echo what was sent)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _canonical_config(
+    config: dict[str, Any],
+    base: BaseModelSpec,
+    target_modules: tuple[str, ...],
+    exclude_modules: list[str] | None,
+) -> dict[str, Any]:
+    """The adapter config as stored and served: only the options the platform checked, with
+    their checked values; every other option written out as off. Nothing the uploader wrote
+    outside these survives, so nothing in it can make PEFT import or download code."""
+    return {
+        **_CANONICAL_OFF,
+        "base_model_name_or_path": base.name,
+        "exclude_modules": exclude_modules,
+        "inference_mode": True,
+        "lora_alpha": config["lora_alpha"],
+        "peft_type": "LORA",
+        "r": config["r"],
+        "target_modules": list(target_modules),
+        "task_type": config.get("task_type"),
+        "use_rslora": config.get("use_rslora", False),
+    }
 
 
 def _is_off(value: Any) -> bool:
@@ -545,6 +678,8 @@ def _is_off(value: Any) -> bool:
 
 
 def _check_manifest_matches_config(manifest: ExpertManifest, layout: _LoraLayout) -> None:
+    """The manifest's summary must say what the config (and so the tensors, which must
+    match the config exactly) adapts: releases and the catalog read the summary."""
     summary = manifest.lora
     for field, stated, actual in (
         ("lora.r", summary.r, layout.rank),
@@ -558,6 +693,16 @@ def _check_manifest_matches_config(manifest: ExpertManifest, layout: _LoraLayout
                 f"{field} is {stated} but adapter_config.json gives {actual}",
                 expected=f"{field} {actual}",
             )
+    # PEFT keeps target_modules as a set: order and repeats carry no meaning.
+    stated_targets = sorted(set(summary.target_modules))
+    if stated_targets != list(layout.target_modules):
+        raise PackageRejected(
+            "manifest_mismatch",
+            MANIFEST_FILE,
+            f"lora.target_modules is {_shorten(json.dumps(stated_targets))} but "
+            f"adapter_config.json targets {_shorten(json.dumps(list(layout.target_modules)))}",
+            expected=f"lora.target_modules {_shorten(json.dumps(list(layout.target_modules)))}",
+        )
 
 
 def _check_manifest_flags(

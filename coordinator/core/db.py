@@ -8,6 +8,7 @@ upgrade a read lock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -58,8 +59,15 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def strict_json(value: Any) -> str:
+    """JSON columns hold JSON only: NaN and infinities raise instead of being written as
+    `NaN`/`Infinity`, which SQLite's JSON functions and PostgreSQL refuse to read back."""
+    return json.dumps(value, allow_nan=False)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite gets WAL, foreign keys, a busy timeout and `begin_write`."""
+    kwargs.setdefault("json_serializer", strict_json)
     if url.startswith("sqlite"):
         engine = create_engine(
             url,

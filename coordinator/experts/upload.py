@@ -177,7 +177,12 @@ async def receive_package(
     boundary = _boundary(request)
     body_limit = limits.max_total_bytes + _MULTIPART_OVERHEAD
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > body_limit:
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and int(declared) > body_limit
+    ):
         raise _total_too_large(limits)
 
     writer = _PackageWriter(folder, limits)

@@ -20,7 +20,8 @@ from torch import nn
 from coordinator.auth.models import Role
 from coordinator.auth.service import create_token
 from phatgoose.models import base_model_spec
-from protocol import BaseModelSpec
+from protocol import ADAPTER_CONFIG_FILE, BaseModelSpec
+from protocol.validation import validate_directory
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama
 
@@ -47,6 +48,14 @@ def make_tiny_base() -> TinyBase:
 def package_parts(directory: Path) -> list[tuple[str, tuple[str, bytes]]]:
     """Multipart parts for an upload: one `files` field per package file."""
     return [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
+
+
+def stored_bytes(directory: Path, base: BaseModelSpec) -> dict[str, bytes]:
+    """A package's files as the coordinator stores and serves them: as uploaded, except the
+    adapter config, which admission rewrites canonically."""
+    files = {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    files[ADAPTER_CONFIG_FILE] = validate_directory(directory, base).canonical_adapter_config
+    return files
 
 
 def upload(client: TestClient, headers: dict[str, str], directory: Path) -> httpx2.Response:

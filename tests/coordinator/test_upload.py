@@ -17,7 +17,7 @@ from coordinator.base_models.service import register_base_model
 from coordinator.experts.models import Channel, ExpertVersion
 from coordinator.experts.service import register_expert_package
 from protocol.validation import package_digest
-from tests.coordinator.helpers import bearer_headers, package_parts, upload
+from tests.coordinator.helpers import bearer_headers, package_parts, stored_bytes, upload
 
 
 def _version_count(app: FastAPI) -> int:
@@ -29,7 +29,7 @@ def _leftovers(app: FastAPI) -> list[Path]:
     return [p for p in app.state.settings.upload_tmp_dir.iterdir()]
 
 
-def test_upload_publishes_version_one_with_digests(client, alice, package):
+def test_upload_publishes_version_one_with_digests(client, alice, package, base_spec):
     directory = package("alice/demo")
     response = upload(client, alice, directory)
 
@@ -38,10 +38,11 @@ def test_upload_publishes_version_one_with_digests(client, alice, package):
     assert (body["namespace"], body["name"], body["version"]) == ("alice", "demo", 1)
     assert body["ref"] == "alice/demo@1"
     assert response.headers["location"] == "/api/v1/experts/alice/demo/1"
-    hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+    stored = stored_bytes(directory, base_spec)  # the adapter config canonically rewritten
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in stored.items()}
     assert {f["filename"]: f["sha256"] for f in body["files"]} == hashes
     assert body["package_digest"] == package_digest(hashes)
-    assert body["total_size"] == sum(p.stat().st_size for p in directory.iterdir())
+    assert body["total_size"] == sum(len(data) for data in stored.values())
     assert body["provenance"]["uploaded_by"] == "alice"
     assert body["provenance"]["channel"] == "http"
     assert body["rank"] == 4

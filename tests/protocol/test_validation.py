@@ -113,9 +113,12 @@ def test_a_package_written_by_peft_is_accepted(package: Path, base: BaseModelSpe
     assert result.retrieval_examples == 5
     assert result.manifest.name == "alice/tiny-expert"
     assert result.adapter_config["peft_type"] == "LORA"
+    # Every file is stored as uploaded except the adapter config, stored canonically.
+    stored = {p.name: p.read_bytes() for p in package.iterdir()}
+    stored[ADAPTER_CONFIG_FILE] = result.canonical_adapter_config
     for name, digest in result.file_sha256.items():
-        assert digest == hashlib.sha256((package / name).read_bytes()).hexdigest()
-    assert result.total_bytes == sum(p.stat().st_size for p in package.iterdir())
+        assert digest == hashlib.sha256(stored[name]).hexdigest()
+    assert result.total_bytes == sum(len(data) for data in stored.values())
     assert result.digest == package_digest(result.file_sha256)
 
 
