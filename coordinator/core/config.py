@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pydantic import Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.limits import AdmissionLimits
+
+log = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
@@ -37,7 +40,22 @@ class Settings(BaseSettings):
         "longest upload when several processes share the data directory.",
     )
     public_read: bool = Field(
-        default=True, description="Catalog reads without a token; writes always need one."
+        default=True,
+        description="Catalog reads without a token; writes always need one. When off, any "
+        "valid token (a contributor's too) reads the whole catalog.",
+    )
+    # Per-namespace quotas on contributors' uploads (maintainers are exempt): 403
+    # quota_exceeded past them.
+    max_versions_per_expert: int = Field(
+        default=1000, ge=1, description="Versions one expert may have (yanked ones count)."
+    )
+    max_experts_per_namespace: int = Field(
+        default=1000, ge=1, description="Experts one namespace may have."
+    )
+    max_namespace_bytes: int = Field(
+        default=100 * 2**30,
+        ge=1,
+        description="Package bytes one namespace may store (yanked versions count).",
     )
     auto_migrate: bool = Field(
         default=True, description="Migrate the database to the newest schema at start-up."
@@ -50,14 +68,34 @@ class Settings(BaseSettings):
     token_prefix: str = Field(default="phg", pattern=r"^[a-z]{1,8}$")
     rate_limit_enabled: bool = Field(
         default=False,
-        description="Token bucket per client (token id, else remote address) on /api/: "
-        "over the limit is 429 with Retry-After. Off for local use; turn it on when the "
-        "coordinator listens beyond loopback (docs/security.md).",
+        description="Token buckets on every path: one per remote address, and one per "
+        "verified token (else the address's anonymous one); over a limit is 429 with "
+        "Retry-After. Off for local use; turn it on when the coordinator listens beyond "
+        "loopback (docs/security.md).",
     )
-    rate_limit_per_minute: float = Field(default=600.0, gt=0, description="Refill rate.")
-    rate_limit_burst: int = Field(default=120, ge=1, description="Bucket size.")
+    rate_limit_per_minute: float = Field(
+        default=600.0, gt=0, description="Refill rate of a token's (or anonymous) bucket."
+    )
+    rate_limit_burst: int = Field(
+        default=120, ge=1, description="Size of a token's (or anonymous) bucket."
+    )
+    rate_limit_address_per_minute: float = Field(
+        default=1200.0,
+        gt=0,
+        description="Refill rate of a remote address's bucket, charged by every request "
+        "(pages and images too) whatever its token.",
+    )
+    rate_limit_address_burst: int = Field(
+        default=240, ge=1, description="Size of a remote address's bucket."
+    )
     rate_limit_max_clients: int = Field(
         default=10_000, ge=1, description="Buckets kept (least recently used forgotten)."
+    )
+    max_request_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Largest body of any request but a package upload (which has the "
+        "admission limits): over it is 413, from Content-Length or while streaming.",
     )
     log_level: str = "INFO"
     admission: AdmissionLimits = Field(
@@ -84,5 +122,34 @@ class Settings(BaseSettings):
         return self.data_dir / "tmp"
 
     def ensure_dirs(self) -> None:
+        """Create the data directory and its folders readable by this user only (0700);
+        warn about an existing one that others can read (its blobs, database, tokens'
+        hashes)."""
         for directory in (self.data_dir, self.blob_dir, self.upload_tmp_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.exists():
+                directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+                directory.chmod(PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
+        warn_if_readable_by_others(self.data_dir)
+
+
+# The data directory holds every blob, the SQLite database and the tokens' hashes.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def warn_if_readable_by_others(path: Path) -> bool:
+    """Log a warning when group or others may read or enter `path`; True if so."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return False
+    if not mode & 0o077:
+        return False
+    log.warning(
+        "%s is readable by group or others (mode %s): run 'chmod go-rwx %s' so that only the "
+        "coordinator's user can read its blobs and database",
+        path,
+        oct(mode),
+        path,
+    )
+    return True

@@ -1,32 +1,35 @@
-"""Rate limiting: an in-process token bucket per client, answered with 429 and Retry-After.
+"""Rate limiting: in-process token buckets, answered with 429 and Retry-After.
 
-A client is its bearer token's public id when the request carries a well-formed token, else
-its remote address. Every request under the limited prefix takes one token from the
-client's bucket; the bucket holds at most `burst` tokens and refills at `per_minute / 60`
-tokens a second. An empty bucket is a 429 with `Retry-After` (whole seconds until a token
-is back) and the usual error body, sent before any byte of the request body is read.
+Two budgets, both charged before any byte of the request body is read:
 
-The limiter lives in one process: several API processes each keep their own buckets, so the
-effective limit is multiplied by their number. The number of buckets kept is bounded (the
-least recently used are forgotten), so forged token ids cannot grow memory without bound.
-Settings: `PHATGOOSE_RATE_LIMIT_*` (`coordinator.core.config.Settings`).
+- **per address**: every request from a remote address, on every path (API, pages, images,
+  static files), takes a token from that address's bucket (`PHATGOOSE_RATE_LIMIT_ADDRESS_*`).
+  It is charged first, before the bearer token is even looked up, so a flood of forged
+  tokens costs the flooder's own budget and not a database query each beyond it.
+- **per client**: a request whose bearer token was *verified* (`coordinator.core.edge`) takes
+  a token from that token's bucket; any other request (no token, or one that failed) from
+  its address's anonymous bucket (`PHATGOOSE_RATE_LIMIT_PER_MINUTE`, `..._BURST`). A token's
+  public id alone never selects a bucket: it is printed in listings and is part of every
+  token, so keying on it unverified let forged ids dodge the address limit and let anyone
+  drain a victim's bucket.
+
+A bucket holds at most `burst` tokens and refills at `per_minute / 60` tokens a second. An
+empty bucket is a 429 with `Retry-After` (whole seconds until a token is back) and the usual
+error body. The limiter lives in one process: several API processes each keep their own
+buckets. The number of buckets kept is bounded (the least recently used are forgotten).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-# The public id of `<prefix>_<public id>_<secret>` (coordinator.auth.service).
-_BEARER = re.compile(rb"^bearer\s+[a-z]{1,8}_([0-9a-f]{16})_[\w-]{20,200}\s*$", re.IGNORECASE)
+from starlette.types import Scope, Send
 
 
 @dataclass(frozen=True)
@@ -74,59 +77,59 @@ class TokenBucketLimiter:
         return len(self._buckets)
 
 
-def client_key(scope: Scope) -> str:
-    """`token:<public id>` for a well-formed bearer token, else `addr:<remote address>`."""
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            match = _BEARER.match(value)
-            if match:
-                return "token:" + match.group(1).decode()
-            break
+def remote_address(scope: Scope) -> str:
+    """The peer's address as the server saw it (forwarded headers are not trusted)."""
     client = scope.get("client")
-    return "addr:" + (client[0] if client else "unknown")
+    return client[0] if client else "unknown"
 
 
-class RateLimitMiddleware:
-    """Pure ASGI middleware: refuses over-limit requests under `prefix` with 429."""
+@dataclass(frozen=True)
+class RateLimits:
+    """The two budgets a request is charged against."""
 
-    def __init__(self, app: ASGIApp, limiter: TokenBucketLimiter, prefix: str = "/api/") -> None:
-        self.app = app
-        self.limiter = limiter
-        self.prefix = prefix
+    per_address: TokenBucketLimiter
+    per_client: TokenBucketLimiter
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
-            await self.app(scope, receive, send)
-            return
-        key = client_key(scope)
-        decision = self.limiter.take(key)
-        if decision.allowed:
-            await self.app(scope, receive, send)
-            return
-        retry_after = max(1, math.ceil(decision.retry_after))
-        who = "this token" if key.startswith("token:") else "this address"
-        body = json.dumps(
-            {
-                "detail": {
-                    "error": "rate_limited",
-                    "check": "rate_limit",
-                    "file": None,
-                    "tensor": None,
-                    "expected": f"at most {self.limiter.rate * 60:g} requests a minute "
-                    f"(bursts of {self.limiter.burst:g})",
-                    "message": f"too many requests from {who}; retry after {retry_after} s",
-                }
+    def charge_address(self, scope: Scope) -> tuple[TokenBucketLimiter, Decision]:
+        return self.per_address, self.per_address.take("addr:" + remote_address(scope))
+
+    def charge_client(
+        self, scope: Scope, verified_public_id: str | None
+    ) -> tuple[TokenBucketLimiter, Decision]:
+        if verified_public_id is not None:
+            key = "token:" + verified_public_id
+        else:
+            key = "anon:" + remote_address(scope)
+        return self.per_client, self.per_client.take(key)
+
+
+async def send_too_many_requests(
+    send: Send, limiter: TokenBucketLimiter, decision: Decision, who: str
+) -> None:
+    """The 429 answer, in the coordinator's error shape."""
+    retry_after = max(1, math.ceil(decision.retry_after))
+    body = json.dumps(
+        {
+            "detail": {
+                "error": "rate_limited",
+                "check": "rate_limit",
+                "file": None,
+                "tensor": None,
+                "expected": f"at most {limiter.rate * 60:g} requests a minute "
+                f"(bursts of {limiter.burst:g}) from {who}",
+                "message": f"too many requests from {who}; retry after {retry_after} s",
             }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 429,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(retry_after).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry_after).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

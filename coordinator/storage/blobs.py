@@ -54,7 +54,7 @@ class BlobStore(Protocol):
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -82,12 +82,12 @@ class LocalBlobStore:
         # The temp file lives in the blob's own folder when its name is known in advance
         # (always, for validated uploads), else in a staging folder on the same file system.
         folder = self.path(expected_sha256).parent if expected_sha256 else self.root / "incoming"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
         digest = hashlib.sha256()
         size = 0
         temp = _temp_path(folder)
         try:
-            with source.open("rb") as reader, temp.open("xb") as writer:
+            with source.open("rb") as reader, _create_private(temp) as writer:
                 while chunk := reader.read(_COPY_CHUNK):
                     digest.update(chunk)
                     writer.write(chunk)
@@ -101,7 +101,7 @@ class LocalBlobStore:
                     f"expected {expected_sha256}"
                 )
             final = self.path(sha256)
-            final.parent.mkdir(exist_ok=True)
+            final.parent.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
             os.replace(temp, final)  # atomic: same file system
             _fsync_dir(final.parent)
             if folder != final.parent:
@@ -132,6 +132,15 @@ class LocalBlobStore:
 
     def _temp_files(self) -> Iterator[Path]:
         yield from self.root.rglob(f"{TEMP_PREFIX}*")
+
+
+# Blobs are readable by the coordinator's user only (docs/security.md).
+_PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600
+
+
+def _create_private(path: Path) -> BinaryIO:
+    """A new file (never an existing one) that only its owner may read."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE), "wb")
 
 
 def _temp_path(directory: Path) -> Path:

@@ -1,11 +1,23 @@
-"""PNG plots with matplotlib's Agg canvas (no display, no pyplot global state: each plot is
-its own `Figure`, so concurrent requests do not share anything)."""
+"""PNG plots with matplotlib's Agg canvas (no display, no pyplot: each plot is its own
+`Figure`), rendered one at a time and cached.
+
+Titles and labels carry user text (task, expert and base model names), so every text
+artist is drawn with `parse_math=False`: a `$` never starts mathtext. matplotlib is not
+thread-safe beyond that either (its mathtext parser and text layout caches are shared), so
+rendering holds one lock; `PNG_CACHE` keeps recent images by a digest of everything they
+are drawn from, so a page's images are rendered once, and that digest is their ETag.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
-from collections.abc import Sequence
+import textwrap
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -19,11 +31,72 @@ _MAX_TICKS = 40
 _ANNOTATE_EXPERTS, _ANNOTATE_LAYERS = 12, 32
 
 
+_RENDER_LOCK = threading.RLock()
+
+
 def _png(figure: Figure) -> bytes:
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class CachedPng:
+    png: bytes
+    etag: str  # a quoted digest of the plot's inputs
+
+
+def plot_digest(*inputs: object) -> str:
+    """A digest of everything a plot is drawn from (its kind, title and data)."""
+    return hashlib.sha256(repr(inputs).encode()).hexdigest()[:32]
+
+
+class PngCache:
+    """Least recently used PNGs, bounded in bytes; thread-safe."""
+
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.renders = 0  # images rendered through the cache (tests count them)
+        self._images: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            png = self._images.get(digest)
+            if png is not None:
+                self._images.move_to_end(digest)
+            return png
+
+    def get_or_render(self, digest: str, render: Callable[[], bytes]) -> CachedPng:
+        png = self.get(digest)
+        if png is None:
+            with _RENDER_LOCK:  # a request that waited here finds the image drawn
+                png = self.get(digest)
+                if png is None:
+                    png = render()
+                    self.renders += 1
+                    self._put(digest, png)
+        return CachedPng(png, f'"{digest}"')
+
+    def _put(self, digest: str, png: bytes) -> None:
+        with self._lock:
+            if digest in self._images:
+                return
+            self._images[digest] = png
+            self._bytes += len(png)
+            while self._bytes > self.max_bytes and len(self._images) > 1:
+                _, dropped = self._images.popitem(last=False)
+                self._bytes -= len(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._images.clear()
+            self._bytes = 0
+
+
+PNG_CACHE = PngCache()
 
 
 def short_layer_label(label: str) -> str:
@@ -35,6 +108,12 @@ def short_layer_label(label: str) -> str:
     return f"{part} {number}" if part else number
 
 
+def _wrapped(text: str, columns: int) -> str:
+    return "\n".join(
+        textwrap.fill(line, columns, break_long_words=True) or line for line in text.split("\n")
+    )
+
+
 def _ticks(count: int) -> list[int]:
     step = max(1, -(-count // _MAX_TICKS))
     return list(range(0, count, step))
@@ -43,6 +122,11 @@ def _ticks(count: int) -> list[int]:
 def routing_heatmap(routing: LayerRouting, title: str) -> bytes:
     """Experts (rows) x layers (columns): the share of each layer's selections. The colour
     scale runs from 0 to the largest share; small grids print each share in its cell."""
+    with _RENDER_LOCK:
+        return _routing_heatmap(routing, title)
+
+
+def _routing_heatmap(routing: LayerRouting, title: str) -> bytes:
     n_experts, n_layers = len(routing.experts), len(routing.layers)
     width = min(14.0, max(6.5, 3.5 + 0.45 * n_layers))
     height = min(14.0, max(3.0, 1.6 + 0.32 * n_experts))
@@ -60,10 +144,13 @@ def routing_heatmap(routing: LayerRouting, title: str) -> bytes:
     )
     axes.set_xlabel("layer")
     axes.set_ylabel("expert")
-    axes.set_title(title, fontsize=10, wrap=True)
+    # Wrapped here: matplotlib's own wrapping (wrap=True) measures text as mathtext even
+    # with parse_math=False.
+    axes.set_title(_wrapped(title, int(width * 10)), fontsize=10, parse_math=False)
     x_ticks, y_ticks = _ticks(n_layers), _ticks(n_experts)
-    axes.set_xticks(x_ticks, [short_layer_label(routing.layers[i]) for i in x_ticks], fontsize=8)
-    axes.set_yticks(y_ticks, [routing.experts[i] for i in y_ticks], fontsize=8)
+    x_labels = [short_layer_label(routing.layers[i]) for i in x_ticks]
+    axes.set_xticks(x_ticks, x_labels, fontsize=8, parse_math=False)
+    axes.set_yticks(y_ticks, [routing.experts[i] for i in y_ticks], fontsize=8, parse_math=False)
     if n_experts <= _ANNOTATE_EXPERTS and n_layers <= _ANNOTATE_LAYERS:
         for e, row in enumerate(routing.frequencies):
             for layer, share in enumerate(row):
@@ -79,6 +166,11 @@ def routing_heatmap(routing: LayerRouting, title: str) -> bytes:
 
 def method_bars(means: Sequence[MethodMean], title: str) -> bytes:
     """Mean accuracy of each method's best release, with a standard-error bar."""
+    with _RENDER_LOCK:
+        return _method_bars(means, title)
+
+
+def _method_bars(means: Sequence[MethodMean], title: str) -> bytes:
     figure = Figure(figsize=(7.5, max(2.2, 0.9 + 0.42 * len(means))))
     axes = figure.add_subplot()
     if not means:
@@ -102,12 +194,13 @@ def method_bars(means: Sequence[MethodMean], title: str) -> bytes:
         color=colours,
         capsize=3,
     )
-    axes.set_yticks(list(positions), [f"{m.method}  ({m.label})" for m in ordered], fontsize=8)
+    labels = [f"{m.method}  ({m.label})" for m in ordered]
+    axes.set_yticks(list(positions), labels, fontsize=8, parse_math=False)
     for y, m in zip(positions, ordered, strict=True):
         axes.text(min(m.mean + m.stderr + 0.01, 0.9), y, f"{m.mean:.3f}", va="center", fontsize=8)
     axes.set_xlim(0.0, 1.0)
     axes.set_xlabel("mean accuracy over tasks (± standard error)")
-    axes.set_title(title, fontsize=10)
+    axes.set_title(title, fontsize=10, parse_math=False)
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     return _png(figure)

@@ -22,7 +22,7 @@ from coordinator.auth.models import Role
 from coordinator.auth.service import create_token, revoke_token
 from coordinator.base_models.service import register_base_model
 from coordinator.core.config import Settings
-from coordinator.core.ratelimit import TokenBucketLimiter, client_key
+from coordinator.core.ratelimit import TokenBucketLimiter, remote_address
 from coordinator.storage import LocalBlobStore
 from tests.coordinator.helpers import TinyBase, bearer_headers, upload
 from tests.reliability.catalog import catalog_state
@@ -224,7 +224,7 @@ def test_rate_limit_answers_429_with_retry_after(limited_app: FastAPI) -> None:
         # Another token has its own bucket; so do anonymous clients (by address).
         assert client.get("/api/v1/auth/me", headers=bob).status_code == 200
         assert client.get("/api/v1/experts").status_code == 200
-        # Pages outside /api/ (docs, schema) are not limited.
+        # Pages outside /api/ (docs, schema) count against the address's own, larger budget.
         assert client.get("/openapi.json").status_code == 200
 
 
@@ -279,15 +279,16 @@ def test_token_bucket_keeps_a_bounded_number_of_clients() -> None:
     assert len(limiter) == 100
 
 
-def test_client_key_is_the_token_id_else_the_address() -> None:
+def test_the_address_key_ignores_tokens_and_forwarded_headers() -> None:
+    # A token's public id selects a bucket only once the token is verified (test_http_edge).
     token = b"Bearer phg_0123456789abcdef_" + b"s" * 43
-    assert client_key({"headers": [(b"authorization", token)], "client": ("10.0.0.1", 5)}) == (
-        "token:0123456789abcdef"
-    )
-    for header in (b"Bearer nonsense", b"Basic Zm9vOmJhcg=="):
-        scope = {"headers": [(b"authorization", header)], "client": ("10.0.0.1", 5)}
-        assert client_key(scope) == "addr:10.0.0.1"
-    assert client_key({"headers": [], "client": None}) == "addr:unknown"
+    for header in (token, b"Bearer nonsense", b"Basic Zm9vOmJhcg=="):
+        scope = {
+            "headers": [(b"authorization", header), (b"x-forwarded-for", b"10.9.9.9")],
+            "client": ("10.0.0.1", 5),
+        }
+        assert remote_address(scope) == "10.0.0.1"
+    assert remote_address({"headers": [], "client": None}) == "unknown"
 
 
 # --- paths ---------------------------------------------------------------------------
