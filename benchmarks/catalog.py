@@ -207,6 +207,7 @@ def evaluator_version(record: Mapping[str, Any]) -> str:
 
 def _release_number(
     session: Session,
+    blobs: LocalBlobStore,
     token: Token,
     *,
     method: RoutingMethod,
@@ -233,7 +234,7 @@ def _release_number(
         base_model=base_model,
         notes=f"published by `{SOURCE}`",
     )
-    return releases.create_release(session, request, by=token).number
+    return releases.create_release(session, blobs, request, by=token).number
 
 
 def _job_id(
@@ -326,6 +327,7 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
             release_method, experts, top_k, expert = plan
             number = _release_number(
                 session,
+                catalog.blobs,
                 catalog.token,
                 method=release_method,
                 base_model=base_model,

@@ -35,6 +35,21 @@ DatabaseOption = Annotated[
 ]
 
 
+def _release_number(text: str) -> int:
+    """A release number in ASCII digits: click's int() reads '١' as 1 and '²' fails late."""
+    from coordinator.experts.service import MAX_VERSION_NUMBER, parse_version_number
+
+    number = parse_version_number(text)
+    if number is None:
+        raise typer.BadParameter(f"{text!r} is not 1 to {MAX_VERSION_NUMBER} in ASCII digits")
+    return number
+
+
+ReleaseNumber = Annotated[
+    int, typer.Argument(help="The release number.", parser=_release_number, metavar="NUMBER")
+]
+
+
 def _settings(data_dir: Path | None, database_url: str | None) -> Any:
     from coordinator.core.config import Settings
 
@@ -104,18 +119,32 @@ def create_token(
         str, typer.Option(help="The holder's namespace: experts publish as NAME/<expert>.")
     ],
     role: Annotated[Role, typer.Option(help="contributor: publish under NAME; maintainer: all.")],
+    same_owner: Annotated[
+        bool,
+        typer.Option(
+            "--same-owner",
+            help="NAME already has an owner and this token is for that same holder (e.g. "
+            "rotating a token); without it such a contributor token is refused.",
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
     """Create a bearer token and print it once (only its hash is stored)."""
-    from coordinator.auth.service import InvalidTokenName
+    from coordinator.auth.service import InvalidTokenName, NamespaceTaken
     from coordinator.auth.service import create_token as create
 
     settings = _settings(data_dir, database_url)
     with _sessions(data_dir, database_url)() as session:
         try:
-            issued = create(session, name=name, role=role, prefix=settings.token_prefix)
-        except InvalidTokenName as error:
+            issued = create(
+                session,
+                name=name,
+                role=role,
+                prefix=settings.token_prefix,
+                same_owner=same_owner,
+            )
+        except (InvalidTokenName, NamespaceTaken) as error:
             raise typer.BadParameter(str(error), param_hint="--name") from error
     typer.secho(
         f"token for {name} ({role.value}, id {issued.token.public_id}); shown once:",
@@ -264,9 +293,53 @@ def worker(
     typer.echo(f"{ended} job(s) ended", err=True)
 
 
+@app.command("withdraw-release")
+def withdraw_release(
+    number: ReleaseNumber,
+    reason: Annotated[str, typer.Option(help="Why, shown with the release.")],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Withdraw a release: it stays readable, shows as withdrawn, and new evaluations of it
+    are refused (unless a maintainer overrides)."""
+    from coordinator.core.errors import CoordinatorError
+    from coordinator.releases import service
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            release = service.withdraw_release(
+                session, service.get_release(session, number), by_name="operator", reason=reason
+            )
+        except CoordinatorError as error:
+            typer.secho(error.message, err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from error
+    typer.echo(f"withdrew release {release.number}: {reason}")
+
+
+@app.command("restore-release")
+def restore_release(
+    number: ReleaseNumber,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Undo a withdrawal."""
+    from coordinator.core.errors import CoordinatorError
+    from coordinator.releases import service
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            release = service.restore_release(
+                session, service.get_release(session, number), by_name="operator"
+            )
+        except CoordinatorError as error:
+            typer.secho(error.message, err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from error
+    typer.echo(f"restored release {release.number}")
+
+
 @app.command("export-release")
 def export_release(
-    number: Annotated[int, typer.Argument(help="The release number.")],
+    number: ReleaseNumber,
     directory: Annotated[Path, typer.Argument(help="Where to write release.json and the experts.")],
     data_dir: DataDirOption = None,
     database_url: DatabaseOption = None,

@@ -16,7 +16,8 @@ class Role(StrEnum):
 
 class Token(Base):
     """A bearer token. The secret is stored only as its sha256; `name` is the namespace the
-    holder publishes under (several tokens may share one, e.g. while rotating)."""
+    holder publishes under. Several tokens share a name only when the operator said they are
+    one holder's (`create-token --same-owner`, e.g. while rotating)."""
 
     __tablename__ = "tokens"
     __table_args__ = (CheckConstraint("role IN ('contributor', 'maintainer')", name="role"),)

@@ -13,7 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from coordinator.auth.models import Role, Token
@@ -39,11 +39,27 @@ class InvalidTokenName(ValueError):
     pass
 
 
+class NamespaceTaken(ValueError):
+    """A contributor token for a namespace that already has an owner."""
+
+
 def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(session: Session, *, name: str, role: Role, prefix: str = "phg") -> IssuedToken:
+def create_token(
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    prefix: str = "phg",
+    same_owner: bool = False,
+) -> IssuedToken:
+    """A new token for `name`. A contributor token's name is the namespace it owns, so a
+    name that already has an owner (a token of that name, revoked ones included, or experts
+    in that namespace) is refused unless the operator says it is the same holder
+    (`same_owner`, e.g. rotating a token): otherwise a second holder would take over the
+    first one's namespace, its yanks and its uploads."""
     if not TOKEN_NAME_PATTERN.match(name):
         raise InvalidTokenName(
             f"token name {name!r} must be a namespace: lower-case letters, digits and '_.-', "
@@ -52,12 +68,34 @@ def create_token(session: Session, *, name: str, role: Role, prefix: str = "phg"
     public_id = secrets.token_hex(_PUBLIC_ID_HEX // 2)
     secret = secrets.token_urlsafe(32)
     begin_write(session)
+    if Role(role) == Role.CONTRIBUTOR and not same_owner:
+        owner = _namespace_owner(session, name)
+        if owner is not None:
+            session.rollback()
+            raise NamespaceTaken(
+                f"namespace {name!r} {owner}; a contributor token for it would own it too. "
+                "Pass --same-owner (same_owner=True) if the new token is for the same holder "
+                "(e.g. rotating a token), else choose another name"
+            )
     token = Token(
         public_id=public_id, name=name, role=Role(role).value, secret_sha256=_sha256(secret)
     )
     session.add(token)
     session.commit()
     return IssuedToken(token=token, secret_token=f"{prefix}_{public_id}_{secret}")
+
+
+def _namespace_owner(session: Session, name: str) -> str | None:
+    """How `name` is already owned, in words, or None when it is free."""
+    holder = session.scalar(select(Token).where(Token.name == name).order_by(Token.id).limit(1))
+    if holder is not None:
+        return f"is owned by token {holder.public_id} ({holder.role})"
+    # The experts table is the experts domain's; a plain query keeps auth free of it.
+    if session.execute(
+        text("SELECT 1 FROM experts WHERE namespace = :name LIMIT 1"), {"name": name}
+    ).first():
+        return "has experts"
+    return None
 
 
 def authenticate(session: Session, presented: str) -> Token | None:

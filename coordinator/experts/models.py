@@ -32,14 +32,27 @@ class Expert(Base):
     versions: Mapped[list[ExpertVersion]] = relationship(
         back_populates="expert", order_by="ExpertVersion.number"
     )
+    # Blocks on this expert or on its whole namespace (name ''); read-only, by name.
+    blocks: Mapped[list[Block]] = relationship(
+        primaryjoin="and_(foreign(Block.namespace) == Expert.namespace, "
+        "or_(foreign(Block.name) == Expert.name, Block.name == ''))",
+        viewonly=True,
+        order_by="Block.name",  # the namespace's block ('') first
+    )
 
     @property
     def full_name(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def block(self) -> Block | None:
+        """The block in force (the namespace's, else the expert's), or None."""
+        return self.blocks[0] if self.blocks else None
+
 
 class ExpertVersion(Base):
-    """One uploaded package. Immutable except for the yank flag and its reason."""
+    """One uploaded package. Immutable except for the yank: when, by whom (token name and
+    role: a maintainer's yank is lifted only by a maintainer) and why."""
 
     __tablename__ = "expert_versions"
     __table_args__ = (
@@ -65,6 +78,7 @@ class ExpertVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     yanked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     yanked_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    yanked_by_role: Mapped[str | None] = mapped_column(String(16), default=None)
     yank_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     expert: Mapped[Expert] = relationship(back_populates="versions", lazy="joined")
@@ -96,3 +110,26 @@ class ExpertFile(Base):
     size: Mapped[int] = mapped_column(BigInteger)
 
     version: Mapped[ExpertVersion] = relationship(back_populates="files")
+
+
+class Block(Base):
+    """A maintainer's block: no new versions of `namespace/name` (or of any name in
+    `namespace` when `name` is ''), and no new releases naming them, until unblocked."""
+
+    __tablename__ = "blocks"
+    __table_args__ = (UniqueConstraint("namespace", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text)
+    blocked_by: Mapped[str] = mapped_column(String(64))
+    blocked_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @property
+    def scope(self) -> str:
+        return "expert" if self.name else "namespace"
+
+    @property
+    def target(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.name else f"namespace {self.namespace!r}"

@@ -8,13 +8,24 @@ from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.core.deps import BlobsDep, ReaderDep, SessionDep, SettingsDep, TokenDep
+from coordinator.core.deps import (
+    BlobsDep,
+    MaintainerDep,
+    ReaderDep,
+    SessionDep,
+    SettingsDep,
+    TokenDep,
+)
 from coordinator.core.errors import ERROR_RESPONSE, StorageError
+from coordinator.core.params import Offset
 from coordinator.experts import service
 from coordinator.experts.models import Channel
 from coordinator.experts.schemas import (
+    BlockRequest,
+    BlockState,
     ExpertDetail,
     ExpertVersionDetail,
     ExpertVersionPage,
@@ -28,10 +39,25 @@ from protocol import PACKAGE_FILES
 
 log = logging.getLogger(__name__)
 
-# Version numbers are 32-bit integers in the database: a larger one is a 422, not a 500.
-VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="the version number")]
 
-router = APIRouter(prefix="/experts", tags=["experts"])
+def _ascii_version(value: object) -> object:
+    # Pydantic's int reads '+1', ' 1', '1_0' and '1.0' as numbers: one version, many URLs.
+    if isinstance(value, str) and service.parse_version_number(value) is None:
+        raise ValueError(
+            f"a version number is 1 to {service.MAX_VERSION_NUMBER} in ASCII digits [0-9]"
+        )
+    return value
+
+
+# Version numbers are 32-bit integers in the database: a larger one is a 422, not a 500.
+VersionNumber = Annotated[
+    int,
+    BeforeValidator(_ascii_version),
+    Path(ge=1, le=service.MAX_VERSION_NUMBER, description="the version number"),
+]
+
+experts_router = APIRouter(prefix="/experts", tags=["experts"])
+namespaces_router = APIRouter(prefix="/namespaces", tags=["experts"])
 
 
 _UPLOAD_BODY: dict[str, Any] = {
@@ -57,7 +83,7 @@ _UPLOAD_BODY: dict[str, Any] = {
 }
 
 
-@router.post(
+@experts_router.post(
     "",
     status_code=201,
     summary="Publish an expert package (a new version)",
@@ -93,7 +119,7 @@ async def upload_expert(
     return ExpertVersionDetail.of(version)
 
 
-@router.get("", summary="List expert versions")
+@experts_router.get("", summary="List expert versions")
 def list_experts(
     session: SessionDep,
     _reader: ReaderDep,
@@ -103,7 +129,7 @@ def list_experts(
     uploaded_by: Annotated[str | None, Query(description="the uploading token's name")] = None,
     status: service.Status = service.Status.ACTIVE,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Offset = 0,
 ) -> ExpertVersionPage:
     page = service.list_versions(
         session,
@@ -123,19 +149,30 @@ def list_experts(
     )
 
 
-@router.get("/{namespace}/{name}", summary="An expert and all its versions")
-def get_expert(namespace: str, name: str, session: SessionDep, _reader: ReaderDep) -> ExpertDetail:
-    return ExpertDetail.of(service.get_expert(session, namespace, name))
+@experts_router.get("/{namespace}/{name}", summary="An expert, its block and a page of versions")
+def get_expert(
+    namespace: str,
+    name: str,
+    session: SessionDep,
+    _reader: ReaderDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Offset = 0,
+) -> ExpertDetail:
+    expert = service.get_expert(session, namespace, name)
+    page = service.expert_versions(session, expert, limit=limit, offset=offset)
+    return ExpertDetail.of(expert, page.items, total=page.total, limit=limit, offset=offset)
 
 
-@router.get("/{namespace}/{name}/{version}", summary="One version: manifest, provenance, files")
+@experts_router.get(
+    "/{namespace}/{name}/{version}", summary="One version: manifest, provenance, files"
+)
 def get_version(
     namespace: str, name: str, version: VersionNumber, session: SessionDep, _reader: ReaderDep
 ) -> ExpertVersionDetail:
     return ExpertVersionDetail.of(service.get_version(session, namespace, name, version))
 
 
-@router.get(
+@experts_router.get(
     "/{namespace}/{name}/{version}/files/{filename}",
     summary="Download one package file (yanked versions too)",
     response_class=FileResponse,
@@ -180,7 +217,7 @@ def _chunks(handle: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
             yield chunk
 
 
-@router.post(
+@experts_router.post(
     "/{namespace}/{name}/{version}/yank",
     summary="Yank a version (owner or maintainer)",
     responses={403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 409: ERROR_RESPONSE},
@@ -199,9 +236,9 @@ def yank(
     )
 
 
-@router.post(
+@experts_router.post(
     "/{namespace}/{name}/{version}/unyank",
-    summary="Undo a yank (owner or maintainer)",
+    summary="Undo a yank (the owner its own yank; a maintainer any)",
     responses={403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 409: ERROR_RESPONSE},
 )
 def unyank(
@@ -209,3 +246,56 @@ def unyank(
 ) -> ExpertVersionDetail:
     found = service.get_version(session, namespace, name, version)
     return ExpertVersionDetail.of(service.unyank_version(session, found, by=token))
+
+
+_BLOCK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: ERROR_RESPONSE,
+    403: ERROR_RESPONSE,
+    409: ERROR_RESPONSE,
+}
+
+
+@experts_router.post(
+    "/{namespace}/{name}/block",
+    summary="Block an expert (maintainers): no new versions or releases of it",
+    responses=_BLOCK_RESPONSES,
+)
+def block_expert(
+    namespace: str, name: str, body: BlockRequest, session: SessionDep, token: MaintainerDep
+) -> BlockState:
+    return BlockState.of(service.block(session, namespace, name, by=token, reason=body.reason))
+
+
+@experts_router.post(
+    "/{namespace}/{name}/unblock",
+    summary="Lift a block on an expert (maintainers)",
+    status_code=200,
+    responses=_BLOCK_RESPONSES,
+)
+def unblock_expert(namespace: str, name: str, session: SessionDep, token: MaintainerDep) -> None:
+    service.unblock(session, namespace, name, by=token)
+
+
+@namespaces_router.post(
+    "/{namespace}/block",
+    summary="Block a namespace (maintainers): no new versions of any of its experts",
+    responses=_BLOCK_RESPONSES,
+)
+def block_namespace(
+    namespace: str, body: BlockRequest, session: SessionDep, token: MaintainerDep
+) -> BlockState:
+    return BlockState.of(service.block(session, namespace, None, by=token, reason=body.reason))
+
+
+@namespaces_router.post(
+    "/{namespace}/unblock",
+    summary="Lift a block on a namespace (maintainers)",
+    responses=_BLOCK_RESPONSES,
+)
+def unblock_namespace(namespace: str, session: SessionDep, token: MaintainerDep) -> None:
+    service.unblock(session, namespace, None, by=token)
+
+
+router = APIRouter()
+router.include_router(experts_router)
+router.include_router(namespaces_router)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from coordinator.experts.models import Expert, ExpertVersion
+from coordinator.experts.models import Block, Expert, ExpertVersion
 from protocol import API_PREFIX, API_VERSION, ApiVersion
 
 
@@ -27,8 +27,33 @@ class Provenance(BaseModel):
 class YankState(BaseModel):
     yanked: bool
     yanked_at: datetime | None = None
-    yanked_by: str | None = None
+    yanked_by: str | None = Field(default=None, description="the yanking token's name")
+    yanked_by_role: Literal["contributor", "maintainer"] | None = Field(
+        default=None, description="a maintainer's yank is lifted only by a maintainer"
+    )
     reason: str | None = None
+
+
+class BlockState(BaseModel):
+    """A maintainer's block: no new versions, no new releases naming the expert."""
+
+    scope: Literal["expert", "namespace"]
+    namespace: str
+    name: str | None = Field(description="null when the whole namespace is blocked")
+    blocked_by: str = Field(description="the maintainer token's name")
+    blocked_at: datetime
+    reason: str
+
+    @classmethod
+    def of(cls, block: Block) -> BlockState:
+        return cls(
+            scope="expert" if block.name else "namespace",
+            namespace=block.namespace,
+            name=block.name or None,
+            blocked_by=block.blocked_by,
+            blocked_at=block.blocked_at,
+            reason=block.reason,
+        )
 
 
 class ExpertVersionSummary(BaseModel):
@@ -80,15 +105,28 @@ class ExpertDetail(BaseModel):
     namespace: str
     name: str
     created_at: datetime
-    versions: list[ExpertVersionSummary] = Field(description="every version, yanked included")
+    block: BlockState | None = Field(description="the block in force, if any")
+    versions: list[ExpertVersionSummary] = Field(
+        description="one page of its versions, oldest first, yanked included"
+    )
+    total_versions: int
+    limit: int
+    offset: int
 
     @classmethod
-    def of(cls, expert: Expert) -> ExpertDetail:
+    def of(
+        cls, expert: Expert, versions: list[ExpertVersion], *, total: int, limit: int, offset: int
+    ) -> ExpertDetail:
+        block = expert.block
         return cls(
             namespace=expert.namespace,
             name=expert.name,
             created_at=expert.created_at,
-            versions=[ExpertVersionSummary.of(v) for v in expert.versions],
+            block=None if block is None else BlockState.of(block),
+            versions=[ExpertVersionSummary.of(v) for v in versions],
+            total_versions=total,
+            limit=limit,
+            offset=offset,
         )
 
 
@@ -102,6 +140,10 @@ class ExpertVersionPage(BaseModel):
 
 class YankRequest(BaseModel):
     reason: str = Field(min_length=1, max_length=2000, examples=["gate vectors are constant"])
+
+
+class BlockRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, examples=["uploads adversarial experts"])
 
 
 def version_url(version: ExpertVersion) -> str:
@@ -130,6 +172,7 @@ def _summary_fields(version: ExpertVersion) -> dict[str, Any]:
             yanked=version.yanked,
             yanked_at=version.yanked_at,
             yanked_by=version.yanked_by,
+            yanked_by_role=version.yanked_by_role,
             reason=version.yank_reason,
         ),
         "url": version_url(version),

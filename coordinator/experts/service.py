@@ -11,31 +11,60 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import NoReturn
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator.auth.models import Token
+from coordinator.auth.models import Role, Token
 from coordinator.base_models import service as base_models
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.config import Settings
 from coordinator.core.db import begin_write, utcnow
 from coordinator.core.errors import Conflict, Forbidden, NotFound, Unprocessable
-from coordinator.experts.models import Channel, Expert, ExpertFile, ExpertVersion
+from coordinator.core.params import DB_INT_MAX
+from coordinator.experts.models import Block, Channel, Expert, ExpertFile, ExpertVersion
 from coordinator.storage import BlobStore
 from protocol import MANIFEST_FILE
-from protocol.validation import ValidatedPackage, validate_package
+from protocol.validation import ValidatedPackage, stored_files, validate_package
 
 log = logging.getLogger(__name__)
 
 # Concurrent uploads of one name race for the next version number; the loser retries.
 _MAX_ATTEMPTS = 20
+
+# Version numbers are 32-bit integers in the database. Only ASCII digits: str.isdigit() and
+# int() also take '²' (then fail: a 500) and '١' (read as 1), spaces, '+' and '_'.
+MAX_VERSION_NUMBER = DB_INT_MAX
+_VERSION_NUMBER = re.compile(r"[0-9]{1,10}")
+
+
+def parse_version_number(text: str) -> int | None:
+    """`text` as a version number (1 to 2**31 - 1, ASCII digits only), else None."""
+    if _VERSION_NUMBER.fullmatch(text) is None:
+        return None
+    number = int(text)
+    return number if 1 <= number <= MAX_VERSION_NUMBER else None
+
+
+class QuotaExceeded(Forbidden):
+    """A contributor's upload would pass one of the per-namespace limits."""
+
+    error = "quota_exceeded"
+    check = "quota"
+
+
+class Blocked(Forbidden):
+    """A maintainer blocked the expert or its namespace."""
+
+    check = "blocked"
 
 
 class DuplicatePackage(Conflict):
@@ -100,17 +129,23 @@ def register_expert_package(
     namespace, name = split_name(validated.manifest.name, uploader.name)
     if not uploader.can_manage(namespace):
         raise _foreign_namespace(uploader, namespace)
+    _check_not_blocked(session, namespace, name)
+    _check_quotas(session, settings, namespace, name, validated.total_bytes, uploader)
     session.commit()  # end the read transaction of the lookups above
     existing = get_version_by_digest(session, validated.digest)
     if existing is not None:
         raise DuplicatePackage(existing)
 
-    for filename, path in files.items():
-        blobs.put_file(path, expected_sha256=validated.file_sha256[filename])
+    # The adapter config is stored in its canonical rewrite (protocol.validation.stored_files).
+    with stored_files(validated, files) as stored:
+        for filename, path in stored.items():
+            blobs.put_file(path, expected_sha256=validated.file_sha256[filename])
 
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
-            version = _insert_version(session, validated, base, namespace, name, uploader, channel)
+            version = _insert_version(
+                session, settings, validated, base, namespace, name, uploader, channel
+            )
         except IntegrityError:
             session.rollback()
             existing = get_version_by_digest(session, validated.digest)
@@ -136,6 +171,7 @@ def register_expert_package(
 
 def _insert_version(
     session: Session,
+    settings: Settings,
     validated: ValidatedPackage,
     base: BaseModelRecord,
     namespace: str,
@@ -144,6 +180,15 @@ def _insert_version(
     channel: Channel,
 ) -> ExpertVersion:
     begin_write(session)
+    if session.get_bind().dialect.name == "postgresql":
+        # Serialise a namespace's uploads so that two cannot both pass its quotas (SQLite's
+        # BEGIN IMMEDIATE already serialises every writer).
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:namespace))"), {"namespace": namespace}
+        )
+    # Again under the write lock: a block or quota may have changed since validation.
+    _check_not_blocked(session, namespace, name)
+    _check_quotas(session, settings, namespace, name, validated.total_bytes, uploader)
     expert = session.scalar(
         select(Expert).where(Expert.namespace == namespace, Expert.name == name)
     )
@@ -174,6 +219,77 @@ def _insert_version(
     session.add(version)
     session.commit()
     return version
+
+
+def _check_not_blocked(session: Session, namespace: str, name: str) -> None:
+    block = find_block(session, namespace, name)
+    if block is not None:
+        session.rollback()
+        raise Blocked(
+            f"{block.target} is blocked by maintainer {block.blocked_by!r} since "
+            f"{block.blocked_at:%Y-%m-%d}: {block.reason}; no new versions are accepted",
+            file=MANIFEST_FILE,
+            expected="an expert and namespace that are not blocked",
+        )
+
+
+def _check_quotas(
+    session: Session, settings: Settings, namespace: str, name: str, size: int, uploader: Token
+) -> None:
+    """Per-namespace limits on contributors (maintainers are trusted and exempt). Yanked
+    versions count: their bytes stay stored."""
+    if uploader.is_maintainer:
+        return
+    expert_id = session.scalar(
+        select(Expert.id).where(Expert.namespace == namespace, Expert.name == name)
+    )
+    if expert_id is None:
+        experts = session.scalar(
+            select(func.count()).select_from(Expert).where(Expert.namespace == namespace)
+        )
+        if (experts or 0) >= settings.max_experts_per_namespace:
+            _refuse_quota(
+                session,
+                f"namespace {namespace!r} already has {experts} experts",
+                "max_experts_per_namespace",
+                f"at most {settings.max_experts_per_namespace} expert(s) in {namespace!r}",
+            )
+    else:
+        versions = session.scalar(
+            select(func.count())
+            .select_from(ExpertVersion)
+            .where(ExpertVersion.expert_id == expert_id)
+        )
+        if (versions or 0) >= settings.max_versions_per_expert:
+            _refuse_quota(
+                session,
+                f"{namespace}/{name} already has {versions} versions",
+                "max_versions_per_expert",
+                f"at most {settings.max_versions_per_expert} version(s) of {namespace}/{name}",
+            )
+    used = session.scalar(
+        select(func.coalesce(func.sum(ExpertVersion.total_size), 0))
+        .join(Expert, Expert.id == ExpertVersion.expert_id)
+        .where(Expert.namespace == namespace)
+    )
+    used = int(used or 0)
+    if used + size > settings.max_namespace_bytes:
+        _refuse_quota(
+            session,
+            f"namespace {namespace!r} stores {used} bytes; this package ({size} bytes) would "
+            f"pass its quota",
+            "max_namespace_bytes",
+            f"at most {settings.max_namespace_bytes} bytes in {namespace!r}",
+        )
+
+
+def _refuse_quota(session: Session, message: str, check: str, expected: str) -> NoReturn:
+    session.rollback()
+    raise QuotaExceeded(
+        f"{message} (PHATGOOSE_{check.upper()}); ask a maintainer",
+        check=check,
+        expected=expected,
+    )
 
 
 def _peek_manifest(files: Mapping[str, Path]) -> dict[str, object]:
@@ -283,6 +399,14 @@ def get_expert(session: Session, namespace: str, name: str) -> Expert:
     return expert
 
 
+def expert_versions(session: Session, expert: Expert, *, limit: int, offset: int) -> VersionPage:
+    """One page of an expert's versions, oldest first."""
+    query = select(ExpertVersion).where(ExpertVersion.expert_id == expert.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(ExpertVersion.number).limit(limit).offset(offset))
+    return VersionPage(items=list(items), total=total)
+
+
 def get_version(session: Session, namespace: str, name: str, number: int) -> ExpertVersion:
     version = session.scalar(
         select(ExpertVersion)
@@ -297,12 +421,15 @@ def get_version(session: Session, namespace: str, name: str, number: int) -> Exp
 
 def resolve_ref(session: Session, ref: str) -> ExpertVersion:
     """`namespace/name@version` -> that version (how releases name their experts)."""
-    try:
-        full_name, number = ref.rsplit("@", 1)
-        namespace, name = full_name.split("/", 1)
-        return get_version(session, namespace, name, int(number))
-    except ValueError:
-        raise NotFound(f"{ref!r} is not of the form namespace/name@version") from None
+    full_name, _, text_number = ref.rpartition("@")
+    namespace, _, name = full_name.partition("/")
+    number = parse_version_number(text_number)
+    if not namespace or not name or number is None:
+        raise NotFound(
+            f"{ref!r} is not of the form namespace/name@version",
+            expected=f"namespace/name@N with N in ASCII digits, 1 to {MAX_VERSION_NUMBER}",
+        )
+    return get_version(session, namespace, name, number)
 
 
 def get_version_by_digest(session: Session, digest: str) -> ExpertVersion | None:
@@ -320,32 +447,126 @@ def get_file(version: ExpertVersion, filename: str) -> ExpertFile:
 def yank_version(
     session: Session, version: ExpertVersion, *, by: Token, reason: str
 ) -> ExpertVersion:
-    """Hide a version from default listings and new releases; it stays downloadable."""
+    """Hide a version from default listings and new releases; it stays downloadable.
+
+    Records who yanked (token name and role) and when. A maintainer may take over a
+    contributor's yank, so that the contributor can no longer lift it."""
     _check_manager(version, by)
     _lock_for_update(session, version)
-    if version.yanked_at is not None:
+    if version.yanked_at is not None and not (
+        by.is_maintainer and _yank_role(version) != Role.MAINTAINER
+    ):
         session.rollback()
-        raise Conflict(f"{version.ref} is already yanked: {version.yank_reason}")
+        raise Conflict(
+            f"{version.ref} is already yanked: {version.yank_reason}",
+            extra={"yanked_by": version.yanked_by, "yanked_by_role": _yank_role(version).value},
+        )
     version.yanked_at = utcnow()
     version.yanked_by = by.name
+    version.yanked_by_role = Role(by.role).value
     version.yank_reason = reason
     session.commit()
-    log.info("yanked %s by %s: %s", version.ref, by.name, reason)
+    log.info("yanked %s by %s (%s): %s", version.ref, by.name, by.role, reason)
     return version
 
 
 def unyank_version(session: Session, version: ExpertVersion, *, by: Token) -> ExpertVersion:
+    """Lift a yank: the owner lifts its own yank; only a maintainer lifts a maintainer's
+    yank, or any yank of a blocked expert."""
     _check_manager(version, by)
     _lock_for_update(session, version)
     if version.yanked_at is None:
         session.rollback()
         raise Conflict(f"{version.ref} is not yanked")
+    if not by.is_maintainer:
+        if _yank_role(version) == Role.MAINTAINER:
+            session.rollback()
+            raise Forbidden(
+                f"{version.ref} was yanked by maintainer {version.yanked_by!r} "
+                f"({version.yank_reason}); only a maintainer may lift it",
+                check="yank",
+                expected="a maintainer token",
+            )
+        block = find_block(session, version.expert.namespace, version.expert.name)
+        if block is not None:
+            session.rollback()
+            raise Blocked(
+                f"{block.target} is blocked by maintainer {block.blocked_by!r} "
+                f"({block.reason}); only a maintainer may lift yanks of its versions",
+                expected="a maintainer token",
+            )
     version.yanked_at = None
     version.yanked_by = None
+    version.yanked_by_role = None
     version.yank_reason = None
     session.commit()
-    log.info("unyanked %s by %s", version.ref, by.name)
+    log.info("unyanked %s by %s (%s)", version.ref, by.name, by.role)
     return version
+
+
+def _yank_role(version: ExpertVersion) -> Role:
+    # A yank without a recorded role is treated as a maintainer's: the safe reading.
+    return Role(version.yanked_by_role or Role.MAINTAINER)
+
+
+# --- blocks ----------------------------------------------------------------------------
+
+
+def find_block(session: Session, namespace: str, name: str | None = None) -> Block | None:
+    """The block in force on `namespace/name` (the namespace's first), or None."""
+    names = [""] if name is None else ["", name]
+    return session.scalar(
+        select(Block)
+        .where(Block.namespace == namespace, Block.name.in_(names))
+        .order_by(Block.name)
+        .limit(1)
+    )
+
+
+def block(session: Session, namespace: str, name: str | None, *, by: Token, reason: str) -> Block:
+    """Block `namespace/name` (or every name in `namespace` when `name` is None):
+    maintainers only. Uploads and new releases naming it are refused until unblocked."""
+    _check_maintainer(by, "block")
+    begin_write(session)
+    key = name or ""
+    existing = session.scalar(select(Block).where(Block.namespace == namespace, Block.name == key))
+    if existing is not None:
+        session.rollback()
+        raise Conflict(
+            f"{existing.target} is already blocked by {existing.blocked_by}: {existing.reason}"
+        )
+    blocked = Block(namespace=namespace, name=key, reason=reason, blocked_by=by.name)
+    session.add(blocked)
+    try:
+        session.commit()
+    except IntegrityError:  # blocked concurrently
+        session.rollback()
+        raise Conflict(f"{blocked.target} is already blocked") from None
+    log.info("blocked %s by %s: %s", blocked.target, by.name, reason)
+    return blocked
+
+
+def unblock(session: Session, namespace: str, name: str | None, *, by: Token) -> None:
+    _check_maintainer(by, "unblock")
+    begin_write(session)
+    existing = session.scalar(
+        select(Block).where(Block.namespace == namespace, Block.name == (name or ""))
+    )
+    if existing is None:
+        session.rollback()
+        target = f"{namespace}/{name}" if name else f"namespace {namespace!r}"
+        raise Conflict(f"{target} is not blocked")
+    session.delete(existing)
+    session.commit()
+    log.info("unblocked %s by %s", existing.target, by.name)
+
+
+def _check_maintainer(token: Token, action: str) -> None:
+    if not token.is_maintainer:
+        raise Forbidden(
+            f"only a maintainer may {action}; {token.name!r} is a {token.role}",
+            expected="a maintainer token",
+        )
 
 
 def _lock_for_update(session: Session, version: ExpertVersion) -> None:

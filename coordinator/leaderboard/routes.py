@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from coordinator.core.deps import ReaderDep, SessionDep
+from coordinator.core.params import Offset
 from coordinator.leaderboard import service
 from coordinator.leaderboard.schemas import Leaderboard
 from coordinator.leaderboard.service import MAX_PAGE_SIZE, PAGE_SIZE, SORT_PATTERN, Split
@@ -30,6 +31,9 @@ def get_leaderboard(
     evaluated_only: Annotated[
         bool, Query(description="only releases scored on a task in view (as the web page)")
     ] = False,
+    include_withdrawn: Annotated[
+        bool, Query(description="also rank releases a maintainer withdrew (left out by default)")
+    ] = False,
     sort: Annotated[
         str,
         Query(
@@ -40,13 +44,14 @@ def get_leaderboard(
     ] = "release",
     order: Literal["asc", "desc"] = "asc",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Offset = 0,
 ) -> Leaderboard:
     view = service.LeaderboardView(
         base_model=base_model,
         method=method,
         split=split,
         evaluated_only=evaluated_only,
+        include_withdrawn=include_withdrawn,
         sort=sort,
         descending=order == "desc",
         limit=limit,

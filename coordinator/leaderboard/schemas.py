@@ -27,6 +27,9 @@ class LeaderboardRow(BaseModel):
     experts: list[str] = Field(description="namespace/name@version of each expert")
     notes: str
     created_at: datetime
+    withdrawn: bool = Field(
+        default=False, description="a maintainer withdrew it (listed only with include_withdrawn)"
+    )
     scores: dict[str, LeaderboardCell] = Field(
         description="task (of the view) -> its newest finished score"
     )

@@ -180,9 +180,14 @@ def latest_results(
     return found
 
 
-def release_conditions(base_model: str | None, method: str | None) -> list[ColumnElement[bool]]:
-    """Filters on `Release` (joined to `BaseModelRecord` for the base model's name)."""
+def release_conditions(
+    base_model: str | None, method: str | None, *, include_withdrawn: bool = False
+) -> list[ColumnElement[bool]]:
+    """Filters on `Release` (joined to `BaseModelRecord` for the base model's name).
+    Withdrawn releases rank nowhere unless asked for: curation took them out."""
     conditions: list[ColumnElement[bool]] = []
+    if not include_withdrawn:
+        conditions.append(Release.withdrawn_at.is_(None))
     if base_model:
         conditions.append(BaseModelRecord.name == base_model)
     if method:
@@ -233,14 +238,16 @@ class LeaderboardView:
 
     `sort` is one of `SORT_KEYS` or `task:<name>` (`held-in` and `held-out` are accepted
     too); rows without a value come last either way, ties go by release number.
-    `evaluated_only` keeps the releases with at least one score in view. `limit=None`: every
-    row; `limit=0`: no row, only the tasks and the total.
+    `evaluated_only` keeps the releases with at least one score in view; withdrawn releases
+    are left out unless `include_withdrawn`. `limit=None`: every row; `limit=0`: no row,
+    only the tasks and the total.
     """
 
     base_model: str | None = None
     method: str | None = None
     split: Split = Split.ALL
     evaluated_only: bool = False
+    include_withdrawn: bool = False
     sort: str = "release"
     descending: bool = False
     limit: int | None = None
@@ -267,7 +274,9 @@ def rank_releases(session: Session, view: LeaderboardView = LeaderboardView()) -
         )
     groups = task_groups(session)
     in_view = results_in_view(view.split, groups)
-    by_release = release_conditions(view.base_model, view.method)
+    by_release = release_conditions(
+        view.base_model, view.method, include_withdrawn=view.include_withdrawn
+    )
 
     tasks = list(
         session.scalars(
@@ -379,6 +388,7 @@ def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
         experts=[e["ref"] for e in release.manifest.get("experts", [])],
         notes=release.notes,
         created_at=release.created_at,
+        withdrawn=release.withdrawn_at is not None,
         scores={
             task: LeaderboardCell(
                 accuracy=result.accuracy,

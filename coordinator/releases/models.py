@@ -25,6 +25,10 @@ class Release(Base):
     artifact_digest: Mapped[str | None] = mapped_column(String(71))
     created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Curation after the fact: the artifact stays frozen; a withdrawal only marks it.
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    withdrawn_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    withdrawn_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     experts: Mapped[list[ReleaseExpert]] = relationship(
         order_by="ReleaseExpert.position", cascade="all, delete-orphan"

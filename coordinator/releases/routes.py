@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.core.errors import ERROR_RESPONSE
+from coordinator.core.params import Offset, RowNumber
 from coordinator.evaluations import service as evaluations
 from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service
+from coordinator.releases.models import Release
 from coordinator.releases.schemas import (
     JobInfo,
     Method,
@@ -19,11 +21,9 @@ from coordinator.releases.schemas import (
     ReleaseSummary,
     ScoreInfo,
     ScoresSummary,
+    WithdrawRequest,
     release_url,
 )
-
-# Ids are 32-bit integers in the database: a larger one is a 422, not a 500.
-RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/releases", tags=["releases"])
 
@@ -35,30 +35,73 @@ router = APIRouter(prefix="/releases", tags=["releases"])
     responses={401: ERROR_RESPONSE, 403: ERROR_RESPONSE, 409: ERROR_RESPONSE, 422: ERROR_RESPONSE},
 )
 def create_release(
-    body: ReleaseCreate, response: Response, session: SessionDep, token: MaintainerDep
+    body: ReleaseCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    token: MaintainerDep,
 ) -> ReleaseDetail:
-    release = service.create_release(session, body, by=token)
+    release = service.create_release(session, request.app.state.blobs, body, by=token)
     response.headers["Location"] = release_url(release.number)
-    return ReleaseDetail.of_scored(release, _scores(session, release.id))
+    return _detail(session, release)
 
 
-@router.get("", summary="List releases")
+@router.get(
+    "",
+    summary="List releases, one page by number (the total is in X-Total-Count)",
+    responses={200: {"headers": {"X-Total-Count": {"description": "matching releases"}}}},
+)
 def list_releases(
+    response: Response,
     session: SessionDep,
     _reader: ReaderDep,
     base_model: str | None = None,
     method: Method | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Offset = 0,
 ) -> list[ReleaseSummary]:
-    releases = service.list_releases(session, base_model=base_model, method=method)
-    return [ReleaseSummary.of(r) for r in releases]
+    page = service.release_page(
+        session, base_model=base_model, method=method, limit=limit, offset=offset
+    )
+    yanked = service.yanked_experts(session, [r.id for r in page.items])
+    response.headers["X-Total-Count"] = str(page.total)
+    return [ReleaseSummary.of(r, yanked[r.id]) for r in page.items]
 
 
 @router.get(
     "/{number}", summary="A release: experts, manifest and scores", responses={404: ERROR_RESPONSE}
 )
 def get_release(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> ReleaseDetail:
+    return _detail(session, service.get_release(session, number))
+
+
+@router.post(
+    "/{number}/withdraw",
+    summary="Withdraw a release (maintainers): new evaluations of it are refused",
+    responses={403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 409: ERROR_RESPONSE},
+)
+def withdraw(
+    number: RowNumber, body: WithdrawRequest, session: SessionDep, token: MaintainerDep
+) -> ReleaseDetail:
     release = service.get_release(session, number)
-    return ReleaseDetail.of_scored(release, _scores(session, release.id))
+    service.withdraw_release(session, release, by_name=token.name, reason=body.reason)
+    return _detail(session, release)
+
+
+@router.post(
+    "/{number}/restore",
+    summary="Undo a withdrawal (maintainers)",
+    responses={403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 409: ERROR_RESPONSE},
+)
+def restore(number: RowNumber, session: SessionDep, token: MaintainerDep) -> ReleaseDetail:
+    release = service.get_release(session, number)
+    service.restore_release(session, release, by_name=token.name)
+    return _detail(session, release)
+
+
+def _detail(session: SessionDep, release: Release) -> ReleaseDetail:
+    yanked = service.yanked_experts(session, [release.id])[release.id]
+    return ReleaseDetail.of_scored(release, _scores(session, release), yanked)
 
 
 @router.get(
@@ -70,9 +113,16 @@ def get_manifest(number: RowNumber, session: SessionDep, _reader: ReaderDep) -> 
     return service.get_release(session, number).manifest
 
 
-def _scores(session: SessionDep, release_id: int) -> ScoresSummary:
-    scores = evaluations.latest_scores(session, [release_id]).get(release_id, {})
-    jobs = evaluations.list_jobs_of_release(session, release_id)
+# A release body lists its newest jobs only: maintainers may queue any number of them.
+JOBS_LISTED = 100
+
+
+def _scores(session: SessionDep, release: Release) -> ScoresSummary:
+    scores = evaluations.latest_scores(session, [release.id]).get(release.id, {})
+    total = evaluations.count_jobs(session, release=release.number)
+    jobs = evaluations.list_jobs(
+        session, release=release.number, limit=JOBS_LISTED, offset=max(0, total - JOBS_LISTED)
+    )
     groups = leaderboard.task_groups(session)  # the leaderboard's rule, so both agree
     accuracies = {task: result.accuracy for task, result in scores.items()}
     return ScoresSummary(
@@ -91,4 +141,5 @@ def _scores(session: SessionDep, release_id: int) -> ScoresSummary:
         mean_accuracy=leaderboard.mean_accuracy(list(accuracies.values())),
         group_means=leaderboard.group_means(accuracies, groups),
         evaluations=[JobInfo(id=j.id, state=j.state) for j in jobs],
+        evaluations_total=total,
     )

@@ -76,7 +76,8 @@ class ScoresSummary(BaseModel):
     tasks: dict[str, ScoreInfo] = Field(description="the newest result per task")
     mean_accuracy: float | None
     group_means: dict[str, float] = Field(description="e.g. held_in, held_out")
-    evaluations: list[JobInfo]
+    evaluations: list[JobInfo] = Field(description="its newest 100 jobs, oldest first")
+    evaluations_total: int = Field(description="all its jobs")
 
 
 class ReleaseSummary(BaseModel):
@@ -98,10 +99,16 @@ class ReleaseSummary(BaseModel):
     created_at: datetime
     url: str
     manifest_url: str
+    # Curation state, read by phatgoose.load_release; never in the frozen manifest.
+    withdrawn: bool = Field(description="a maintainer withdrew the release")
+    withdrawn_reason: str | None
+    yanked_experts: list[str] = Field(
+        description="refs (namespace/name@version) of the release's experts yanked now"
+    )
 
     @classmethod
-    def of(cls, release: Release) -> ReleaseSummary:
-        return cls(**_summary_fields(release))
+    def of(cls, release: Release, yanked_experts: list[str]) -> ReleaseSummary:
+        return cls(**_summary_fields(release, yanked_experts))
 
 
 class ReleaseDetail(ReleaseSummary):
@@ -109,15 +116,23 @@ class ReleaseDetail(ReleaseSummary):
     scores: ScoresSummary
 
     @classmethod
-    def of_scored(cls, release: Release, scores: ScoresSummary) -> ReleaseDetail:
-        return cls(**_summary_fields(release), manifest=release.manifest, scores=scores)
+    def of_scored(
+        cls, release: Release, scores: ScoresSummary, yanked_experts: list[str]
+    ) -> ReleaseDetail:
+        return cls(
+            **_summary_fields(release, yanked_experts), manifest=release.manifest, scores=scores
+        )
+
+
+class WithdrawRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, examples=["an expert routes every token"])
 
 
 def release_url(number: int) -> str:
     return f"{API_PREFIX}/releases/{number}"
 
 
-def _summary_fields(release: Release) -> dict[str, Any]:
+def _summary_fields(release: Release, yanked_experts: list[str]) -> dict[str, Any]:
     manifest = release.manifest
     return {
         "number": release.number,
@@ -142,4 +157,7 @@ def _summary_fields(release: Release) -> dict[str, Any]:
         "created_at": release.created_at,
         "url": release_url(release.number),
         "manifest_url": release_url(release.number) + "/manifest",
+        "withdrawn": release.withdrawn_at is not None,
+        "withdrawn_reason": release.withdrawn_reason,
+        "yanked_experts": yanked_experts,
     }

@@ -13,15 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
+import struct
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,12 +31,15 @@ from coordinator.base_models import service as base_models
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.db import begin_write, utcnow
 from coordinator.core.errors import Conflict, CoordinatorError, NotFound
+from coordinator.experts import service as experts
 from coordinator.experts.models import Expert, ExpertVersion
 from coordinator.experts.schemas import version_url
 from coordinator.releases.models import Release, ReleaseExpert
 from coordinator.releases.schemas import ReleaseCreate
 from coordinator.storage import BlobStore
 from protocol.methods import METHOD_SPECS, ROUTER_NUMERICS, TOKEN_METHODS, RoutingMethod
+from protocol.package import ADAPTER_WEIGHTS_FILE
+from protocol.peft_format import parse_lora_key
 from protocol.release import (
     RELEASE_FILE,
     RELEASE_FORMAT,
@@ -61,11 +65,14 @@ class ReleaseRejected(CoordinatorError):
     check = "release"
 
 
-def create_release(session: Session, request: ReleaseCreate, *, by: Token) -> Release:
-    """Validate `request`, then insert it as the next release number; return the release."""
+def create_release(
+    session: Session, blobs: BlobStore, request: ReleaseCreate, *, by: Token
+) -> Release:
+    """Validate `request`, then insert it as the next release number; return the release.
+    `blobs` holds the versions' files (merged releases read which modules each adapts)."""
     versions, single = _resolve_experts(session, request)
     base = _base_model(session, request, versions)
-    _check_method(request, versions)
+    _check_method(request, versions, blobs)
     top_k = _top_k(request, versions)
     session.commit()  # end the read transaction of the lookups
 
@@ -259,21 +266,30 @@ def _resolve_experts(
 def resolve_expert(session: Session, ref: str, *, allow_yanked: bool = False) -> ExpertVersion:
     """`ns/name@version` exactly (refused when yanked unless `allow_yanked`), or `ns/name`:
     its newest version that is not yanked."""
-    full_name, _, number = ref.partition("@")
+    full_name, at, text_number = ref.partition("@")
     namespace, _, name = full_name.partition("/")
-    if not namespace or not name or (number and not number.isdigit()):
+    number = experts.parse_version_number(text_number) if at else None
+    if not namespace or not name or (at and number is None):
         raise ReleaseRejected(
             f"{ref!r} is not an expert reference",
             check="expert_ref",
-            expected="namespace/name@version or namespace/name",
+            expected="namespace/name@version (version in ASCII digits, 1 to "
+            f"{experts.MAX_VERSION_NUMBER}) or namespace/name",
         )
     expert = session.scalar(
         select(Expert).where(Expert.namespace == namespace, Expert.name == name)
     )
     if expert is None:
         raise ReleaseRejected(f"no expert named {full_name}", check="unknown_expert")
-    if number:
-        version = next((v for v in expert.versions if v.number == int(number)), None)
+    block = expert.block
+    if block is not None:
+        raise ReleaseRejected(
+            f"{full_name} is blocked ({block.target}, by {block.blocked_by}: {block.reason})",
+            check="blocked",
+            expected="experts that are not blocked",
+        )
+    if number is not None:
+        version = next((v for v in expert.versions if v.number == number), None)
         if version is None:
             raise ReleaseRejected(f"{full_name} has no version {number}", check="unknown_expert")
         if version.yanked and not allow_yanked:
@@ -328,13 +344,13 @@ def _base_model(
     )
 
 
-def _check_method(request: ReleaseCreate, versions: list[ExpertVersion]) -> None:
+def _check_method(request: ReleaseCreate, versions: list[ExpertVersion], blobs: BlobStore) -> None:
     """What the method's spec asks of the versions: shared shapes, shipped router vectors."""
     spec = METHOD_SPECS[request.method]
     if spec.same_shapes:
-        shapes = {
-            (v.rank, v.module_count, tuple(v.manifest["lora"]["target_modules"])) for v in versions
-        }
+        # The modules each adapter really adapts (its tensor names), not what its manifest
+        # says: two lists of target names can adapt different modules (exclude_modules).
+        shapes = {(v.rank, adapted_modules(blobs, v)) for v in versions}
         if len(shapes) > 1:
             described = ", ".join(
                 f"{v.ref} (r={v.rank}, {v.module_count} modules)" for v in versions
@@ -379,9 +395,7 @@ def _top_k(request: ReleaseCreate, versions: list[ExpertVersion]) -> int | None:
 # --- reading ---------------------------------------------------------------------------
 
 
-def list_releases(
-    session: Session, *, base_model: str | None = None, method: str | None = None
-) -> list[Release]:
+def _release_query(base_model: str | None, method: str | None) -> Select[Release]:
     query = select(Release)
     if base_model is not None:
         query = query.join(BaseModelRecord, Release.base_model_id == BaseModelRecord.id).where(
@@ -389,7 +403,88 @@ def list_releases(
         )
     if method is not None:
         query = query.where(Release.method == method)
-    return list(session.scalars(query.order_by(Release.number)))
+    return query
+
+
+def list_releases(
+    session: Session, *, base_model: str | None = None, method: str | None = None
+) -> list[Release]:
+    """Every matching release, by number (for scripts; the API pages with `release_page`)."""
+    return list(session.scalars(_release_query(base_model, method).order_by(Release.number)))
+
+
+@dataclass(frozen=True)
+class ReleasePage:
+    items: list[Release]
+    total: int
+
+
+def release_page(
+    session: Session,
+    *,
+    base_model: str | None = None,
+    method: str | None = None,
+    limit: int,
+    offset: int,
+) -> ReleasePage:
+    """One page of the matching releases, by number, and how many match in all."""
+    query = _release_query(base_model, method)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(Release.number).limit(limit).offset(offset))
+    return ReleasePage(items=list(items), total=total)
+
+
+def yanked_experts(session: Session, release_ids: list[int]) -> dict[int, list[str]]:
+    """Per release id, the refs of its experts that are yanked now, in release order."""
+    if not release_ids:
+        return {}
+    rows = session.execute(
+        select(ReleaseExpert.release_id, ExpertVersion)
+        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
+        .where(ReleaseExpert.release_id.in_(release_ids), ExpertVersion.yanked_at.is_not(None))
+        .order_by(ReleaseExpert.release_id, ReleaseExpert.position)
+    ).all()
+    found: dict[int, list[str]] = {release_id: [] for release_id in release_ids}
+    for release_id, version in rows:
+        found[release_id].append(version.ref)
+    return found
+
+
+def withdraw_release(session: Session, release: Release, *, by_name: str, reason: str) -> Release:
+    """Mark a release withdrawn: it stays readable and loadable (its artifact is frozen),
+    shows as withdrawn, and new evaluations of it are refused unless overridden."""
+    _lock_release(session, release)
+    if release.withdrawn_at is not None:
+        session.rollback()
+        raise Conflict(
+            f"release {release.number} is already withdrawn by {release.withdrawn_by}: "
+            f"{release.withdrawn_reason}"
+        )
+    release.withdrawn_at = utcnow()
+    release.withdrawn_by = by_name
+    release.withdrawn_reason = reason
+    session.commit()
+    log.info("withdrew release %d by %s: %s", release.number, by_name, reason)
+    return release
+
+
+def restore_release(session: Session, release: Release, *, by_name: str) -> Release:
+    _lock_release(session, release)
+    if release.withdrawn_at is None:
+        session.rollback()
+        raise Conflict(f"release {release.number} is not withdrawn")
+    release.withdrawn_at = None
+    release.withdrawn_by = None
+    release.withdrawn_reason = None
+    session.commit()
+    log.info("restored release %d by %s", release.number, by_name)
+    return release
+
+
+def _lock_release(session: Session, release: Release) -> None:
+    begin_write(session)
+    session.execute(select(Release.id).where(Release.id == release.id).with_for_update())
+    session.refresh(release)
 
 
 def get_release(session: Session, number: int) -> Release:
@@ -399,11 +494,20 @@ def get_release(session: Session, number: int) -> Release:
     return release
 
 
-def export_release(
-    session: Session, blobs: BlobStore, release: Release, directory: Path, *, link: bool = False
-) -> Path:
+def adapted_modules(blobs: BlobStore, version: ExpertVersion) -> frozenset[str]:
+    """The module paths a version's adapter holds tensors for, read from the safetensors
+    header of its stored adapter (admission checked the header and bounded its size)."""
+    sha256 = next(f.sha256 for f in version.files if f.filename == ADAPTER_WEIGHTS_FILE)
+    with blobs.open(sha256) as blob:
+        (length,) = struct.unpack("<Q", blob.read(8))
+        header = json.loads(blob.read(length))
+    return frozenset(parsed[0] for key in header if (parsed := parse_lora_key(key)))
+
+
+def export_release(session: Session, blobs: BlobStore, release: Release, directory: Path) -> Path:
     """Write the release as a directory `phatgoose.load_release` reads: `release.json` and
-    each expert's files under its `path`. `link` symlinks the blobs instead of copying."""
+    each expert's files under its `path`. Files are copied: `load_release` refuses a
+    symbolic link that leads outside the directory, as a link into the blob store would."""
     directory.mkdir(parents=True, exist_ok=True)
     for entry in ReleaseManifest.model_validate(release.manifest).experts:
         package = directory / entry.path
@@ -411,10 +515,6 @@ def export_release(
         for file in entry.files:
             target = package / file.filename
             target.unlink(missing_ok=True)
-            source = blobs.local_path(file.sha256)
-            if link and source is not None:
-                os.symlink(source.resolve(), target)
-                continue
             with blobs.open(file.sha256) as blob, target.open("wb") as out:
                 shutil.copyfileobj(blob, out)
     # The stored JSON as it is: `artifact_digest` is its digest.

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from coordinator.auth.models import Role
-from tests.coordinator.helpers import bearer_headers, upload
+from tests.coordinator.helpers import bearer_headers, stored_bytes, upload
 
 
 @pytest.fixture
@@ -94,13 +94,13 @@ def test_unknown_version_is_404(client, published):
     assert response.json()["detail"]["message"] == "alice/demo has no version 9"
 
 
-def test_download_is_bit_exact(client, alice, package):
+def test_download_is_bit_exact(client, alice, package, base_spec):
     directory = package("alice/exact", seed=7)
     assert upload(client, alice, directory).status_code == 201
-    for path in directory.iterdir():
-        response = client.get(f"/api/v1/experts/alice/exact/1/files/{path.name}")
+    for name, data in stored_bytes(directory, base_spec).items():
+        response = client.get(f"/api/v1/experts/alice/exact/1/files/{name}")
         assert response.status_code == 200
-        expected = hashlib.sha256(path.read_bytes()).hexdigest()
+        expected = hashlib.sha256(data).hexdigest()
         assert hashlib.sha256(response.content).hexdigest() == expected
         assert response.headers["x-content-sha256"] == expected
 
@@ -122,16 +122,16 @@ class _WithoutLocalFiles:
 
 
 def test_download_from_a_store_without_local_files_streams_the_same_bytes(
-    app, client, alice, package, monkeypatch
+    app, client, alice, package, monkeypatch, base_spec
 ):
     directory = package("alice/streamed", seed=8)
     assert upload(client, alice, directory).status_code == 201
     monkeypatch.setattr(app.state, "blobs", _WithoutLocalFiles(app.state.blobs))
-    for path in directory.iterdir():
-        response = client.get(f"/api/v1/experts/alice/streamed/1/files/{path.name}")
+    for name, data in stored_bytes(directory, base_spec).items():
+        response = client.get(f"/api/v1/experts/alice/streamed/1/files/{name}")
         assert response.status_code == 200
-        assert response.content == path.read_bytes()
-        assert response.headers["content-disposition"] == f'attachment; filename="{path.name}"'
+        assert response.content == data
+        assert response.headers["content-disposition"] == f'attachment; filename="{name}"'
 
 
 def test_download_of_a_non_package_file_is_404(client, published):
@@ -212,6 +212,7 @@ def test_maintainer_yanks_and_unyanks_anyones_version(client, maintainer, publis
         "yanked": False,
         "yanked_at": None,
         "yanked_by": None,
+        "yanked_by_role": None,
         "reason": None,
     }
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from coordinator import migrations
 from coordinator.core.db import make_engine
@@ -20,6 +22,7 @@ TABLES = {
     "release_experts",
     "evaluation_jobs",
     "evaluation_results",
+    "blocks",
 }
 
 
@@ -58,3 +61,94 @@ def test_upgrade_twice_is_a_no_op(fresh_database_url):
 def test_app_start_migrates_an_empty_database(make_app, settings, fresh_database_url):
     app = make_app(settings.model_copy(update={"database_url": fresh_database_url}))
     assert migrations.current_revision(app.state.engine) == migrations.head_revision()
+
+
+def _fill_a_0001_database(engine) -> None:
+    """Rows as 0001 stored them: a maintainer's yank, a contributor's yank, a release."""
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    with engine.begin() as connection:
+        run = connection.execute
+        run(
+            text(
+                "INSERT INTO tokens (id, public_id, name, role, secret_sha256, created_at) VALUES "
+                "(1, 'a1', 'alice', 'contributor', 'x', :now), "
+                "(2, 'c1', 'carol', 'maintainer', 'x', :now)"
+            ),
+            {"now": now},
+        )
+        run(
+            text(
+                "INSERT INTO base_models (id, name, fingerprint, architecture, spec, created_at) "
+                "VALUES (1, 'tiny', 'sha256:0', 'llama', '{}', :now)"
+            ),
+            {"now": now},
+        )
+        run(
+            text(
+                "INSERT INTO experts (id, namespace, name, created_at) "
+                "VALUES (1, 'alice', 'demo', :now)"
+            ),
+            {"now": now},
+        )
+        for number, yanked_by in ((1, "carol"), (2, "alice"), (3, None)):
+            run(
+                text(
+                    "INSERT INTO expert_versions (id, expert_id, number, base_model_id, "
+                    "package_digest, manifest, rank, module_count, total_size, uploaded_by, "
+                    "channel, created_at, yanked_at, yanked_by, yank_reason) VALUES (:n, 1, :n, "
+                    "1, :digest, '{}', 4, 14, 100, 'alice', 'http', :now, :yanked_at, :by, :why)"
+                ),
+                {
+                    "n": number,
+                    "digest": f"sha256:{number}",
+                    "now": now,
+                    "yanked_at": now if yanked_by else None,
+                    "by": yanked_by,
+                    "why": "bad" if yanked_by else None,
+                },
+            )
+        run(
+            text(
+                "INSERT INTO releases (id, number, method, base_model_id, notes, manifest, "
+                "created_by, created_at) VALUES (1, 1, 'phatgoose', 1, '', '{}', 'carol', :now)"
+            ),
+            {"now": now},
+        )
+        run(
+            text(
+                "INSERT INTO release_experts (release_id, position, expert_version_id) "
+                "VALUES (1, 0, 1)"
+            )
+        )
+
+
+def test_0002_upgrades_a_0001_database_holding_data(fresh_database_url):
+    engine = make_engine(fresh_database_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        _fill_a_0001_database(engine)
+        migrations.upgrade(engine)
+        assert migrations.current_revision(engine) == migrations.head_revision()
+        with engine.connect() as connection:
+            roles = connection.execute(
+                text(
+                    "SELECT number, yanked_by, yanked_by_role FROM expert_versions ORDER BY number"
+                )
+            ).all()
+            releases = connection.execute(
+                text("SELECT number, withdrawn_at, withdrawn_by, withdrawn_reason FROM releases")
+            ).all()
+            blocks = connection.execute(text("SELECT count(*) FROM blocks")).scalar()
+        # The maintainer's yank stays a maintainer's: its owner cannot lift it after upgrade.
+        assert [tuple(r) for r in roles] == [
+            (1, "carol", "maintainer"),
+            (2, "alice", "contributor"),
+            (3, None, None),
+        ]
+        assert [tuple(r) for r in releases] == [(1, None, None, None)]
+        assert blocks == 0
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, migrations.target_metadata()) == []
+    finally:
+        engine.dispose()

@@ -114,7 +114,7 @@ def test_concurrent_creations_get_distinct_numbers_one_to_n(app, client, experts
 
     def create(_: int) -> int:
         with app.state.sessionmaker() as session:
-            return service.create_release(session, request, by=token).number
+            return service.create_release(session, app.state.blobs, request, by=token).number
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         numbers = sorted(pool.map(create, range(6)))
@@ -296,6 +296,7 @@ def test_get_release_has_manifest_and_empty_scores(client, maintainer, experts):
         "mean_accuracy": None,
         "group_means": {},
         "evaluations": [],
+        "evaluations_total": 0,
     }
 
 
