@@ -133,7 +133,10 @@ def catalogued(sessions: Any, plan: DemoPlan, fingerprint: str) -> dict[str, str
 
     found: dict[str, str] = {}
     with sessions() as session:
-        for version in list_versions(session, namespace=DEMO_NAMESPACE, limit=500).items:
+        # Every Flower node publishes under its own namespace, `demo-<node id>`.
+        for version in list_versions(session, limit=500).items:
+            if not version.expert.namespace.startswith(f"{DEMO_NAMESPACE}-"):
+                continue
             manifest = version.manifest
             training = manifest.get("training", {})
             if (
@@ -246,7 +249,7 @@ def demo_maintainer(sessions: Any) -> Any:
 
 
 def build_releases(
-    sessions: Any, base: str, refs: Sequence[str], maintainer: Any
+    sessions: Any, blobs: Any, base: str, refs: Sequence[str], maintainer: Any
 ) -> dict[str, int]:
     """PHATGOOSE, merged and base releases over `refs` (reusing identical ones): method ->
     release number."""
@@ -267,7 +270,8 @@ def build_releases(
                     base_model=base,
                     notes="phatgoose demo",
                 )
-                numbers[method] = releases.create_release(session, request, by=maintainer).number
+                created = releases.create_release(session, blobs, request, by=maintainer)
+                numbers[method] = created.number
     return numbers
 
 
@@ -295,7 +299,7 @@ def queue_evaluations(
                 seed=plan.training.seed,
                 task_groups=TaskGroups(held_in=list(plan.held_in), held_out=list(plan.held_out)),
             )
-            wanted = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
+            wanted = evaluations.job_spec(request)
             release = releases.get_release(session, number)
             existing = [
                 job
@@ -346,10 +350,12 @@ def evaluate_releases(
 ) -> dict[str, int]:
     """Releases over the catalogued experts, their evaluation (by the coordinator's own
     worker, in this process) and the leaderboard; returns method -> release number."""
+    from coordinator.storage import LocalBlobStore
     from coordinator.worker import WorkerOptions, run_worker
 
     maintainer = demo_maintainer(sessions)
-    numbers = build_releases(sessions, base, list(refs.values()), maintainer)
+    blobs = LocalBlobStore(settings.blob_dir)
+    numbers = build_releases(sessions, blobs, base, list(refs.values()), maintainer)
     console.print("releases: " + ", ".join(f"#{n} {method}" for method, n in numbers.items()))
     pending = queue_evaluations(sessions, plan, numbers, maintainer)
     if pending:

@@ -4,9 +4,16 @@ private data, and every reply is catalogued as a new expert version.
 Experts are catalogued, not averaged: each reply goes through the coordinator's one
 registration path (`coordinator.experts.service.register_expert_package`, channel "flower"),
 exactly like an HTTP upload. A node that fails or times out registers nothing and does not
-stop the round. The wire format of a reply is described in docs/federation.md; this module
-re-creates the package files from it bit-exactly (and checks so against the sender's
-sha256 of every file).
+stop the round.
+
+Every node publishes as itself: the node id Flower stamps on its reply
+(`message.metadata.src_node_id`, set by the SuperLink, not by the node) picks the namespace
+`<namespace>-<node id>` and that namespace's contributor token, so one node can neither
+publish into another node's namespace nor add versions to another node's expert, and the
+version's uploader names the node (docs/security.md, "What a SuperNode may do").
+
+The wire format of a reply is described in docs/federation.md; this module re-creates the
+package files from it bit-exactly (and checks so against the sender's sha256 of every file).
 """
 
 from __future__ import annotations
@@ -174,9 +181,9 @@ class RoundReport:
         return "\n".join(lines)
 
 
-# Registers the package files of one reply; returns the new version's `name@version`.
-# Raises `Rejected` when the coordinator's validation refuses it.
-Registrar = Callable[[Mapping[str, Path]], str]
+# Registers the package files of one node's reply; returns the new version's
+# `namespace/name@version`. Raises `Rejected` when the coordinator refuses it.
+Registrar = Callable[[int, Mapping[str, Path]], str]
 
 
 class Rejected(Exception):
@@ -228,7 +235,17 @@ def run_round(
     replies = grid.send_and_receive(train_messages(nodes, request), timeout=timeout_seconds)
     answered: set[int] = set()
     for reply in replies:
+        # The SuperLink stamps the sender's id; a node has one reply per round, and only
+        # nodes that were asked may answer.
         node = reply.metadata.src_node_id
+        if node not in nodes:
+            why = "a reply from a node that was not asked to train: ignored"
+            report.outcomes.append(NodeOutcome(node, "rejected", why))
+            continue
+        if node in answered:
+            why = "a second reply from this node in the round: ignored"
+            report.outcomes.append(NodeOutcome(node, "rejected", why))
+            continue
         answered.add(node)
         report.outcomes.append(_register_reply(node, reply, register))
     for node in nodes:
@@ -241,16 +258,23 @@ def run_round(
 
 def _register_reply(node: int, reply: Message, register: Registrar) -> NodeOutcome:
     if reply.has_error():
-        return NodeOutcome(node, "failed", reply.error.reason or "")
+        return NodeOutcome(node, "failed", _printable(reply.error.reason or ""))
     try:
         with tempfile.TemporaryDirectory(prefix="phatgoose-flower-") as tmp:
             files = write_package_from_content(reply.content, tmp)
-            ref = register(files)
+            ref = register(node, files)
     except PackageMessageError as error:
         return NodeOutcome(node, "rejected", f"malformed reply: {error}")
     except Rejected as error:
         return NodeOutcome(node, "rejected", error.detail)
     return NodeOutcome(node, "registered", expert=ref)
+
+
+def _printable(text: str, limit: int = 500) -> str:
+    """A node's own text for the round's log: control characters escaped (no forged
+    lines), cut to `limit` characters."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 # ------------------------------------------------------------- the coordinator side
@@ -264,15 +288,40 @@ def coordinator_settings(round_settings: RoundSettings) -> Settings:
     return Settings(**overrides)
 
 
-def flower_uploader(session: Session, namespace: str) -> Token:
-    """The token Flower replies are published with: a live contributor token named
-    `namespace`, created (its secret discarded) on first use. The ServerApp writes to the
-    catalog directly, so the token is never presented; it records who published."""
-    for token in auth.list_tokens(session):
-        if token.name == namespace and token.revoked_at is None:
-            return token
-    issued = auth.create_token(session, name=namespace, role=Role.CONTRIBUTOR)
-    log.info("created the contributor token %r for Flower-trained experts", namespace)
+def node_namespace(prefix: str, node_id: int) -> str:
+    """The namespace a node publishes under: its own, named by its Flower node id."""
+    return f"{prefix}-{node_id}"
+
+
+def node_uploader(session: Session, namespace: str, *, create: bool) -> Token:
+    """The contributor token a node's replies are published with: the live contributor token
+    named `namespace` (created, its secret discarded, when `create` and none exists). The
+    ServerApp writes to the catalog directly, so the token is never presented; it scopes what
+    the node may publish to its namespace and records who published.
+
+    Raises `Rejected` when a live token of that name is a maintainer's (publishing with it
+    would let the node write into every namespace), or when none exists and `create` is off.
+    """
+    live = [t for t in auth.list_tokens(session) if t.name == namespace and t.revoked_at is None]
+    if any(t.role != Role.CONTRIBUTOR for t in live):
+        raise Rejected(
+            f"namespace {namespace!r} belongs to a maintainer token: Flower replies are only "
+            "published with a contributor token (revoke it or choose another namespace prefix)"
+        )
+    if live:
+        return min(live, key=lambda t: t.id)
+    if not create:
+        raise Rejected(
+            f"no contributor token named {namespace!r}: create one with `phatgoose coordinator "
+            f"create-token {namespace} --role contributor` to let this node publish, or run "
+            "the round with create-node-tokens=true"
+        )
+    try:
+        issued = auth.create_token(session, name=namespace, role=Role.CONTRIBUTOR)
+    except ValueError as error:  # e.g. the name is owned already (a revoked token)
+        session.rollback()
+        raise Rejected(f"cannot create the contributor token {namespace!r}: {error}") from None
+    log.info("created the contributor token %r for a Flower node", namespace)
     return issued.token
 
 
@@ -291,9 +340,12 @@ def coordinator_registrar(round_settings: RoundSettings) -> Iterator[Registrar]:
     blobs = LocalBlobStore(settings.blob_dir)
     try:
         with sessions() as session:
-            uploader = flower_uploader(session, round_settings.namespace)
 
-            def register(files: Mapping[str, Path]) -> str:
+            def register(node_id: int, files: Mapping[str, Path]) -> str:
+                namespace = node_namespace(round_settings.namespace, node_id)
+                uploader = node_uploader(
+                    session, namespace, create=round_settings.create_node_tokens
+                )
                 try:
                     version = register_expert_package(
                         session,

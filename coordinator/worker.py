@@ -33,11 +33,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import phatgoose
 from coordinator.core.config import Settings
+from coordinator.core.errors import Conflict
 from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob
+from coordinator.evaluations.public_errors import PublicJobError, public_error
 from coordinator.releases.models import Release
 from coordinator.releases.service import export_release
 from coordinator.storage import BlobStore, LocalBlobStore
+from protocol.tasks import TaskNameError, check_task_name
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,22 @@ def evaluator_version() -> str:
 
 
 def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """A name for the job rows, which are public: no host name (the log says which host)."""
+    return f"worker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class InvalidTaskName(PublicJobError):
+    """A job names a task that is not a task name (`protocol.tasks`); it never will be one,
+    so the job fails at once, before any path is built from it."""
+
+
+class CuratedOut(PublicJobError):
+    """The job's release was withdrawn, or one of its experts yanked, after the job was
+    queued (without the matching override in its spec): the job fails at once."""
+
+
+class UnknownTask(PublicJobError):
+    """A job names a task the worker's tasks directory does not hold."""
 
 
 @dataclass
@@ -139,7 +157,11 @@ class Worker:
         many jobs this worker ended (done or failed)."""
         ended = 0
         log.info(
-            "worker %s polling every %.1f s", self.options.worker_id, self.options.poll_seconds
+            "worker %s (host %s, pid %d) polling every %.1f s",
+            self.options.worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            self.options.poll_seconds,
         )
         while not stop():
             job = self.claim()
@@ -173,17 +195,26 @@ class Worker:
                 log.error("evaluation %d: stopped, %s", job.id, error)
                 return False
             except Exception as error:
-                message = f"{type(error).__name__}: {error}"
-                log.error("evaluation %d: attempt %d failed: %s", job.id, job.attempts, message)
-                log.debug("%s", traceback.format_exc())
+                # The whole story (paths, hosts) for the operator; the job row is public.
+                log.error(
+                    "evaluation %d: attempt %d failed: %s: %s\n%s",
+                    job.id,
+                    job.attempts,
+                    type(error).__name__,
+                    error,
+                    traceback.format_exc(),
+                )
+                # A name that breaks the rule never becomes valid: no second attempt.
+                final = isinstance(error, (InvalidTaskName, CuratedOut))
+                attempts = job.attempts if final else None
                 try:
                     with self.sessions() as session:
                         state = evaluations.fail_attempt(
                             session,
                             job.id,
                             self.options.worker_id,
-                            message,
-                            max_attempts=self.options.max_attempts,
+                            public_error(error),
+                            max_attempts=attempts or self.options.max_attempts,
                         )
                 except evaluations.LeaseLost:
                     return False
@@ -192,21 +223,31 @@ class Worker:
         return True
 
     def _evaluate(self, job: EvaluationJob, beat: Heartbeat) -> None:
-        from phatgoose.bigbench import load_bigbench_task
+        from phatgoose.bigbench import load_bigbench_task, resolve_task_name
         from phatgoose.evaluation import evaluate_task
         from phatgoose.routing import capture_routing, unroute_model
 
         spec = job.spec
+        tasks = checked_task_names(spec)  # before any path, release or model is touched
         version = evaluator_version()
         with self.sessions() as session:
             release = session.get(Release, job.release_id)
             assert release is not None
+            try:
+                evaluations.check_curation(
+                    session,
+                    release,
+                    allow_withdrawn=bool(spec.get("allow_withdrawn")),
+                    allow_yanked=bool(spec.get("allow_yanked")),
+                )
+            except Conflict as error:
+                raise CuratedOut(error.message) from None
             done = evaluations.done_tasks(session, job.id)
-            todo = [t for t in spec["tasks"] if t not in done]
+            todo = [t for t in tasks if t not in done]
             if done:
                 log.info("evaluation %d: resuming; %d task(s) already scored", job.id, len(done))
             with tempfile.TemporaryDirectory(prefix="phatgoose-release-") as directory:
-                export_release(session, self.blobs, release, Path(directory), link=True)
+                export_release(session, self.blobs, release, Path(directory))
                 manifest = release.manifest
                 model, tokenizer = self._load(Path(directory), manifest)
         try:
@@ -215,11 +256,14 @@ class Worker:
                     time.sleep(self.options.task_delay_seconds)
                 if beat.lost.is_set():
                     raise evaluations.LeaseLost(f"evaluation {job.id}: lease lost")
+                try:
+                    task_file = resolve_task_name(task, self.options.tasks_dir)
+                except TaskNameError as error:
+                    raise UnknownTask(str(error)) from None
                 split = load_bigbench_task(
-                    task,
+                    task_file,
                     n_eval=int(spec["examples_per_task"]),
                     seed=int(spec.get("seed", 0)),
-                    tasks_dir=self.options.tasks_dir,
                 )
                 with capture_routing(model) as stats:
                     result = evaluate_task(
@@ -264,6 +308,20 @@ class Worker:
             with _LOAD_LOCK:
                 self._bases[name] = load_base_model(self.options.base_models.get(name, name))
         return load_release(directory, base_model=self._bases[name])
+
+
+def checked_task_names(spec: dict[str, Any]) -> list[str]:
+    """A job's task names, each following `protocol.tasks` (the API checked them too, but a
+    row may come from elsewhere); raises `InvalidTaskName` naming the first that does not."""
+    tasks = spec.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise InvalidTaskName(f"the job's spec has no list of tasks: {tasks!r}")
+    for task in tasks:
+        try:
+            check_task_name(task)
+        except TaskNameError as error:
+            raise InvalidTaskName(str(error)) from None
+    return list(tasks)
 
 
 def routing_summary(stats: Any, method: str) -> dict[str, Any] | None:

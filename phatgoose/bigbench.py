@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from phatgoose.data import Example
 from phatgoose.models import cache_root
+from protocol.tasks import TaskNameError, check_task_name, find_task_file
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,27 @@ def _resolve_task_file(name_or_path: str | Path, tasks_dir: Path | None) -> tupl
     raise FileNotFoundError(
         f"no BIG-bench task {name!r}: {candidate} does not exist "
         f"({len(known)} tasks in {root}){suggestion}"
+    )
+
+
+def resolve_task_name(task: str, tasks_dir: Path | None = None) -> Path:
+    """The `task.json` of a task *name* (never a path) inside `tasks_dir`.
+
+    For names that come from other people (evaluation jobs): the name must follow
+    `protocol.tasks.check_task_name` before any path is built, and the file, symlinks
+    resolved, must lie inside the tasks directory. Raises `TaskNameError`, whose message
+    names the task but no path of this machine.
+    """
+    check_task_name(task)
+    root = Path(tasks_dir) if tasks_dir is not None else fetch_bigbench()
+    found = find_task_file(root, task)
+    if found is not None:
+        return found
+    known = available_tasks(root)
+    close = difflib.get_close_matches(task, known, n=5, cutoff=0.6)
+    suggestion = f"; did you mean: {', '.join(close)}?" if close else ""
+    raise TaskNameError(
+        task, f"no BIG-bench task {task!r} in the tasks directory ({len(known)} tasks){suggestion}"
     )
 
 

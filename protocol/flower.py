@@ -149,8 +149,12 @@ class RoundSettings(_FlowerSettings):
     # PHATGOOSE_DATABASE_URL).
     coordinator_data_dir: str = ""
     coordinator_database_url: str = ""
-    # The namespace Flower-trained experts are published under.
-    namespace: str = Field(default="flower", min_length=1)
+    # Each node publishes under its own namespace, `<namespace>-<node id>` (a node id has at
+    # most 20 digits and a namespace at most 64 characters).
+    namespace: str = Field(default="flower", pattern=r"^[a-z0-9][a-z0-9_.-]{0,39}$")
+    # Create a node's contributor token on its first reply; false: only nodes whose
+    # `<namespace>-<node id>` contributor token the operator created may publish.
+    create_node_tokens: bool = True
     # Local simulation only (no node config there): "name=path;name=path", one per node.
     simulation_datasets: str = ""
 

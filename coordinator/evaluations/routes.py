@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Query, Response
 
-from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
+from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep, SettingsDep
 from coordinator.core.errors import ERROR_RESPONSE
+from coordinator.core.params import Offset, RowFilter, RowNumber
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
+from coordinator.evaluations.task_names import check_requested_tasks
 from protocol import API_PREFIX
 
-# Ids are 32-bit integers in the database: a larger one is a 422, not a 500.
-RowNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
+# A page of the evaluation list (every job would be unbounded).
+PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
@@ -23,24 +26,46 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
     "",
     status_code=201,
     summary="Queue an evaluation of a release (maintainers); a worker runs it",
-    responses={401: ERROR_RESPONSE, 403: ERROR_RESPONSE, 404: ERROR_RESPONSE, 422: ERROR_RESPONSE},
+    responses={
+        401: ERROR_RESPONSE,
+        403: ERROR_RESPONSE,
+        404: ERROR_RESPONSE,
+        409: ERROR_RESPONSE,
+        422: ERROR_RESPONSE,
+    },
 )
 def create_evaluation(
-    body: EvaluationCreate, response: Response, session: SessionDep, token: MaintainerDep
+    body: EvaluationCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    token: MaintainerDep,
 ) -> EvaluationDetail:
+    check_requested_tasks(body, settings.tasks_dir)
     job = service.create_job(session, body, by=token)
     response.headers["Location"] = f"{API_PREFIX}/evaluations/{job.id}"
     return EvaluationDetail.of(job, body.release, [])
 
 
-@router.get("", summary="List evaluations")
+@router.get(
+    "",
+    summary="List evaluations, oldest first, one page (X-Total-Count: all that match)",
+    responses={422: ERROR_RESPONSE},
+)
 def list_evaluations(
     session: SessionDep,
     _reader: ReaderDep,
-    release: int | None = None,
+    response: Response,
+    release: RowFilter = None,
     state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
+    offset: Offset = 0,
 ) -> list[EvaluationDetail]:
-    jobs = service.list_jobs(session, release=release, state=state)
+    # A page, not every job: maintainers may queue any number of evaluations. The body stays
+    # a list (as before); the total is a header.
+    total = service.count_jobs(session, release=release, state=state)
+    response.headers["X-Total-Count"] = str(total)
+    jobs = service.list_jobs(session, release=release, state=state, limit=limit, offset=offset)
     return [
         EvaluationDetail.of(
             j, service.release_number(session, j), service.job_results(session, j.id)

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from coordinator.core.params import DB_INT_MAX
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult
+from coordinator.evaluations.public_errors import redact
 from protocol import API_PREFIX, API_VERSION, ApiVersion
 
 
@@ -19,11 +21,13 @@ class TaskGroups(BaseModel):
 class EvaluationCreate(BaseModel):
     """A release x a benchmark: task names, examples per task, the split's seed."""
 
-    release: int = Field(ge=1, description="the release number")
+    # Bounded like every release number (a 64-bit one was a 500 on SQLite: fuzzing).
+    release: int = Field(ge=1, le=DB_INT_MAX, description="the release number")
     tasks: list[str] = Field(
         min_length=1,
         max_length=1000,
-        description="BIG-bench task names (or parent/subtask) in the workers' tasks directory",
+        description="BIG-bench task names: lowercase ASCII letters, digits and '_' (or "
+        "parent/subtask, when the coordinator knows the tasks directory)",
         examples=[["hyperbaton", "navigate"]],
     )
     examples_per_task: int = Field(ge=1, le=1_000_000, examples=[60])
@@ -33,10 +37,19 @@ class EvaluationCreate(BaseModel):
         description="which tasks are held in (have an expert) and held out (zero-shot); "
         "the leaderboard reports a mean per group",
     )
+    allow_yanked: bool = Field(
+        default=False,
+        description="evaluate even though some of the release's experts are yanked",
+    )
+    allow_withdrawn: bool = Field(
+        default=False, description="evaluate even though the release is withdrawn"
+    )
 
     @model_validator(mode="after")
     def _check_tasks(self) -> EvaluationCreate:
-        names = [t.strip() for t in self.tasks]
+        # Not stripped: a name is taken exactly as sent and checked against the task-name
+        # rule (coordinator.evaluations.task_names), so `parity\n` is refused, not renamed.
+        names = list(self.tasks)
         if any(not n or len(n) > 200 for n in names):
             raise ValueError("task names are 1 to 200 characters")
         if len(set(names)) != len(names):
@@ -106,10 +119,11 @@ class EvaluationDetail(BaseModel):
             spec=job.spec,
             state=job.state,
             attempts=job.attempts,
-            worker_id=job.worker_id,
+            # Public: no paths or host names, also in rows written before the redaction.
+            worker_id=None if job.worker_id is None else redact(job.worker_id),
             lease_expires_at=job.lease_expires_at,
             heartbeat_at=job.heartbeat_at,
-            error=job.error,
+            error=None if job.error is None else redact(job.error),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

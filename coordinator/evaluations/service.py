@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.auth.models import Token
 from coordinator.core.db import begin_write, utcnow
-from coordinator.core.errors import NotFound
+from coordinator.core.errors import Conflict, NotFound
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
 from coordinator.evaluations.schemas import EvaluationCreate
 from coordinator.releases import service as releases
@@ -40,7 +40,10 @@ class LeaseLost(RuntimeError):
 
 def create_job(session: Session, request: EvaluationCreate, *, by: Token) -> EvaluationJob:
     release = releases.get_release(session, request.release)
-    spec = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
+    check_curation(
+        session, release, allow_withdrawn=request.allow_withdrawn, allow_yanked=request.allow_yanked
+    )
+    spec = job_spec(request)
     spec["requested_by"] = by.name
     begin_write(session)
     job = EvaluationJob(release_id=release.id, spec=spec, state=JobState.QUEUED)
@@ -56,6 +59,36 @@ def create_job(session: Session, request: EvaluationCreate, *, by: Token) -> Eva
     return job
 
 
+def job_spec(request: EvaluationCreate) -> dict[str, Any]:
+    """What a job records of its request (the release is the job's row); an override is
+    recorded only when used, so jobs with the same spec are the same experiment."""
+    unused = {name for name in ("allow_yanked", "allow_withdrawn") if not getattr(request, name)}
+    return request.model_dump(mode="json", exclude={"release", *unused}, exclude_none=True)
+
+
+def check_curation(
+    session: Session, release: Release, *, allow_withdrawn: bool, allow_yanked: bool
+) -> None:
+    """A withdrawn release, or one with yanked experts, is evaluated only on request: its
+    scores would rank what curation took out. Checked when a job is queued and again when
+    a worker runs it (curation may act in between); `Conflict` says why."""
+    if release.withdrawn_at is not None and not allow_withdrawn:
+        raise Conflict(
+            f"release {release.number} is withdrawn ({release.withdrawn_reason}); pass "
+            "allow_withdrawn: true to evaluate it anyway",
+            check="withdrawn",
+            expected="a release that is not withdrawn, or allow_withdrawn: true",
+        )
+    yanked = releases.yanked_experts(session, [release.id])[release.id]
+    if yanked and not allow_yanked:
+        raise Conflict(
+            f"release {release.number} has yanked experts: {', '.join(yanked)}; pass "
+            "allow_yanked: true to evaluate it anyway",
+            check="yanked",
+            expected="a release without yanked experts, or allow_yanked: true",
+        )
+
+
 def get_job(session: Session, job_id: int) -> EvaluationJob:
     job = session.get(EvaluationJob, job_id)
     if job is None:
@@ -63,9 +96,7 @@ def get_job(session: Session, job_id: int) -> EvaluationJob:
     return job
 
 
-def list_jobs(
-    session: Session, *, release: int | None = None, state: str | None = None
-) -> list[EvaluationJob]:
+def _jobs_query(release: int | None, state: str | None) -> Select[EvaluationJob]:
     query = select(EvaluationJob)
     if release is not None:
         query = query.join(Release, EvaluationJob.release_id == Release.id).where(
@@ -73,7 +104,25 @@ def list_jobs(
         )
     if state is not None:
         query = query.where(EvaluationJob.state == state)
-    return list(session.scalars(query.order_by(EvaluationJob.id)))
+    return query
+
+
+def list_jobs(
+    session: Session,
+    *,
+    release: int | None = None,
+    state: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[EvaluationJob]:
+    """Jobs by id; `limit=None`: all of them."""
+    query = _jobs_query(release, state).order_by(EvaluationJob.id).offset(offset)
+    return list(session.scalars(query if limit is None else query.limit(limit)))
+
+
+def count_jobs(session: Session, *, release: int | None = None, state: str | None = None) -> int:
+    query = _jobs_query(release, state).subquery()
+    return session.scalar(select(func.count()).select_from(query)) or 0
 
 
 def list_jobs_of_release(session: Session, release_id: int) -> list[EvaluationJob]:

@@ -154,7 +154,7 @@ def test_a_failing_job_fails_after_max_attempts(
     ended = _worker(app, _options(base_dir, tasks_dir, max_attempts=2)).run(once=True)
     body = client.get(f"/api/v1/evaluations/{job_id}").json()
     assert (ended, body["state"], body["attempts"]) == (1, "failed", 2)
-    assert body["error"].startswith("FileNotFoundError: no BIG-bench task 'missing_task'")
+    assert body["error"].startswith("UnknownTask: no BIG-bench task 'missing_task'")
     assert [r["task"] for r in body["results"]] == ["parity"]  # scored once, kept
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -69,16 +70,18 @@ def test_the_demo_catalogues_every_contributors_expert_then_reuses_them(tmp_path
 
     assert (first, second) == (0, 0)
     output = capsys.readouterr().err
-    assert "reusing demo/tiny-colors@1 from the catalog" in output
-    assert "reusing demo/tiny-numbers@1 from the catalog" in output
+    # Each node published under its own namespace, `demo-<node id>`.
+    assert re.search(r"reusing demo-\d+/tiny-colors@1 from the catalog", output)
+    assert re.search(r"reusing demo-\d+/tiny-numbers@1 from the catalog", output)
     engine, sessions = open_database(Settings(data_dir=data_dir / "coordinator"))
     with sessions() as session:
         board = leaderboard(session)
         versions = list_versions(session).items
-        assert sorted((v.ref, v.channel) for v in versions) == [
-            ("demo/tiny-colors@1", "flower"),
-            ("demo/tiny-numbers@1", "flower"),
+        assert sorted((v.expert.name, v.number, v.channel) for v in versions) == [
+            ("tiny-colors", 1, "flower"),
+            ("tiny-numbers", 1, "flower"),
         ]
+        assert all(re.fullmatch(r"demo-\d+", v.expert.namespace) for v in versions)
         # Each contributor sampled 16 of its task's 20 training examples (24 minus the 4
         # evaluation ones) and held 2 of them out for validation.
         assert [v.manifest["training"]["examples"] for v in versions] == [14, 14]

@@ -52,10 +52,14 @@ def test_two_supernodes_land_experts_and_a_failing_one_does_not_stop_the_round(t
     assert "2 registered, 0 rejected, 1 failed, 0 timed out" in output
     with sessions() as session:
         versions = list_versions(session).items
-        assert sorted((v.ref, v.channel) for v in versions) == [
-            ("flower/alice@1", "flower"),
-            ("flower/bob@1", "flower"),
+        # Each node publishes under its own namespace, `flower-<node id>`, as itself.
+        assert sorted((v.expert.name, v.number, v.channel) for v in versions) == [
+            ("alice", 1, "flower"),
+            ("bob", 1, "flower"),
         ]
+        namespaces = {v.expert.namespace for v in versions}
+        assert len(namespaces) == 2 and all(n.startswith("flower-") for n in namespaces)
+        assert all(v.uploaded_by == v.expert.namespace for v in versions)
         assert all(v.manifest["training"]["steps"] == 3 for v in versions)
         assert all(v.manifest["training"]["gate_steps"] == 2 for v in versions)
     engine.dispose()

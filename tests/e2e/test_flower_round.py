@@ -109,12 +109,12 @@ def test_the_round_registers_replies_and_reports_failures_rejections_and_timeout
     grid = FakeGrid({1: good, 2: Error(code=0, reason="data file missing"), 3: None, 4: bad})
     registered: list[str] = []
 
-    def register(files):
+    def register(node, files):
         name = Expert.load(next(iter(files.values())).parent).name
         if name == "bad":
             raise Rejected("router.safetensors: gate is constant (check gate_std)")
         registered.append(name)
-        return f"flower/{name}@1"
+        return f"flower-{node}/{name}@1"
 
     with serverapp_identity():
         report = run_round(
@@ -123,7 +123,7 @@ def test_the_round_registers_replies_and_reports_failures_rejections_and_timeout
 
     outcomes = {o.node_id: (o.status, o.expert or o.detail) for o in report.outcomes}
     assert outcomes == {
-        1: ("registered", "flower/good@1"),
+        1: ("registered", "flower-1/good@1"),
         2: ("failed", "data file missing"),
         3: ("timed out", "no reply within 1 s"),
         4: ("rejected", "router.safetensors: gate is constant (check gate_std)"),
@@ -146,15 +146,15 @@ def test_replies_are_catalogued_through_the_coordinators_registration(tmp_path):
 
     round_settings = RoundSettings(coordinator_data_dir=str(settings.data_dir))
     with coordinator_registrar(round_settings) as register:
-        ref = register(files)
+        ref = register(3, files)
         with pytest.raises(Rejected, match="identical content is already published"):
-            register(files)
+            register(4, files)
 
-    assert ref == "flower/otter@1"
+    assert ref == "flower-3/otter@1"
     engine, sessions = open_database(settings)
     with sessions() as session:
         versions = list_versions(session).items
         assert [(v.ref, v.channel, v.uploaded_by) for v in versions] == [
-            ("flower/otter@1", "flower", "flower")
+            ("flower-3/otter@1", "flower", "flower-3")
         ]
     engine.dispose()
