@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
 from coordinator.base_models import service
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
-from coordinator.core.errors import Conflict, NotFound
+from coordinator.core.errors import ERROR_RESPONSE, Conflict, NotFound
+from coordinator.core.params import Offset
 from protocol import API_PREFIX, BaseModelSpec
+
+# A page of the base model list (maintainers register them, but nothing caps how many).
+PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
 
 router = APIRouter(prefix="/base-models", tags=["base models"])
 
@@ -37,9 +43,22 @@ class BaseModelSummary(BaseModel):
         )
 
 
-@router.get("", summary="Registered base models")
-def list_base_models(session: SessionDep, _reader: ReaderDep) -> list[BaseModelSummary]:
-    return [BaseModelSummary.of(r) for r in service.list_base_models(session)]
+@router.get(
+    "",
+    summary="Registered base models by name, one page (X-Total-Count: all of them)",
+    responses={422: ERROR_RESPONSE},
+)
+def list_base_models(
+    session: SessionDep,
+    _reader: ReaderDep,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
+    offset: Offset = 0,
+) -> list[BaseModelSummary]:
+    # The body stays a list (as before); the total is a header.
+    response.headers["X-Total-Count"] = str(service.count_base_models(session))
+    records = service.list_base_models(session, limit=limit, offset=offset)
+    return [BaseModelSummary.of(r) for r in records]
 
 
 @router.get("/{name}", summary="A base model's full spec (identity and linear modules)")

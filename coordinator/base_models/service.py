@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,5 +66,13 @@ def get_by_fingerprint(session: Session, fingerprint: str) -> BaseModelRecord | 
     return session.scalar(select(BaseModelRecord).where(BaseModelRecord.fingerprint == fingerprint))
 
 
-def list_base_models(session: Session) -> list[BaseModelRecord]:
-    return list(session.scalars(select(BaseModelRecord).order_by(BaseModelRecord.name)))
+def list_base_models(
+    session: Session, *, limit: int | None = None, offset: int = 0
+) -> list[BaseModelRecord]:
+    """Base models by name; `limit=None`: all of them."""
+    query = select(BaseModelRecord).order_by(BaseModelRecord.name).offset(offset)
+    return list(session.scalars(query if limit is None else query.limit(limit)))
+
+
+def count_base_models(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(BaseModelRecord)) or 0

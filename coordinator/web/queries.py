@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.base_models.models import BaseModelRecord
-from coordinator.evaluations.models import EvaluationResult
+from coordinator.evaluations.models import EvaluationJob, EvaluationResult
 from coordinator.experts.models import Expert, ExpertVersion
 from coordinator.leaderboard import service as leaderboard
 from coordinator.leaderboard.service import (
@@ -263,6 +263,7 @@ class ReleaseSummary:
     experts: int
     tasks: int
     mean: float | None
+    yanked: int = 0  # its experts yanked now
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,13 @@ def list_releases(
     limit, offset = clamp_page(limit, offset)
     expert_counts = leaderboard.expert_counts()
     scores = leaderboard.release_summaries()
+    yanked_counts = (
+        select(ReleaseExpert.release_id, func.count().label("yanked"))
+        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
+        .where(ExpertVersion.yanked_at.is_not(None))
+        .group_by(ReleaseExpert.release_id)
+        .subquery()
+    )
     query = (
         select(
             Release,
@@ -293,18 +301,20 @@ def list_releases(
             func.coalesce(expert_counts.c.experts, 0),
             func.coalesce(scores.c.tasks, 0),
             scores.c.mean,
+            func.coalesce(yanked_counts.c.yanked, 0),
         )
         .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
         .outerjoin(expert_counts, expert_counts.c.release_id == Release.id)
         .outerjoin(scores, scores.c.release_id == Release.id)
-        .where(*leaderboard.release_conditions(base_model, method))
+        .outerjoin(yanked_counts, yanked_counts.c.release_id == Release.id)
+        .where(*leaderboard.release_conditions(base_model, method, include_withdrawn=True))
     )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.execute(query.order_by(Release.number.desc()).limit(limit).offset(offset)).all()
     return ReleasePage(
         items=[
-            ReleaseSummary(release, base_name, experts, tasks, mean)
-            for release, base_name, experts, tasks, mean in rows
+            ReleaseSummary(release, base_name, experts, tasks, mean, yanked)
+            for release, base_name, experts, tasks, mean, yanked in rows
         ],
         total=total,
         limit=limit,
@@ -368,6 +378,51 @@ def oracle_choices(
     return best
 
 
+# Evaluation jobs shown on a release page: the newest ones (maintainers may queue any number).
+JOBS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class JobPage:
+    items: list[EvaluationJob]  # newest first
+    total: int
+
+
+def release_jobs(session: Session, release: Release, limit: int = JOBS_SHOWN) -> JobPage:
+    """The release's newest evaluation jobs and how many it has, without loading them all."""
+    where = EvaluationJob.release_id == release.id
+    total = session.scalar(select(func.count()).select_from(EvaluationJob).where(where)) or 0
+    items = session.scalars(
+        select(EvaluationJob).where(where).order_by(EvaluationJob.id.desc()).limit(limit)
+    )
+    return JobPage(items=list(items), total=total)
+
+
+@dataclass(frozen=True)
+class VersionPage:
+    items: list[ExpertVersion]  # newest first
+    total: int
+    limit: int
+    offset: int
+
+
+def expert_versions(
+    session: Session, expert: Expert, *, limit: int = PAGE_SIZE, offset: int = 0
+) -> VersionPage:
+    """One page of an expert's versions, newest first (a contributor may publish many)."""
+    limit, offset = clamp_page(limit, offset)
+    where = ExpertVersion.expert_id == expert.id
+    total = session.scalar(select(func.count()).select_from(ExpertVersion).where(where)) or 0
+    items = session.scalars(
+        select(ExpertVersion)
+        .where(where)
+        .order_by(ExpertVersion.number.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return VersionPage(items=list(items), total=total, limit=limit, offset=offset)
+
+
 def result_by_id(session: Session, result_id: int) -> EvaluationResult | None:
     return session.get(EvaluationResult, result_id)
 
@@ -397,6 +452,17 @@ class CatalogPage:
     offset: int
     namespaces: list[str]
     base_models: list[str]
+
+
+def _manifest_description(session: Session) -> ColumnElement[str]:
+    """The latest version's description, for matching. On SQLite, a manifest that is not
+    valid JSON (a legacy row holding `Infinity`) makes `json_extract` fail the whole query:
+    such a row gets no description rather than a 500 for every visitor. PostgreSQL's JSON
+    type refuses invalid JSON on insert, so every stored manifest parses there."""
+    description = ExpertVersion.manifest["description"].as_string()
+    if session.get_bind().dialect.name != "sqlite":
+        return description
+    return case((func.json_valid(ExpertVersion.manifest) == 1, description), else_=None)
 
 
 def search_experts(
@@ -437,7 +503,7 @@ def search_experts(
     )
     if text:
         needle = text.strip().lower()
-        description = func.lower(ExpertVersion.manifest["description"].as_string())
+        description = func.lower(_manifest_description(session))
         query = query.where(
             or_(
                 func.lower(Expert.name).contains(needle, autoescape=True),

@@ -7,6 +7,7 @@ Pages follow the coordinator's read policy (`ReaderDep`): public unless `public_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +20,9 @@ from fastapi.templating import Jinja2Templates
 
 from coordinator.core.deps import SessionDep, require_reader
 from coordinator.core.errors import NotFound
-from coordinator.evaluations import service as evaluations
+from coordinator.core.params import Offset, RowNumber
 from coordinator.evaluations.models import EvaluationResult
+from coordinator.evaluations.public_errors import redact
 from coordinator.experts import service as experts
 from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service as releases
@@ -30,14 +32,18 @@ from coordinator.web.queries import MAX_PAGE_SIZE, PAGE_SIZE, CatalogStatus, Spl
 
 HERE = Path(__file__).parent
 STATIC_FILES = {"site.css": "text/css", "site.js": "text/javascript"}
-# Results are immutable: their plots can be cached as long as the browser likes.
-_IMMUTABLE = {"Cache-Control": "public, max-age=86400"}
+# Results are immutable: their plots can be cached as long as the browser likes. The
+# methods plot changes with new results: the browser asks again, and gets a 304 by ETag.
+_IMMUTABLE = "public, max-age=86400"
+_REVALIDATE = "no-cache"
+
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_reader)])
 templates = Jinja2Templates(directory=HERE / "templates")
 
+# Bounded like the API's: an offset or number past the database's integers is a 422, not a
+# 500 (coordinator.core.params).
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 def _query_url(request: Request, **changes: Any) -> str:
@@ -74,6 +80,8 @@ templates.env.filters["date"] = _date
 templates.env.filters["kl"] = _kl
 templates.env.filters["log"] = math.log
 templates.env.filters["group_label"] = queries.group_label
+# Job errors stored before errors were redacted at the source may name worker paths/hosts.
+templates.env.filters["redact"] = redact
 
 
 def _blank(value: str | None) -> str | None:
@@ -143,16 +151,32 @@ def leaderboard_page(
     )
 
 
+def _png_response(
+    request: Request, digest: str, render: Callable[[], bytes], cache_control: str
+) -> Response:
+    """A plot from `plots.PNG_CACHE` (rendered on a miss), or a 304 when the browser has it."""
+    etag = f'"{digest}"'
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    presented = request.headers.get("if-none-match", "")
+    if etag in (tag.strip().removeprefix("W/") for tag in presented.split(",")):
+        return Response(status_code=304, headers=headers)
+    image = plots.PNG_CACHE.get_or_render(digest, render)
+    return Response(image.png, media_type="image/png", headers=headers)
+
+
 @router.get("/ui/leaderboard/methods.png")
 def methods_plot(
-    session: SessionDep, base_model: str | None = None, split: Split = Split.ALL
+    request: Request, session: SessionDep, base_model: str | None = None, split: Split = Split.ALL
 ) -> Response:
     means = queries.method_means(session, base_model=_blank(base_model), split=split)
     scope = "all" if split == Split.ALL else queries.group_label(split.value)
     title = f"Best release of each method, {scope} tasks"
     if base_model:
         title += f" ({base_model})"
-    return Response(plots.method_bars(means, title), media_type="image/png")
+    # Without results the plot shows no title: one image for every filter that finds none,
+    # so made-up filter values cannot make a new render each.
+    digest = plots.plot_digest("methods", title if means else "", means)
+    return _png_response(request, digest, lambda: plots.method_bars(means, title), _REVALIDATE)
 
 
 # --- releases ----------------------------------------------------------------------------
@@ -215,7 +239,7 @@ def _task_analysis(
 
 
 @router.get("/ui/releases/{number}", response_class=HTMLResponse)
-def release_page(request: Request, session: SessionDep, number: int) -> HTMLResponse:
+def release_page(request: Request, session: SessionDep, number: RowNumber) -> HTMLResponse:
     try:
         release = releases.get_release(session, number)
     except NotFound:
@@ -236,13 +260,13 @@ def release_page(request: Request, session: SessionDep, number: int) -> HTMLResp
         versions=versions,
         tasks=tasks,
         mean=mean,
-        jobs=evaluations.list_jobs_of_release(session, release.id),
+        jobs=queries.release_jobs(session, release),
         groups=leaderboard.task_groups(session),
     )
 
 
 @router.get("/ui/results/{result_id}/routing.png")
-def routing_plot(session: SessionDep, result_id: int) -> Response:
+def routing_plot(request: Request, session: SessionDep, result_id: RowNumber) -> Response:
     result = queries.result_by_id(session, result_id)
     if result is None:
         raise NotFound(f"no evaluation result {result_id}")
@@ -254,8 +278,9 @@ def routing_plot(session: SessionDep, result_id: int) -> Response:
         raise NotFound(str(error)) from error
     release = session.get(Release, result.release_id)
     label = queries.release_label(release) if release else f"release {result.release_id}"
-    png = plots.routing_heatmap(routing, f"{label} on {result.task}\nexperts chosen per layer")
-    return Response(png, media_type="image/png", headers=_IMMUTABLE)
+    title = f"{label} on {result.task}\nexperts chosen per layer"
+    digest = plots.plot_digest("routing", title, routing)
+    return _png_response(request, digest, lambda: plots.routing_heatmap(routing, title), _IMMUTABLE)
 
 
 # --- catalog -----------------------------------------------------------------------------
@@ -295,16 +320,25 @@ def experts_page(
 
 
 @router.get("/ui/experts/{namespace}/{name}", response_class=HTMLResponse)
-def expert_page(request: Request, session: SessionDep, namespace: str, name: str) -> HTMLResponse:
+def expert_page(
+    request: Request,
+    session: SessionDep,
+    namespace: str,
+    name: str,
+    limit: Limit = PAGE_SIZE,
+    offset: Offset = 0,
+) -> HTMLResponse:
     try:
         expert = experts.get_expert(session, namespace, name)
     except NotFound as error:
         return _not_found(request, error.message)
+    page = queries.expert_versions(session, expert, limit=limit, offset=offset)
     return _render(
         request,
         "expert.html",
         nav="experts",
         expert=expert,
-        versions=list(reversed(expert.versions)),
+        page=page,
+        versions=page.items,
         releases=queries.releases_using(session, expert),
     )

@@ -302,6 +302,21 @@ def _has(holder, key) -> bool:
     return isinstance(holder, list) and isinstance(key, int) and key < len(holder)
 
 
+REPORT = os.environ.get("PHATGOOSE_RELEASE_FUZZ_REPORT")
+TALLY: dict[str, dict[str, int]] = {}
+
+
+def _tally(kind: str, outcome: str) -> None:
+    """Count outcomes by what was broken; `benchmarks/fuzz_long.py --suite release` reads
+    them from the `PHATGOOSE_RELEASE_FUZZ_REPORT` file."""
+    counts = TALLY.setdefault(kind, {})
+    counts[outcome] = counts.get(outcome, 0) + 1
+    if REPORT:
+        cases = sum(sum(c.values()) for c in TALLY.values())
+        entry = {"database": "loopback", "cases": cases, "done": True, "by_label": TALLY}
+        Path(REPORT).write_text(json.dumps([entry]))
+
+
 @settings(
     max_examples=int(os.environ.get("PHATGOOSE_FUZZ_EXAMPLES", "0")) or 60,
     deadline=None,
@@ -324,12 +339,17 @@ def test_whatever_the_server_says_nothing_escapes(data, servers, experts, tmp_pa
     for _ in range(data.draw(st.integers(0, 2))):
         _replace(manifest, data.draw(st.sampled_from(targets)), data.draw(values))
     server.json(RELEASE_PATH + "/manifest", manifest)
-    if data.draw(st.booleans()):
+    broke_reply = data.draw(st.booleans())
+    if broke_reply:
         paths = [RELEASE_PATH + "/manifest", RELEASE_PATH, *list(server.replies)]
         server.replies[data.draw(st.sampled_from(paths))] = data.draw(replies(elsewhere.url))
+    kind = ("manifest" if manifest != honest else "") + ("+reply" if broke_reply else "")
     before = files_under(folder)
+    outcome = "refused"
     with contextlib.suppress(ReleaseError):
         load(server, folder / "cache")
+        outcome = "loaded"
+    _tally(kind or "honest", outcome)
     written = {p for p in files_under(folder) - before if not p.is_relative_to(folder / "cache")}
     assert written == set()
     assert elsewhere.seen == []
