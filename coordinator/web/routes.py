@@ -32,9 +32,10 @@ from coordinator.web.queries import MAX_PAGE_SIZE, PAGE_SIZE, CatalogStatus, Spl
 
 HERE = Path(__file__).parent
 STATIC_FILES = {"site.css": "text/css", "site.js": "text/javascript"}
-# Results are immutable: their plots can be cached as long as the browser likes. The
-# methods plot changes with new results: the browser asks again, and gets a 304 by ETag.
-_IMMUTABLE = "public, max-age=86400"
+# Results are immutable: their plots can be cached as long as the browser likes (and by
+# shared caches only when reads are public). The methods plot changes with new results:
+# the browser asks again, and gets a 304 by ETag.
+_IMMUTABLE = "max-age=86400"
 _REVALIDATE = "no-cache"
 
 
@@ -156,7 +157,8 @@ def _png_response(
 ) -> Response:
     """A plot from `plots.PNG_CACHE` (rendered on a miss), or a 304 when the browser has it."""
     etag = f'"{digest}"'
-    headers = {"ETag": etag, "Cache-Control": cache_control}
+    audience = "public" if request.app.state.settings.public_read else "private"
+    headers = {"ETag": etag, "Cache-Control": f"{audience}, {cache_control}"}
     presented = request.headers.get("if-none-match", "")
     if etag in (tag.strip().removeprefix("W/") for tag in presented.split(",")):
         return Response(status_code=304, headers=headers)

@@ -402,7 +402,7 @@ def test_a_second_methods_plot_request_is_not_rendered_again(
     assert second.content == first.content
     assert count_renders == [1]
     etag = first.headers["etag"]
-    assert first.headers["cache-control"] == "no-cache"
+    assert first.headers["cache-control"] == "public, no-cache"
     revalidated = client.get("/ui/leaderboard/methods.png", headers={"If-None-Match": etag})
     assert revalidated.status_code == 304 and revalidated.content == b""
     assert count_renders == [1]
@@ -431,6 +431,16 @@ def test_a_heatmap_is_rendered_once_and_sent_with_cache_headers(
     assert "max-age" in images[0].headers["cache-control"]
     revalidated = client.get(source.group(1), headers={"If-None-Match": images[0].headers["etag"]})
     assert revalidated.status_code == 304
+
+
+def test_plots_of_a_private_catalog_are_not_for_shared_caches(
+    make_app: Callable[[Settings], FastAPI], settings: Settings
+) -> None:
+    application = make_app(settings.model_copy(update={"public_read": False}))
+    reader = bearer_headers(application, "alice", Role.CONTRIBUTOR)
+    response = TestClient(application).get("/ui/leaderboard/methods.png", headers=reader)
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "private, no-cache"
 
 
 def test_the_png_cache_is_bounded_in_bytes() -> None:
