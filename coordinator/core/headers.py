@@ -5,12 +5,17 @@ The pages load only their own stylesheet, script and images (`/ui/static/`, PNG 
 with no inline script or style, so their policy allows `'self'` and nothing else. The API
 docs pages (`/docs`, `/redoc`) are FastAPI's: they load Swagger UI or ReDoc from a CDN and
 start it with an inline script, so they get a policy of their own that allows exactly that.
+
+An exception no handler caught would reach Starlette's outermost error middleware, whose
+500 carries none of these headers: this middleware answers it first, in the error shape
+and with the headers, and re-raises it for the server's log.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PAGE_POLICY = (
@@ -47,12 +52,37 @@ class SecurityHeadersMiddleware:
         policy = DOCS_POLICY if scope["path"] in self.docs_paths else PAGE_POLICY
         extra = [*_COMMON, (b"content-security-policy", policy.encode())]
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
                 headers.extend((name, value) for name, value in extra if name not in present)
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if not started:
+                await INTERNAL_ERROR(scope, receive, send_with_headers)
+            raise
+
+
+# Says nothing of the cause (that goes to the server's log).
+INTERNAL_ERROR = JSONResponse(
+    {
+        "detail": {
+            "error": "internal_error",
+            "check": "server",
+            "file": None,
+            "tensor": None,
+            "expected": None,
+            "message": "the coordinator failed on this request; its log has the details",
+        }
+    },
+    status_code=500,
+)

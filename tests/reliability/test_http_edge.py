@@ -618,6 +618,19 @@ def test_every_response_carries_the_security_headers(
         assert "script-src 'self';" in policy
 
 
+def test_an_unhandled_error_is_a_500_in_the_error_shape_with_the_headers(app: FastAPI) -> None:
+    @app.get("/api/v1/test-broken")
+    def broken() -> None:
+        raise RuntimeError("/secret/path on host")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/api/v1/test-broken")
+    assert response.status_code == 500
+    assert response.json()["detail"]["error"] == "internal_error"
+    assert "/secret/path" not in response.text
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers[name] == value
+
+
 def test_the_api_docs_get_a_policy_that_lets_them_load(client: TestClient) -> None:
     response = client.get("/docs")
     assert response.status_code == 200
