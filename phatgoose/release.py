@@ -37,7 +37,7 @@ from protocol.release import (
     ReleaseManifest,
     parse_release_manifest,
 )
-from protocol.validation import PackageRejected, package_digest, validate_package
+from protocol.validation import PackageRejected, file_sha256, package_digest, validate_package
 
 if TYPE_CHECKING:  # torch is imported when a release is loaded, not when this is imported
     from torch import nn
@@ -236,7 +236,7 @@ class _Coordinator:
         for file in entry.files:
             _check_declared_size(entry, file)
             target = _inside(directory, file.filename, entry.ref)
-            if target.is_file() and not target.is_symlink() and _sha256(target) == file.sha256:
+            if target.is_file() and not target.is_symlink() and file_sha256(target) == file.sha256:
                 hashes[file.filename] = file.sha256
                 continue
             hashes[file.filename] = self._download_file(self._file_url(file), target, file)
@@ -395,14 +395,6 @@ def _check_package_digest(entry: ReleasedExpert, hashes: dict[str, str]) -> None
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _local_package(root: Path, entry: ReleasedExpert) -> Path:
     """The expert's folder in a release directory; every file must resolve inside the
     directory (no symbolic link out of it) and match its sha256."""
@@ -415,7 +407,7 @@ def _local_package(root: Path, entry: ReleasedExpert) -> Path:
             raise ReleaseError(f"{entry.ref}: {path} leads outside the release directory")
         if not path.is_file():
             raise ReleaseError(f"{entry.ref}: {path} is missing from the release directory")
-        hashes[file.filename] = _sha256(path)
+        hashes[file.filename] = file_sha256(path)
         if hashes[file.filename] != file.sha256:
             raise ReleaseError(
                 f"{entry.ref}: {path} does not match its sha256 {file.sha256} "

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel
 
 from coordinator.base_models import service
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.core.errors import ERROR_RESPONSE, Conflict, NotFound
-from coordinator.core.params import Offset
+from coordinator.core.params import PAGE_SIZE, Offset, PageLimit
 from protocol import API_PREFIX, BaseModelSpec
-
-# A page of the base model list (maintainers register them, but nothing caps how many).
-PAGE_SIZE = 100
-MAX_PAGE_SIZE = 500
 
 router = APIRouter(prefix="/base-models", tags=["base models"])
 
@@ -52,7 +47,7 @@ def list_base_models(
     session: SessionDep,
     _reader: ReaderDep,
     response: Response,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
+    limit: PageLimit = PAGE_SIZE,
     offset: Offset = 0,
 ) -> list[BaseModelSummary]:
     # The body stays a list (as before); the total is a header.

@@ -54,9 +54,18 @@ _bearer = HTTPBearer(
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _token_from(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Token:
+# Where `coordinator.core.edge` leaves the token it verified, in the request's state.
+VERIFIED_TOKEN = "verified_token"
+
+
+def _token_from(
+    request: Request, session: Session, credentials: HTTPAuthorizationCredentials | None
+) -> Token:
     if credentials is None:
         raise Unauthorized("this needs a bearer token: send 'Authorization: Bearer <token>'")
+    verified = getattr(request.state, VERIFIED_TOKEN, None)
+    if isinstance(verified, Token):
+        return verified
     token = authenticate(session, credentials.credentials)
     # End the read transaction: a long upload must not hold a connection (or, on SQLite,
     # an open snapshot) while it streams.
@@ -68,25 +77,25 @@ def _token_from(session: Session, credentials: HTTPAuthorizationCredentials | No
     return token
 
 
-def require_token(session: SessionDep, credentials: CredentialsDep) -> Token:
+def require_token(request: Request, session: SessionDep, credentials: CredentialsDep) -> Token:
     """Any valid token (contributor or maintainer)."""
-    return _token_from(session, credentials)
+    return _token_from(request, session, credentials)
 
 
-def require_maintainer(session: SessionDep, credentials: CredentialsDep) -> Token:
-    token = _token_from(session, credentials)
+def require_maintainer(request: Request, session: SessionDep, credentials: CredentialsDep) -> Token:
+    token = _token_from(request, session, credentials)
     if not token.is_maintainer:
         raise Forbidden(f"this needs a maintainer token; {token.name!r} is a {token.role}")
     return token
 
 
 def require_reader(
-    session: SessionDep, credentials: CredentialsDep, settings: SettingsDep
+    request: Request, session: SessionDep, credentials: CredentialsDep, settings: SettingsDep
 ) -> Token | None:
     """Reads are public unless `public_read` is off; a token sent anyway must be valid."""
     if credentials is None and settings.public_read:
         return None
-    return _token_from(session, credentials)
+    return _token_from(request, session, credentials)
 
 
 TokenDep = Annotated[Token, Depends(require_token)]

@@ -15,8 +15,9 @@ before routing instead, in this order:
    declared `Content-Length` over the cap is 413 at once, and a body without one, or longer
    than it said, is cut off with 413 at the first chunk past the cap.
 
-Routes still declare their token dependencies: they decide the role and namespace checks,
-and public reads keep answering 401 for a bad token there.
+Routes still declare their token dependencies: they decide the role and namespace checks
+(reusing the token verified here, when there is one), and public reads keep answering 401
+for a bad token there.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from coordinator.auth.models import Token
 from coordinator.auth.service import authenticate
-from coordinator.core.deps import Unauthorized
+from coordinator.core.deps import VERIFIED_TOKEN, Unauthorized
 from coordinator.core.errors import CoordinatorError, PayloadTooLarge
 from coordinator.core.ratelimit import RateLimits, send_too_many_requests
 
@@ -99,7 +101,12 @@ class EdgeMiddleware:
         credentials = bearer_credentials(scope)
         verified: str | None = None
         if credentials is not None and (writes or self.limits is not None):
-            verified = await anyio.to_thread.run_sync(self._verify, credentials)
+            token = await anyio.to_thread.run_sync(self._verify, credentials)
+            if token is not None:
+                verified = token.public_id
+                # The route's token dependency takes it from here rather than asking the
+                # database a second time.
+                scope.setdefault("state", {})[VERIFIED_TOKEN] = token
 
         if self.limits is not None:
             limiter, decision = self.limits.charge_client(scope, verified)
@@ -129,11 +136,11 @@ class EdgeMiddleware:
             return
         await self._capped(scope, receive, send)
 
-    def _verify(self, credentials: str) -> str | None:
-        """The public id of the live token `credentials` stand for, else None."""
+    def _verify(self, credentials: str) -> Token | None:
+        """The live token `credentials` stand for, else None; detached from its session
+        (which never commits, so its attributes stay loaded)."""
         with self.sessions() as session:
-            token = authenticate(session, credentials)
-            return token.public_id if token is not None else None
+            return authenticate(session, credentials)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(

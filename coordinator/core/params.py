@@ -24,6 +24,10 @@ RowNumber = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 RowFilter = Annotated[int | None, Query(ge=1, le=DB_INT_MAX)]
 # How many rows a page skips.
 Offset = Annotated[int, Query(ge=0, le=DB_INT_MAX, description="rows to skip")]
+# How many rows one page of an API list holds (base models, evaluations, releases).
+PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="rows per page")]
 
 
 class Utf8QueryMiddleware:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep, SettingsDep
 from coordinator.core.errors import ERROR_RESPONSE
-from coordinator.core.params import Offset, RowFilter, RowNumber
+from coordinator.core.params import PAGE_SIZE, Offset, PageLimit, RowFilter, RowNumber
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
@@ -16,8 +14,6 @@ from coordinator.evaluations.task_names import check_requested_tasks
 from protocol import API_PREFIX
 
 # A page of the evaluation list (every job would be unbounded).
-PAGE_SIZE = 100
-MAX_PAGE_SIZE = 500
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
@@ -58,7 +54,7 @@ def list_evaluations(
     response: Response,
     release: RowFilter = None,
     state: JobState | None = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
+    limit: PageLimit = PAGE_SIZE,
     offset: Offset = 0,
 ) -> list[EvaluationDetail]:
     # A page, not every job: maintainers may queue any number of evaluations. The body stays

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep
 from coordinator.core.errors import ERROR_RESPONSE
-from coordinator.core.params import Offset, RowNumber
+from coordinator.core.params import PAGE_SIZE, Offset, PageLimit, RowNumber
 from coordinator.evaluations import service as evaluations
 from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service
@@ -57,7 +57,7 @@ def list_releases(
     _reader: ReaderDep,
     base_model: str | None = None,
     method: Method | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: PageLimit = PAGE_SIZE,
     offset: Offset = 0,
 ) -> list[ReleaseSummary]:
     page = service.release_page(

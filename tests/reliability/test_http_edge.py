@@ -23,6 +23,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.types import Message
 
+import coordinator.auth.service as auth
+import coordinator.core.deps as deps
+import coordinator.core.edge as edge
 from coordinator.auth.models import Role
 from coordinator.auth.service import create_token, revoke_token
 from coordinator.base_models.service import register_base_model
@@ -246,6 +249,25 @@ def test_a_json_body_under_the_cap_still_works(
         "/api/v1/releases", headers=maintainer, json={"method": "base", "base_model": "tiny"}
     )
     assert response.status_code == 201, response.text
+
+
+def test_a_write_asks_the_database_for_its_token_once(
+    client: TestClient, maintainer: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge verifies the token; the route's dependency reuses it."""
+    calls: list[str] = []
+
+    def counted(session: Any, presented: str) -> Any:
+        calls.append(presented)
+        return auth.authenticate(session, presented)
+
+    monkeypatch.setattr(edge, "authenticate", counted)
+    monkeypatch.setattr(deps, "authenticate", counted)
+    response = client.post(
+        "/api/v1/releases", headers=maintainer, json={"method": "base", "base_model": "tiny"}
+    )
+    assert response.status_code == 201, response.text
+    assert len(calls) == 1
 
 
 def test_the_upload_keeps_its_own_limits_not_the_json_cap(
