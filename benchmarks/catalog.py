@@ -356,6 +356,8 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
                     evaluator_version=version,
                     seconds=results[t]["seconds"],
                     routing_stats=None,
+                    # Results cached before precision was recorded were all float32.
+                    precision=results[t].get("precision", "float32"),
                 )
                 for t in tasks
             ]

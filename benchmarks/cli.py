@@ -11,6 +11,7 @@ import torch
 import typer
 
 from phatgoose.models import cache_root
+from protocol.precision import Precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -145,6 +146,15 @@ def zero_shot(
             "cuda:N. On CUDA, float32 products use TF32."
         ),
     ] = "auto",
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="Compute precision of training and scoring: auto (bfloat16 where the device "
+            "multiplies it natively), float32, bfloat16. Default: the preset's (auto). "
+            "Experts and scores are cached per precision.",
+            show_default=False,
+        ),
+    ] = None,
     jobs: Annotated[
         int,
         typer.Option(
@@ -196,6 +206,7 @@ def zero_shot(
         "r": r,
         "top_k": top_k,
         "base_model": base_model,
+        "precision": precision,
     }
     settings = zs.load_config(preset, config, overrides)
     if show_config:
@@ -353,10 +364,27 @@ def routing_cost(
         typer.Option(
             help="Comma-separated, from: lora (one PEFT adapter), phatgoose (the platform's "
             "routed linear), dense (reference: all N computed, then masked), arrow_peft "
-            "(PEFT's ArrowConfig), phatgoose_padded (the layer's previous mixture, "
-            "batched matmuls over a padded block). The base model is always measured."
+            "(PEFT's ArrowConfig). The base model is always measured."
         ),
     ] = "lora,phatgoose,dense,arrow_peft",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Compute precisions, comma-separated, each measured against the base model "
+            "in the same precision: float32, bfloat16, auto (this machine's choice)."
+        ),
+    ] = "float32,bfloat16",
+    decode: Annotated[
+        bool,
+        typer.Option(
+            "--decode/--no-decode",
+            help="Also time one token per sequence with the prompt in the KV cache.",
+        ),
+    ] = True,
+    config_timeout: Annotated[
+        float,
+        typer.Option(help="Stop a configuration after this many seconds (0: no limit)."),
+    ] = 3600.0,
     rank: Annotated[int, typer.Option(help="Rank of every random expert.")] = 16,
     top_k: Annotated[int, typer.Option(help="Experts per token.")] = 2,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
@@ -383,7 +411,8 @@ def routing_cost(
 
     Every configuration runs in its own process, timed interleaved with the base model
     in that process; beside each ratio, the arithmetic floor (base FLOPs + N*n affinity +
-    k low-rank products per module) and measured/floor. Also: gate step vs LoRA step.
+    k low-rank products per module) and measured/floor, per compute precision, for the
+    batch and for one cached token. Also: gate step vs LoRA step, and bfloat16 speed-ups.
     """
     from benchmarks import routing_cost as rc
 
@@ -396,6 +425,9 @@ def routing_cost(
         warmup=warmup,
         n_experts=_int_list(n_experts),
         implementations=[i.strip() for i in implementations.split(",") if i.strip()],
+        precisions=[p.strip() for p in precision.split(",") if p.strip()],
+        decode=decode,
+        config_timeout_s=config_timeout or None,
         rank=rank,
         top_k=top_k,
         threads=threads,
@@ -409,6 +441,97 @@ def routing_cost(
     rc.plot(record, output.with_suffix(".png"))
     typer.echo(table)
     typer.echo(f"results: {output} (+ .md, .png)")
+
+
+@app.command("precision")
+def precision_effects(
+    preset: Annotated[str, typer.Option(help="The zero-shot preset: tasks and settings.")] = "cpu",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-in task whose expert is trained in both precisions.",
+            show_default="the preset's first",
+        ),
+    ] = None,
+    stages: Annotated[
+        bool, typer.Option("--stages/--no-stages", help="Train one expert in each precision.")
+    ] = True,
+    scoring: Annotated[
+        bool,
+        typer.Option(
+            "--scoring/--no-scoring",
+            help="Score base and PHATGOOSE on every preset task in each precision.",
+        ),
+    ] = True,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="The zero-shot expert cache.", show_default=False)
+    ] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="The zero-shot catalog.", show_default=False)
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Result JSON (default benchmarks/results/precision-<preset>.json)."),
+    ] = None,
+) -> None:
+    """bfloat16 against float32 on the real model: per-stage time of one expert, its
+    validation loss (paired, measured in float32), and the predictions and accuracies of
+    base and PHATGOOSE on every preset task scored both ways.
+
+    PHATGOOSE uses the preset's experts from the zero-shot cache, trained in this machine's
+    `auto` precision (trained and cached first if missing). First, plain matrix products in
+    both precisions; `ONEDNN_MAX_CPU_ISA=AVX512_CORE` in the environment shows a CPU
+    without native bfloat16 units.
+    """
+    from benchmarks import precision_effects as pe
+    from benchmarks import zero_shot as zs
+    from benchmarks.catalog import BenchmarkCatalog, default_catalog_dir
+    from benchmarks.machine import load_average, machine_info
+    from phatgoose.models import load_base_model, model_fingerprint
+    from protocol import BaseModelIdentity
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    machine = machine_info()
+    settings, compute = zs.with_resolved_precision(zs.load_config(preset=preset), "cpu")
+    output = output or RESULTS_DIR / f"precision-{preset}.json"
+    tasks = zs.load_tasks(settings)
+    held_in = [t for t in tasks if t.held_in]
+    chosen = next((t for t in held_in if t.name == (task or held_in[0].name)), None)
+    if chosen is None:
+        raise typer.BadParameter(f"not a held-in task of preset {preset}", param_hint="--task")
+    model, tokenizer = load_base_model(settings.base_model)
+    base = BaseModelIdentity(name=settings.base_model, fingerprint=model_fingerprint(model))
+    record: dict[str, object] = {
+        "preset": preset,
+        "auto_precision": compute.record(),
+        "matmul": pe.matmul_speed(),
+    }
+    typer.echo(pe.markdown({"matmul": record["matmul"]}))
+    if stages:
+        record["stages"] = pe.stage_timings(
+            model, tokenizer, chosen, settings, base=base, say=typer.echo
+        )
+        pe.write(record, output)
+    if scoring:
+        with BenchmarkCatalog(catalog or default_catalog_dir()) as expert_catalog:
+            experts = [
+                zs.task_expert(
+                    model, tokenizer, t, settings,
+                    cache_dir or cache_root() / "benchmark-experts",
+                    base=base, catalog=expert_catalog, progress=False,
+                )[0]
+                for t in held_in
+            ]  # fmt: skip
+        record["scoring"] = pe.scoring_agreement(
+            model, tokenizer, tasks, experts, settings, say=typer.echo
+        )
+    record["machine"] = {**machine, "load_average_end": load_average()}
+    pe.write(record, output)
+    typer.echo(pe.markdown(record))
+    typer.echo(f"results: {output} (+ .md)")
 
 
 @app.command("router-scale")
@@ -447,7 +570,7 @@ def router_scale(
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     machine = machine_info()  # the date and load at the start
-    settings = zs.load_config(preset=preset)
+    settings, compute = zs.with_resolved_precision(zs.load_config(preset=preset), "cpu")
     output = output or RESULTS_DIR / f"router-scale-{preset}.json"
     tasks = [t for t in zs.load_tasks(settings) if t.held_in]
     model, tokenizer = load_base_model(settings.base_model)
@@ -465,6 +588,7 @@ def router_scale(
         more_gate_steps=_int_list(more_gate_steps), say=typer.echo,
     )  # fmt: skip
     record["machine"] = {**machine, "load_average_end": load_average()}
+    record["precision"] = compute.record()
     rs.write(record, output)
     typer.echo(rs.markdown(record))
     typer.echo(f"results: {output} (+ .md)")

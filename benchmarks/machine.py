@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from phatgoose.precision import cpu_bf16_flags
+
 
 def cpu_model() -> str:
     """The CPU's marketing name (Linux `/proc/cpuinfo`), or what `platform` knows."""
@@ -40,6 +42,8 @@ def machine_info() -> dict[str, object]:
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        # Native bfloat16 matrix units, what `auto` precision follows (phatgoose.precision).
+        "cpu_bf16_flags": list(cpu_bf16_flags()),
         "cores": os.cpu_count(),
         "cores_available": len(affinity) if affinity is not None else None,
         "torch_threads": torch.get_num_threads(),

@@ -30,27 +30,22 @@ app = typer.Typer(add_completion=False)
 
 
 def mixture_current(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """The platform's dispatch (`RoutedLinear.selected_update`): gathered for 1-2 tokens,
-    grouped_mm where it applies, else the padded block."""
+    """The platform's dispatch (`RoutedLinear.selected_update`): grouped_mm where experts
+    have many pairs each and it applies, else the embedding bags."""
     return layer.selected_update(u, indices, weights)
 
 
 def mixture_grouped_mm(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """Pairs sorted by expert through two `F.grouped_mm` calls (`RoutedLinear.grouped_update`;
-    torch >= 2.8, CPU, every stride a multiple of 16 bytes)."""
-    return layer.grouped_update(u, indices, weights)
+    torch >= 2.8, CPU, every stride a multiple of 16 bytes), whatever the pairs per expert."""
+    out = torch.zeros(u.shape[0], layer.out_features, dtype=u.dtype, device=u.device)
+    return layer.grouped_update(u, indices, weights, out)
 
 
-def mixture_padded_bmm(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """The fallback where grouped_mm does not apply (`RoutedLinear.padded_update`): padded
-    batched matmuls, the platform's mixture before grouped_mm was adopted."""
-    return layer.padded_update(u, indices, weights)
-
-
-def mixture_gathered(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """Every pair gathers its expert's factors (`RoutedLinear.gathered_update`, used for 1-2
-    tokens; materialises `T k r (n + d)` weights, so not for many tokens)."""
-    return layer.gathered_update(u, indices, weights)
+def mixture_pairs(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Every pair reads its expert's factor rows through two embedding bags
+    (`RoutedLinear.pair_update`), whatever the pairs per expert."""
+    return layer.pair_update(u, indices, weights)
 
 
 def mixture_loop_v1(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -78,10 +73,37 @@ def mixture_loop_v1(layer: RoutedLinear, u: Tensor, indices: Tensor, weights: Te
 METHODS: dict[str, Callable[[RoutedLinear, Tensor, Tensor, Tensor], Tensor]] = {
     **({"grouped_mm": mixture_grouped_mm} if hasattr(F, "grouped_mm") else {}),
     "current": mixture_current,
-    "padded_bmm": mixture_padded_bmm,
+    "pairs": mixture_pairs,
     "loop_v1": mixture_loop_v1,
-    "gathered": mixture_gathered,
 }
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"dtype must be float32 or bfloat16, got {name!r}")
+    return torch.float32 if name == "float32" else torch.bfloat16
+
+
+def cast_layer(layer: RoutedLinear, dtype: torch.dtype) -> None:
+    """The base weight and the stacked factors in `dtype` (what `compute_in` swaps in for
+    bfloat16), the factors keeping their layout."""
+    layer.base_layer.to(dtype)
+    layer.register_buffer("lora_A", layer.lora_A.to(dtype), persistent=False)
+    layer.register_buffer("lora_B", layer.lora_B.to(dtype), persistent=False)
+
+
+def as_selected_update(
+    mixture: Callable[[RoutedLinear, Tensor, Tensor, Tensor], Tensor],
+) -> Callable[..., Tensor]:
+    """A mixture in the place of `RoutedLinear.selected_update`, which adds into `out`."""
+
+    def selected_update(
+        self: RoutedLinear, u: Tensor, indices: Tensor, weights: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        update = mixture(self, u, indices, weights)
+        return update if out is None else out.add_(update.to(out.dtype))
+
+    return selected_update
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -106,27 +128,35 @@ def layer_command(
         ),
     ] = 0.0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    dtype: Annotated[
+        str, typer.Option(help="Dtype of the base weight and factors: float32 or bfloat16.")
+    ] = "float32",
 ) -> None:
     """Per-part and per-implementation times (ms) of one routed linear, as JSON lines."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    compute = _dtype(dtype)
     base = torch.nn.Linear(n_in, d_out, bias=False)
-    u = torch.randn(tokens, n_in)
+    u32 = torch.randn(tokens, n_in)
+    u = u32.to(compute)
     for n_experts in [int(x) for x in experts.split(",")]:
         rows = torch.randn(n_experts, n_in) + skew * torch.randn(1, n_in)
         lora_a = torch.randn(n_experts, rank, n_in) / math.sqrt(n_in)
         lora_b = torch.randn(n_experts, d_out, rank) / rank
+        base.float()
         layer = RoutedLinear(base, lora_a, lora_b, TokenRouter(rows, top_k))
         with torch.no_grad():
-            indices, weights = layer.router(u)
-            reference = mixture_loop_v1(layer, u, indices, weights)
+            indices, weights = layer.router(u32)  # the router decides in float32
+            reference = mixture_loop_v1(layer, u32, indices, weights)
+            cast_layer(layer, compute)
+            tolerance = 1e-4 if compute == torch.float32 else 3e-2 * reference.abs().max().item()
             for fn in METHODS.values():
                 torch.testing.assert_close(
-                    fn(layer, u, indices, weights), reference, rtol=1e-4, atol=1e-4
+                    fn(layer, u, indices, weights).float(), reference, rtol=0, atol=tolerance
                 )
             parts: dict[str, list[float]] = {}
             steps: dict[str, Callable[[], object]] = {
-                "base_matmul": lambda: base(u),
+                "base_matmul": functools.partial(base, u),
                 "router": functools.partial(layer.router, u),
                 "routed_forward": functools.partial(layer, u),
                 **{
@@ -144,12 +174,68 @@ def layer_command(
                 {
                     "N": n_experts,
                     "T": tokens,
+                    "dtype": dtype,
                     "experts_present": int((counts > 0).sum()),
                     "max_tokens_per_expert": int(counts.max()),
                     "ms": {k: round(v, 3) for k, v in summary.items()},
                 }
             )
         )
+
+
+@app.command("crossover")
+def crossover_command(
+    experts: Annotated[int, typer.Option(help="N.")] = 8,
+    pairs_per_expert: Annotated[
+        str, typer.Option(help="Mean (token, slot) pairs per expert, comma-separated.")
+    ] = "8,16,32,64,128,256",
+    shapes: Annotated[
+        str, typer.Option(help="Linears n x d, comma-separated (SmolLM2's attention and MLP).")
+    ] = "576x576,576x1536,1536x576",
+    rank: Annotated[int, typer.Option(help="Expert rank r.")] = 16,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """grouped_mm against the embedding bags as the pairs per expert grow (what
+    `layer.GROUPED_MIN_PAIRS` is set from): the best of 5 rounds, ms, as JSON lines."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    compute = _dtype(dtype)
+    for shape in shapes.split(","):
+        n, d = (int(x) for x in shape.split("x"))
+        lora_a = torch.randn(experts, rank, n) / math.sqrt(n)
+        lora_b = torch.randn(experts, d, rank) / rank
+        layer = RoutedLinear(
+            torch.nn.Linear(n, d), lora_a, lora_b, TokenRouter(torch.randn(experts, n), 2)
+        )
+        cast_layer(layer, compute)
+        ms = {}
+        for per_expert in [int(x) for x in pairs_per_expert.split(",")]:
+            tokens = max(1, per_expert * experts // 2)  # k = 2 pairs per token
+            u = torch.randn(tokens, n)
+            with torch.no_grad():
+                indices, weights = layer.router(u)
+                x = u.to(compute)
+                repeats = max(2, 2000 // tokens)
+                ms[per_expert] = {
+                    name: round(
+                        1000 * _best(functools.partial(fn, layer, x, indices, weights), repeats), 3
+                    )
+                    for name, fn in (("grouped_mm", mixture_grouped_mm), ("pairs", mixture_pairs))
+                }
+        typer.echo(json.dumps({"N": experts, "n": n, "d": d, "dtype": dtype, "ms": ms}))
+
+
+def _best(fn: Callable[[], object], repeats: int, rounds: int = 5) -> float:
+    """Seconds per call, the best of `rounds` rounds of `repeats` calls (least disturbed by
+    other load)."""
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
 
 
 def _route_each(routers: list[TokenRouter], u: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -200,8 +286,8 @@ def routers_command(
 # Whole-model variants: which mixture `selected_update` runs (None: the platform's).
 MODEL_VARIANTS: dict[str, Callable[..., Tensor] | None] = {
     "loop_v1": mixture_loop_v1,  # the first implementation
-    "padded_bmm": mixture_padded_bmm,  # the platform before grouped_mm
-    "grouped_mm": mixture_grouped_mm,  # grouped_mm whatever the token count
+    "grouped_mm": mixture_grouped_mm,  # grouped_mm whatever the pairs per expert
+    "pairs": mixture_pairs,  # the embedding bags whatever the pairs per expert
     "current": None,  # the platform's dispatch
 }
 
@@ -217,7 +303,7 @@ def model_command(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     variants: Annotated[
         str, typer.Option(help=f"Comma-separated, of {', '.join(MODEL_VARIANTS)}.")
-    ] = "padded_bmm,current",
+    ] = "pairs,grouped_mm,current",
 ) -> None:
     """Whole-model forward (SmolLM2-135M, random experts on every linear): the base model
     and each variant, interleaved forward by forward; seconds and ratios as JSON lines."""
@@ -247,7 +333,7 @@ def model_command(
                 for name in names:
                     mixture = MODEL_VARIANTS[name]
                     if mixture is not None:
-                        RoutedLinear.selected_update = mixture  # type: ignore[method-assign]
+                        RoutedLinear.selected_update = as_selected_update(mixture)  # type: ignore[method-assign]
                     try:
                         measured[name] = _time(forward)
                     finally:

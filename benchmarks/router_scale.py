@@ -90,6 +90,7 @@ def score_routed(
                 scores = score_choices(
                     model, tokenizer, examples, batch_size=config.eval_batch_size,
                     max_length=config.resolved_eval_max_length, progress=False,
+                    precision=config.precision,
                 )  # fmt: skip
             correct = [
                 _prediction(row) == example.answer

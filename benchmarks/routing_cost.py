@@ -5,14 +5,20 @@ Configurations (random experts of rank r on every target linear; only shapes mat
 - `lora`: one PEFT LoRA adapter;
 - `phatgoose`: the platform's `RoutedLinear` + PHATGOOSE router, top-k of N;
 - `dense`: the same router, every expert computed and masked (`dense_reference`, a
-  reference implementation that lives in benchmarks/ only);
+  reference implementation that lives in benchmarks/ only; float32 only);
 - `arrow_peft`: PEFT's own Arrow (`ArrowConfig`), top-k of N adapters.
+Each in every requested compute precision (`phatgoose.precision`: float32 and bfloat16 by
+default; `compute_in` around the timed forwards, entered once, so its bfloat16 copies of
+the frozen matrices are made before timing), the base model in the same precision.
 
 How it is measured (see docs/benchmarks.md):
-- each configuration runs in a fresh process (spawned), so its memory is its own;
+- each configuration runs in a fresh process (spawned), so its memory is its own; one that
+  runs past `config_timeout_s` is stopped and reported as not finished;
 - latency: median over `repeats` forwards after `warmup` forwards, batch x seq random
   tokens, `use_cache=False`, logits for the last position only (as rank classification
   and generation need); no gradients;
+- one token (cached generation): median over `decode_repeats` forwards of one token per
+  sequence after the `seq_len`-token prompt is in the KV cache (cropped back after each);
 - the base model is timed in the same process, interleaved forward by forward with the
   configuration (adapters switched off / routed linears swapped out between forwards), so
   the ratio to the base is robust to other load on the machine;
@@ -20,11 +26,13 @@ How it is measured (see docs/benchmarks.md):
   peak reached by the base model's own forwards in that process; this sees every
   allocation, torch's included;
 - floor: arithmetic per token, base FLOPs (2 n d per linear, attention at the causal mean
-  context, the LM head on one position per sequence) + per routed module 2 N n (affinity)
+  context, the LM head on one position per sequence; for one cached token, attention over
+  the whole context and the head on that token) + per routed module 2 N n (affinity)
   + 2 k r (n + d) (the k selected low-rank products); `measured_over_floor` =
   (latency ratio) / (floor ratio).
-Also: the time of one gate-training step against one LoRA step (same batch), and the
-per-expert totals with gates at a tenth of the LoRA steps.
+Also, per precision: the time of one gate-training step against one LoRA step (same
+batch), the per-expert totals with gates at a tenth of the LoRA steps, and the bfloat16 /
+float32 speed-ups of the base, LoRA and PHATGOOSE forwards and of both training steps.
 """
 
 from __future__ import annotations
@@ -60,16 +68,18 @@ from phatgoose.models import (
     linear_module_paths,
     load_base_model,
 )
-from phatgoose.routing.layer import FEW_TOKENS, RoutedLinear
+from phatgoose.precision import PRECISIONS, compute_in, resolve_precision
+from phatgoose.routing.layer import RoutedLinear
 from phatgoose.routing.routers import TokenRouter
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft", "phatgoose_padded")
-# Measured on request only (`--implementations`): phatgoose_padded is the layer's previous
-# mixture (batched matmuls over a padded block), kept to show what grouped_mm changed.
-DEFAULT_IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
+IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
+DEFAULT_IMPLEMENTATIONS = IMPLEMENTATIONS
+# The dense reference keeps its own stacks, which `compute_in` does not copy to bfloat16
+# (autocast would recast every expert's factors on every forward): float32 only.
+FLOAT32_ONLY = ("dense",)
 ModelFactory = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
 
@@ -82,6 +92,11 @@ class RoutingCostConfig:
     warmup: int = 1
     n_experts: list[int] = field(default_factory=lambda: [8, 32, 166, 512])
     implementations: list[str] = field(default_factory=lambda: list(DEFAULT_IMPLEMENTATIONS))
+    # Compute precisions (`phatgoose.precision`), each resolved and recorded; `auto` is
+    # this machine's choice.
+    precisions: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    decode: bool = True  # also time one token per sequence with the prompt in the KV cache
+    decode_repeats: int = 20
     rank: int = 16
     top_k: int = 2
     threads: int | None = None
@@ -93,16 +108,24 @@ class RoutingCostConfig:
     reference_max_n: int | None = 166
     train_steps: int = 3  # timed steps of LoRA and of gate training (after one warm-up step)
     paper_lora_steps: int = 1000  # for the per-expert totals (gates: a tenth)
+    # A configuration's process still running after this many seconds is stopped and
+    # reported as not finished (PEFT's Arrow at large N). None: no limit.
+    config_timeout_s: float | None = 3600.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         unknown = [i for i in self.implementations if i not in IMPLEMENTATIONS]
         if unknown:
             raise ValueError(f"unknown implementations {unknown}; expected {list(IMPLEMENTATIONS)}")
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise ValueError(f"precisions must be among {list(PRECISIONS)}, got {self.precisions}")
         if any(n < self.top_k for n in self.n_experts):
             raise ValueError(f"every N must be >= top_k={self.top_k}, got {self.n_experts}")
         if self.repeats < 1 or self.warmup < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("repeats >= 1, warmup >= 0, batch_size >= 1, seq_len >= 2")
+        if self.decode_repeats < 1:
+            raise ValueError("decode_repeats >= 1")
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -141,6 +164,13 @@ class Shapes:
         attention = self.layers * 2 * 2 * context * self.attention_width
         head = 2 * self.hidden * self.vocab / seq_len
         return linears + attention + head
+
+    def decode_flops(self, context: int) -> float:
+        """Per generated token with `context` positions cached: linears, attention over the
+        whole context, and the LM head on that token."""
+        linears = sum(2 * n * d for n, d in self.linears)
+        attention = self.layers * 2 * 2 * (context + 1) * self.attention_width
+        return linears + attention + 2 * self.hidden * self.vocab
 
     def extra_flops(self, implementation: str, n_experts: int, rank: int, top_k: int) -> float:
         """Per token, what a configuration adds to the base at its arithmetic minimum."""
@@ -216,19 +246,6 @@ def peft_lora_config(targets: list[str], rank: int, **kwargs: Any) -> Any:
     )
 
 
-class PaddedRoutedLinear(RoutedLinear):
-    """The platform's routed linear with its mixture forced onto the padded-bmm path (what
-    `RoutedLinear` used before `F.grouped_mm`, and still uses where grouped_mm does not
-    apply), to measure both in one run."""
-
-    def selected_update(
-        self, u: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        if u.shape[0] <= FEW_TOKENS:
-            return self.gathered_update(u, indices, weights)
-        return self.padded_update(u, indices, weights)
-
-
 @dataclass
 class Prepared:
     """A configuration ready to time: the model to call and how to run it as the base."""
@@ -236,6 +253,8 @@ class Prepared:
     model: nn.Module
     configured: Callable[[], AbstractContextManager[Any]]  # the configuration switched on
     as_base: Callable[[], AbstractContextManager[Any]]  # the same model as the base model
+    # Modules swapped into `model` only while configured: `compute_in` must see them too.
+    outside: nn.Module | None = None
 
 
 def prepare(
@@ -243,15 +262,17 @@ def prepare(
 ) -> Prepared:
     if implementation == "base":
         return Prepared(model, nullcontext, nullcontext)
-    if implementation in ("phatgoose", "dense", "phatgoose_padded"):
+    if implementation in ("phatgoose", "dense"):
         routed = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
-        if implementation == "phatgoose_padded":
-            for layer in routed.values():
-                layer.__class__ = PaddedRoutedLinear
         layers: Mapping[str, nn.Module] = routed
         if implementation == "dense":
             layers = {path: DenseRoutedLinear(layer) for path, layer in routed.items()}
-        return Prepared(model, functools.partial(swapped, model, layers), nullcontext)
+        return Prepared(
+            model,
+            functools.partial(swapped, model, layers),
+            nullcontext,
+            outside=nn.ModuleList(layers.values()),
+        )
     from peft import get_peft_model
 
     targets = default_target_modules(model)  # before PEFT wraps the linears
@@ -323,12 +344,15 @@ def available_memory_mb() -> float | None:
 def measure_configuration(
     implementation: str,
     n_experts: int,
+    precision_name: str,
     config: RoutingCostConfig,
     model_factory: ModelFactory,
 ) -> dict[str, Any]:
-    """Latency of one configuration and of the base model, interleaved, plus memory."""
+    """Latency of one configuration and of the base model, interleaved, plus memory, in
+    one compute precision; with `config.decode`, also per token of cached generation."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    precision = resolve_precision(precision_name)
     torch.manual_seed(config.seed)
     model, _ = model_factory()
     model.eval()
@@ -338,36 +362,41 @@ def measure_configuration(
 
     def forward(target: nn.Module) -> float:
         start = time.perf_counter()
-        with torch.no_grad():
-            target(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                logits_to_keep=1,
-            )
+        target(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=1,
+        )
         return time.perf_counter() - start
 
-    for _ in range(max(1, config.warmup)):
-        forward(model)
+    with torch.no_grad(), compute_in(precision, model):
+        for _ in range(max(1, config.warmup)):
+            forward(model)
     rss_base = max_rss_mb()
     started = time.perf_counter()
     prepared = prepare(model, implementation, n_experts, config)
     build_seconds = time.perf_counter() - started
 
-    with prepared.configured():
-        for _ in range(config.warmup):
-            forward(prepared.model)
-    base_times, times = [], []
-    for _ in range(config.repeats):
-        with prepared.as_base():
-            base_times.append(forward(prepared.model))
+    outside = prepared.outside if prepared.outside is not None else nn.Module()
+    with torch.no_grad(), compute_in(precision, prepared.model), compute_in(precision, outside):
         with prepared.configured():
-            times.append(forward(prepared.model))
+            for _ in range(config.warmup):
+                forward(prepared.model)
+        base_times, times = [], []
+        for _ in range(config.repeats):
+            with prepared.as_base():
+                base_times.append(forward(prepared.model))
+            with prepared.configured():
+                times.append(forward(prepared.model))
+        decode = decode_times(prepared, input_ids, config) if config.decode else None
     latency, base_latency = statistics.median(times), statistics.median(base_times)
     tokens = config.batch_size * config.seq_len
-    return {
+    result = {
         "implementation": implementation,
         "n_experts": n_experts if implementation not in ("base", "lora") else None,
+        "precision": precision.name,
+        "precision_record": precision.record(),
         "latency_s": latency,
         "base_latency_s": base_latency,
         "ratio_to_base": latency / base_latency,
@@ -379,14 +408,61 @@ def measure_configuration(
         "extra_rss_mb": max_rss_mb() - rss_base,
         "status": "ok",
     }
+    if decode is not None:
+        decode_base, decode_configured = decode
+        result.update(
+            decode_latency_s=statistics.median(decode_configured),
+            decode_base_latency_s=statistics.median(decode_base),
+            decode_ratio_to_base=statistics.median(decode_configured)
+            / statistics.median(decode_base),
+            decode_times_s=decode_configured,
+            decode_base_times_s=decode_base,
+        )
+    return result
+
+
+def decode_times(
+    prepared: Prepared, input_ids: torch.Tensor, config: RoutingCostConfig
+) -> tuple[list[float], list[float]]:
+    """Seconds per forward of one new token per sequence with the prompt in the KV cache,
+    for the base model and the configuration, interleaved. Each has its own prompt cache
+    (routed key/value projections fill it differently), cropped back after every step."""
+    from transformers import DynamicCache
+
+    next_token = input_ids[:, -1:]
+    caches = {}
+    for name, switch in (("base", prepared.as_base), ("configured", prepared.configured)):
+        with switch():
+            cache = DynamicCache()
+            prepared.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            caches[name] = cache
+
+    def step(name: str) -> float:
+        cache = caches[name]
+        start = time.perf_counter()
+        prepared.model(input_ids=next_token, cache=cache, use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+        cache.crop(-1)  # back to the prompt
+        return seconds
+
+    times: dict[str, list[float]] = {"base": [], "configured": []}
+    for repeat in range(config.decode_repeats + 1):  # the first round warms up
+        for name, switch in (("base", prepared.as_base), ("configured", prepared.configured)):
+            with switch():
+                seconds = step(name)
+            if repeat:
+                times[name].append(seconds)
+    return times["base"], times["configured"]
 
 
 def measure_training_steps(
-    config: RoutingCostConfig, model_factory: ModelFactory
+    config: RoutingCostConfig, model_factory: ModelFactory, precision_name: str = "float32"
 ) -> dict[str, Any]:
-    """Seconds per LoRA step and per gate step (same batch), and per-expert totals."""
+    """Seconds per LoRA step and per gate step (same batch) in one compute precision, and
+    per-expert totals."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    precision = resolve_precision(precision_name)
     model, tokenizer = model_factory()
     generator = torch.Generator().manual_seed(config.seed)
     vocab = min(model.config.vocab_size, len(tokenizer))
@@ -407,6 +483,7 @@ def measure_training_steps(
             max_length=config.seq_len,
             validation_fraction=0.0,
             seed=config.seed,
+            precision=precision.name,
         )
 
     def timed_lora(steps: int) -> tuple[float, Any]:
@@ -429,6 +506,8 @@ def measure_training_steps(
     lora_steps = config.paper_lora_steps
     gate_steps = math.ceil(lora_steps / 10)
     return {
+        "precision": precision.name,
+        "precision_record": precision.record(),
         "batch": [config.batch_size, config.seq_len],
         "rank": config.rank,
         "timed_steps": config.train_steps,
@@ -444,15 +523,16 @@ def measure_training_steps(
     }
 
 
-def _worker(
-    task: tuple[str, int], config: RoutingCostConfig, factory: ModelFactory, queue: Any
-) -> None:
+Task = tuple[str, int, str]  # (implementation or "training", N, precision)
+
+
+def _worker(task: Task, config: RoutingCostConfig, factory: ModelFactory, queue: Any) -> None:
     try:
-        implementation, n = task
+        implementation, n, precision = task
         if implementation == "training":
-            result = measure_training_steps(config, factory)
+            result = measure_training_steps(config, factory, precision)
         else:
-            result = measure_configuration(implementation, n, config, factory)
+            result = measure_configuration(implementation, n, precision, config, factory)
     except BaseException as error:  # report any failure (MemoryError included) to the parent
         result = {
             "status": "failed",
@@ -462,31 +542,38 @@ def _worker(
     queue.put(result)
 
 
-def _run_isolated(
-    task: tuple[str, int], config: RoutingCostConfig, factory: ModelFactory
-) -> dict[str, Any]:
+def _run_isolated(task: Task, config: RoutingCostConfig, factory: ModelFactory) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_worker, args=(task, config, factory, queue))
+    started = time.monotonic()
     process.start()
     result = None
     while result is None:
         try:
             result = queue.get(timeout=5)
-        except Exception:  # queue.Empty: is the worker still alive?
+        except Exception:  # queue.Empty: is the worker still alive, and within its time?
             if not process.is_alive():
                 result = {
                     "status": "failed",
                     "error": f"worker exited with code {process.exitcode} "
                     "(killed, e.g. out of memory?)",
                 }
+            elif (
+                config.config_timeout_s is not None
+                and time.monotonic() - started > config.config_timeout_s
+            ):
+                process.terminate()
+                result = {
+                    "status": "not finished",
+                    "error": f"stopped after {config.config_timeout_s:.0f} s (config_timeout_s) "
+                    "before its timed forwards were done",
+                }
     process.join()
     return result
 
 
-def _run_in_process(
-    task: tuple[str, int], config: RoutingCostConfig, factory: ModelFactory
-) -> dict[str, Any]:
+def _run_in_process(task: Task, config: RoutingCostConfig, factory: ModelFactory) -> dict[str, Any]:
     queue: list[dict[str, Any]] = []
 
     class _ListQueue:
@@ -512,7 +599,8 @@ def run_routing_cost(
     output: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure every configuration; returns (and writes to `output`) the result record.
+    """Measure every configuration in every precision; returns (and writes to `output`)
+    the result record.
 
     `isolate=False` runs everything in this process (for tests: memory figures then
     include earlier configurations).
@@ -523,24 +611,35 @@ def run_routing_cost(
     del model
     gc.collect()
     base_flops = shapes.base_flops(config.seq_len)
+    decode_flops = shapes.decode_flops(config.seq_len)
+    # `auto` is decided here, once, and recorded; a precision asked for twice runs once.
+    resolved = {name: resolve_precision(name) for name in config.precisions}
+    precisions = list(dict.fromkeys(p.name for p in resolved.values()))
     record: dict[str, Any] = {
         "benchmark": "routing-cost",
         "machine": machine_info(),
         "config": dataclasses.asdict(config),
+        "precisions": {name: p.record() for name, p in resolved.items()},
         "isolated_processes": isolate,
         "shapes": {
             "target_linears": len(shapes.linears),
             "base_flops_per_token": base_flops,
+            "decode_flops_per_token": decode_flops,
             "expert_mb": shapes.expert_bytes(config.rank) / 2**20,
         },
         "results": [],
+        "training": {},
     }
 
-    tasks: list[tuple[str, int]] = [("base", 0)]
-    if "lora" in config.implementations:
-        tasks.append(("lora", 1))
-    for n in config.n_experts:
-        tasks += [(i, n) for i in config.implementations if i != "lora"]
+    tasks: list[Task] = []
+    for precision in precisions:
+        tasks.append(("base", 0, precision))
+        if "lora" in config.implementations:
+            tasks.append(("lora", 1, precision))
+        for n in config.n_experts:
+            tasks += [(i, n, precision) for i in config.implementations if i != "lora"]
+        if training:
+            tasks.append(("training", 0, precision))
     run = _run_isolated if isolate else _run_in_process
 
     def save() -> None:
@@ -550,66 +649,85 @@ def run_routing_cost(
             output.write_text(json.dumps(record, indent=2) + "\n")
 
     bar = tqdm(tasks, desc="routing cost", disable=not progress)
-    for implementation, n in bar:
-        bar.set_postfix_str(f"{implementation} N={n}")
-        weights_mb = (
-            n * shapes.expert_bytes(config.rank) / 2**20
-            if implementation not in ("base", "lora")
-            else 0.0
-        )
-        available = available_memory_mb()
-        too_many = (
-            implementation in ("dense", "arrow_peft")
-            and config.reference_max_n is not None
-            and n > config.reference_max_n
-        )
-        if too_many:
-            result: dict[str, Any] = {
-                "implementation": implementation,
-                "n_experts": n,
-                "status": "skipped",
-                "error": f"N above reference_max_n={config.reference_max_n} (computes all N)",
-            }
-        elif available is not None and weights_mb > config.memory_fraction * available:
-            result = {
-                "implementation": implementation,
-                "n_experts": n,
-                "status": "skipped",
-                "error": f"expert weights need {weights_mb:.0f} MB; {available:.0f} MB available "
-                f"(limit {config.memory_fraction:.0%})",
-            }
+    for implementation, n, precision in bar:
+        bar.set_postfix_str(f"{implementation} N={n} {precision}")
+        if implementation == "training":
+            record["training"][precision] = run((implementation, n, precision), config, factory)
+            save()
+            continue
+        result: dict[str, Any] = {
+            "implementation": implementation,
+            "n_experts": n if implementation not in ("base", "lora") else None,
+            "precision": precision,
+        }
+        skipped = skip_reason(implementation, n, precision, config, shapes)
+        if skipped:
+            result.update(status="skipped", error=skipped)
         else:
-            result = {
-                "implementation": implementation,
-                "n_experts": n,
-                **run((implementation, n), config, factory),
-            }
+            result.update(run((implementation, n, precision), config, factory))
             result["load_average"] = load_average()
-        result["expert_weights_mb"] = weights_mb
-        floor = 1 + shapes.extra_flops(implementation, n, config.rank, config.top_k) / base_flops
-        result["floor_ratio"] = floor
+        result["expert_weights_mb"] = _weights_mb(implementation, n, config, shapes)
+        extra = shapes.extra_flops(implementation, n, config.rank, config.top_k)
+        result["floor_ratio"] = 1 + extra / base_flops
+        if config.decode:
+            result["decode_floor_ratio"] = 1 + extra / decode_flops
         if implementation == "dense":
             result["dense_flops_ratio"] = 1 + shapes.dense_flops(n, config.rank) / base_flops
         if result.get("status") == "ok":
-            result["measured_over_floor"] = result["ratio_to_base"] / floor
+            result["measured_over_floor"] = result["ratio_to_base"] / result["floor_ratio"]
+            if "decode_ratio_to_base" in result:
+                result["decode_measured_over_floor"] = (
+                    result["decode_ratio_to_base"] / result["decode_floor_ratio"]
+                )
         record["results"].append(result)
         save()
 
-    if training:
-        bar.set_postfix_str("training steps")
-        record["training"] = run(("training", 0), config, factory)
-    record["growth"] = growth(record["results"], config.n_experts)
+    record["growth"] = {
+        precision: growth([r for r in record["results"] if r["precision"] == precision], config)
+        for precision in precisions
+    }
+    record["speedups"] = bf16_speedups(record)
     save()
     return record
 
 
-def growth(results: list[dict[str, Any]], n_experts: list[int]) -> dict[str, Any]:
+def _weights_mb(implementation: str, n: int, config: RoutingCostConfig, shapes: Shapes) -> float:
+    if implementation in ("base", "lora"):
+        return 0.0
+    return n * shapes.expert_bytes(config.rank) / 2**20
+
+
+def skip_reason(
+    implementation: str, n: int, precision: str, config: RoutingCostConfig, shapes: Shapes
+) -> str | None:
+    """Why a configuration is not measured (reported as skipped), or None."""
+    if implementation in FLOAT32_ONLY and precision != "float32":
+        return "the dense reference runs in float32 only"
+    if (
+        implementation in ("dense", "arrow_peft")
+        and config.reference_max_n is not None
+        and n > config.reference_max_n
+    ):
+        return f"N above reference_max_n={config.reference_max_n} (computes all N)"
+    # bfloat16 keeps the float32 stacks and adds half-size copies while it runs.
+    weights_mb = _weights_mb(implementation, n, config, shapes)
+    weights_mb *= 1.5 if precision == "bfloat16" else 1.0
+    available = available_memory_mb()
+    if available is not None and weights_mb > config.memory_fraction * available:
+        return (
+            f"expert weights need {weights_mb:.0f} MB; {available:.0f} MB available "
+            f"(limit {config.memory_fraction:.0%})"
+        )
+    return None
+
+
+def growth(results: list[dict[str, Any]], config: RoutingCostConfig) -> dict[str, Any]:
     """Per implementation, ratio at the largest N over ratio at the smallest (and the floor's)."""
-    if len(n_experts) < 2:
+    if len(config.n_experts) < 2:
         return {}
-    low, high = min(n_experts), max(n_experts)
+    low, high = min(config.n_experts), max(config.n_experts)
     out = {}
-    for implementation in ("phatgoose", "phatgoose_padded", "dense", "arrow_peft"):
+    for implementation in ("phatgoose", "dense", "arrow_peft"):
         rows = {r["n_experts"]: r for r in results if r["implementation"] == implementation}
         a, b = rows.get(low), rows.get(high)
         if a and b and a.get("status") == "ok" and b.get("status") == "ok":
@@ -622,12 +740,43 @@ def growth(results: list[dict[str, Any]], n_experts: list[int]) -> dict[str, Any
     return out
 
 
+def bf16_speedups(record: dict[str, Any]) -> dict[str, Any]:
+    """float32 seconds over bfloat16 seconds, for every forward measured in both (the base
+    model from its own configuration) and for the LoRA and gate training steps."""
+    by_key: dict[tuple[str, int | None], dict[str, dict[str, Any]]] = {}
+    for r in record["results"]:
+        if r.get("status") == "ok":
+            by_key.setdefault((r["implementation"], r["n_experts"]), {})[r["precision"]] = r
+    forwards = []
+    for (implementation, n), both in by_key.items():
+        if "float32" in both and "bfloat16" in both:
+            fp32, bf16 = both["float32"], both["bfloat16"]
+            row: dict[str, Any] = {
+                "implementation": implementation,
+                "n_experts": n,
+                "forward": fp32["latency_s"] / bf16["latency_s"],
+            }
+            if "decode_latency_s" in fp32 and "decode_latency_s" in bf16:
+                row["one_token"] = fp32["decode_latency_s"] / bf16["decode_latency_s"]
+            forwards.append(row)
+    out: dict[str, Any] = {"forwards": forwards}
+    training = record.get("training", {})
+    fp32_steps, bf16_steps = training.get("float32", {}), training.get("bfloat16", {})
+    if fp32_steps.get("status") == "ok" and bf16_steps.get("status") == "ok":
+        out["lora_step"] = fp32_steps["lora_step_s"] / bf16_steps["lora_step_s"]
+        out["gate_step"] = fp32_steps["gate_step_s"] / bf16_steps["gate_step_s"]
+    return out
+
+
 # ----------------------------------------------------------------------------- reports
 def markdown_table(record: dict[str, Any]) -> str:
+    """The results as markdown: one row per configuration and precision (with one token
+    of cached generation when measured), the training steps, and the bfloat16 speed-ups."""
     lines = [
-        "| implementation | N | latency (s) | ratio to base | floor ratio | measured / floor "
+        "| precision | implementation | N | latency (s) | ratio to base | floor ratio "
+        "| measured / floor | 1 token: ratio | 1 token: floor | 1 token: measured / floor "
         "| tokens/s | peak RSS (MB) | extra RSS (MB) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["results"]:
 
@@ -636,32 +785,62 @@ def markdown_table(record: dict[str, Any]) -> str:
             return "" if value is None else format(value, spec)
 
         lines.append(
-            f"| {r['implementation']} | {r.get('n_experts') or ''} | {fmt('latency_s', '.3f')} | "
-            f"{fmt('ratio_to_base', '.2f')} | {fmt('floor_ratio', '.3f')} | "
-            f"{fmt('measured_over_floor', '.2f')} | {fmt('tokens_per_s', '.0f')} | "
-            f"{fmt('peak_rss_mb', '.0f')} | {fmt('extra_rss_mb', '.0f')} | {r.get('status')}"
+            f"| {r.get('precision', '')} | {r['implementation']} | {r.get('n_experts') or ''} "
+            f"| {fmt('latency_s', '.3f')} | {fmt('ratio_to_base', '.2f')} "
+            f"| {fmt('floor_ratio', '.3f')} | {fmt('measured_over_floor', '.2f')} "
+            f"| {fmt('decode_ratio_to_base', '.2f')} | {fmt('decode_floor_ratio', '.3f')} "
+            f"| {fmt('decode_measured_over_floor', '.2f')} | {fmt('tokens_per_s', '.0f')} "
+            f"| {fmt('peak_rss_mb', '.0f')} | {fmt('extra_rss_mb', '.0f')} | {r.get('status')}"
             + (f": {r['error']}" if r.get("error") else "")
             + " |"
         )
-    training = record.get("training")
-    if training and training.get("status") == "ok":
+    training = {p: t for p, t in record.get("training", {}).items() if t.get("status") == "ok"}
+    if training:
         lines += [
             "",
-            "| step | seconds per step | steps per expert | seconds per expert |",
-            "|---|---|---|---|",
-            f"| LoRA | {training['lora_step_s']:.2f} | {training['lora_steps']} "
-            f"| {training['lora_total_s']:.0f} |",
-            f"| gates | {training['gate_step_s']:.2f} | {training['gate_steps']} "
-            f"| {training['gate_total_s']:.0f} |",
-            "",
-            f"Gate step / LoRA step: {training['gate_over_lora_step']:.2f}; per expert "
-            f"(gates at a tenth of the steps): {training['gate_over_lora_total']:.3f}.",
+            "| precision | step | seconds per step | steps per expert | seconds per expert |",
+            "|---|---|---|---|---|",
         ]
+        for precision, t in training.items():
+            lines += [
+                f"| {precision} | LoRA | {t['lora_step_s']:.2f} | {t['lora_steps']} "
+                f"| {t['lora_total_s']:.0f} |",
+                f"| {precision} | gates | {t['gate_step_s']:.2f} | {t['gate_steps']} "
+                f"| {t['gate_total_s']:.0f} |",
+            ]
+        lines.append("")
+        lines += [
+            f"{precision}: gate step / LoRA step {t['gate_over_lora_step']:.2f}; per expert "
+            f"(gates at a tenth of the steps): {t['gate_over_lora_total']:.3f}."
+            for precision, t in training.items()
+        ]
+    for precision, t in record.get("training", {}).items():
+        if t.get("status") != "ok":
+            lines += ["", f"{precision} training steps: {t.get('status')}: {t.get('error')}"]
+    speedups = record.get("speedups", {})
+    if speedups.get("forwards") or "lora_step" in speedups:
+        lines += [
+            "",
+            "bfloat16 speed-up (float32 seconds / bfloat16 seconds):",
+            "",
+            "| what | N | forward | 1 token |",
+            "|---|---|---|---|",
+        ]
+        for row in speedups.get("forwards", []):
+            one = row.get("one_token")
+            lines.append(
+                f"| {row['implementation']} | {row['n_experts'] or ''} | {row['forward']:.2f} "
+                f"| {'' if one is None else format(one, '.2f')} |"
+            )
+        for step in ("lora_step", "gate_step"):
+            if step in speedups:
+                lines.append(f"| {step.replace('_', ' ')} | | {speedups[step]:.2f} | |")
     return "\n".join(lines) + "\n"
 
 
 def plot(record: dict[str, Any], path: Path) -> Path:
-    """Latency ratio to the base model against N, per implementation, with the floors."""
+    """Latency ratio to the base model (same precision) against N, per implementation and
+    precision, with the floors."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -669,24 +848,29 @@ def plot(record: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     results = record["results"]
-    for implementation, style in (
-        ("phatgoose", "o-"),
-        ("phatgoose_padded", "o:"),
-        ("dense", "s--"),
-        ("arrow_peft", "^-."),
-    ):
-        rows = [
-            r for r in results if r["implementation"] == implementation and r.get("status") == "ok"
-        ]
-        if rows:
-            ax.plot(
-                [r["n_experts"] for r in rows],
-                [r["ratio_to_base"] for r in rows],
-                style,
-                label=implementation,
-            )
+    precisions = list(dict.fromkeys(r.get("precision", "float32") for r in results))
+    for precision, line in zip(precisions, ("-", "--"), strict=False):
+        for implementation, marker in (("phatgoose", "o"), ("dense", "s"), ("arrow_peft", "^")):
+            rows = [
+                r
+                for r in results
+                if r["implementation"] == implementation
+                and r.get("precision", "float32") == precision
+                and r.get("status") == "ok"
+            ]
+            if rows:
+                ax.plot(
+                    [r["n_experts"] for r in rows],
+                    [r["ratio_to_base"] for r in rows],
+                    marker + line,
+                    label=f"{implementation} ({precision})",
+                )
     floor_rows = sorted(
-        (r for r in results if r["implementation"] == "phatgoose" and "floor_ratio" in r),
+        {
+            r["n_experts"]: r
+            for r in results
+            if r["implementation"] == "phatgoose" and "floor_ratio" in r
+        }.values(),
         key=lambda r: r["n_experts"],
     )
     if floor_rows:
@@ -696,21 +880,34 @@ def plot(record: dict[str, Any], path: Path) -> Path:
             "k:",
             label="floor (top-k routing)",
         )
-    lora = [r for r in results if r["implementation"] == "lora" and r.get("status") == "ok"]
-    if lora:
-        ax.axhline(lora[0]["ratio_to_base"], color="grey", lw=0.8, label="one LoRA (PEFT)")
+    for precision, line in zip(precisions, ("-", "--"), strict=False):
+        lora = [
+            r
+            for r in results
+            if r["implementation"] == "lora"
+            and r.get("precision", "float32") == precision
+            and r.get("status") == "ok"
+        ]
+        if lora:
+            ax.axhline(
+                lora[0]["ratio_to_base"],
+                color="grey",
+                lw=0.8,
+                ls=line,
+                label=f"one LoRA, PEFT ({precision})",
+            )
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("number of experts N")
-    ax.set_ylabel("forward latency / base model")
+    ax.set_ylabel("forward latency / base model (same precision)")
     config = record["config"]
     ax.set_title(
         f"Routing cost, batch {config['batch_size']} x {config['seq_len']} tokens, "
         f"r={config['rank']}, top-{config['top_k']}",
         fontsize=10,
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -52,6 +52,7 @@ from phatgoose.evaluation import TaskResult, evaluate_task
 from phatgoose.expert import Expert
 from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerprint
 from phatgoose.pipeline import Say, train_contributor_expert
+from phatgoose.precision import ComputePrecision, Precision, resolve_precision
 from phatgoose.routing import build_routed_model, routing_state, unroute_model
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 from protocol import (
@@ -127,6 +128,9 @@ class ZeroShotConfig:
     # Score only the first `eval_limit` examples of each evaluation split (None: all). The
     # split itself (and so every training pool and cached expert) stays as `n_eval` made it.
     eval_limit: int | None = None
+    # Compute precision of training and scoring (phatgoose.precision). `run_zero_shot`
+    # resolves `auto` on its device first, so caches are keyed by what actually ran.
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -166,6 +170,7 @@ class ZeroShotConfig:
             gate_steps=self.gate_steps,
             gate_learning_rate=self.gate_learning_rate,
             seed=self.seed,
+            precision=self.precision,
         )
 
     @property
@@ -260,6 +265,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PRESET,
     "smoke": SMOKE_PRESET,
 }
+
+
+def with_resolved_precision(
+    config: ZeroShotConfig, device: str | torch.device
+) -> tuple[ZeroShotConfig, ComputePrecision]:
+    """`config` with its precision resolved on `device` (`auto` becomes what this machine
+    computes in, so expert and score caches are keyed by what ran), and the decision."""
+    compute = resolve_precision(config.precision, device)
+    return dataclasses.replace(config, precision=compute.name), compute
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -599,6 +613,7 @@ class EvaluationCache:
             "split_seed": config.split_seed,
             "eval_limit": config.eval_limit,
             "eval_max_length": config.resolved_eval_max_length,
+            "precision": config.precision,
         }
 
     def path(self, identity: dict[str, Any], task: str) -> Path:
@@ -651,7 +666,7 @@ def evaluate_all(
             results[task.name] = evaluate_task(
                 model, tokenizer, examples, task=task.name,
                 batch_size=config.eval_batch_size, max_length=config.resolved_eval_max_length,
-                progress=False,
+                progress=False, precision=config.precision,
             )  # fmt: skip
             if cache is not None:
                 cache.put(identity or {}, results[task.name])
@@ -735,6 +750,10 @@ def run_zero_shot(
         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
+    # Resolved once, on this device: every expert, cache key and score below says what ran.
+    config, compute = with_resolved_precision(config, device)
+    record["precision"] = compute.record()
+    say(f"computing in {compute.name} ({compute.reason})")
     if publish and catalog is None:
         raise ValueError("publish needs a catalog (a coordinator data directory)")
     if catalog is not None:  # experts can only be registered over a registered base model

@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from protocol.precision import Precision
+
 if TYPE_CHECKING:  # torch and transformers load slowly: --help stays fast without them
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -87,6 +89,15 @@ MaxExamplesOption = Annotated[
     ),
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for sampling, splits and init.")]
+PrecisionOption = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="Compute precision: auto (bfloat16 where this CPU/GPU multiplies it natively, "
+        "else float32), float32 or bfloat16. The expert is saved in float32 either way; "
+        "its manifest records what was used.",
+    ),
+]
 AverageActivationOption = Annotated[
     bool,
     typer.Option(
@@ -138,6 +149,7 @@ def _config(
     lr: float,
     gate_lr: float | None,
     seed: int,
+    precision: Precision,
 ) -> TrainingConfig:
     from phatgoose.training import TrainingConfig
 
@@ -151,6 +163,7 @@ def _config(
         learning_rate=lr,
         gate_learning_rate=gate_lr,
         seed=seed,
+        precision=precision,
     )
 
 
@@ -184,6 +197,7 @@ def train(
     gate_lr: GateLrOption = None,
     max_examples: MaxExamplesOption = None,
     seed: SeedOption = 0,
+    precision: PrecisionOption = "auto",
     average_activation: AverageActivationOption = True,
     retrieval_embeddings: RetrievalOption = False,
     description: DescriptionOption = "",
@@ -200,7 +214,9 @@ def train(
     from phatgoose.data import DataFormatError
 
     _confirm_retrieval(retrieval_embeddings)
-    config = _config(rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed)
+    config = _config(
+        rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed, precision
+    )
     options = _options(
         description, license, max_examples, average_activation, retrieval_embeddings, quiet
     )
@@ -245,6 +261,7 @@ def import_peft(
     lr: Annotated[float, typer.Option("--lr", help="Gate learning rate (AdamW).")] = 1e-3,
     max_examples: MaxExamplesOption = None,
     seed: SeedOption = 0,
+    precision: PrecisionOption = "auto",
     average_activation: AverageActivationOption = True,
     retrieval_embeddings: RetrievalOption = False,
     description: DescriptionOption = "",
@@ -262,7 +279,9 @@ def import_peft(
     from protocol import slug
 
     _confirm_retrieval(retrieval_embeddings)
-    config = _config(8, 16.0, gate_steps, gate_steps, batch_size, max_length, lr, lr, seed)
+    config = _config(
+        8, 16.0, gate_steps, gate_steps, batch_size, max_length, lr, lr, seed, precision
+    )
     options = _options(
         description, license, max_examples, average_activation, retrieval_embeddings, quiet
     )
@@ -392,6 +411,8 @@ def _print_summary(out: Path) -> None:
         f"best validation {_fmt(t.best_validation_loss)})",
     )
     table.add_row("gate steps", f"{t.gate_steps} (final loss {_fmt(t.final_gate_loss)})")
+    computed = {t.precision, t.gate_precision} - {None}
+    table.add_row("computed in", " + ".join(sorted(str(c) for c in computed)) or "not recorded")
     table.add_row("average activation", "yes" if m.has_average_activation else "no")
     table.add_row("retrieval embeddings", "yes (leaks!)" if m.has_retrieval_embeddings else "no")
     for path in sorted(out.iterdir()):

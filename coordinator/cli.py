@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from coordinator.auth.models import Role
+from protocol.precision import Precision
 
 app = typer.Typer(
     help="Run the coordinator service and manage its catalog.",
@@ -263,6 +264,13 @@ def worker(
             "other names are loaded by name.",
         ),
     ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="Compute precision of scoring: auto (bfloat16 where this machine multiplies "
+            "it natively), float32 or bfloat16; each result records the one used."
+        ),
+    ] = "auto",
     task_delay_seconds: Annotated[float, typer.Option(hidden=True)] = 0.0,
     data_dir: DataDirOption = None,
     database_url: DatabaseOption = None,
@@ -286,6 +294,7 @@ def worker(
         max_attempts=max_attempts,
         tasks_dir=tasks_dir or settings.tasks_dir,
         base_models=paths,
+        precision=precision,
         task_delay_seconds=task_delay_seconds,
     )
     typer.echo(f"worker {options.worker_id}", err=True)

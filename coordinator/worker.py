@@ -40,6 +40,7 @@ from coordinator.evaluations.public_errors import PublicJobError, public_error
 from coordinator.releases.models import Release
 from coordinator.releases.service import export_release
 from coordinator.storage import BlobStore, LocalBlobStore
+from protocol.precision import Precision
 from protocol.tasks import TaskNameError, check_task_name
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class WorkerOptions:
     tasks_dir: Path | None = None
     base_models: dict[str, str] = field(default_factory=dict)
     batch_size: int = 16
+    # Compute precision of scoring (phatgoose.precision; auto: bfloat16 where native).
+    precision: Precision = "auto"
     # Test hook: sleep this long before each task (to kill a worker mid-job in tests).
     task_delay_seconds: float = 0.0
 
@@ -274,6 +277,7 @@ class Worker:
                         batch_size=self.options.batch_size,
                         max_length=EVALUATION_PROTOCOL["max_length"],
                         progress=False,
+                        precision=self.options.precision,
                     )
                 score = evaluations.TaskScore(
                     task=task,
@@ -283,17 +287,19 @@ class Worker:
                     evaluator_version=version,
                     seconds=result.seconds,
                     routing_stats=routing_summary(stats, manifest["method"]),
+                    precision=result.precision,
                 )
                 with self.sessions() as session:
                     evaluations.record_result(session, job.id, self.options.worker_id, score)
                 log.info(
-                    "evaluation %d: %s accuracy %.3f ± %.3f (n=%d, %.1f s)",
+                    "evaluation %d: %s accuracy %.3f ± %.3f (n=%d, %.1f s, %s)",
                     job.id,
                     task,
                     result.accuracy,
                     result.stderr,
                     result.n,
                     result.seconds,
+                    result.precision,
                 )
         finally:
             unroute_model(model)

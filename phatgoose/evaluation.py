@@ -15,6 +15,10 @@ a BIG-bench example share a prompt many times their length, so this costs about 
 per example instead of one per choice (single-token choices need no second forward at all).
 Routing decides each token from its own activation (or, for retrieval, from the row's
 prompt), so the scores equal one forward per (prompt, choice) sequence.
+
+Scoring computes in `precision` (`phatgoose.precision`; `auto` is bfloat16 where the
+hardware multiplies it natively): products in bfloat16, the LM head, log-softmax and the
+sums of log-probabilities in float32.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example, continuation_ids, pad_rows, prompt_ids
 from phatgoose.models import cache_keyword, forward_accepts, returned_cache
+from phatgoose.precision import ComputePrecision, Precision, compute_in, resolve_precision
 from phatgoose.routing import queries
+from protocol import ComputePrecisionName
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ def score_choices(
     batch_size: int = 16,
     max_length: int = 512,
     progress: bool = True,
+    precision: Precision = "auto",
 ) -> list[list[float]]:
     """Mean log-probability per token of every choice of every example, given its prompt.
 
@@ -61,7 +68,8 @@ def score_choices(
     Prompts longer than `max_length` (together with the choice, for causal models) lose
     tokens from the left.
     """
-    return _score(model, tokenizer, examples, batch_size, max_length, progress)[0]
+    compute = resolve_precision(precision, next(model.parameters()).device)
+    return _score(model, tokenizer, examples, batch_size, max_length, progress, compute)[0]
 
 
 def _score(
@@ -71,8 +79,21 @@ def _score(
     batch_size: int,
     max_length: int,
     progress: bool,
+    precision: ComputePrecision,
 ) -> tuple[list[list[float]], int]:
-    """(scores, number of choice tokens scored)."""
+    """(scores, number of choice tokens scored), computed in `precision`."""
+    with torch.no_grad(), compute_in(precision, model):
+        return _score_all(model, tokenizer, examples, batch_size, max_length, progress)
+
+
+def _score_all(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+) -> tuple[list[list[float]], int]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 2:
@@ -105,16 +126,15 @@ def _score(
     )
     scores = [[math.nan] * len(ex.choices) for ex in examples]
     batch_starts = range(0, len(order), batch_size)
-    with torch.no_grad():
-        for start in tqdm(batch_starts, desc="scoring", unit="batch", disable=not progress):
-            batch = [pairs[i] for i in order[start : start + batch_size]]
-            with queries(model, [p.prompt_text for p in batch]):
-                if is_encoder_decoder:
-                    mean_logprobs = _score_encoder_decoder(model, batch, pad_id, device)
-                else:
-                    mean_logprobs = _score_causal(model, batch, pad_id, device)
-            for pair, value in zip(batch, mean_logprobs.tolist(), strict=True):
-                scores[pair.example][pair.choice] = value
+    for start in tqdm(batch_starts, desc="scoring", unit="batch", disable=not progress):
+        batch = [pairs[i] for i in order[start : start + batch_size]]
+        with queries(model, [p.prompt_text for p in batch]):
+            if is_encoder_decoder:
+                mean_logprobs = _score_encoder_decoder(model, batch, pad_id, device)
+            else:
+                mean_logprobs = _score_causal(model, batch, pad_id, device)
+        for pair, value in zip(batch, mean_logprobs.tolist(), strict=True):
+            scores[pair.example][pair.choice] = value
     return scores, sum(len(p.continuation) for p in pairs)
 
 
@@ -203,12 +223,11 @@ def _score_shared_prompts(
         rows += len(item.choices)
 
     scores: list[list[float]] = [[] for _ in examples]
-    with torch.no_grad():
-        for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-            for item, row in zip(
-                batch, _score_prompted(model, batch, pad_id, device, cache_argument), strict=True
-            ):
-                scores[item.example] = row
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        for item, row in zip(
+            batch, _score_prompted(model, batch, pad_id, device, cache_argument), strict=True
+        ):
+            scores[item.example] = row
     return scores, sum(len(ids) for item in prompted for ids in item.choices)
 
 
@@ -349,6 +368,7 @@ class TaskResult:
     n: int
     seconds: float
     scored_tokens: int  # choice tokens scored: the unit of "seconds per 1000 scored tokens"
+    precision: ComputePrecisionName = "float32"  # what the model computed in
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -363,8 +383,10 @@ def evaluate_task(
     batch_size: int = 16,
     max_length: int = 512,
     progress: bool = True,
+    precision: Precision = "auto",
 ) -> TaskResult:
-    """Rank-classification accuracy on multiple-choice examples (ties go to the first choice)."""
+    """Rank-classification accuracy on multiple-choice examples (ties go to the first choice),
+    scored in `precision` (recorded in the result)."""
     if not examples:
         raise ValueError(f"task {task!r}: no examples to evaluate")
     for index, example in enumerate(examples):
@@ -372,8 +394,11 @@ def evaluate_task(
             raise ValueError(
                 f"task {task!r}: example {index} is not multiple choice with an answer"
             )
+    compute = resolve_precision(precision, next(model.parameters()).device)
     start = time.perf_counter()
-    scores, scored_tokens = _score(model, tokenizer, examples, batch_size, max_length, progress)
+    scores, scored_tokens = _score(
+        model, tokenizer, examples, batch_size, max_length, progress, compute
+    )
     seconds = time.perf_counter() - start
     correct = sum(
         _argmax(row) == example.answer for row, example in zip(scores, examples, strict=True)
@@ -387,6 +412,7 @@ def evaluate_task(
         n=n,
         seconds=seconds,
         scored_tokens=scored_tokens,
+        precision=compute.name,
     )
 
 

@@ -141,11 +141,20 @@ class Expert:
 
     # ------------------------------------------------------------ derived experts
     def with_gates(
-        self, gates: dict[str, Tensor], *, gate_steps: int, final_gate_loss: float | None = None
+        self,
+        gates: dict[str, Tensor],
+        *,
+        gate_steps: int,
+        final_gate_loss: float | None = None,
+        gate_precision: str | None = None,
     ) -> Expert:
         """A copy with these gates and the manifest's training summary updated."""
         training = self.manifest.training.model_copy(
-            update={"gate_steps": gate_steps, "final_gate_loss": final_gate_loss}
+            update={
+                "gate_steps": gate_steps,
+                "final_gate_loss": final_gate_loss,
+                "gate_precision": gate_precision,
+            }
         )
         manifest = self.manifest.model_copy(update={"training": training})
         return dataclasses.replace(self, manifest=manifest, gates=dict(gates))

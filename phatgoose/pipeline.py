@@ -131,6 +131,7 @@ def add_gates_and_vectors(
             max_length=config.max_length,
             batch_size=config.batch_size,
             seed=config.seed,
+            precision=config.precision,
         )
         expert = expert.with_average_activations(activations)
         say(f"average activations computed over {min(len(examples), max_vector_examples)} examples")

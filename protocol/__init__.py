@@ -53,6 +53,7 @@ from protocol.peft_format import (
     matches_target_modules,
     parse_lora_key,
 )
+from protocol.precision import PRECISIONS, ComputePrecisionName, Precision
 from protocol.release import (
     RELEASE_FILE,
     RELEASE_FORMAT,
@@ -91,6 +92,7 @@ __all__ = [
     "METHOD_SPECS",
     "OPTIONAL_FILES",
     "PACKAGE_FILES",
+    "PRECISIONS",
     "RELEASE_FILE",
     "RELEASE_FORMAT",
     "RELEASE_FORMAT_VERSION",
@@ -107,6 +109,7 @@ __all__ = [
     "ApiVersion",
     "BaseModelIdentity",
     "BaseModelSpec",
+    "ComputePrecisionName",
     "ContributorVector",
     "ExpertManifest",
     "InvalidReleaseManifest",
@@ -114,6 +117,7 @@ __all__ = [
     "LoraSummary",
     "MethodSpec",
     "PackageRejected",
+    "Precision",
     "ReleaseBaseModel",
     "ReleaseFile",
     "ReleaseManifest",

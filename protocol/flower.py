@@ -27,6 +27,7 @@ from protocol.package import (
     RETRIEVAL_FILE,
     ROUTER_FILE,
 )
+from protocol.precision import Precision
 
 PACKAGE_RECORD = "package"
 TRAINING_RECORD = "training"
@@ -130,6 +131,8 @@ class TrainingRequest(_FlowerSettings):
     max_examples: int = Field(default=0, ge=0)  # 0: every training example the node holds
     average_activation: bool = True
     seed: int = 0
+    # Each node resolves `auto` on its own hardware (bfloat16 where it is native).
+    precision: Precision = "auto"
 
 
 class RoundSettings(_FlowerSettings):

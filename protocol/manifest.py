@@ -6,6 +6,8 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.precision import ComputePrecisionName
+
 FORMAT_VERSION: Final = 1
 
 # A namespace, or an expert's name within it.
@@ -67,6 +69,10 @@ class TrainingSummary(BaseModel):
     best_validation_loss: float | None = None
     final_gate_loss: float | None = None
     seconds: float | None = None
+    # The compute precision of LoRA and gate training ("float32" or "bfloat16"); the
+    # package's tensors are float32 either way. None: not recorded (older packages, imports).
+    precision: ComputePrecisionName | None = None
+    gate_precision: ComputePrecisionName | None = None
 
 
 class ExpertManifest(BaseModel):

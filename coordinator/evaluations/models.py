@@ -57,6 +57,8 @@ class EvaluationResult(Base):
     stderr: Mapped[float]
     n: Mapped[int]
     evaluator_version: Mapped[str] = mapped_column(String(64))
+    # What the model computed in: "float32" or "bfloat16" (phatgoose.precision).
+    precision: Mapped[str | None] = mapped_column(String(16))
     seconds: Mapped[float | None]
     routing_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

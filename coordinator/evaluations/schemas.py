@@ -72,6 +72,9 @@ class ResultInfo(BaseModel):
     stderr: float
     n: int
     evaluator_version: str
+    precision: str | None = Field(
+        default=None, description="what the model computed in: float32 or bfloat16"
+    )
     seconds: float | None
     routing_stats: dict[str, Any] | None = Field(
         description="per-layer expert frequencies (docs/coordinator.md, 'Routing statistics')"
@@ -86,6 +89,7 @@ class ResultInfo(BaseModel):
             stderr=result.stderr,
             n=result.n,
             evaluator_version=result.evaluator_version,
+            precision=result.precision,
             seconds=result.seconds,
             routing_stats=result.routing_stats,
             created_at=result.created_at,

@@ -28,6 +28,7 @@ from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobS
 from coordinator.evaluations.schemas import EvaluationCreate
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
+from protocol.precision import ComputePrecisionName
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ class TaskScore:
     evaluator_version: str
     seconds: float
     routing_stats: dict[str, Any] | None
+    precision: ComputePrecisionName | None = None  # None: not recorded
 
 
 def record_result(session: Session, job_id: int, worker_id: str, score: TaskScore) -> None:
@@ -278,6 +280,7 @@ def _result_row(job: EvaluationJob, score: TaskScore) -> EvaluationResult:
         evaluator_version=score.evaluator_version,
         seconds=score.seconds,
         routing_stats=score.routing_stats,
+        precision=score.precision,
     )
 
 

@@ -132,6 +132,7 @@ def _scores(session: SessionDep, release: Release) -> ScoresSummary:
                 stderr=result.stderr,
                 n=result.n,
                 evaluator_version=result.evaluator_version,
+                precision=result.precision,
                 job_id=result.job_id,
                 group=groups.get(task),
                 routing_stats=result.routing_stats,

@@ -62,6 +62,7 @@ class ScoreInfo(BaseModel):
     stderr: float
     n: int
     evaluator_version: str
+    precision: str | None = None  # float32 or bfloat16 (None: not recorded)
     job_id: int
     group: str | None = None
     routing_stats: dict[str, Any] | None = None

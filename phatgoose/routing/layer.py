@@ -2,27 +2,27 @@
 
 Every method shares `RoutedLinear`; a method differs only in its router (`routers.py`: who
 is chosen for a token, with what weight) and in the low-rank factors stacked into the
-layer. Here is how the chosen experts' updates are computed, by one of four paths that
+layer. Here is how the chosen experts' updates are computed, by one of three paths that
 agree up to float summation order (docs/routing.md): plain matmuls when one expert is
-stacked, gathered factors for a token or two, `grouped_mm` over the pairs sorted by
-expert, or padded batched matmuls.
+stacked, `grouped_mm` over the pairs sorted by expert when experts have many pairs each,
+and two embedding bags over the factors' rows otherwise (a token at a time in generation,
+or many experts with a pair or two each).
 Shapes: `u` is a module's input `[..., n]`, `W` is `[d, n]`, `N` experts of rank <= `r`.
 """
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Up to this many tokens, `RoutedLinear.gathered_update` gathers the selected experts'
-# factors instead of sorting pairs by expert (measured in docs/routing.md).
-FEW_TOKENS = 2
-# Experts with at most this many (token, slot) pairs (or twice the mean count, if larger)
-# share one padded batched matmul in `RoutedLinear.selected_update`.
-PAD_MIN_WIDTH = 8
+from phatgoose.precision import autocast_off
 
+# `grouped_update` runs where experts hold at least this many (token, slot) pairs on average
+# (by the factors' dtype): below it grouped_mm's fixed cost per expert group (one small
+# matmul each, empty groups included) loses to `pair_update`'s embedding bags; small
+# bfloat16 matmuls cost more on CPU, hence the higher bar (measured: docs/routing.md).
+GROUPED_MIN_PAIRS = {torch.float32: 8, torch.bfloat16: 48, torch.float16: 48}
 
 # `F.grouped_mm` (torch >= 2.8) runs the whole selected mixture in two calls. On CPU
 # (torch 2.13) it takes float32, bfloat16 and float16, not float64; on CUDA it wants bf16
@@ -40,7 +40,7 @@ def grouped_mm_applies(
     `[pairs, n]` input, the `[pairs, r]` hidden and both factors as transposed views), and
     no autograd graph through it: its backward fails on CPU in torch 2.13 (a stride error).
     Gate training differentiates the router's `weights`, which scale the hidden that the
-    second grouped_mm reads; with any graph the padded path is used.
+    second grouped_mm reads; with any graph the embedding bags are used.
     """
     if not use_grouped_mm or u.device.type != "cpu" or u.dtype not in GROUPED_MM_DTYPES:
         return False
@@ -70,18 +70,29 @@ def _aligned(mat: Tensor, alignment: int) -> bool:
     return False
 
 
+def factor_layout(factor: Tensor) -> Tensor:
+    """`factor [N, a, b]` stored as the transposed view of a contiguous `[N, b, a]`.
+
+    The layer keeps `lora_A [N, r, n]` and `lora_B [N, d, r]` this way: then `A_z^T` and
+    `B_z^T` are contiguous blocks of rows, `[N*n, r]` and `[N*r, d]`, which the embedding
+    bags index and grouped_mm reads without a copy. Already laid out: returned as is.
+    """
+    flipped = factor.transpose(1, 2)
+    return (flipped if flipped.is_contiguous() else flipped.contiguous()).transpose(1, 2)
+
+
 def stack_updates(updates: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
     """Stack `(A [r_z, n], B [d, r_z], scale_z)` into `A [N, r_max, n]`, `B [N, d, r_max]`.
 
     The scale is folded into B, and lower ranks are zero-padded: a zero row of A meets a
-    zero column of B, so the product `B_z A_z` is unchanged.
+    zero column of B, so the product `B_z A_z` is unchanged. Both come in `factor_layout`.
     """
     if not updates:
         raise ValueError("stack_updates needs at least one (A, B, scale) update")
     n, d = updates[0][0].shape[1], updates[0][1].shape[0]
     r_max = max(a.shape[0] for a, _, _ in updates)
-    lora_A = torch.zeros(len(updates), r_max, n)
-    lora_B = torch.zeros(len(updates), d, r_max)
+    lora_A = torch.zeros(len(updates), n, r_max).transpose(1, 2)
+    lora_B = torch.zeros(len(updates), r_max, d).transpose(1, 2)
     for z, (a, b, scale) in enumerate(updates):
         r = a.shape[0]
         if a.shape[1] != n or b.shape != (d, r):
@@ -101,13 +112,20 @@ class RoutedLinear(nn.Module):
     """y = W u + sum_{z in E_u} w_z * scale_z * B_z A_z u, computing only the selected experts.
 
     `base_layer` is the model's own `nn.Linear` (shared, never copied); `lora_A`
-    `[N, r, n]` and `lora_B` `[N, d, r]` (scale folded in) are stacked once at build time.
-    `expert_ids[i]` is the index, in the routed model's expert list, of stacked expert i
-    (None when the stacked experts are not real experts, as for merged).
+    `[N, r, n]` and `lora_B` `[N, d, r]` (scale folded in) are stacked once at build time,
+    in `factor_layout`. `expert_ids[i]` is the index, in the routed model's expert list, of
+    stacked expert i (None when the stacked experts are not real experts, as for merged).
+
+    Precision: the router decides in float32; the mixture runs in the factors' dtype (the
+    model's compute precision: `phatgoose.precision.compute_in` swaps in bfloat16 copies)
+    with the input cast to it, and its result is added to the base output in that output's
+    dtype.
     """
 
     lora_A: Tensor
     lora_B: Tensor
+    a_offsets: Tensor
+    b_offsets: Tensor
 
     def __init__(
         self,
@@ -133,8 +151,15 @@ class RoutedLinear(nn.Module):
         self.path = path
         self.expert_ids = None if expert_ids is None else list(expert_ids)
         weight = base_layer.weight
-        self.register_buffer("lora_A", lora_A.to(weight.device, weight.dtype), persistent=False)
-        self.register_buffer("lora_B", lora_B.to(weight.device, weight.dtype), persistent=False)
+        for name, factor in (("lora_A", lora_A), ("lora_B", lora_B)):
+            stored = factor_layout(factor.to(weight.device, weight.dtype))
+            self.register_buffer(name, stored, persistent=False)
+        # Row offsets within an expert's block of `A^T` and of `B^T` (`pair_update`).
+        self.register_buffer("a_offsets", torch.arange(n, device=weight.device), persistent=False)
+        rank = lora_A.shape[1]
+        self.register_buffer(
+            "b_offsets", torch.arange(rank, device=weight.device), persistent=False
+        )
         self.observers: list[Observer] = []
 
     # Model code reads these off its linears (T5 checks `wo.weight.dtype`).
@@ -159,123 +184,109 @@ class RoutedLinear(nn.Module):
         return int(self.lora_A.shape[0])
 
     def forward(self, u: Tensor) -> Tensor:
-        indices, weights = self.router(u)
-        for observe in self.observers:
-            observe(self, indices)
-        shape = u.shape[:-1] + indices.shape[-1:]
-        update = self.selected_update(
-            u.reshape(-1, u.shape[-1]),
-            indices.expand(shape).reshape(-1, shape[-1]),
-            weights.expand(shape).reshape(-1, shape[-1]),
-        )
         base: Tensor = self.base_layer(u)
-        return base + update.reshape(*u.shape[:-1], -1)
+        with autocast_off(u.device.type):  # the mixture in its factors' dtype
+            indices, weights = self.router(u)
+            for observe in self.observers:
+                observe(self, indices)
+            shape = u.shape[:-1] + indices.shape[-1:]
+            if indices.shape != shape:  # one choice per row (fixed routers) for every token
+                indices, weights = indices.expand(shape), weights.expand(shape)
+            self.selected_update(
+                u.reshape(-1, u.shape[-1]).to(self.lora_A.dtype),
+                indices.reshape(-1, shape[-1]),
+                weights.reshape(-1, shape[-1]),
+                out=base.view(-1, base.shape[-1]),
+            )
+        return base
 
-    def selected_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """sum_k w_tk * B_{z_tk} A_{z_tk} u_t for tokens `u [T, n]`, `indices`/`weights [T, k]`.
+    def selected_update(
+        self, u: Tensor, indices: Tensor, weights: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        """sum_k w_tk * B_{z_tk} A_{z_tk} u_t for tokens `u [T, n]`, `indices`/`weights [T, k]`,
+        added into `out [T, d]` (zeros when None) and returned.
 
-        Only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is: the (token,
-        slot) pairs are grouped by expert so each expert's factors are read once (gathering
-        A and B per pair would materialise `T*k*r*(n+d)` weights), except with one stacked
-        expert (`single_expert_update`: nothing to group) and for a token or two, where
-        gathering is cheaper than grouping (`gathered_update`). Otherwise `grouped_update`
-        (one `F.grouped_mm` per factor, where it applies) or `padded_update` (batched
-        matmuls over a padded block); all equal up to float summation order.
+        `forward` passes the base output as `out`: no zero-filled buffer and no extra add
+        (in place is safe, a linear's backward does not read its output), the update cast
+        to its dtype. Only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is.
+        One stacked expert: two plain matmuls (`single_expert_update`; gate training's
+        backward goes through them). Experts with many pairs each: the pairs grouped by
+        expert through grouped_mm (`grouped_update`), each expert's factors read once by a
+        matmul. Else each pair reads its expert's factor rows through two embedding bags
+        (`pair_update`): no sorting, no grouping, no host synchronisation. `u` is in the
+        factors' dtype; all three equal up to float summation order.
         """
+        if out is None:
+            out = u.new_zeros(u.shape[0], self.out_features)
         if indices.numel() == 0:
-            return u.new_zeros(u.shape[0], self.out_features)
+            return out
         if self.num_experts == 1:
-            return self.single_expert_update(u, weights)
-        if u.shape[0] <= FEW_TOKENS:
-            return self.gathered_update(u, indices, weights)
-        if grouped_mm_applies(u, self.lora_A, self.lora_B, weights):
-            return self.grouped_update(u, indices, weights)
-        return self.padded_update(u, indices, weights)
+            return self.single_expert_update(u, weights, out)
+        threshold = GROUPED_MIN_PAIRS.get(u.dtype)
+        many_pairs = threshold is not None and indices.numel() >= threshold * self.num_experts
+        if many_pairs and grouped_mm_applies(u, self.lora_A, self.lora_B, weights):
+            return self.grouped_update(u, indices, weights, out)
+        return out.add_(self.pair_update(u, indices, weights))
 
-    def single_expert_update(self, u: Tensor, weights: Tensor) -> Tensor:
+    def single_expert_update(self, u: Tensor, weights: Tensor, out: Tensor) -> Tensor:
         """`selected_update` when one expert is stacked (gate training, single, merged, whose
         rank can reach min(n, d)): every pair is that expert's, so two plain matmuls do it,
         with no sorting, grouping or gathering (and a backward that gate training can use)."""
         hidden = u @ self.lora_A[0].T  # [T, r]
         hidden = hidden * weights.sum(-1, keepdim=True).to(u.dtype)
-        return hidden @ self.lora_B[0].T
+        if out.dtype == hidden.dtype:
+            return out.addmm_(hidden, self.lora_B[0].T)
+        return out.add_(hidden @ self.lora_B[0].T)
 
-    def gathered_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """`selected_update` for a token or two (cached generation): each pair gathers its
-        expert's factors, `k*r*(n+d)` weights per token, and two batched matmul-vector
-        products do the rest; no sorting or grouping."""
+    def pair_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The mixture `[T, d]` through two embedding bags over the factors' rows.
+
+        Row `z*n + i` of `A^T [N*n, r]` is column i of `A_z`, so the bag of a pair's n
+        rows weighted by `w u_t` is `w A_z u_t` ([T*k, r]); row `z*r + j` of
+        `B^T [N*r, d]` is column j of `B_z`, so the bag of a token's k*r rows weighted by
+        those hiddens is its whole update ([T, d]). Each pair reads its expert's factors
+        once, in place: nothing is gathered, sorted or padded, and a token's k products
+        are summed inside the second bag.
+        """
         tokens, k = indices.shape
-        flat_expert = indices.reshape(-1)
-        inputs = u.repeat_interleave(k, dim=0) if k > 1 else u  # [pairs, n]
-        hidden = torch.bmm(self.lora_A[flat_expert], inputs[:, :, None])  # [pairs, r, 1]
-        hidden = hidden * weights.reshape(-1, 1, 1).to(u.dtype)
-        delta = torch.bmm(self.lora_B[flat_expert], hidden)  # [pairs, d, 1]
-        return delta.view(tokens, k, self.out_features).sum(1)
+        lora_A, lora_B = self.lora_A, self.lora_B
+        num, rank, n = lora_A.shape
+        a_rows = lora_A.transpose(1, 2).reshape(num * n, rank)  # views in factor_layout
+        b_rows = lora_B.transpose(1, 2).reshape(num * rank, -1)
+        pair_rows = torch.add(self.a_offsets, indices.reshape(-1, 1), alpha=n)  # z*n + i
+        scaled = u.unsqueeze(1) * weights.to(u.dtype).unsqueeze(2)  # w_tk u_t, [T, k, n]
+        # Flat bags with explicit starts: cheaper per call than 2-D bags (no reshapes inside).
+        hidden = F.embedding_bag(
+            pair_rows.view(-1),
+            a_rows,
+            torch.arange(0, tokens * k * n, n, device=u.device),
+            mode="sum",
+            per_sample_weights=scaled.view(-1),
+        )  # [T*k, r]
+        token_rows = torch.add(self.b_offsets, indices.unsqueeze(2), alpha=rank)  # z*r + j
+        return F.embedding_bag(
+            token_rows.view(-1),
+            b_rows,
+            torch.arange(0, tokens * k * rank, k * rank, device=u.device),
+            mode="sum",
+            per_sample_weights=hidden.view(-1),
+        )
 
-    def grouped_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def grouped_update(self, u: Tensor, indices: Tensor, weights: Tensor, out: Tensor) -> Tensor:
         """`selected_update` through `F.grouped_mm`: the pairs sorted by expert form one
         jagged `[pairs, n]` operand, `offs` marks where each expert's pairs end. Two calls,
-        no padding, no Python loop over experts and no host synchronisation."""
-        tokens, k = indices.shape
+        no padding, no Python loop over experts and no host synchronisation; grouped_mm
+        itself runs one matmul per expert, so it pays where experts have many pairs."""
+        k = indices.shape[1]
         flat_expert = indices.reshape(-1)
         order = flat_expert.argsort(stable=True)  # pairs grouped by expert
         ends = torch.bincount(flat_expert, minlength=self.num_experts).cumsum(0)
         ends = ends.to(torch.int32)  # grouped_mm wants int32 offsets
         rows = order // k if k > 1 else order
-        hidden = F.grouped_mm(u[rows], self.lora_A.transpose(1, 2), offs=ends)  # [pairs, r]
+        # index_select copies whole rows; indexing with `[rows]` goes element by element.
+        inputs = u.index_select(0, rows)  # [pairs, n]
+        hidden = F.grouped_mm(inputs, self.lora_A.transpose(1, 2), offs=ends)  # [pairs, r]
         # The weight scales the r-wide hidden, not the d-wide output.
-        hidden = hidden * weights.reshape(-1)[order, None].to(u.dtype)
+        hidden = hidden * weights.reshape(-1, 1).index_select(0, order).to(u.dtype)
         delta = F.grouped_mm(hidden, self.lora_B.transpose(1, 2), offs=ends)  # [pairs, d]
-        out = torch.zeros(tokens, self.out_features, dtype=u.dtype, device=u.device)
-        return out.index_add_(0, rows, delta)
-
-    def padded_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """`selected_update` with plain matmuls, for wherever `grouped_mm` does not apply.
-
-        Experts with few pairs, the common case when N is large, go together through
-        two batched matmuls over a padded `[experts, width]` block of their pairs; an
-        expert with more than `width` pairs (skewed routing, a fixed router) gets its own
-        matmuls, so padding never more than doubles the block's work.
-        """
-        tokens, k = indices.shape
-        flat_expert = indices.reshape(-1)
-        flat_weight = weights.reshape(-1).to(u.dtype)
-        order = flat_expert.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        starts = counts.cumsum(0) - counts  # where each expert's pairs begin in `order`
-        present = counts.nonzero().squeeze(1)
-        width = max(PAD_MIN_WIDTH, math.ceil(2 * flat_expert.numel() / len(present)))
-        # Row `tokens` of the output is a sink for padding, dropped at the end.
-        out = torch.zeros(tokens + 1, self.out_features, dtype=u.dtype, device=u.device)
-
-        large = counts[present] > width
-        for z in present[large].tolist():
-            pairs = order[starts[z] : starts[z] + counts[z]]
-            rows = pairs // k
-            hidden = (u[rows] @ self.lora_A[z].T) * flat_weight[pairs, None]  # [count, r]
-            out.index_add_(0, rows, hidden @ self.lora_B[z].T)
-
-        small = present[~large]
-        if len(small):
-            # Most experts present: index the stacks by expert id (no copy of the factors);
-            # few: gather the present experts' factors into a compact block.
-            by_id = 2 * len(small) >= self.num_experts
-            slots = small if not by_id else torch.arange(self.num_experts, device=u.device)
-            block_rows = small if by_id else torch.arange(len(small), device=u.device)
-            small_counts = counts[small]
-            row = torch.repeat_interleave(block_rows, small_counts)
-            offset = torch.repeat_interleave(small_counts.cumsum(0) - small_counts, small_counts)
-            col = torch.arange(len(row), device=u.device) - offset
-            pairs = order[torch.repeat_interleave(starts[small], small_counts) + col]
-            fill = int(small_counts.max())
-            token_block = torch.full((len(slots), fill), tokens, device=u.device)
-            token_block[row, col] = pairs // k
-            weight_block = torch.zeros(len(slots), fill, 1, dtype=u.dtype, device=u.device)
-            weight_block[row, col, 0] = flat_weight[pairs]
-            padded_u = torch.cat([u, u.new_zeros(1, u.shape[-1])])[token_block]  # [E, C, n]
-            lora_A = self.lora_A if by_id else self.lora_A[slots]
-            lora_B = self.lora_B if by_id else self.lora_B[slots]
-            hidden = torch.bmm(padded_u, lora_A.transpose(1, 2)) * weight_block  # [E, C, r]
-            delta = torch.bmm(hidden, lora_B.transpose(1, 2))  # [E, C, d]
-            out.index_add_(0, token_block.reshape(-1), delta.reshape(-1, delta.shape[-1]))
-        return out[:tokens]
+        return out.index_add_(0, rows, delta.to(out.dtype))

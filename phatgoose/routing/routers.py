@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phatgoose.precision import autocast_off
 from protocol import ROUTER_NUMERICS
 
 # LayerNorm's default: biased variance, eps added under the square root.
@@ -68,12 +69,11 @@ class TokenRouter(nn.Module):
         self.register_buffer("rows", standardise_rows(rows, numerics), persistent=False)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        # Routing in float32 even in a half-precision model: top-k ties and the softmax
-        # are where low precision would change decisions.
-        affinity = standardise(u.float()) @ self.rows.float().T
-        top_k = affinity.topk(self.top_k, dim=-1)
-        # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
-        weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
+        with autocast_off(u.device.type):  # routing decides in float32
+            affinity = standardise(u.float()) @ self.rows.float().T
+            top_k = affinity.topk(self.top_k, dim=-1)
+            # 1/sqrt(n) keeps the softmax out of saturation; n is the input width.
+            weights = torch.softmax(top_k.values / math.sqrt(self.rows.shape[-1]), dim=-1)
         return top_k.indices, weights
 
 
@@ -89,9 +89,10 @@ class ArrowRouter(nn.Module):
         self.register_buffer("rows", rows.float(), persistent=False)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        affinity = (u.float() @ self.rows.float().T).abs()
-        top_k = affinity.topk(self.top_k, dim=-1)
-        return top_k.indices, torch.softmax(top_k.values, dim=-1)
+        with autocast_off(u.device.type):  # routing decides in float32
+            affinity = (u.float() @ self.rows.float().T).abs()
+            top_k = affinity.topk(self.top_k, dim=-1)
+            return top_k.indices, torch.softmax(top_k.values, dim=-1)
 
 
 class FixedRouter(nn.Module):
@@ -144,7 +145,8 @@ class GateRouter(nn.Module):
         self.gate = nn.Parameter(gate.detach().to(torch.float32, copy=True))
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        weights = torch.sigmoid(u.float() @ self.gate).unsqueeze(-1)  # [..., 1]
+        with autocast_off(u.device.type):  # routing decides in float32
+            weights = torch.sigmoid(u.float() @ self.gate).unsqueeze(-1)  # [..., 1]
         # Every token picks stacked expert 0; one index broadcasts over all of them.
         indices = torch.zeros((1,) * u.dim(), dtype=torch.long, device=u.device)
         return indices, weights

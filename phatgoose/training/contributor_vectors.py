@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from phatgoose.data import IGNORE_INDEX, Example, collate_for_training, sample_examples
 from phatgoose.embeddings import Embedder, embed_training_inputs
 from phatgoose.models import forward_accepts
+from phatgoose.precision import Precision, compute_in, resolve_precision
 from phatgoose.training.plumbing import eval_mode, is_encoder_decoder, to_device
 from protocol import MAX_RETRIEVAL_EXAMPLES
 
@@ -31,6 +32,7 @@ def compute_average_activations(
     max_length: int = 256,
     batch_size: int = 8,
     seed: int = 0,
+    precision: Precision = "auto",
 ) -> dict[str, Tensor]:
     """Mean input activation `u` of each module over the non-padding tokens of the examples.
 
@@ -38,7 +40,8 @@ def compute_average_activations(
     activation"), over up to `max_examples` examples (a seeded sample when there are more)
     formatted as in training: prompt + target + EOS. In an encoder-decoder, encoder modules
     average over prompt tokens, decoder modules over target tokens, and cross-attention
-    key/value projections (which read the encoder's output) over prompt tokens.
+    key/value projections (which read the encoder's output) over prompt tokens. The
+    forward runs in `precision` (`phatgoose.precision`); the sums are float64.
     """
     if not examples:
         raise ValueError("compute_average_activations needs at least one example")
@@ -78,8 +81,9 @@ def compute_average_activations(
     if not enc_dec and not head_averaged and forward_accepts(model, "logits_to_keep"):
         head = {"logits_to_keep": 1}
     handles = [modules[p].register_forward_pre_hook(hook_for(p)) for p in paths]
+    compute = resolve_precision(precision, device)
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), compute_in(compute, model):
             for start in range(0, len(chosen), batch_size):
                 batch = collate_for_training(
                     tokenizer,

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from phatgoose.data import Example
 from phatgoose.expert import Expert
 from phatgoose.models import model_fingerprint
+from phatgoose.precision import resolve_precision
 from phatgoose.routing.layer import RoutedLinear
 from phatgoose.routing.model import build_gated_model, unroute_model
 from phatgoose.routing.routers import GateRouter
@@ -79,6 +80,7 @@ def train_gates(
     _warn_if_other_base(model, expert)
     training, _ = split_validation(examples, config)
     steps = config.resolved_gate_steps
+    precision = resolve_precision(config.precision, next(model.parameters()).device)
     started = time.perf_counter()
     with restored(model), seeded(model, config.seed):
         for parameter in model.parameters():
@@ -94,19 +96,26 @@ def train_gates(
                 config=config,
                 desc=f"gates {expert.name}",
                 progress=progress,
+                precision=precision,
             )
             gates = {p: gate_of(layer).detach().float().cpu().clone() for p, layer in gated.items()}
     if loss_curve is not None:
         loss_curve.extend(losses)
     window = losses[-max(1, math.ceil(steps / 10)) :]
     log.info(
-        "trained gates of %s: %d steps in %.1f s, final loss %.4f",
+        "trained gates of %s: %d steps in %.1f s (%s), final loss %.4f",
         expert.name,
         steps,
         time.perf_counter() - started,
+        precision.name,
         losses[-1],
     )
-    return expert.with_gates(gates, gate_steps=steps, final_gate_loss=sum(window) / len(window))
+    return expert.with_gates(
+        gates,
+        gate_steps=steps,
+        final_gate_loss=sum(window) / len(window),
+        gate_precision=precision.name,
+    )
 
 
 def _warn_if_other_base(model: nn.Module, expert: Expert) -> None:

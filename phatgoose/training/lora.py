@@ -29,6 +29,13 @@ import phatgoose
 from phatgoose.data import IGNORE_INDEX, Example, batches, collate_for_training, pack_sequences
 from phatgoose.expert import Expert, lora_summary
 from phatgoose.models import default_target_modules, forward_accepts
+from phatgoose.precision import (
+    PRECISIONS,
+    ComputePrecision,
+    Precision,
+    compute_in,
+    resolve_precision,
+)
 from phatgoose.training.plumbing import (
     base_model_identity,
     check_expert_name,
@@ -54,7 +61,9 @@ class TrainingConfig:
     when there are two or more examples; none when the fraction is 0) is held out; every
     `eval_every` steps (default a tenth of the run) and at the end, its loss picks the
     checkpoint that is kept. Gates train for `gate_steps` (default ceil(steps / 10)) at
-    `gate_learning_rate` (default `learning_rate`) on the same training split.
+    `gate_learning_rate` (default `learning_rate`) on the same training split. `precision`
+    is the compute precision (`phatgoose.precision`: `auto` is bfloat16 where the hardware
+    has native bfloat16 matrix units); the trained parameters stay float32 either way.
     """
 
     r: int = 16
@@ -73,6 +82,7 @@ class TrainingConfig:
     gate_learning_rate: float | None = None
     seed: int = 0
     weight_decay: float = 0.0
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +104,7 @@ class TrainingConfig:
                 "None or > 0",
             ),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("precision", self.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
         ]
         for field_name, ok, expected in checks:
             if not ok:
@@ -265,36 +276,40 @@ def optimise(
     config: TrainingConfig,
     desc: str,
     progress: bool,
+    precision: ComputePrecision,
     on_eval: tuple[int, Callable[[int], dict[str, str]]] | None = None,
 ) -> list[float]:
-    """The shared loop of LoRA and gate training; returns the loss of every step.
+    """The shared loop of LoRA and gate training, in `precision`; returns the loss of every
+    step.
 
     `on_eval = (every, evaluate)` calls `evaluate(step)` every `every` steps and at the last
-    step; what it returns is shown on the progress bar.
+    step (in `precision` too); what it returns is shown on the progress bar.
     """
     enc_dec = is_encoder_decoder(model)
+    packs_sequences(model)  # checked (and cached) in float32, before any bfloat16 copy
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=config.weight_decay)
     scheduler = _warmup_then_linear_decay(optimizer, steps, config.warmup_ratio)
     stream = batches(training, config.batch_size, seed=config.seed)
     losses: list[float] = []
     postfix: dict[str, str] = {}
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        batch = collate_for_training(
-            tokenizer, next(stream), max_length=config.max_length, is_encoder_decoder=enc_dec
-        )
-        model.train()
-        loss_sum, count = _target_loss_sum(model, to_device(batch, model), enc_dec)
-        loss = loss_sum / max(count, 1)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        postfix["loss"] = f"{losses[-1]:.4f}"
-        if on_eval is not None and (step % on_eval[0] == 0 or step == steps):
-            postfix.update(on_eval[1](step))
-        bar.set_postfix(postfix, refresh=False)
+    with compute_in(precision, model):
+        for step in bar:
+            batch = collate_for_training(
+                tokenizer, next(stream), max_length=config.max_length, is_encoder_decoder=enc_dec
+            )
+            model.train()
+            loss_sum, count = _target_loss_sum(model, to_device(batch, model), enc_dec)
+            loss = loss_sum / max(count, 1)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            postfix["loss"] = f"{losses[-1]:.4f}"
+            if on_eval is not None and (step % on_eval[0] == 0 or step == steps):
+                postfix.update(on_eval[1](step))
+            bar.set_postfix(postfix, refresh=False)
     return losses
 
 
@@ -319,6 +334,7 @@ def train_expert(
     """
     config = config or TrainingConfig()
     check_expert_name(name)
+    precision = resolve_precision(config.precision, next(model.parameters()).device)
     training, validation = split_validation(examples, config)
     targets = config.target_modules or default_target_modules(model)
     if base_model is None:
@@ -363,16 +379,18 @@ def train_expert(
                 config=config,
                 desc=f"LoRA {name}",
                 progress=progress,
+                precision=precision,
                 on_eval=(config.resolved_eval_every, evaluate),
             )
         finally:
             peft_model.unload()  # removes the LoRA layers without merging them
     seconds = time.perf_counter() - started
     log.info(
-        "trained LoRA %s: %d steps in %.1f s; kept step %s (validation loss %s)",
+        "trained LoRA %s: %d steps in %.1f s (%s); kept step %s (validation loss %s)",
         name,
         config.steps,
         seconds,
+        precision.name,
         best.step,
         "n/a" if best.state is None or not validation else f"{best.loss:.4f}",
     )
@@ -395,6 +413,7 @@ def train_expert(
             final_loss=sum(window) / len(window),
             best_validation_loss=best.loss if validation else None,
             seconds=seconds,
+            precision=precision.name,
         ),
         library_version=phatgoose.__version__,
     )

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from benchmarks.routed_linear_micro import METHODS, mixture_loop_v1, shared_routing
+from benchmarks.routed_linear_micro import METHODS, cast_layer, mixture_loop_v1, shared_routing
 from phatgoose.routing.layer import RoutedLinear
 from phatgoose.routing.routers import TokenRouter
 
@@ -79,3 +79,19 @@ def test_shared_routing_proposal_equals_each_routers_own():
         own_indices, own_weights = router(u)
         assert torch.equal(indices, own_indices)
         torch.testing.assert_close(weights, own_weights, rtol=1e-6, atol=1e-6)
+
+
+def test_every_mixture_in_bf16_stays_within_bf16_rounding_of_float32():
+    """Factors and input in bfloat16 (8 significant bits), sizes grouped_mm takes in both
+    dtypes: each mixture within 3 % of the float32 reference's largest entry."""
+    layer = layer_with(6, n=16, d=24, rank=8)
+    generator = torch.Generator().manual_seed(1)
+    u = torch.randn(20, 16, generator=generator)
+    indices, weights = layer.router(u)
+    expected = per_token_reference(layer, u, indices, weights)
+    cast_layer(layer, torch.bfloat16)
+    tolerance = 3e-2 * expected.abs().max().item()
+    for name, mixture in METHODS.items():
+        got = mixture(layer, u.bfloat16(), indices, weights)
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got.float(), expected, rtol=0, atol=tolerance, msg=name)

@@ -6,7 +6,6 @@ import torch
 
 from benchmarks.dense_reference import DenseRoutedLinear, densify, undensify
 from benchmarks.routing_cost import (
-    PaddedRoutedLinear,
     RoutingCostConfig,
     Shapes,
     add_task_adapters,
@@ -38,12 +37,13 @@ def tiny_config(**overrides):
         top_k=2,
         train_steps=1,
         paper_lora_steps=20,
+        decode_repeats=1,
     )
     values.update(overrides)
     return RoutingCostConfig(**values)
 
 
-def test_runner_measures_every_configuration_with_a_floor(tmp_path):
+def test_runner_measures_every_configuration_with_a_floor_in_each_precision(tmp_path):
     output = tmp_path / "cost.json"
     record = run_routing_cost(
         tiny_config(reference_max_n=2),
@@ -52,45 +52,87 @@ def test_runner_measures_every_configuration_with_a_floor(tmp_path):
         output=output,
         progress=False,
     )
-    seen = {(r["implementation"], r["n_experts"]) for r in record["results"]}
-    assert seen == {
+    assert set(record["precisions"]) == {"float32", "bfloat16"}
+    assert record["precisions"]["bfloat16"]["precision"] == "bfloat16"
+    seen = {(r["implementation"], r["n_experts"], r["precision"]) for r in record["results"]}
+    configurations = {
         ("base", None),
         ("lora", None),
         *((impl, n) for impl in ("phatgoose", "dense", "arrow_peft") for n in (2, 4)),
     }
+    assert seen == {(*c, p) for c in configurations for p in ("float32", "bfloat16")}
     skipped = {
-        (r["implementation"], r["n_experts"]) for r in record["results"] if r["status"] == "skipped"
+        (r["implementation"], r["n_experts"], r["precision"])
+        for r in record["results"]
+        if r["status"] == "skipped"
     }
-    assert skipped == {("dense", 4), ("arrow_peft", 4)}  # above reference_max_n
+    assert skipped == {
+        ("dense", 4, "float32"),  # above reference_max_n
+        ("arrow_peft", 4, "float32"),
+        ("arrow_peft", 4, "bfloat16"),
+        ("dense", 2, "bfloat16"),  # the dense reference runs in float32 only
+        ("dense", 4, "bfloat16"),
+    }
     for r in record["results"]:
-        if (r["implementation"], r["n_experts"]) in skipped:
+        if (r["implementation"], r["n_experts"], r["precision"]) in skipped:
             continue
         assert r["status"] == "ok", r
+        assert r["precision_record"]["precision"] == r["precision"]
         assert r["latency_s"] > 0 and r["base_latency_s"] > 0 and r["tokens_per_s"] > 0
         assert r["ratio_to_base"] == pytest.approx(r["latency_s"] / r["base_latency_s"])
+        assert r["decode_ratio_to_base"] == pytest.approx(
+            r["decode_latency_s"] / r["decode_base_latency_s"]
+        )
         assert r["peak_rss_mb"] > 0
         if r["implementation"] == "base":
-            assert r["floor_ratio"] == 1.0
+            assert r["floor_ratio"] == r["decode_floor_ratio"] == 1.0
         else:
-            assert r["floor_ratio"] > 1.0
+            assert r["floor_ratio"] > 1.0 and r["decode_floor_ratio"] > 1.0
             assert r["measured_over_floor"] == pytest.approx(r["ratio_to_base"] / r["floor_ratio"])
+            assert r["decode_measured_over_floor"] == pytest.approx(
+                r["decode_ratio_to_base"] / r["decode_floor_ratio"]
+            )
     floors = {
         r["n_experts"]: r["floor_ratio"]
         for r in record["results"]
         if r["implementation"] == "phatgoose"
     }
     assert floors[4] > floors[2]
-    assert set(record["growth"]) == {"phatgoose"}  # dense and arrow_peft lack N=4
-    training = record["training"]
-    assert training["status"] == "ok"
-    assert training["lora_step_s"] > 0 and training["gate_step_s"] > 0
-    assert training["gate_steps"] == 2  # a tenth of paper_lora_steps
-    assert training["gate_over_lora_total"] == pytest.approx(
-        training["gate_total_s"] / training["lora_total_s"]
-    )
+    assert set(record["growth"]["float32"]) == {"phatgoose"}  # dense and arrow_peft lack N=4
+    for precision in ("float32", "bfloat16"):
+        training = record["training"][precision]
+        assert training["status"] == "ok" and training["precision"] == precision
+        assert training["lora_step_s"] > 0 and training["gate_step_s"] > 0
+        assert training["gate_steps"] == 2  # a tenth of paper_lora_steps
+        assert training["gate_over_lora_total"] == pytest.approx(
+            training["gate_total_s"] / training["lora_total_s"]
+        )
+    speedups = record["speedups"]
+    measured_both = {(f["implementation"], f["n_experts"]) for f in speedups["forwards"]}
+    assert measured_both == configurations - {("dense", 2), ("dense", 4), ("arrow_peft", 4)}
+    assert all(f["forward"] > 0 and f["one_token"] > 0 for f in speedups["forwards"])
+    assert speedups["lora_step"] > 0 and speedups["gate_step"] > 0
     assert output.is_file()
-    assert "arrow_peft" in markdown_table(record)
+    table = markdown_table(record)
+    assert (
+        "arrow_peft" in table and "bfloat16 speed-up" in table and "| bfloat16 | gates |" in table
+    )
     assert plot(record, tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_one_precision_and_no_decoding_measure_only_that():
+    record = run_routing_cost(
+        tiny_config(precisions=["float32"], decode=False, implementations=["phatgoose"]),
+        model_factory=tiny_model_and_tokenizer,
+        isolate=False,
+        training=False,
+        progress=False,
+    )
+    assert {r["precision"] for r in record["results"]} == {"float32"}
+    assert all("decode_latency_s" not in r for r in record["results"])
+    assert record["speedups"] == {"forwards": []}
+    with pytest.raises(ValueError, match="precisions must be among"):
+        RoutingCostConfig(precisions=["float16"])
 
 
 @pytest.mark.slow  # two spawned interpreters import torch: seconds on an idle machine
@@ -102,13 +144,34 @@ def test_isolated_runs_measure_in_fresh_processes(tmp_path):
         training=False,
         progress=False,
     )
-    assert [r["status"] for r in record["results"]] == ["ok", "ok"]
+    assert [r["status"] for r in record["results"]] == ["ok"] * 4  # base, phatgoose; 2 dtypes
     assert all(r["extra_rss_mb"] >= 0 for r in record["results"])
+
+
+@pytest.mark.slow  # a spawned interpreter imports torch
+def test_a_configuration_past_its_time_is_reported_not_finished():
+    record = run_routing_cost(
+        tiny_config(
+            implementations=["phatgoose"],
+            n_experts=[2],
+            precisions=["float32"],
+            config_timeout_s=0.01,
+        ),
+        model_factory=tiny_model_and_tokenizer,
+        isolate=True,
+        training=False,
+        progress=False,
+    )
+    for r in record["results"]:
+        assert r["status"] == "not finished"
+        assert "stopped after 0 s (config_timeout_s)" in r["error"]
 
 
 def test_floor_counts_affinities_and_k_low_rank_products():
     shapes = Shapes(linears=[(4, 6), (6, 4)], layers=1, attention_width=4, hidden=4, vocab=10)
     assert shapes.base_flops(seq_len=3) == 2 * 24 * 2 + 2 * 2 * 2 * 4 + 2 * 4 * 10 / 3
+    # one cached token: attention over the 3 + 1 positions, the head on that token
+    assert shapes.decode_flops(context=3) == 2 * 24 * 2 + 2 * 2 * 4 * 4 + 2 * 4 * 10
     # per module: 2 N n + 2 k r (n + d)
     assert shapes.extra_flops("phatgoose", 8, rank=2, top_k=2) == (2 * 8 * 4 + 2 * 2 * 2 * 10) + (
         2 * 8 * 6 + 2 * 2 * 2 * 10
@@ -147,17 +210,6 @@ def test_dense_reference_equals_the_benchmarks_random_routed_layers(llama):
         base = llama(input_ids=ids).logits
     torch.testing.assert_close(dense, routed, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(base, routed)  # the experts do change the output
-
-
-def test_padded_comparison_equals_the_platforms_routed_linear(llama):
-    layers = random_routed_layers(llama, n_experts=6, rank=4, top_k=2, seed=1)
-    ids = torch.randint(0, llama.config.vocab_size, (2, 9))
-    with torch.no_grad(), swapped(llama, layers):
-        routed = llama(input_ids=ids).logits
-        for layer in layers.values():
-            layer.__class__ = PaddedRoutedLinear
-        padded = llama(input_ids=ids).logits
-    torch.testing.assert_close(padded, routed, rtol=1e-4, atol=1e-5)
 
 
 def test_task_adapters_are_added_as_peft_add_adapter_adds_them():

@@ -201,3 +201,34 @@ def test_the_benchmark_scores_every_routing_method_but_single_in_evaluation_orde
                               "retrieval")  # fmt: skip
     assert list(ROUTED_METHODS) == [m for m in PRIORITY if m in METHOD_SPECS]
     assert METHODS[len(ROUTED_METHODS) :] == ("oracle", "best_individual", "multitask")
+
+
+def test_the_run_records_its_resolved_precision_and_caches_per_precision(tmp_path, tasks_dir):
+    kwargs = dict(
+        cache_dir=tmp_path / "cache", tasks_dir=tasks_dir, embedder=letter_counts, progress=False
+    )
+    auto = run_zero_shot(
+        tiny_config(methods=["phatgoose"]), base_model=(tiny_llama(), tiny_tokenizer()), **kwargs
+    )
+    # `auto` is pinned to float32 for the suite; the record says what ran and why.
+    assert auto["precision"] == {
+        "precision": "float32",
+        "requested": "auto",
+        "reason": "PHATGOOSE_PRECISION=float32",
+    }
+    assert {r["precision"] for r in auto["methods"]["phatgoose"]["tasks"].values()} == {"float32"}
+    # float32 asked for explicitly is what auto resolved to: the same cached experts.
+    explicit = run_zero_shot(
+        tiny_config(methods=["phatgoose"], precision="float32"),
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        **kwargs,
+    )
+    assert [e["cached"] for e in explicit["experts"]] == [True, True]
+    low = run_zero_shot(
+        tiny_config(methods=["phatgoose"], precision="bfloat16"),
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        **kwargs,
+    )
+    assert [e["cached"] for e in low["experts"]] == [False, False]  # other experts
+    assert low["precision"]["precision"] == "bfloat16"
+    assert {r["precision"] for r in low["methods"]["phatgoose"]["tasks"].values()} == {"bfloat16"}

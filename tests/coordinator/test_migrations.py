@@ -152,3 +152,36 @@ def test_0002_upgrades_a_0001_database_holding_data(fresh_database_url):
             assert compare_metadata(context, migrations.target_metadata()) == []
     finally:
         engine.dispose()
+
+
+def test_0003_records_the_precision_of_results_scored_before_it_as_float32(fresh_database_url):
+    engine = make_engine(fresh_database_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        _fill_a_0001_database(engine)
+        migrations.upgrade(engine, "0002")
+        now = datetime(2026, 11, 2, tzinfo=UTC)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO evaluation_jobs (id, release_id, spec, state, attempts, "
+                    "created_at) VALUES (1, 1, '{}', 'done', 1, :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO evaluation_results (id, job_id, release_id, task, accuracy, "
+                    "stderr, n, evaluator_version, created_at) "
+                    "VALUES (1, 1, 1, 'parity', 0.5, 0.1, 20, 'v1', :now)"
+                ),
+                {"now": now},
+            )
+        migrations.upgrade(engine)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT task, precision FROM evaluation_results"))
+            assert [tuple(r) for r in rows] == [("parity", "float32")]
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, migrations.target_metadata()) == []
+    finally:
+        engine.dispose()

@@ -68,7 +68,7 @@ def _queue(client, maintainer, release=1, tasks=TASKS, **extra):
     return response.json()["id"]
 
 
-def _direct(base_dir, tasks_dir, experts, task, method="phatgoose", top_k=2):
+def _direct(base_dir, tasks_dir, experts, task, method="phatgoose", top_k=2, precision="auto"):
     """What the worker should store: the library's own evaluation of the same model."""
     model, tokenizer = load_base_model(str(base_dir))
     for expert, name in zip(experts, ("alice/a", "bob/b"), strict=True):
@@ -76,7 +76,9 @@ def _direct(base_dir, tasks_dir, experts, task, method="phatgoose", top_k=2):
     build_routed_model(model, experts, method=method, top_k=top_k)
     split = load_bigbench_task(task, n_eval=EXAMPLES, seed=0, tasks_dir=tasks_dir)
     with capture_routing(model) as stats:
-        result = evaluate_task(model, tokenizer, split.evaluation, task=task, progress=False)
+        result = evaluate_task(
+            model, tokenizer, split.evaluation, task=task, progress=False, precision=precision
+        )
     return result, routing_summary(stats, method)
 
 
@@ -100,6 +102,23 @@ def test_worker_stores_what_the_library_computes(
         assert stored["routing_stats"] == routing
         assert stored["evaluator_version"] == evaluator_version()
         assert stored["seconds"] > 0
+        assert stored["precision"] == "float32"  # auto, pinned to float32 for the suite
+
+
+def test_a_worker_scoring_in_bfloat16_says_so_in_every_result(
+    app, client, maintainer, experts, base_dir, tasks_dir
+):
+    create_release(client, maintainer, method="phatgoose", experts=["alice/a", "bob/b"])
+    job_id = _queue(client, maintainer)
+    options = _options(base_dir, tasks_dir, precision="bfloat16")
+    assert _worker(app, options).run(once=True) == 1
+    body = client.get(f"/api/v1/evaluations/{job_id}").json()
+    assert [r["precision"] for r in body["results"]] == ["bfloat16"] * len(TASKS)
+    for stored, task in zip(body["results"], TASKS, strict=True):
+        result, _ = _direct(base_dir, tasks_dir, experts, task, precision="bfloat16")
+        assert (stored["accuracy"], result.precision) == (result.accuracy, "bfloat16")
+    scores = client.get("/api/v1/releases/1").json()["scores"]["tasks"]
+    assert {score["precision"] for score in scores.values()} == {"bfloat16"}
 
 
 def test_routing_stats_are_experts_by_layers_frequencies(

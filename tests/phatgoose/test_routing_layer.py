@@ -16,16 +16,25 @@ from phatgoose.routing.routers import (
     constant_choice,
 )
 
-N_IN, D_OUT, RANKS = 12, 10, (2, 4, 4, 8, 3)
+# Sizes grouped_mm accepts (16-byte strides), so both mixtures run on them.
+N_IN, D_OUT, RANKS = 12, 16, (2, 4, 4, 8, 3)
 HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
 
 
-@pytest.fixture(autouse=True, params=["grouped_mm", "padded_bmm"])
+def force_mixture(monkeypatch, name: str) -> None:
+    """`grouped_mm`: grouped_update wherever grouped_mm applies, however few the pairs;
+    `pairs`: grouped_mm off, so pair_update takes every multi-expert mixture."""
+    monkeypatch.setattr(routing_layer, "use_grouped_mm", name == "grouped_mm")
+    thresholds = dict.fromkeys(routing_layer.GROUPED_MIN_PAIRS, 0)
+    monkeypatch.setattr(routing_layer, "GROUPED_MIN_PAIRS", thresholds)
+
+
+@pytest.fixture(autouse=True, params=["grouped_mm", "pairs"])
 def mixture(request, monkeypatch):
-    """Every test runs with the grouped_mm mixture and with its padded-bmm fallback."""
+    """Every test runs with the grouped_mm mixture and with the embedding-bag one."""
     if request.param == "grouped_mm" and not HAS_GROUPED_MM:
         pytest.skip("this torch has no grouped_mm")
-    monkeypatch.setattr(routing_layer, "use_grouped_mm", request.param == "grouped_mm")
+    force_mixture(monkeypatch, request.param)
     return request.param
 
 
@@ -158,8 +167,7 @@ def test_gate_router_weights_its_one_expert_by_the_sigmoid_of_the_gate():
 
 
 def test_gate_router_trains_only_its_gate_through_every_mixture_path():
-    # Aligned sizes and an input without a graph: only the gate needs a gradient, which
-    # grouped_mm's CPU backward cannot give, so the padded path must take it.
+    # One stacked expert: two plain matmuls, whose backward reaches the gate.
     updates, linear = random_updates()[2:3], base_linear()
     linear.requires_grad_(False)
     layer = RoutedLinear(linear, *stack_updates(updates), GateRouter(torch.zeros(N_IN)))
@@ -190,33 +198,47 @@ def test_mismatched_stacked_shapes_are_refused_with_the_module_path():
         )
 
 
-def test_each_mixture_path_runs_where_it_applies(mixture, monkeypatch):
-    """Aligned float32 sizes on CPU take grouped_mm (when on); 1-2 tokens gather."""
-    updates, linear = random_updates(), base_linear()
-    layer = RoutedLinear(linear, *stack_updates(updates), TokenRouter(torch.randn(5, N_IN), 2))
-    calls = []
-    for name in ("grouped_update", "padded_update", "gathered_update"):
+def record_paths(monkeypatch) -> list[str]:
+    """Names of the mixture paths `selected_update` takes, in call order."""
+    calls: list[str] = []
+    for name in ("grouped_update", "pair_update", "single_expert_update"):
         method = getattr(RoutedLinear, name)
         monkeypatch.setattr(
             RoutedLinear,
             name,
             lambda self, *a, name=name, method=method: calls.append(name) or method(self, *a),
         )
+    return calls
+
+
+def test_each_mixture_path_runs_where_it_applies(mixture, monkeypatch):
+    """Forced as the fixture says: aligned sizes take grouped_mm (when on), else the bags."""
+    updates, linear = random_updates(), base_linear()
+    layer = RoutedLinear(linear, *stack_updates(updates), TokenRouter(torch.randn(5, N_IN), 2))
+    calls = record_paths(monkeypatch)
     layer(torch.randn(6, N_IN))
-    layer(torch.randn(2, N_IN))
-    first = "grouped_update" if mixture == "grouped_mm" else "padded_update"
-    assert calls == [first, "gathered_update"]
+    layer(torch.randn(1, N_IN))
+    path = "grouped_update" if mixture == "grouped_mm" else "pair_update"
+    assert calls == [path, path]
 
 
-def test_one_stacked_expert_takes_two_plain_matmuls(monkeypatch):
-    updates, linear = random_updates()[2:3], base_linear()
-    layer = RoutedLinear(linear, *stack_updates(updates), FixedRouter(constant_choice()))
-    for name in ("grouped_update", "padded_update", "gathered_update"):
-        monkeypatch.setattr(RoutedLinear, name, None)  # any other path would fail
-    u = torch.randn(2, 4, N_IN)
-    a, b, scale = updates[0]
-    torch.testing.assert_close(layer(u), linear(u) + scale * u @ a.T @ b.T)
-    torch.testing.assert_close(layer(u[0, :1]), linear(u[0, :1]) + scale * u[0, :1] @ a.T @ b.T)
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_takes_over_from_the_bags_at_its_pairs_per_expert(dtype, monkeypatch):
+    monkeypatch.setattr(routing_layer, "use_grouped_mm", True)
+    monkeypatch.setattr(routing_layer, "GROUPED_MIN_PAIRS", {torch.float32: 8, torch.bfloat16: 48})
+    n = 16  # 32 bytes of bfloat16: grouped_mm's strides in both dtypes
+    updates = [(torch.randn(8, n), torch.randn(D_OUT, 8), 1.0) for _ in range(5)]
+    layer = RoutedLinear(
+        nn.Linear(n, D_OUT), *stack_updates(updates), TokenRouter(torch.randn(5, n), 2)
+    ).to(dtype)
+    calls = record_paths(monkeypatch)
+    threshold = {torch.float32: 8, torch.bfloat16: 48}[dtype]
+    tokens = threshold * 5 // 2  # k = 2 pairs per token, 5 experts
+    with torch.no_grad():
+        layer(torch.randn(tokens, n, dtype=dtype))
+        layer(torch.randn(tokens - 1, n, dtype=dtype))
+    assert calls == ["grouped_update", "pair_update"]
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 7])

@@ -101,12 +101,15 @@ def naive_routing_hooks(model, experts, method, top_k):
     return hooks
 
 
-@pytest.fixture(params=["grouped_mm", "padded_bmm"])
+@pytest.fixture(params=["grouped_mm", "pairs"])
 def mixture(request, monkeypatch):
-    """Run a test with the grouped_mm mixture and with its padded-bmm fallback."""
+    """Run a test with the grouped_mm mixture (wherever it applies, however few the pairs)
+    and with the embedding-bag one."""
     if request.param == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
     monkeypatch.setattr(routing_layer, "use_grouped_mm", request.param == "grouped_mm")
+    thresholds = dict.fromkeys(routing_layer.GROUPED_MIN_PAIRS, 0)
+    monkeypatch.setattr(routing_layer, "GROUPED_MIN_PAIRS", thresholds)
     return request.param
 
 
