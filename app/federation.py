@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -258,16 +259,64 @@ class LocalFederation:
                     break
             return process.wait()
 
-    def last_line(self, name: str) -> str:
-        """The latest line (or progress-bar state) a process wrote to its log."""
+    def training_progress(self, contributor: str) -> TrainingProgress | None:
+        """Where a contributor's node is in its training loops (None before they start)."""
+        return training_progress(self._tail(f"supernode-{contributor}", 16384))
+
+    def _tail(self, name: str, size: int) -> str:
         path = self.logs.get(name)
         if path is None or not path.exists():
             return ""
         with path.open("rb") as log:
-            log.seek(max(0, path.stat().st_size - 4096))
-            tail = log.read().decode("utf-8", "replace")
-        lines = [part for line in tail.splitlines() for part in line.split("\r") if part.strip()]
-        return lines[-1].strip() if lines else ""
+            log.seek(max(0, path.stat().st_size - size))
+            return log.read().decode("utf-8", "replace")
+
+
+# ------------------------------------------------------------------- node progress
+@dataclass(frozen=True)
+class TrainingProgress:
+    """A node's training loop as its progress bar last showed it."""
+
+    stage: str  # "LoRA" or "gates"
+    step: int
+    steps: int
+    loss: float | None  # the last step's training loss
+    validation_loss: float | None = None  # LoRA only, from its latest evaluation
+
+
+# The pipeline's loops (phatgoose.training.optimise) draw tqdm bars named `LoRA <expert>`
+# and `gates <expert>` with `loss=` (and for LoRA `val=`) in the postfix; a node writes
+# them to its log, so the log is how its progress reaches the demo's process (the
+# ClientApp runs in a process of its own under the SuperNode).
+_BAR = re.compile(
+    r"^(?P<stage>LoRA|gates) \S.*?:\s+\d+%\|[^|]*\|\s*(?P<step>\d+)/(?P<steps>\d+)"
+    r"\s*\[(?P<info>[^\]]*)\]"
+)
+_POSTFIX = re.compile(r"\b(?P<key>loss|val)=(?P<value>[-+0-9.eE]+|nan|inf)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def training_progress(log_text: str) -> TrainingProgress | None:
+    """The last LoRA or gate progress-bar state in a node's log text, if any."""
+    for line in reversed(_log_lines(log_text)):
+        match = _BAR.match(line)
+        if match is None:
+            continue
+        values = {m["key"]: float(m["value"]) for m in _POSTFIX.finditer(match["info"])}
+        return TrainingProgress(
+            stage=match["stage"],
+            step=int(match["step"]),
+            steps=int(match["steps"]),
+            loss=values.get("loss"),
+            validation_loss=values.get("val"),
+        )
+    return None
+
+
+def _log_lines(text: str) -> list[str]:
+    """Non-blank lines of a log, progress-bar redraws (carriage returns) split apart."""
+    parts = (part for line in text.splitlines() for part in line.split("\r"))
+    return [clean for part in parts if (clean := _ANSI.sub("", part).strip())]
 
 
 def port_accepts(port: int) -> bool:

@@ -71,6 +71,7 @@ def contributor_settings(request: TrainingRequest) -> tuple[TrainingConfig, Cont
         learning_rate=request.learning_rate,
         gate_learning_rate=request.gate_learning_rate or None,
         seed=request.seed,
+        precision=request.precision,
     )
     options = ContributorOptions(
         max_examples=request.max_examples or None,

@@ -70,6 +70,12 @@ def test_the_demo_catalogues_every_contributors_expert_then_reuses_them(tmp_path
 
     assert (first, second) == (0, 0)
     output = capsys.readouterr().err
+    # The round's progress, per contributor, as lines (the output is not a terminal).
+    assert re.search(r"\] tiny-colors: catalogued as demo-\d+/tiny-colors@1", output)
+    assert re.search(r"\] tiny-numbers: catalogued as demo-\d+/tiny-numbers@1", output)
+    # Each expert on its own task against the base, on both runs.
+    assert output.count("each expert alone on its own task") == 2
+    assert output.count("of 2 expert(s) beat the base model on their own task") == 2
     # Each node published under its own namespace, `demo-<node id>`.
     assert re.search(r"reusing demo-\d+/tiny-colors@1 from the catalog", output)
     assert re.search(r"reusing demo-\d+/tiny-numbers@1 from the catalog", output)

@@ -1,0 +1,135 @@
+"""Each demo expert alone on its own task, against the base model on the same examples.
+
+The examples are the task's evaluation split (`load_bigbench_task` with the plan's `n_eval`
+and seed), the split the coordinator's evaluation uses and the contributors never hold: a
+contributor trains on the rest. Base and expert answer the same examples, so the gain is
+the mean of the paired differences and its standard error that of a paired mean, smaller
+than the two accuracies' errors combined when the two models agree on most examples.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from phatgoose.data import Example
+from phatgoose.evaluation import score_choices
+from phatgoose.expert import Expert
+from phatgoose.precision import Precision
+from phatgoose.routing import build_routed_model, unroute_model
+
+
+@dataclass(frozen=True)
+class OwnTaskScore:
+    """One expert on its own task's evaluation split, paired with the base model."""
+
+    expert: str  # the catalog reference
+    task: str
+    n: int
+    expert_accuracy: float
+    base_accuracy: float
+    gain: float  # expert_accuracy - base_accuracy
+    gain_stderr: float  # standard error of the mean paired difference
+    expert_only: int  # examples the expert answers right and the base wrong
+    base_only: int  # ... and the other way round
+
+
+def correct_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_length: int,
+    precision: Precision = "auto",
+) -> list[bool]:
+    """Per example, whether rank classification picks its answer (ties go to the first
+    choice, as in `phatgoose.evaluation.evaluate_task`)."""
+    scores = score_choices(
+        model,
+        tokenizer,
+        examples,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=False,
+        precision=precision,
+    )
+    return [
+        max(range(len(row)), key=lambda i: (row[i], -i)) == example.answer
+        for row, example in zip(scores, examples, strict=True)
+    ]
+
+
+def paired_gain(expert: Sequence[bool], base: Sequence[bool]) -> tuple[float, float]:
+    """Mean of `expert_i - base_i` over the examples and its standard error,
+    sqrt(var(d) / n) with the sample variance (n - 1); 0 for a single example."""
+    if len(expert) != len(base) or not expert:
+        raise ValueError(f"paired outcomes need equal, non-zero counts: {len(expert)}, {len(base)}")
+    differences = [int(e) - int(b) for e, b in zip(expert, base, strict=True)]
+    n = len(differences)
+    mean = sum(differences) / n
+    if n == 1:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def own_task_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    experts: Sequence[tuple[str, Expert, str, Sequence[Example]]],
+    *,
+    batch_size: int,
+    max_length: int,
+    precision: Precision = "auto",
+) -> list[OwnTaskScore]:
+    """Score the base model, then each expert alone (`single` routing), on each
+    `(reference, expert, task, evaluation examples)`; `model` is handed back unrouted."""
+    results = []
+    for reference, expert, task, examples in experts:
+        settings: dict[str, Any] = {
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "precision": precision,
+        }
+        base = correct_answers(model, tokenizer, examples, **settings)
+        build_routed_model(model, [expert], method="single", expert=expert.name)
+        try:
+            alone = correct_answers(model, tokenizer, examples, **settings)
+        finally:
+            unroute_model(model)
+        gain, stderr = paired_gain(alone, base)
+        n = len(examples)
+        results.append(
+            OwnTaskScore(
+                expert=reference,
+                task=task,
+                n=n,
+                expert_accuracy=sum(alone) / n,
+                base_accuracy=sum(base) / n,
+                gain=gain,
+                gain_stderr=stderr,
+                expert_only=sum(a and not b for a, b in zip(alone, base, strict=True)),
+                base_only=sum(b and not a for a, b in zip(alone, base, strict=True)),
+            )
+        )
+    return results
+
+
+def load_catalogued_expert(session: Any, blobs: Any, reference: str, directory: Path) -> Expert:
+    """An expert version of the catalog, its stored files copied into `directory`."""
+    from coordinator.experts.service import resolve_ref
+
+    version = resolve_ref(session, reference)
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in version.files:
+        with blobs.open(file.sha256) as blob, (directory / file.filename).open("wb") as out:
+            shutil.copyfileobj(blob, out)
+    return Expert.load(directory)
