@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example
-from phatgoose.evaluation import score_choices
+from phatgoose.evaluation import predicted_choice, score_choices
 from phatgoose.expert import Expert
 from phatgoose.precision import Precision
 from phatgoose.routing import build_routed_model, unroute_model
@@ -62,7 +62,7 @@ def correct_answers(
         precision=precision,
     )
     return [
-        max(range(len(row)), key=lambda i: (row[i], -i)) == example.answer
+        predicted_choice(row) == example.answer
         for row, example in zip(scores, examples, strict=True)
     ]
 

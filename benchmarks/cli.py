@@ -509,7 +509,8 @@ def precision_effects(
         "auto_precision": compute.record(),
         "matmul": pe.matmul_speed(),
     }
-    typer.echo(pe.markdown({"matmul": record["matmul"]}))
+    if stages or scoring:  # the rest takes minutes: show the products now
+        typer.echo(pe.markdown({"matmul": record["matmul"]}))
     if stages:
         record["stages"] = pe.stage_timings(
             model, tokenizer, chosen, settings, base=base, say=typer.echo

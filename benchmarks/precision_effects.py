@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from benchmarks.zero_shot import BenchmarkTask, ZeroShotConfig
-from phatgoose.evaluation import score_choices
+from phatgoose.evaluation import predicted_choice, score_choices
 from phatgoose.expert import Expert
 from phatgoose.pipeline import train_contributor_expert
 from phatgoose.routing import build_routed_model, unroute_model
@@ -186,7 +186,7 @@ def _score_both(
             max_length=config.resolved_eval_max_length, progress=False, precision=precision,
         )  # fmt: skip
         seconds[precision] = time.perf_counter() - started
-        predictions[precision] = [_argmax(row) for row in scores[precision]]
+        predictions[precision] = [predicted_choice(row) for row in scores[precision]]
         correct[precision] = [
             int(p == ex.answer) for p, ex in zip(predictions[precision], examples, strict=True)
         ]
@@ -208,10 +208,6 @@ def _score_both(
         "max_abs_score_difference": max(gaps),
         "seconds": seconds,
     }
-
-
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def _mean(values: Sequence[float]) -> dict[str, float]:

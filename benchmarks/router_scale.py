@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from benchmarks.zero_shot import BenchmarkTask, ZeroShotConfig
-from phatgoose.evaluation import score_choices
+from phatgoose.evaluation import predicted_choice, score_choices
 from phatgoose.expert import Expert
 from phatgoose.routing import build_routed_model, capture_routing, unroute_model
 from phatgoose.routing.routers import STANDARDISE_EPS
@@ -93,7 +93,7 @@ def score_routed(
                     precision=config.precision,
                 )  # fmt: skip
             correct = [
-                _prediction(row) == example.answer
+                predicted_choice(row) == example.answer
                 for row, example in zip(scores, examples, strict=True)
             ]
             totals = torch.stack(list(stats.counts.values())).sum(0).double()
@@ -103,11 +103,6 @@ def score_routed(
         return outcomes
     finally:
         unroute_model(model)
-
-
-def _prediction(scores: list[float]) -> int:
-    """The highest-scoring choice; ties go to the first (as `evaluate_task` decides)."""
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
 def _owner(task: str, names: Sequence[str]) -> str:

@@ -546,12 +546,15 @@ def _run_isolated(task: Task, config: RoutingCostConfig, factory: ModelFactory) 
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_worker, args=(task, config, factory, queue))
-    started = time.monotonic()
+    timeout = config.config_timeout_s
+    deadline = None if timeout is None else time.monotonic() + timeout
     process.start()
     result = None
     while result is None:
+        # Wake at the deadline, not only every 5 s: a short limit must stop a fast worker.
+        wait = 5.0 if deadline is None else max(0.0, min(5.0, deadline - time.monotonic()))
         try:
-            result = queue.get(timeout=5)
+            result = queue.get(timeout=wait)
         except Exception:  # queue.Empty: is the worker still alive, and within its time?
             if not process.is_alive():
                 result = {
@@ -559,14 +562,11 @@ def _run_isolated(task: Task, config: RoutingCostConfig, factory: ModelFactory) 
                     "error": f"worker exited with code {process.exitcode} "
                     "(killed, e.g. out of memory?)",
                 }
-            elif (
-                config.config_timeout_s is not None
-                and time.monotonic() - started > config.config_timeout_s
-            ):
+            elif deadline is not None and time.monotonic() >= deadline:
                 process.terminate()
                 result = {
                     "status": "not finished",
-                    "error": f"stopped after {config.config_timeout_s:.0f} s (config_timeout_s) "
+                    "error": f"stopped after {timeout:.0f} s (config_timeout_s) "
                     "before its timed forwards were done",
                 }
     process.join()

@@ -401,7 +401,8 @@ def evaluate_task(
     )
     seconds = time.perf_counter() - start
     correct = sum(
-        _argmax(row) == example.answer for row, example in zip(scores, examples, strict=True)
+        predicted_choice(row) == example.answer
+        for row, example in zip(scores, examples, strict=True)
     )
     n = len(examples)
     accuracy = correct / n
@@ -416,8 +417,10 @@ def evaluate_task(
     )
 
 
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))
+def predicted_choice(scores: Sequence[float]) -> int:
+    """The choice rank classification picks from one example's scores (ties go to the
+    first choice)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
 def mean_accuracy(results: Sequence[TaskResult]) -> float:
