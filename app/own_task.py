@@ -9,7 +9,6 @@ than the two accuracies' errors combined when the two models agree on most examp
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example
-from phatgoose.evaluation import predicted_choice, score_choices
+from phatgoose.evaluation import mean_with_stderr, predicted_choice, score_choices
 from phatgoose.expert import Expert
 from phatgoose.precision import Precision
 from phatgoose.routing import build_routed_model, unroute_model
@@ -72,13 +71,7 @@ def paired_gain(expert: Sequence[bool], base: Sequence[bool]) -> tuple[float, fl
     sqrt(var(d) / n) with the sample variance (n - 1); 0 for a single example."""
     if len(expert) != len(base) or not expert:
         raise ValueError(f"paired outcomes need equal, non-zero counts: {len(expert)}, {len(base)}")
-    differences = [int(e) - int(b) for e, b in zip(expert, base, strict=True)]
-    n = len(differences)
-    mean = sum(differences) / n
-    if n == 1:
-        return mean, 0.0
-    variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
-    return mean, math.sqrt(variance / n)
+    return mean_with_stderr([int(e) - int(b) for e, b in zip(expert, base, strict=True)])
 
 
 def own_task_scores(

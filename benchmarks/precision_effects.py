@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from benchmarks.zero_shot import BenchmarkTask, ZeroShotConfig
-from phatgoose.evaluation import predicted_choice, score_choices
+from phatgoose.evaluation import mean_with_stderr, predicted_choice, score_choices
 from phatgoose.expert import Expert
 from phatgoose.pipeline import train_contributor_expert
 from phatgoose.routing import build_routed_model, unroute_model
@@ -211,11 +210,8 @@ def _score_both(
 
 
 def _mean(values: Sequence[float]) -> dict[str, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n))."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return {"mean": mean, "stderr": math.sqrt(var / n)}
+    mean, stderr = mean_with_stderr(values)
+    return {"mean": mean, "stderr": stderr}
 
 
 def _paired(differences: Sequence[float]) -> dict[str, Any]:

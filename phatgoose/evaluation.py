@@ -82,18 +82,6 @@ def _score(
     precision: ComputePrecision,
 ) -> tuple[list[list[float]], int]:
     """(scores, number of choice tokens scored), computed in `precision`."""
-    with torch.no_grad(), compute_in(precision, model):
-        return _score_all(model, tokenizer, examples, batch_size, max_length, progress)
-
-
-def _score_all(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    batch_size: int,
-    max_length: int,
-    progress: bool,
-) -> tuple[list[list[float]], int]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 2:
@@ -106,36 +94,37 @@ def _score_all(
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
     device = next(model.parameters()).device
     cache_argument = None if is_encoder_decoder else cache_keyword(model)
-    if cache_argument is not None:
-        return _score_shared_prompts(
-            model,
-            tokenizer,
-            examples,
-            batch_size,
-            max_length,
-            progress,
-            pad_id,
-            device,
-            cache_argument,
-        )
+    with torch.no_grad(), compute_in(precision, model):
+        if cache_argument is not None:
+            return _score_shared_prompts(
+                model,
+                tokenizer,
+                examples,
+                batch_size,
+                max_length,
+                progress,
+                pad_id,
+                device,
+                cache_argument,
+            )
 
-    pairs = _encode_pairs(tokenizer, examples, max_length, is_encoder_decoder)
-    # Similar lengths share a batch, so little compute goes to padding.
-    order = sorted(
-        range(len(pairs)), key=lambda i: -(len(pairs[i].prompt) + len(pairs[i].continuation))
-    )
-    scores = [[math.nan] * len(ex.choices) for ex in examples]
-    batch_starts = range(0, len(order), batch_size)
-    for start in tqdm(batch_starts, desc="scoring", unit="batch", disable=not progress):
-        batch = [pairs[i] for i in order[start : start + batch_size]]
-        with queries(model, [p.prompt_text for p in batch]):
-            if is_encoder_decoder:
-                mean_logprobs = _score_encoder_decoder(model, batch, pad_id, device)
-            else:
-                mean_logprobs = _score_causal(model, batch, pad_id, device)
-        for pair, value in zip(batch, mean_logprobs.tolist(), strict=True):
-            scores[pair.example][pair.choice] = value
-    return scores, sum(len(p.continuation) for p in pairs)
+        pairs = _encode_pairs(tokenizer, examples, max_length, is_encoder_decoder)
+        # Similar lengths share a batch, so little compute goes to padding.
+        order = sorted(
+            range(len(pairs)), key=lambda i: -(len(pairs[i].prompt) + len(pairs[i].continuation))
+        )
+        scores = [[math.nan] * len(ex.choices) for ex in examples]
+        batch_starts = range(0, len(order), batch_size)
+        for start in tqdm(batch_starts, desc="scoring", unit="batch", disable=not progress):
+            batch = [pairs[i] for i in order[start : start + batch_size]]
+            with queries(model, [p.prompt_text for p in batch]):
+                if is_encoder_decoder:
+                    mean_logprobs = _score_encoder_decoder(model, batch, pad_id, device)
+                else:
+                    mean_logprobs = _score_causal(model, batch, pad_id, device)
+            for pair, value in zip(batch, mean_logprobs.tolist(), strict=True):
+                scores[pair.example][pair.choice] = value
+        return scores, sum(len(p.continuation) for p in pairs)
 
 
 def _choice_ids(
@@ -421,6 +410,19 @@ def predicted_choice(scores: Sequence[float]) -> int:
     """The choice rank classification picks from one example's scores (ties go to the
     first choice)."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def mean_with_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error, sqrt(sample variance / n) (0 for a single value): for
+    paired differences on the same examples, the error of the mean difference."""
+    if not values:
+        raise ValueError("mean_with_stderr needs at least one value")
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
 
 
 def mean_accuracy(results: Sequence[TaskResult]) -> float:

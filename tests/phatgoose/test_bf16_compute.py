@@ -4,6 +4,8 @@ float32, that everything is restored bit for bit, and how far results move from 
 The suite pins `auto` to float32 (tests/conftest.py); these tests ask for bfloat16.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +15,10 @@ from phatgoose.evaluation import evaluate_task, score_choices
 from phatgoose.precision import PRECISION_ENV, compute_in, resolve_precision
 from phatgoose.routing import build_routed_model, unroute_model
 from phatgoose.routing.layer import RoutedLinear
-from phatgoose.training import TrainingConfig, mean_target_loss, train_expert, train_gates
+from phatgoose.training import mean_target_loss, train_expert, train_gates
 from tests.phatgoose.experts import random_expert
+from tests.phatgoose.test_training import CONFIG as TRAINING_CONFIG
+from tests.phatgoose.test_training import TASK
 from tests.tiny import tiny_llama, tiny_t5
 
 BF16 = resolve_precision("bfloat16")
@@ -25,21 +29,8 @@ EXAMPLES = [
     Example(prompt="The sky is", choices=[" blue", " green"], answer=0),
     Example(prompt="Q: capital of France?\nA:", choices=[" Paris", " Rome", " Oslo"], answer=0),
 ]
-TASK = [
-    Example(prompt=f"{c}{d} ->", target=f"{c}{c}".upper()) for c in "abcdefgh" for d in "abcdefgh"
-]
-CONFIG = TrainingConfig(
-    r=4,
-    lora_alpha=8,
-    steps=16,
-    batch_size=8,
-    learning_rate=2e-2,
-    max_length=32,
-    eval_every=8,
-    validation_fraction=0.2,
-    gate_steps=4,
-    gate_learning_rate=0.1,
-)
+# test_training's learnable task, with fewer steps: both precisions train here.
+CONFIG = dataclasses.replace(TRAINING_CONFIG, steps=16, gate_steps=4)
 
 
 def storage_of(model: nn.Module) -> dict[str, int]:
@@ -172,7 +163,7 @@ def test_bf16_scores_stay_near_float32_and_the_precision_is_recorded(make, token
 def test_bf16_training_learns_keeps_float32_experts_and_records_its_precision(make, tokenizer):
     model = make()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    config = TrainingConfig(**{**CONFIG.__dict__, "precision": "bfloat16"})
+    config = dataclasses.replace(CONFIG, precision="bfloat16")
     loss_before = mean_target_loss(model, tokenizer, TASK, max_length=32)
     base_dtypes: list[torch.dtype] = []
     first = next(m for m in model.modules() if isinstance(m, nn.Linear))
