@@ -138,7 +138,13 @@ def zero_shot(
             "a .md table and a .png plot are written beside it."
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch CPU threads (per process with --jobs; default there: the cores "
+            "shared evenly by the processes running at once)."
+        ),
+    ] = None,
     device: Annotated[
         str,
         typer.Option(
@@ -158,7 +164,8 @@ def zero_shot(
     jobs: Annotated[
         int,
         typer.Option(
-            help="Processes at a time: the experts train in parallel, then the methods "
+            help="Processes at a time: the experts train in parallel (several per process "
+            "when there are more experts), then the multitask LoRA alone, then the methods "
             "score in parallel, then this process assembles and publishes. One process "
             "leaves a GPU mostly idle with a small model; on a 2-core CPU keep 1.",
             min=1,
@@ -309,31 +316,26 @@ def _run_jobs(
         settings,
         workdir,
         device=device,
-        threads=threads or max(1, (os.cpu_count() or 1) // jobs),
         cache_dir=cache_dir,
         catalog_dir=catalog_dir,
         catalog_database_url=catalog_database_url,
     )
     typer.echo(f"{jobs} jobs at a time; settings, logs and partial results in {workdir}")
-    try:
-        seconds = parallel.run_jobs(
-            parallel.training_jobs(settings), common,
-            workdir=workdir, parallel=jobs, desc="training",
-        )  # fmt: skip
-    except parallel.JobsFailed as error:  # without its experts, nothing can be scored
-        typer.echo(str(error), err=True)
-        raise typer.Exit(1) from None
+    seconds: dict[str, float] = {}
     failed: list[str] = []
-    if not train_only:
+    for phase in parallel.plan(settings, jobs, train_only=train_only):
+        cpus = threads or parallel.threads_per_job(phase, jobs, os.cpu_count() or 1)
         try:
             seconds |= parallel.run_jobs(
-                parallel.scoring_jobs(settings), common,
-                workdir=workdir, parallel=jobs, desc="scoring",
+                phase.jobs, [*common, "--threads", str(cpus)],
+                workdir=workdir, parallel=jobs, desc=phase.desc,
             )  # fmt: skip
         except parallel.JobsFailed as error:
+            typer.echo(str(error), err=True)
+            if phase.fatal:  # without its experts, nothing after it can run
+                raise typer.Exit(1) from None
             # What the other jobs scored is cached: the assembly reports it and lists the
             # rest as not run, and the command still fails.
-            typer.echo(str(error), err=True)
             seconds |= error.seconds
             failed = sorted(error.failed)
     info: ParallelRun = {

@@ -2,12 +2,15 @@
 
 One process cannot keep a GPU busy with a 135M model: every step is a few thousand small
 kernels launched from Python. So the run is split into jobs that share the catalog (the
-expert cache) and the evaluation cache, at most `jobs` of them at a time:
+expert cache) and the evaluation cache, in phases, at most `jobs` processes at a time:
 
-1. training: one job per held-in expert, and one for the multitask LoRA;
-2. scoring: one job per routed method, one per expert for the single-expert evaluations
-   (oracle and best individual), one for the multitask LoRA;
-3. assembly: this process reads every result from the caches (`cached_only`), writes the
+1. experts: the held-in experts spread over at most `jobs` processes, several per process
+   when there are more experts than jobs (each process loads the model once);
+2. multitask: the multitask LoRA alone, with the device to itself (its batches are the
+   largest; beside the experts it crawled, see docs/benchmarks.md);
+3. scoring: the methods packed into at most `jobs` processes (routed methods and multitask
+   together; the single experts split by expert, each scored on every task);
+4. assembly: this process reads every result from the caches (`cached_only`), writes the
    result file and publishes it, exactly as a one-process run would.
 
 Each job is `python -m benchmarks zero-shot` (`phatgoose bench zero-shot`) with the resolved
@@ -52,34 +55,90 @@ class Job:
     args: tuple[str, ...]
 
 
-def training_jobs(config: ZeroShotConfig) -> list[Job]:
-    """Train and register every expert the methods need, each in its own process."""
-    jobs = []
-    if any(m not in ("base", "multitask") for m in config.methods):
-        jobs += [
-            Job(f"train-{task}", ("--train-only", "--held-in", task, "--methods", "phatgoose"))
-            for task in config.held_in
-        ]
-    if "multitask" in config.methods:
-        jobs.append(Job("train-multitask", ("--train-only", "--methods", "multitask")))
-    return jobs
+@dataclass(frozen=True)
+class Phase:
+    """Jobs that run together; the next phase starts when all of them have ended.
+    `fatal`: a failure here stops the run (nothing after it could work)."""
+
+    desc: str
+    jobs: list[Job]
+    fatal: bool
 
 
-def scoring_jobs(config: ZeroShotConfig) -> list[Job]:
-    """Score every method; the single experts are split by expert (a job scores one
-    expert on every task, so its held-in list is that task and the rest are held out)."""
-    jobs = [Job(f"score-{m}", ("--methods", m)) for m in ROUTED_METHODS if m in config.methods]
-    if "oracle" in config.methods or "best_individual" in config.methods:
-        every = [*config.held_in, *config.held_out]
-        for task in config.held_in:
-            others = ",".join(t for t in every if t != task)
-            args: tuple[str, ...] = ("--held-in", task, "--methods", "best_individual")
-            if others:
-                args += ("--held-out", others)
-            jobs.append(Job(f"score-single-{task}", args))
-    if "multitask" in config.methods:
-        jobs.append(Job("score-multitask", ("--methods", "multitask")))
-    return jobs
+def plan(config: ZeroShotConfig, jobs: int, *, train_only: bool = False) -> list[Phase]:
+    """The phases of a run in `jobs` processes (the module's docstring), empty ones left out."""
+    phases = [
+        Phase("experts", expert_jobs(config, jobs), fatal=True),
+        Phase("multitask", multitask_jobs(config), fatal=True),
+    ]
+    if not train_only:
+        phases.append(Phase("scoring", scoring_jobs(config, jobs), fatal=False))
+    return [phase for phase in phases if phase.jobs]
+
+
+def expert_jobs(config: ZeroShotConfig, jobs: int) -> list[Job]:
+    """Train and register every held-in expert the methods need, in at most `jobs`
+    processes, the experts dealt out in turn (a process trains them one after another)."""
+    if all(m in ("base", "multitask") for m in config.methods):
+        return []
+    return [
+        Job(_label("train", group), ("--train-only", "--held-in", ",".join(group),
+                                     "--methods", "phatgoose"))
+        for group in _deal(config.held_in, jobs)
+    ]  # fmt: skip
+
+
+def multitask_jobs(config: ZeroShotConfig) -> list[Job]:
+    """The multitask LoRA (and its gates), one process."""
+    if "multitask" not in config.methods:
+        return []
+    return [Job("train-multitask", ("--train-only", "--methods", "multitask"))]
+
+
+def scoring_jobs(config: ZeroShotConfig, jobs: int) -> list[Job]:
+    """Score every method in at most `jobs` processes (one more when both kinds below
+    exist and `jobs` is 1). Each unit costs about one scoring pass over every task: a
+    routed method, multitask, or one single expert (a job that scores experts holds their
+    tasks in and every other task out, so each of its experts meets every task)."""
+    methods = [m for m in (*ROUTED_METHODS, "multitask") if m in config.methods]
+    singles = (
+        list(config.held_in)
+        if "oracle" in config.methods or "best_individual" in config.methods
+        else []
+    )
+    units = len(methods) + len(singles)
+    if not units:
+        return []
+    # Both kinds share the processes in proportion to their units.
+    method_jobs = max(1, round(jobs * len(methods) / units)) if methods else 0
+    single_jobs = max(1, jobs - method_jobs) if singles else 0
+    result = [
+        Job(_label("score", group), ("--methods", ",".join(group)))
+        for group in _deal(methods, method_jobs)
+    ]
+    every = [*config.held_in, *config.held_out]
+    for group in _deal(singles, single_jobs):
+        others = ",".join(t for t in every if t not in group)
+        args: tuple[str, ...] = ("--held-in", ",".join(group), "--methods", "best_individual")
+        if others:
+            args += ("--held-out", others)
+        result.append(Job(_label("score-single", group), args))
+    return result
+
+
+def _deal(items: Sequence[str], hands: int) -> list[list[str]]:
+    """`items` dealt in turn into at most `hands` non-empty groups, order kept within each."""
+    hands = max(1, min(hands, len(items)))
+    return [list(items[i::hands]) for i in range(hands) if items[i::hands]]
+
+
+def _label(prefix: str, group: Sequence[str]) -> str:
+    """A job's label and log name: its members joined by '+' (the first and a count when
+    that is long), slashes made file-safe."""
+    label = f"{prefix}-{'+'.join(group)}"
+    if len(label) > 100:
+        label = f"{prefix}-{group[0]}+{len(group) - 1}-more"
+    return label.replace("/", "_")
 
 
 def run_jobs(
@@ -136,23 +195,28 @@ def child_options(
     workdir: Path,
     *,
     device: str,
-    threads: int,
     cache_dir: Path,
     catalog_dir: Path,
     catalog_database_url: str | None,
 ) -> list[str]:
     """The options every job shares: the resolved settings (as a file), where the caches
-    are, the device, CPU threads, and no publishing (the assembly publishes once)."""
+    are, the device, and no publishing (the assembly publishes once). CPU threads are set
+    per phase (`threads_per_job`)."""
     settings = workdir / "settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     options = [
-        "--config", str(settings), "--device", device, "--threads", str(threads),
+        "--config", str(settings), "--device", device,
         "--cache-dir", str(cache_dir), "--catalog", str(catalog_dir), "--no-publish",
     ]  # fmt: skip
     if catalog_database_url:
         options += ["--catalog-database-url", catalog_database_url]
     return options
+
+
+def threads_per_job(phase: Phase, jobs: int, cpus: int) -> int:
+    """The CPU cores shared evenly by the phase's processes that run at once."""
+    return max(1, cpus // max(1, min(jobs, len(phase.jobs))))
 
 
 def new_workdir(cache_dir: Path) -> Path:

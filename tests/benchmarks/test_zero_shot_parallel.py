@@ -8,24 +8,38 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
-from benchmarks.parallel import Job, scoring_jobs, training_jobs
+from benchmarks.parallel import Job, plan, scoring_jobs, threads_per_job
 from benchmarks.zero_shot import ZeroShotConfig, resolve_device
 from tests.benchmarks.test_zero_shot import tiny_config, write_task
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 
-def test_one_training_job_per_expert_and_one_for_multitask():
-    config = tiny_config(methods=["phatgoose", "multitask"])
-    assert training_jobs(config) == [
-        Job("train-alpha", ("--train-only", "--held-in", "alpha", "--methods", "phatgoose")),
+def test_experts_share_the_processes_then_multitask_trains_alone():
+    config = tiny_config(methods=["phatgoose", "multitask"], held_in=["alpha", "beta", "delta"])
+    phases = plan(config, jobs=2, train_only=True)
+    assert [(phase.desc, phase.fatal) for phase in phases] == [
+        ("experts", True), ("multitask", True),
+    ]  # fmt: skip
+    # Three experts in two processes, dealt in turn: one process trains two.
+    assert phases[0].jobs == [
+        Job("train-alpha+delta", ("--train-only", "--held-in", "alpha,delta",
+                                  "--methods", "phatgoose")),
         Job("train-beta", ("--train-only", "--held-in", "beta", "--methods", "phatgoose")),
-        Job("train-multitask", ("--train-only", "--methods", "multitask")),
-    ]
-    assert training_jobs(tiny_config(methods=["base"])) == []
+    ]  # fmt: skip
+    assert phases[1].jobs == [Job("train-multitask", ("--train-only", "--methods", "multitask"))]
+    assert [p.desc for p in plan(config, jobs=2)] == ["experts", "multitask", "scoring"]
+    # One job per expert when there are processes enough; none when no method needs them.
+    assert len(plan(config, jobs=8)[0].jobs) == 3
+    assert [p.desc for p in plan(tiny_config(methods=["base"]), jobs=4)] == ["scoring"]
+    # CPU threads: the cores shared by the processes that run at once.
+    assert threads_per_job(phases[0], jobs=2, cpus=16) == 8
+    assert threads_per_job(phases[1], jobs=2, cpus=16) == 16
 
 
-def test_single_experts_are_scored_one_expert_per_job_on_every_task():
-    jobs = scoring_jobs(tiny_config(methods=["base", "phatgoose", "oracle", "best_individual"]))
+def test_scoring_packs_methods_and_single_experts_into_the_jobs():
+    config = tiny_config(methods=["base", "phatgoose", "oracle", "best_individual"])
+    # One process per unit when there are enough.
+    jobs = scoring_jobs(config, jobs=4)
     assert [job.label for job in jobs] == [
         "score-base", "score-phatgoose", "score-single-alpha", "score-single-beta",
     ]  # fmt: skip
@@ -33,6 +47,20 @@ def test_single_experts_are_scored_one_expert_per_job_on_every_task():
     assert jobs[2].args == (
         "--held-in", "alpha", "--methods", "best_individual", "--held-out", "beta,gamma",
     )  # fmt: skip
+    # Two processes: the methods share one, the single experts the other.
+    jobs = scoring_jobs(config, jobs=2)
+    assert [job.args for job in jobs] == [
+        ("--methods", "base,phatgoose"),
+        ("--held-in", "alpha,beta", "--methods", "best_individual", "--held-out", "gamma"),
+    ]
+    assert scoring_jobs(tiny_config(methods=["phatgoose"]), jobs=3) == [
+        Job("score-phatgoose", ("--methods", "phatgoose"))
+    ]
+    # Long labels (log names) stay short and file-safe.
+    suite = [f"suite/task_{i:02}" for i in range(12)]
+    many = tiny_config(methods=["best_individual"], held_in=suite)
+    (job,) = scoring_jobs(many, jobs=1)
+    assert job.label == "score-single-suite_task_00+11-more"
 
 
 def test_multitask_gets_the_experts_budget_in_sequences():
@@ -91,7 +119,7 @@ def test_parallel_run_trains_scores_assembles_and_publishes(tmp_path, offline_ru
     record = json.loads(output.read_text())
     assert record["complete"] and not record["not_run"]
     assert sorted(record["parallel"]["job_seconds"]) == [
-        "score-phatgoose", "score-single-alpha", "score-single-beta", "train-alpha", "train-beta",
+        "score-phatgoose", "score-single-alpha+beta", "train-alpha", "train-beta",
     ]  # fmt: skip
     for method in ("phatgoose", "best_individual"):
         assert sorted(record["methods"][method]["tasks"]) == ["alpha", "beta", "gamma"]
@@ -106,8 +134,8 @@ def test_a_failed_scoring_job_keeps_the_others_results_and_fails_the_run(
 ):
     from benchmarks import parallel
 
-    def with_a_broken_job(config):
-        return [*scoring_jobs(config), Job("score-broken", ("--methods", "no_such_method"))]
+    def with_a_broken_job(config, jobs):
+        return [*scoring_jobs(config, jobs), Job("score-broken", ("--methods", "no_such_method"))]
 
     monkeypatch.setattr(parallel, "scoring_jobs", with_a_broken_job)
     output = tmp_path / "results" / "partial.json"
