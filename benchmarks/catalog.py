@@ -42,7 +42,8 @@ from coordinator.releases.schemas import ReleaseCreate
 from coordinator.storage import LocalBlobStore
 from phatgoose.expert import Expert
 from phatgoose.models import base_model_spec, cache_root
-from protocol import METHOD_SPECS, PACKAGE_FILES, RoutingMethod, is_method
+from protocol import METHOD_SPECS, PACKAGE_FILES, ParamValue, RoutingMethod, is_method
+from protocol.methods import resolve_params
 
 NAMESPACE = "bench"
 SOURCE = "phatgoose bench zero-shot"
@@ -215,13 +216,17 @@ def _release_number(
     experts: Sequence[str],
     top_k: int | None,
     expert: str | None,
+    params: Mapping[str, ParamValue] | None = None,
 ) -> int:
-    """An identical release (method, base model, experts, k, single expert), else a new one."""
+    """An identical release (method, base model, experts, k, parameters, single expert),
+    else a new one. Parameters not given are the method's defaults."""
+    resolved = resolve_params(method, params)
     for release in releases.list_releases(session, base_model=base_model, method=method):
         manifest = release.manifest
         if (
             sorted(e["ref"] for e in manifest["experts"]) == sorted(experts)
             and release.top_k == top_k
+            and _same_params(release.method_params or {}, resolved)
             # a release records its single expert by name; the version is in `experts`
             and manifest.get("expert") == (expert.split("@")[0] if expert else None)
         ):
@@ -230,11 +235,17 @@ def _release_number(
         method=method,
         experts=list(experts),
         top_k=top_k,
+        params=dict(params or {}),
         expert=expert,
         base_model=base_model,
         notes=f"published by `{SOURCE}`",
     )
     return releases.create_release(session, blobs, request, by=token).number
+
+
+def _same_params(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
+    """Equal as JSON values (an integer is not the float of the same value)."""
+    return dict(a) == dict(b) and all(type(a[name]) is type(b[name]) for name in a)
 
 
 def _job_id(
@@ -266,11 +277,16 @@ def _job_id(
     return job.id, True
 
 
+# (method, experts, top_k, single expert, params) of a release to publish.
+_ReleasePlan = tuple[RoutingMethod, list[str], int | None, str | None, dict[str, ParamValue]]
+
+
 def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, Any]:
     """Releases for the run's methods and their results as finished evaluation jobs.
 
     Routing methods become releases over every expert of the run (none for base; k = the
-    run's top-k for the per-token routers); best_individual and multitask become `single`
+    run's top-k for the per-token routers; the method's hyper-parameters as its summary's
+    `params` records them, else its defaults); best_individual and multitask become `single`
     releases over their expert. Oracle uses a different expert per task, so it is no
     release and is skipped. Identical releases and jobs are reused, so publishing twice adds
     nothing.
@@ -295,19 +311,21 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
         "skipped": {},
     }
 
-    def target(method: str) -> tuple[RoutingMethod, list[str], int | None, str | None] | str:
-        """(method, experts, top_k, single expert) of the release, or why there is none."""
+    def target(method: str, summary: Mapping[str, Any]) -> _ReleasePlan | str:
+        """(method, experts, top_k, single expert, params) of the release, or why there is
+        none."""
         if method == "oracle":
             return "a different expert per task (selected on the evaluation labels): no release"
         if is_method(method) and not METHOD_SPECS[method].single_expert:
             spec = METHOD_SPECS[method]
+            params = dict(summary.get("params") or {})
             if not spec.takes_experts:
-                return method, [], None, None
+                return method, [], None, None, params
             missing = [name for name, ref in refs.items() if ref is None]
             if missing or not refs:
                 return f"experts not in the catalog: {missing}"
             top_k = config["top_k"] if spec.per_token else None
-            return method, sorted(r for r in refs.values() if r), top_k, None
+            return method, sorted(r for r in refs.values() if r), top_k, None, params
         if method == "best_individual":
             ref = refs.get(record["methods"][method]["choice"])
         elif method == "multitask":
@@ -316,15 +334,15 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
             return f"unknown method {method!r}"
         if ref is None:
             return "its expert is not in the catalog"
-        return "single", [ref], None, ref
+        return "single", [ref], None, ref, {}
 
     with catalog.session() as session:
         for method, summary in record.get("methods", {}).items():
-            plan = target(method)
+            plan = target(method, summary)
             if isinstance(plan, str):
                 published["skipped"][method] = plan
                 continue
-            release_method, experts, top_k, expert = plan
+            release_method, experts, top_k, expert, params = plan
             number = _release_number(
                 session,
                 catalog.blobs,
@@ -334,6 +352,7 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
                 experts=experts,
                 top_k=top_k,
                 expert=expert,
+                params=params,
             )
             results = summary["tasks"]
             tasks = [t for t in task_info if t in results]

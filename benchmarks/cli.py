@@ -63,8 +63,9 @@ def zero_shot(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Methods, comma-separated, from: base, phatgoose, merged, arrow, "
-            "average_activation, retrieval, oracle, best_individual, multitask."
+            help="Methods, comma-separated, from: base, phatgoose, merged, arrow, spectr, "
+            "ties, dare, average_activation, retrieval, oracle, best_individual, multitask "
+            "(default: all; ties, dare and spectr at their default hyper-parameters)."
         ),
     ] = None,
     n_eval: Annotated[
@@ -365,10 +366,11 @@ def routing_cost(
         str,
         typer.Option(
             help="Comma-separated, from: lora (one PEFT adapter), phatgoose (the platform's "
-            "routed linear), dense (reference: all N computed, then masked), arrow_peft "
-            "(PEFT's ArrowConfig). The base model is always measured."
+            "routed linear), spectr (the same layer, routed by SpectR's spectral scores), "
+            "dense (reference: all N computed, then masked), arrow_peft (PEFT's ArrowConfig). "
+            "The base model is always measured."
         ),
-    ] = "lora,phatgoose,dense,arrow_peft",
+    ] = "lora,phatgoose,spectr,dense,arrow_peft",
     precision: Annotated[
         str,
         typer.Option(

@@ -4,6 +4,8 @@ Configurations (random experts of rank r on every target linear; only shapes mat
 - `base`: the model alone;
 - `lora`: one PEFT LoRA adapter;
 - `phatgoose`: the platform's `RoutedLinear` + PHATGOOSE router, top-k of N;
+- `spectr`: the same experts and layer with SpectR's router (`SpectralRouter` over the
+  random factors' right singular vectors), top-k of N; not in the default set;
 - `dense`: the same router, every expert computed and masked (`dense_reference`, a
   reference implementation that lives in benchmarks/ only; float32 only);
 - `arrow_peft`: PEFT's own Arrow (`ArrowConfig`), top-k of N adapters.
@@ -27,8 +29,9 @@ How it is measured (see docs/benchmarks.md):
   allocation, torch's included;
 - floor: arithmetic per token, base FLOPs (2 n d per linear, attention at the causal mean
   context, the LM head on one position per sequence; for one cached token, attention over
-  the whole context and the head on that token) + per routed module 2 N n (affinity)
-  + 2 k r (n + d) (the k selected low-rank products); `measured_over_floor` =
+  the whole context and the head on that token) + per routed module 2 N n (affinity; SpectR
+  scores against all N r singular vectors: 2 N r n) + 2 k r (n + d) (the k selected
+  low-rank products); `measured_over_floor` =
   (latency ratio) / (floor ratio).
 Also, per precision: the time of one gate-training step against one LoRA step (same
 batch), the per-expert totals with gates at a tenth of the LoRA steps, and the bfloat16 /
@@ -70,13 +73,16 @@ from phatgoose.models import (
 )
 from phatgoose.precision import PRECISIONS, compute_in, resolve_precision
 from phatgoose.routing.layer import RoutedLinear
-from phatgoose.routing.routers import TokenRouter
+from phatgoose.routing.routers import SpectralRouter, TokenRouter
+from phatgoose.routing.rows import spectral_basis
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("lora", "phatgoose", "dense", "arrow_peft")
-DEFAULT_IMPLEMENTATIONS = IMPLEMENTATIONS
+IMPLEMENTATIONS = ("lora", "phatgoose", "spectr", "dense", "arrow_peft")
+DEFAULT_IMPLEMENTATIONS = ("lora", "phatgoose", "spectr", "dense", "arrow_peft")
+# Top-k routers over random experts in the platform's routed linear, by router.
+ROUTED_IMPLEMENTATIONS = ("phatgoose", "spectr")
 # The dense reference keeps its own stacks, which `compute_in` does not copy to bfloat16
 # (autocast would recast every expert's factors on every forward): float32 only.
 FLOAT32_ONLY = ("dense",)
@@ -178,6 +184,11 @@ class Shapes:
             return 0.0
         if implementation == "lora":
             return sum(2 * rank * (n + d) for n, d in self.linears)
+        if implementation == "spectr":
+            # Scores against every expert's r right singular vectors, then the k products.
+            return sum(
+                2 * n_experts * rank * n + 2 * top_k * rank * (n + d) for n, d in self.linears
+            )
         # Routing floor (phatgoose, and Arrow's sparse minimum): affinities + k products.
         return sum(2 * n_experts * n + 2 * top_k * rank * (n + d) for n, d in self.linears)
 
@@ -189,17 +200,32 @@ class Shapes:
         """float32 bytes of one expert's A and B over every target linear."""
         return sum(4 * rank * (n + d) for n, d in self.linears)
 
+    def spectral_bytes(self, rank: int) -> int:
+        """float32 bytes of one expert's SpectR router rows (r x n) over every target linear."""
+        return sum(4 * rank * n for n, _ in self.linears)
+
 
 # ---------------------------------------------------------------------- configurations
 def random_routed_layers(
-    model: nn.Module, n_experts: int, rank: int, top_k: int, seed: int
+    model: nn.Module,
+    n_experts: int,
+    rank: int,
+    top_k: int,
+    seed: int,
+    *,
+    router: str = "phatgoose",
 ) -> dict[str, RoutedLinear]:
-    """Random PHATGOOSE experts as the platform's routed linears (not installed yet).
+    """Random experts as the platform's routed linears (not installed yet).
 
     Built directly as stacked tensors (no Expert objects, no copies): `A [N, r, n]`,
     `B [N, d, r]` (a transposed view of `[N, r, d]`, so the dense reference can flatten
     it without copying), gate rows `[N, n]`; every expert's weights are distinct.
+    `router`: "phatgoose" (a `TokenRouter` over the gate rows) or "spectr" (a
+    `SpectralRouter`, uniform weights, over the factors' right singular vectors; the same
+    experts as "phatgoose" for the same seed).
     """
+    if router not in ROUTED_IMPLEMENTATIONS:
+        raise ValueError(f"router must be one of {list(ROUTED_IMPLEMENTATIONS)}, got {router!r}")
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     layers = {}
@@ -208,9 +234,14 @@ def random_routed_layers(
         n, d = base.in_features, base.out_features
         lora_a = torch.randn(n_experts, rank, n, generator=generator) / math.sqrt(n)
         lora_b = torch.randn(n_experts, rank, d, generator=generator) / (4 * math.sqrt(rank))
-        rows = torch.randn(n_experts, n, generator=generator)
-        router = TokenRouter(rows, top_k)
-        layers[path] = RoutedLinear(base, lora_a, lora_b.transpose(1, 2), router, path=path)
+        rows = torch.randn(n_experts, n, generator=generator)  # drawn for both: same experts
+        lora_b = lora_b.transpose(1, 2)
+        chooser: nn.Module = (
+            SpectralRouter(spectral_basis(lora_a, lora_b), top_k)
+            if router == "spectr"
+            else TokenRouter(rows, top_k)
+        )
+        layers[path] = RoutedLinear(base, lora_a, lora_b, chooser, path=path)
     return layers
 
 
@@ -262,8 +293,11 @@ def prepare(
 ) -> Prepared:
     if implementation == "base":
         return Prepared(model, nullcontext, nullcontext)
-    if implementation in ("phatgoose", "dense"):
-        routed = random_routed_layers(model, n_experts, config.rank, config.top_k, config.seed)
+    if implementation in (*ROUTED_IMPLEMENTATIONS, "dense"):
+        router = "spectr" if implementation == "spectr" else "phatgoose"
+        routed = random_routed_layers(
+            model, n_experts, config.rank, config.top_k, config.seed, router=router
+        )
         layers: Mapping[str, nn.Module] = routed
         if implementation == "dense":
             layers = {path: DenseRoutedLinear(layer) for path, layer in routed.items()}
@@ -694,7 +728,10 @@ def run_routing_cost(
 def _weights_mb(implementation: str, n: int, config: RoutingCostConfig, shapes: Shapes) -> float:
     if implementation in ("base", "lora"):
         return 0.0
-    return n * shapes.expert_bytes(config.rank) / 2**20
+    per_expert = shapes.expert_bytes(config.rank)
+    if implementation == "spectr":
+        per_expert += shapes.spectral_bytes(config.rank)  # the router's rows, beside A and B
+    return n * per_expert / 2**20
 
 
 def skip_reason(
@@ -727,7 +764,7 @@ def growth(results: list[dict[str, Any]], config: RoutingCostConfig) -> dict[str
         return {}
     low, high = min(config.n_experts), max(config.n_experts)
     out = {}
-    for implementation in ("phatgoose", "dense", "arrow_peft"):
+    for implementation in ("phatgoose", "spectr", "dense", "arrow_peft"):
         rows = {r["n_experts"]: r for r in results if r["implementation"] == implementation}
         a, b = rows.get(low), rows.get(high)
         if a and b and a.get("status") == "ok" and b.get("status") == "ok":
@@ -850,7 +887,12 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     results = record["results"]
     precisions = list(dict.fromkeys(r.get("precision", "float32") for r in results))
     for precision, line in zip(precisions, ("-", "--"), strict=False):
-        for implementation, marker in (("phatgoose", "o"), ("dense", "s"), ("arrow_peft", "^")):
+        for implementation, marker in (
+            ("phatgoose", "o"),
+            ("spectr", "D"),
+            ("dense", "s"),
+            ("arrow_peft", "^"),
+        ):
             rows = [
                 r
                 for r in results
@@ -865,21 +907,25 @@ def plot(record: dict[str, Any], path: Path) -> Path:
                     marker + line,
                     label=f"{implementation} ({precision})",
                 )
-    floor_rows = sorted(
-        {
-            r["n_experts"]: r
-            for r in results
-            if r["implementation"] == "phatgoose" and "floor_ratio" in r
-        }.values(),
-        key=lambda r: r["n_experts"],
-    )
-    if floor_rows:
-        ax.plot(
-            [r["n_experts"] for r in floor_rows],
-            [r["floor_ratio"] for r in floor_rows],
-            "k:",
-            label="floor (top-k routing)",
+    for implementation, style, label in (
+        ("phatgoose", "k:", "floor (top-k routing)"),
+        ("spectr", "k-.", "floor (SpectR: N r n scoring)"),
+    ):
+        floor_rows = sorted(
+            {
+                r["n_experts"]: r
+                for r in results
+                if r["implementation"] == implementation and "floor_ratio" in r
+            }.values(),
+            key=lambda r: r["n_experts"],
         )
+        if floor_rows:
+            ax.plot(
+                [r["n_experts"] for r in floor_rows],
+                [r["floor_ratio"] for r in floor_rows],
+                style,
+                label=label,
+            )
     for precision, line in zip(precisions, ("-", "--"), strict=False):
         lora = [
             r

@@ -2,7 +2,8 @@
 then score every method of METHOD.md on the held-out tasks and on the held-in tasks'
 evaluation splits, with rank classification.
 
-Methods: base, merged, arrow, average_activation, retrieval, phatgoose (zero-shot), plus the
+Methods: base, merged, arrow, spectr, ties, dare, average_activation, retrieval, phatgoose
+(zero-shot; the methods with hyper-parameters at their defaults, protocol.methods), plus the
 references oracle (per task, the best single expert), best_individual (the single expert
 with the best mean over every evaluation task) and multitask (one LoRA on the pooled
 training data, which the setting forbids). Oracle and best_individual are selected with
@@ -73,8 +74,8 @@ log = logging.getLogger(__name__)
 # "single_experts" stands for the references oracle and best_individual, which are selected
 # from every single expert's results.
 PRIORITY = (
-    "base", "phatgoose", "merged", "single_experts", "arrow", "average_activation",
-    "retrieval", "multitask",
+    "base", "phatgoose", "merged", "single_experts", "arrow", "spectr", "ties", "dare",
+    "average_activation", "retrieval", "multitask",
 )  # fmt: skip
 # The report's columns: zero-shot routers first (what the benchmark is about), then the
 # references (not zero-shot, or outside the setting).
@@ -828,10 +829,15 @@ def run_zero_shot(
 
     def _evaluate_method(method: str) -> None:
         if method in ROUTED_METHODS:
-            identity = {"method": method, "experts": expert_keys, "top_k": config.top_k}
-            if method_spec(method).standardises_rows:
+            identity: dict[str, Any] = {
+                "method": method, "experts": expert_keys, "top_k": config.top_k,
+            }  # fmt: skip
+            spec = method_spec(method)
+            if spec.standardises_rows:
                 # Scores cached under other router numerics are another experiment.
                 identity["router_numerics"] = ROUTER_NUMERICS
+            if spec.params:  # the defaults (never tuned on held-out tasks), recorded
+                identity["params"] = spec.resolve_params()
             if method == "base":
                 identity = {"method": "base"}
             results = evaluate_routed(
@@ -843,6 +849,8 @@ def run_zero_shot(
                 ),
             )  # fmt: skip
             record["methods"][method] = summarise(results, held_in, held_out)
+            if spec.params:  # what the catalog's release records too
+                record["methods"][method]["params"] = identity["params"]
         elif method == "single_experts":
             single: dict[str, dict[str, TaskResult]] = {}
             for expert, key in zip(experts, expert_keys, strict=True):

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from coordinator.auth.models import Role
+from protocol.methods import METHODS
 from protocol.precision import Precision
 
 app = typer.Typer(
@@ -300,6 +301,107 @@ def worker(
     typer.echo(f"worker {options.worker_id}", err=True)
     ended = run_worker(settings, options, once=once)
     typer.echo(f"{ended} job(s) ended", err=True)
+
+
+def parse_param(item: str) -> tuple[str, int | float | str]:
+    """`name=value`, the value an int, else a float, else the string (both stripped)."""
+    name, sep, text = (part.strip() for part in item.partition("="))
+    if not sep or not name or not text:
+        raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--param")
+    for kind in (int, float):
+        try:
+            return name, kind(text)
+        except ValueError:
+            pass
+    return name, text
+
+
+def _params_help() -> str:
+    from coordinator.releases.schemas import params_help
+
+    return (
+        "NAME=VALUE: a hyper-parameter of the method (repeatable; the value is read as an "
+        "integer, else a number, else a string; those not given take their defaults). "
+        + params_help()
+        + "."
+    )
+
+
+@app.command(
+    "create-release",
+    help="Create a release, as the API's POST /releases does (recorded as by 'operator'). "
+    f"METHOD: one of {', '.join(METHODS)}. EXPERTS: namespace/name@version, or "
+    "namespace/name for its newest version that is not yanked (none for base).",
+)
+def create_release(
+    method: Annotated[str, typer.Argument(help="The routing method.")],
+    experts: Annotated[
+        list[str] | None, typer.Argument(help="The experts.", show_default=False)
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="Experts per token (token routers; default min(2, experts)).", min=1),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help=_params_help(), show_default=False)
+    ] = None,
+    expert: Annotated[
+        str | None, typer.Option(help="Method single: the expert used.", show_default=False)
+    ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="The base model (required for base when several are registered)."),
+    ] = None,
+    allow_yanked: Annotated[
+        bool, typer.Option("--allow-yanked", help="Accept exact versions that are yanked.")
+    ] = False,
+    notes: Annotated[str, typer.Option(help="Shown with the release.")] = "",
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    from pydantic import ValidationError
+
+    from coordinator.core.errors import CoordinatorError
+    from coordinator.releases import service
+    from coordinator.releases.schemas import ReleaseCreate, method_label
+    from coordinator.storage import LocalBlobStore
+
+    params: dict[str, int | float | str] = {}
+    for item in param or []:
+        name, value = parse_param(item)
+        if name in params:
+            raise typer.BadParameter(f"{name} is given twice", param_hint="--param")
+        params[name] = value
+    try:
+        request = ReleaseCreate.model_validate(
+            {
+                "method": method,
+                "experts": experts or [],
+                "top_k": top_k,
+                "params": params or None,
+                "expert": expert,
+                "base_model": base_model,
+                "allow_yanked": allow_yanked,
+                "notes": notes,
+            }
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise typer.BadParameter(f"{where}: {problem['msg']}") from None
+    settings = _settings(data_dir, database_url)
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            release = service.create_release(
+                session, LocalBlobStore(settings.blob_dir), request, by="operator"
+            )
+        except CoordinatorError as error:
+            expected = f" (expected {error.expected})" if error.expected else ""
+            typer.secho(f"{error.check}: {error.message}{expected}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from error
+        label = method_label(release.method, release.top_k, release.method_params)
+        count = len(release.manifest["experts"])
+    typer.echo(f"release {release.number}: {label} over {count} expert(s)")
 
 
 @app.command("withdraw-release")

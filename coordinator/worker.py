@@ -2,10 +2,11 @@
 
 A loop that claims a queued evaluation job (`evaluations.service.claim_job`), keeps its
 lease alive from a heartbeat thread, builds the release's routed model through the library
-(`phatgoose.load_release` over a release directory of the coordinator's own blobs), scores
-every task and stores each task's result as soon as it is known. Several workers may run
-against one database; a worker that dies loses its lease and another one resumes the job
-after the tasks already stored.
+(`phatgoose.load_release` over a release directory of the coordinator's own blobs: the
+method, k and hyper-parameters its manifest records), scores every task and stores each
+task's result as soon as it is known. Several workers may run against one database; a
+worker that dies loses its lease and another one resumes the job after the tasks already
+stored.
 
 Per task the worker stores accuracy, standard error, n, seconds, the evaluator version and
 routing statistics: per layer, how often each expert was chosen (`routing_summary`, the
@@ -38,6 +39,7 @@ from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob
 from coordinator.evaluations.public_errors import PublicJobError, public_error
 from coordinator.releases.models import Release
+from coordinator.releases.schemas import method_label
 from coordinator.releases.service import export_release
 from coordinator.storage import BlobStore, LocalBlobStore
 from protocol.precision import Precision
@@ -252,6 +254,13 @@ class Worker:
             with tempfile.TemporaryDirectory(prefix="phatgoose-release-") as directory:
                 export_release(session, self.blobs, release, Path(directory))
                 manifest = release.manifest
+                log.info(
+                    "evaluation %d: release %d (%s), %d task(s) to score",
+                    job.id,
+                    release.number,
+                    method_label(release.method, release.top_k, release.method_params or {}),
+                    len(todo),
+                )
                 model, tokenizer = self._load(Path(directory), manifest)
         try:
             for task in todo:
@@ -331,7 +340,8 @@ def checked_task_names(spec: dict[str, Any]) -> list[str]:
 
 
 def routing_summary(stats: Any, method: str) -> dict[str, Any] | None:
-    """Compact routing statistics of one task (None when nothing was routed: base, merged).
+    """Compact routing statistics of one task (None when nothing was routed: base and the
+    merges, merged, TIES and DARE).
 
     `frequencies[e][l]` is the share of layer l's selections that went to expert e (each
     column sums to 1); `selections[l]` counts them (tokens x top-k x modules in the layer);

@@ -1,8 +1,9 @@
 """Releases for inference: `load_release(path_or_url)` -> a routed model in one call.
 
-A release is a method and k over a fixed list of expert versions of one base model. Its
-artifact is a JSON manifest (`release.json`, read into `protocol.ReleaseManifest`) plus the
-experts' package files. It is read either from a coordinator
+A release is a method, its k and hyper-parameters over a fixed list of expert versions of
+one base model (`load_release` builds the model with exactly those). Its artifact is a
+JSON manifest (`release.json`, read into `protocol.ReleaseManifest`) plus the experts'
+package files. It is read either from a coordinator
 (`http://host:8765/api/v1/releases/3`: the manifest at `.../manifest`, each file at its
 `url`, a path on the same server) or from a local release directory (`release.json` plus
 each expert's files under its `path`), such as `phatgoose coordinator export-release 3 DIR`
@@ -137,11 +138,13 @@ def load_release(
         expert=manifest.expert,
         tokenizer=tokenizer,
         router_numerics=manifest.router_numerics,
+        params=manifest.method_params,
     )
     log.info(
-        "loaded release %d: %s over %d experts on %s",
+        "loaded release %d: %s %s over %d experts on %s",
         manifest.number,
         manifest.method,
+        manifest.method_params,
         len(experts),
         manifest.base_model.name,
     )

@@ -1,9 +1,12 @@
-"""The release manifest (`release.json`): a routing method and k over fixed expert versions.
+"""The release manifest (`release.json`): a routing method, its k and hyper-parameters over
+fixed expert versions.
 
 The coordinator writes it (`ReleaseManifest(...).model_dump(mode="json")`) and serves it at
 `/api/v1/releases/{n}/manifest`; `phatgoose.load_release` reads it with
 `parse_release_manifest`. A manifest of another format or a newer `format_version` is
 refused before its fields are read, so an older library says why rather than which field.
+`method_params` must be exactly what `protocol.resolve_params` makes of them (every
+parameter, defaults included), so the manifest alone says how the release was built.
 """
 
 from __future__ import annotations
@@ -12,11 +15,30 @@ from collections import Counter
 from datetime import datetime
 from typing import Any, Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from protocol.manifest import DIGEST_PATTERN, SLUG_PATTERN, BaseModelIdentity
-from protocol.methods import METHOD_SPECS, ROUTER_NUMERICS, TOKEN_METHODS, RoutingMethod
+from protocol.methods import (
+    METHOD_SPECS,
+    ROUTER_NUMERICS,
+    TOKEN_METHODS,
+    ParamValue,
+    RoutingMethod,
+    is_method,
+    resolve_params,
+)
 from protocol.package import PACKAGE_FILES, REQUIRED_FILES
 from protocol.validation import package_digest
 
@@ -24,7 +46,9 @@ RELEASE_FILE = "release.json"
 RELEASE_FORMAT: Final = "phatgoose-release"
 # 2: `router_numerics` records how token routers standardise their rows (1 for every
 # release of format_version 1, whose manifests do not carry it).
-RELEASE_FORMAT_VERSION: Final = 2
+# 3: `method_params` records every hyper-parameter of the method, resolved (releases of
+# format_version 1 and 2 were made before methods had any: their method's defaults).
+RELEASE_FORMAT_VERSION: Final = 3
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
 # A file's `url`: an absolute path on the server that serves the manifest (never another
 # host: `//host/x` and schemes are refused here, and `load_release` checks the origin of
@@ -142,10 +166,17 @@ class ReleaseManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["phatgoose-release"]
-    format_version: Literal[1, 2]
+    format_version: Literal[1, 2, 3]
     number: int = Field(ge=1)
     method: RoutingMethod
     top_k: int | None = Field(default=None, ge=1, description=f"for {', '.join(TOKEN_METHODS)}")
+    # Strict: a JSON value is kept as it is (no bool read as 1), so a manifest states its
+    # parameters exactly as `protocol.resolve_params` gives them.
+    method_params: dict[str, StrictInt | StrictFloat | StrictStr] = Field(
+        description="every hyper-parameter of the method, resolved (protocol.MethodSpec.params; "
+        "{} for methods without any)",
+        examples=[{"density": 0.2, "scale": 1.0}],
+    )
     router_numerics: int = Field(
         ge=1,
         le=ROUTER_NUMERICS,
@@ -172,7 +203,7 @@ class ReleaseManifest(BaseModel):
                 f"expected {RELEASE_FORMAT!r}"
             )
         version = data.get("format_version")
-        if type(version) is not int or version not in (1, RELEASE_FORMAT_VERSION):
+        if type(version) is not int or not 1 <= version <= RELEASE_FORMAT_VERSION:
             newer = (
                 " (a newer phatgoose reads it)"
                 if type(version) is int and version > RELEASE_FORMAT_VERSION
@@ -182,6 +213,15 @@ class ReleaseManifest(BaseModel):
                 f"release format_version {version!r} is not supported: this library reads "
                 f"format_version 1 to {RELEASE_FORMAT_VERSION}{newer}"
             )
+        if version < 3:
+            if "method_params" in data:
+                raise ValueError(f"method_params is not part of release format_version {version}")
+            # Methods had no parameters then: the defaults are what the release was made with.
+            method = data.get("method")
+            if isinstance(method, str) and is_method(method):
+                data = {**data, "method_params": resolve_params(method)}
+            else:  # the method's own error names it
+                data = {**data, "method_params": {}}
         if version == 1:
             if "router_numerics" in data:
                 raise ValueError("router_numerics is not part of release format_version 1")
@@ -193,6 +233,29 @@ class ReleaseManifest(BaseModel):
                 f"{ROUTER_NUMERICS} (a newer phatgoose reads it)"
             )
         return data
+
+    @field_validator("method_params")
+    @classmethod
+    def _resolved(
+        cls, params: dict[str, ParamValue], info: ValidationInfo
+    ) -> dict[str, ParamValue]:
+        """Exactly what `resolve_params` makes of them: every parameter, each value one the
+        method takes (an integer as an integer), nothing else."""
+        method = info.data.get("method")
+        if method is None:  # an unknown method: its own error names it
+            return params
+        resolved = resolve_params(method, params)  # a ValueError names parameter and values
+        missing = [name for name in resolved if name not in params]
+        if missing:
+            defaults = ", ".join(f"{name} (default {resolved[name]!r})" for name in missing)
+            raise ValueError(f"method {method!r}: every parameter is recorded; missing {defaults}")
+        for name, value in params.items():
+            if type(value) is not type(resolved[name]):  # 1.0 for an integer
+                raise ValueError(
+                    f"method {method!r}: parameter {name!r} is recorded as {resolved[name]!r}, "
+                    f"got {value!r}"
+                )
+        return params
 
     @model_validator(mode="after")
     def _fits_the_method(self) -> Self:

@@ -22,6 +22,9 @@ class LeaderboardRow(BaseModel):
     release: int
     method: str
     top_k: int | None
+    method_params: dict[str, float | int | str] = Field(
+        default_factory=dict, description="every hyper-parameter of the method, resolved"
+    )
     expert: str | None
     base_model: str
     experts: list[str] = Field(description="namespace/name@version of each expert")

@@ -35,6 +35,7 @@ from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobS
 from coordinator.experts.models import ExpertVersion
 from coordinator.leaderboard.schemas import Leaderboard, LeaderboardCell, LeaderboardRow
 from coordinator.releases.models import Release, ReleaseExpert
+from protocol.methods import METHOD_SPECS
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -383,6 +384,7 @@ def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
         release=release.number,
         method=release.method,
         top_k=release.top_k,
+        method_params=release.method_params,
         expert=release.manifest.get("expert"),
         base_model=row.base_model,
         experts=[e["ref"] for e in release.manifest.get("experts", [])],
@@ -409,6 +411,16 @@ def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
 # --- the Oracle and each method's best ---------------------------------------------------
 
 
+# Methods whose release over one expert is not that expert alone: none at all (base), or a
+# merge with hyper-parameters, which changes even one update (TIES trims it, DARE drops
+# entries). Token routers over one expert give it weight 1; merged averages it with itself.
+NOT_THE_EXPERT_ALONE: tuple[str, ...] = tuple(
+    name
+    for name, spec in METHOD_SPECS.items()
+    if not spec.takes_experts or (spec.params and not spec.per_token)
+)
+
+
 @dataclass(frozen=True)
 class SingleExpertRelease:
     release: Release
@@ -420,7 +432,8 @@ def single_expert_releases(
     session: Session, *, base_model: str | None = None, version_ids: Sequence[int] | None = None
 ) -> dict[int, SingleExpertRelease]:
     """The Oracle's candidates, by release id: method `single` (the expert its manifest
-    names) or any method but `base` over exactly one expert."""
+    names) or a method over exactly one expert that scores it alone (not
+    `NOT_THE_EXPERT_ALONE`)."""
     one_expert = (
         select(ReleaseExpert.release_id)
         .group_by(ReleaseExpert.release_id)
@@ -433,7 +446,7 @@ def single_expert_releases(
         .join(BaseModelRecord, BaseModelRecord.id == Release.base_model_id)
         .where(
             or_(Release.method == "single", Release.id.in_(one_expert)),
-            Release.method != "base",
+            Release.method.not_in(NOT_THE_EXPERT_ALONE),
             *release_conditions(base_model, None),
         )
     )

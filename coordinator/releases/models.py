@@ -3,15 +3,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from coordinator.core.db import Base, UTCDateTime, utcnow
 
 
 class Release(Base):
-    """A method and k over a list of expert versions; `manifest` describes the artifact whose
-    sha256 is `artifact_digest`."""
+    """A method, its k and hyper-parameters over a list of expert versions; `manifest`
+    describes the artifact whose sha256 is `artifact_digest`."""
 
     __tablename__ = "releases"
 
@@ -19,6 +19,11 @@ class Release(Base):
     number: Mapped[int] = mapped_column(unique=True)
     method: Mapped[str] = mapped_column(String(32))
     top_k: Mapped[int | None]
+    # Every parameter of the method, resolved (protocol.resolve_params), as the manifest
+    # records them; {} for releases made before methods had parameters (migration 0004).
+    method_params: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, server_default=text("'{}'")
+    )
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
     notes: Mapped[str] = mapped_column(Text, default="")
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -31,7 +31,7 @@ router = APIRouter(prefix="/releases", tags=["releases"])
 @router.post(
     "",
     status_code=201,
-    summary="Create a release (maintainers): a method and k over expert versions",
+    summary="Create a release (maintainers): a method, k and its params over expert versions",
     responses={401: ERROR_RESPONSE, 403: ERROR_RESPONSE, 409: ERROR_RESPONSE, 422: ERROR_RESPONSE},
 )
 def create_release(

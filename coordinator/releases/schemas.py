@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -9,11 +10,43 @@ from pydantic import BaseModel, Field
 
 from coordinator.releases.models import Release
 from protocol import API_PREFIX, API_VERSION, ApiVersion
-from protocol.methods import TOKEN_METHODS, RoutingMethod
+from protocol.methods import METHOD_SPECS, TOKEN_METHODS, ParamValue, RoutingMethod
 
 # The routing methods (protocol.methods, no torch needed), as the API's query parameters
 # and bodies name them.
 Method = RoutingMethod
+
+
+def param_text(value: object) -> str:
+    """A parameter's value as pages show it: `0.2`, `1` (for 1.0), `7`, `input`."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
+def method_settings(top_k: int | None, params: Mapping[str, object]) -> str:
+    """k and the method's parameters: `k=2`, `density 0.2, scale 1`, or ''."""
+    settings = [f"k={top_k}"] if top_k else []
+    settings += [f"{name} {param_text(value)}" for name, value in params.items()]
+    return ", ".join(settings)
+
+
+def method_label(method: str, top_k: int | None, params: Mapping[str, object]) -> str:
+    """The method with its k and parameters: `phatgoose, k=2`, `ties, density 0.2, scale 1`."""
+    settings = method_settings(top_k, params)
+    return f"{method}, {settings}" if settings else method
+
+
+def params_help() -> str:
+    """Which methods take which parameters, read from their specs (API docs and `--help`)."""
+    described = [
+        f"{spec.name}: "
+        + ", ".join(f"{p.name} ({p.expected()}; default {param_text(p.default)})" for p in params)
+        for spec in METHOD_SPECS.values()
+        if (params := spec.params)
+    ]
+    return "; ".join(described) + "; the other methods take none"
 
 
 class ReleaseCreate(BaseModel):
@@ -32,6 +65,14 @@ class ReleaseCreate(BaseModel):
         ge=1,
         description=f"experts per token ({', '.join(TOKEN_METHODS)}); "
         "default min(2, number of experts)",
+    )
+    # Any JSON values: the method's spec checks them, so a refusal names the parameter and
+    # what it takes (check "params") rather than a JSON type.
+    params: dict[str, Any] | None = Field(
+        default=None,
+        description="the method's hyper-parameters; those not given take their defaults and "
+        f"the release records every one. {params_help()}",
+        examples=[{"density": 0.2}],
     )
     expert: str | None = Field(
         default=None,
@@ -86,6 +127,9 @@ class ReleaseSummary(BaseModel):
     number: int
     method: str
     top_k: int | None
+    method_params: dict[str, ParamValue] = Field(
+        description="every hyper-parameter of the method, resolved ({} for methods without any)"
+    )
     expert: str | None
     router_numerics: int = Field(
         description="how its token routers standardise their rows (1: releases of manifest "
@@ -139,6 +183,7 @@ def _summary_fields(release: Release, yanked_experts: list[str]) -> dict[str, An
         "number": release.number,
         "method": release.method,
         "top_k": release.top_k,
+        "method_params": release.method_params,
         "expert": manifest.get("expert"),
         "router_numerics": manifest.get("router_numerics", 1),  # format_version 1: always 1
         "base_model": manifest["base_model"]["name"],

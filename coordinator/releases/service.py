@@ -1,9 +1,10 @@
 """Releases: resolve a maintainer's request into an immutable, numbered release.
 
-`create_release` checks the request against what the catalog knows of each version (its
-base model, rank, adapted modules, and the router vectors the method's `protocol.MethodSpec`
-needs it to ship) and freezes the result: the exact versions, their package digests and
-file sha256s, and the artifact manifest (`protocol.ReleaseManifest`) that
+`create_release` checks the request against the method's `protocol.MethodSpec` (its
+hyper-parameters, resolved with their defaults) and against what the catalog knows of each
+version (its base model, rank, adapted modules, and the router vectors the spec needs it to
+ship) and freezes the result: the exact versions, their package digests and file sha256s,
+the method's parameters, and the artifact manifest (`protocol.ReleaseManifest`) that
 `phatgoose.load_release` reads. Numbers are 1, 2, 3, ... and safe under concurrency:
 `number` is unique, and a creation that loses the race to a number retries with the next one.
 """
@@ -37,7 +38,14 @@ from coordinator.experts.schemas import version_url
 from coordinator.releases.models import Release, ReleaseExpert
 from coordinator.releases.schemas import ReleaseCreate
 from coordinator.storage import BlobStore
-from protocol.methods import METHOD_SPECS, ROUTER_NUMERICS, TOKEN_METHODS, RoutingMethod
+from protocol.methods import (
+    METHOD_SPECS,
+    ROUTER_NUMERICS,
+    TOKEN_METHODS,
+    ParamValue,
+    RoutingMethod,
+    resolve_params,
+)
 from protocol.package import ADAPTER_WEIGHTS_FILE
 from protocol.peft_format import parse_lora_key
 from protocol.release import (
@@ -66,31 +74,37 @@ class ReleaseRejected(CoordinatorError):
 
 
 def create_release(
-    session: Session, blobs: BlobStore, request: ReleaseCreate, *, by: Token
+    session: Session, blobs: BlobStore, request: ReleaseCreate, *, by: Token | str
 ) -> Release:
     """Validate `request`, then insert it as the next release number; return the release.
-    `blobs` holds the versions' files (merged releases read which modules each adapts)."""
+    `blobs` holds the versions' files (merged releases read which modules each adapts).
+    `by`: the maintainer's token, or a name (the operator, from the command line)."""
+    params = method_params(request)
     versions, single = _resolve_experts(session, request)
     base = _base_model(session, request, versions)
     _check_method(request, versions, blobs)
     top_k = _top_k(request, versions)
     session.commit()  # end the read transaction of the lookups
 
+    by_name = by if isinstance(by, str) else by.name
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
-            release = _insert_release(session, request, versions, single, base, top_k, by)
+            release = _insert_release(
+                session, request, versions, single, base, top_k, params, by_name
+            )
         except IntegrityError:
             session.rollback()
             log.info("release number taken concurrently; retry %d", attempt)
             time.sleep(random.uniform(0, 0.01 * attempt))
             continue
         log.info(
-            "release %d: %s (k=%s) over %d experts by %s",
+            "release %d: %s (k=%s, params %s) over %d experts by %s",
             release.number,
             release.method,
             release.top_k,
+            params,
             len(versions),
-            by.name,
+            by_name,
         )
         return release
     raise Conflict("could not assign a release number; try again")
@@ -103,7 +117,8 @@ def _insert_release(
     single: str | None,
     base: BaseModelRecord,
     top_k: int | None,
-    by: Token,
+    params: dict[str, ParamValue],
+    by_name: str,
 ) -> Release:
     begin_write(session)
     number = (session.scalar(select(func.max(Release.number))) or 0) + 1
@@ -112,22 +127,24 @@ def _insert_release(
         number=number,
         method=request.method,
         top_k=top_k,
+        method_params=params,
         expert=single,
         base=base,
         versions=versions,
         notes=request.notes,
-        created_by=by.name,
+        created_by=by_name,
         created_at=created_at,
     )
     release = Release(
         number=number,
         method=request.method,
         top_k=top_k,
+        method_params=params,
         base_model_id=base.id,
         notes=request.notes,
         manifest=manifest,
         artifact_digest=manifest_digest(manifest),
-        created_by=by.name,
+        created_by=by_name,
         created_at=created_at,
         experts=[ReleaseExpert(position=i, expert_version_id=v.id) for i, v in enumerate(versions)],
     )
@@ -141,6 +158,7 @@ def build_manifest(
     number: int,
     method: RoutingMethod,
     top_k: int | None,
+    method_params: dict[str, ParamValue],
     expert: str | None,
     base: BaseModelRecord,
     versions: list[ExpertVersion],
@@ -178,6 +196,7 @@ def build_manifest(
         number=number,
         method=method,
         top_k=top_k,
+        method_params=method_params,
         router_numerics=ROUTER_NUMERICS,
         expert=expert,
         base_model=ReleaseBaseModel(
@@ -200,6 +219,20 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 # --- validation ------------------------------------------------------------------------
+
+
+def method_params(request: ReleaseCreate) -> dict[str, ParamValue]:
+    """Every parameter of the request's method: those given, checked, and the defaults."""
+    try:
+        return resolve_params(request.method, request.params)
+    except ValueError as error:  # names the method, the parameter and what it takes
+        params = METHOD_SPECS[request.method].params
+        takes = "; ".join(f"{p.name}: {p.expected()}" for p in params)
+        raise ReleaseRejected(
+            str(error),
+            check="params",
+            expected=takes or f"no params: method {request.method!r} has none",
+        ) from None
 
 
 def _resolve_experts(

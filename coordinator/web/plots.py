@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from coordinator.web.analysis import LayerRouting
-from coordinator.web.queries import MethodMean
+from coordinator.web.queries import BASELINE_METHODS, MethodMean
 
 # Beyond this many rows or columns, tick labels are thinned out to stay legible.
 _MAX_TICKS = 40
@@ -182,7 +182,7 @@ def _method_bars(means: Sequence[MethodMean], title: str) -> bytes:
         "#b8860b"
         if m.method == "oracle"
         else "#888888"
-        if m.method in ("base", "merged")
+        if m.method in BASELINE_METHODS
         else "#2a6fb0"
         for m in ordered
     ]

@@ -27,8 +27,16 @@ from coordinator.leaderboard.service import (
     Split,
 )
 from coordinator.releases.models import Release, ReleaseExpert
+from coordinator.releases.schemas import method_label, method_settings
+from protocol.methods import METHOD_SPECS
 
-BASELINE_METHODS = ("base", "merged")
+# Baselines: methods that give every input the same model, routing nothing (the base model,
+# and merges: merged, TIES, DARE). Token routers, retrieval and single choose an expert.
+BASELINE_METHODS: tuple[str, ...] = tuple(
+    name
+    for name, spec in METHOD_SPECS.items()
+    if not (spec.per_token or spec.single_expert or spec.needs)
+)
 OTHER = "other"
 
 
@@ -73,8 +81,13 @@ class Score:
 
 
 def release_label(release: Release) -> str:
-    k = f", k={release.top_k}" if release.top_k else ""
-    return f"#{release.number} {release.method}{k}"
+    """`#3 phatgoose, k=2`, `#4 ties, density 0.2, scale 1`."""
+    return f"#{release.number} " + release_method_label(release)
+
+
+def release_method_label(release: Release) -> str:
+    """`phatgoose, k=2`, `ties, density 0.2, scale 1`: the method, k and parameters."""
+    return method_label(release.method, release.top_k, release.method_params or {})
 
 
 def release_kind(method: str) -> str:
@@ -97,8 +110,14 @@ class BoardRow:
     scores: dict[str, Score]
     number: int | None = None
     top_k: int | None = None
+    method_params: dict[str, float | int | str] = field(default_factory=dict)
     experts: int = 0
     created_at: datetime | None = None
+
+    @property
+    def settings(self) -> str:
+        """k and the method's parameters, as shown beside the method: `density 0.2, scale 1`."""
+        return method_settings(self.top_k, self.method_params)
 
     @property
     def mean(self) -> float | None:
@@ -176,6 +195,7 @@ def board(
             scores={task: Score.of(result) for task, result in row.scores.items()},
             number=row.release.number,
             top_k=row.release.top_k,
+            method_params=row.release.method_params or {},
             experts=row.experts,
             created_at=row.release.created_at,
         )

@@ -27,6 +27,7 @@ from coordinator.experts import service as experts
 from coordinator.leaderboard import service as leaderboard
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
+from coordinator.releases.schemas import method_settings
 from coordinator.web import analysis, plots, queries
 from coordinator.web.queries import MAX_PAGE_SIZE, PAGE_SIZE, CatalogStatus, Split
 
@@ -81,6 +82,10 @@ templates.env.filters["date"] = _date
 templates.env.filters["kl"] = _kl
 templates.env.filters["log"] = math.log
 templates.env.filters["group_label"] = queries.group_label
+# A release's method with k and its parameters (`ties, density 0.2, scale 1`), and its
+# parameters alone.
+templates.env.filters["method_label"] = queries.release_method_label
+templates.env.filters["params_text"] = lambda params: method_settings(None, params or {})
 # Job errors stored before errors were redacted at the source may name worker paths/hosts.
 templates.env.filters["redact"] = redact
 

@@ -9,7 +9,7 @@ training puts its gated linears in the same way (`build_gated_model`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,16 +18,17 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from phatgoose.models import passed_cache
-from phatgoose.routing import rows
+from phatgoose.routing import merging, rows
 from phatgoose.routing.layer import RoutedLinear, stack_updates
 from phatgoose.routing.routers import (
     ArrowRouter,
     FixedRouter,
     GateRouter,
+    SpectralRouter,
     TokenRouter,
     constant_choice,
 )
-from protocol.methods import ROUTER_NUMERICS, method_spec
+from protocol.methods import ROUTER_NUMERICS, ParamValue, method_spec
 
 if TYPE_CHECKING:
     from phatgoose.embeddings import Embedder
@@ -49,6 +50,7 @@ class RoutingState:
     expert_names: list[str]
     retrieval: RetrievalChoice | None = None
     router_numerics: int = ROUTER_NUMERICS
+    params: dict[str, ParamValue] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
 
 
@@ -119,6 +121,7 @@ def build_routed_model(
     embedder: Embedder | None = None,
     tokenizer: Any = None,
     router_numerics: int = ROUTER_NUMERICS,
+    params: Mapping[str, object] | None = None,
 ) -> ModelT:
     """Route `model` over `experts` with `method`, in place, and return it.
 
@@ -126,9 +129,13 @@ def build_routed_model(
     `tokenizer` (to decode input_ids when no `queries` are given) serve `"retrieval"`.
     `router_numerics` (protocol.ROUTER_NUMERICS) is how token routers standardise their
     rows: the current rule unless a release made with an older one is reproduced.
+    `params` are the method's hyper-parameters (`protocol.methods`: TIES's density, DARE's
+    drop rate and seed, SpectR's score); those not given take their defaults, and the
+    resolved set is kept in `routing_state(model).params`.
     `"base"` returns the model untouched.
     """
     spec = method_spec(method)
+    resolved = spec.resolve_params(params)
     if router_numerics not in range(1, ROUTER_NUMERICS + 1):
         raise ValueError(
             f"router_numerics must be 1 to {ROUTER_NUMERICS} (this library), got {router_numerics}"
@@ -169,15 +176,16 @@ def build_routed_model(
             base = modules[path]
             assert isinstance(base, nn.Linear)  # _check_expert_fits
             routed[path] = _routed_linear(
-                base, path, experts, members, method, top_k, expert, retrieval, router_numerics
-            )
+                base, path, experts, members, method, top_k, expert, retrieval,
+                router_numerics, resolved,
+            )  # fmt: skip
         except ValueError as error:
             # Name the module in every error (row builders name it already).
             raise (error if path in str(error) else ValueError(f"{path}: {error}")) from None
     _put_in_place(model, routed)
 
     new_state = RoutingState(
-        method, top_k if spec.per_token else 1, names, retrieval, router_numerics
+        method, top_k if spec.per_token else 1, names, retrieval, router_numerics, resolved
     )
     if retrieval is not None:
         new_state.hooks.append(_install_retrieval_hook(model, retrieval))
@@ -260,10 +268,26 @@ def _routed_linear(
     expert: str | None,
     retrieval: RetrievalChoice | None,
     router_numerics: int,
+    params: dict[str, ParamValue],
 ) -> RoutedLinear:
     chosen = [experts[z] for z in members]
     if method == "merged":
         lora_A, lora_B = rows.merged_update(chosen, path)
+        return RoutedLinear(
+            base, lora_A[None], lora_B[None], FixedRouter(constant_choice()), path=path
+        )
+    if method in ("ties", "dare"):
+        # Over the whole release: the experts not adapting `path` are zero updates there
+        # (members only would change DARE's average and its per-position seeds).
+        if method == "ties":
+            lora_A, lora_B = merging.ties_update(
+                experts, path, density=float(params["density"]), scale=float(params["scale"])
+            )
+        else:
+            lora_A, lora_B = merging.dare_update(
+                experts, path, drop_rate=float(params["drop_rate"]), merge=str(params["merge"]),
+                scale=float(params["scale"]), seed=int(params["seed"]),
+            )  # fmt: skip
         return RoutedLinear(
             base, lora_A[None], lora_B[None], FixedRouter(constant_choice()), path=path
         )
@@ -282,6 +306,12 @@ def _routed_linear(
         return RoutedLinear(
             base, *stack_updates(updates), FixedRouter(retrieval), path=path, expert_ids=ids
         )
+    if method == "spectr":
+        # Per expert, its update's right singular vectors (times S for score "spectrum").
+        bases = rows.spectral_rows(chosen, path, score=str(params["score"]))
+        spectral = SpectralRouter(bases, top_k, weighting=str(params["weighting"]))
+        lora_A, lora_B = stack_updates([e.lora_update(path) for e in chosen])
+        return RoutedLinear(base, lora_A, lora_B, spectral, path=path, expert_ids=members)
     router_rows = {
         "phatgoose": rows.gate_rows,
         "average_activation": rows.average_activation_rows,

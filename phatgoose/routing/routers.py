@@ -6,6 +6,7 @@ the layer then computes the selected updates is `layer.py`'s business.
 - `TokenRouter`: PHATGOOSE and average activation (standardised affinity, top-k,
   softmax with 1/sqrt(n));
 - `ArrowRouter`: Arrow (|e_z^T u|, top-k, softmax);
+- `SpectralRouter`: SpectR (||V_z^T u|| or ||S_z V_z^T u||, top-k, uniform 1/k or softmax);
 - `FixedRouter`: one expert per batch row (single, merged, retrieval);
 - `GateRouter`: gate training, the one expert weighted by a trainable sigmoid gate.
 """
@@ -93,6 +94,48 @@ class ArrowRouter(nn.Module):
             affinity = (u.float() @ self.rows.float().T).abs()
             top_k = affinity.topk(self.top_k, dim=-1)
             return top_k.indices, torch.softmax(top_k.values, dim=-1)
+
+
+SPECTRAL_WEIGHTINGS = ("uniform", "softmax")
+
+
+class SpectralRouter(nn.Module):
+    """SpectR: score_z = ||bases_z u|| on the raw input, top-k, weights 1/k or a softmax.
+
+    `bases [N, r_max, n]` (`rows.spectral_rows`) hold each expert's right singular vectors
+    `V_z^T` (score "input") or `S_z V_z^T` (score "spectrum"), zero rows padding lower ranks.
+    One matmul against all N * r_max rows, then a norm per expert.
+    """
+
+    bases: Tensor
+
+    def __init__(self, bases: Tensor, top_k: int, weighting: str = "uniform") -> None:
+        super().__init__()
+        if bases.dim() != 3:
+            raise ValueError(
+                f"SpectR bases are [experts, rank, in_features], got shape {list(bases.shape)}"
+            )
+        if weighting not in SPECTRAL_WEIGHTINGS:
+            raise ValueError(
+                f"SpectR weighting must be one of {', '.join(map(repr, SPECTRAL_WEIGHTINGS))}, "
+                f"got {weighting!r}"
+            )
+        _check_top_k(top_k, bases.shape[0])
+        self.top_k = top_k
+        self.weighting = weighting
+        self.register_buffer("bases", bases.float(), persistent=False)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        num, rank, n = self.bases.shape
+        with autocast_off(u.device.type):  # routing decides in float32
+            projections = u.float() @ self.bases.reshape(num * rank, n).T  # [..., N * r]
+            score = projections.unflatten(-1, (num, rank)).pow(2).sum(-1).sqrt()
+            top_k = score.topk(self.top_k, dim=-1)
+            if self.weighting == "softmax":
+                weights = torch.softmax(top_k.values, dim=-1)
+            else:  # the authors' code: each selected expert counts 1/k
+                weights = torch.full_like(top_k.values, 1.0 / self.top_k)
+        return top_k.indices, weights
 
 
 class FixedRouter(nn.Module):

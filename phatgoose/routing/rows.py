@@ -4,19 +4,25 @@ A router row is one vector per expert in the module's input space `R^n`:
 - PHATGOOSE: the expert's trained gate vector `v_z` (standardised later, by the router);
 - average activation: the mean input `u` of the module over the contributor's examples;
 - Arrow: the top right singular vector of the expert's update `B_z A_z`.
+SpectR's rows are several per expert: the right singular vectors of its scaled update
+`s_z B_z A_z = U_z S_z V_z^T`, optionally scaled by `S_z` (`spectral_rows`, `[N, r_max, n]`).
 Retrieval has no rows per module; its bank of example embeddings is built here too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
     from phatgoose.expert import Expert
+
+# SpectR's two scores: `||V^T u||` ("input", the authors' code) or `||S V^T u||` ("spectrum").
+SpectralScore = Literal["input", "spectrum"]
+SPECTRAL_SCORES: tuple[str, ...] = get_args(SpectralScore)
 
 
 def gate_rows(experts: Sequence[Expert], path: str) -> Tensor:
@@ -51,16 +57,81 @@ def arrow_rows(experts: Sequence[Expert], path: str) -> Tensor:
 
 
 def top_right_singular_vector(lora_A: Tensor, lora_B: Tensor) -> Tensor:
-    """e = first row of V^T in svd(B A), from the factors: B = Q R so B A = Q (R A), and the
-    orthonormal Q leaves the right singular vectors of the small `[r, n]` matrix R A intact.
+    """e = first row of V^T in svd(B A), from the factors (`factor_svd`).
 
     The sign is fixed so that the largest-magnitude entry is positive (Arrow uses |e^T u|,
     so either sign routes the same; fixing it makes rows reproducible).
     """
+    _, vh = factor_svd(lora_A, lora_B)
+    return _fix_signs(vh[..., :1, :])[..., 0, :].float()
+
+
+def factor_svd(lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values `S [..., m]` and right singular vectors `V^T [..., m, n]` of `B A`
+    (`A [..., r, n]`, `B [..., d, r]`, batched or not; m = min(d, r, n)), in float64.
+
+    Never forms the `d x n` product: B = Q R, so B A = Q (R A), and the orthonormal Q leaves
+    the singular values and right singular vectors of the small `[r, n]` matrix R A intact.
+    """
     _, r_factor = torch.linalg.qr(lora_B.double())
-    _, _, vh = torch.linalg.svd(r_factor @ lora_A.double(), full_matrices=False)
-    row: Tensor = vh[0]
-    return (row * row[row.abs().argmax()].sign()).float()
+    _, singular, vh = torch.linalg.svd(r_factor @ lora_A.double(), full_matrices=False)
+    return singular, vh
+
+
+def spectral_rows(
+    experts: Sequence[Expert], path: str, score: SpectralScore | str = "input"
+) -> Tensor:
+    """SpectR bases `[N, r_max, n]` at `path`: per expert, the rows of `V_z^T` in
+    `s_z B_z A_z = U_z S_z V_z^T`, scaled by `S_z` for `score="spectrum"` (`spectral_basis`).
+
+    Lower ranks are zero-padded: a zero row adds 0 to `||bases_z u||`, so scores are exact.
+    """
+    updates = [e.lora_update(path) for e in experts]
+    bases = [spectral_basis(a, b, scale, score) for a, b, scale in updates]
+    r_max = max(basis.shape[0] for basis in bases)
+    stacked = torch.zeros(len(bases), r_max, bases[0].shape[1])
+    for z, basis in enumerate(bases):
+        stacked[z, : basis.shape[0]] = basis
+    return stacked
+
+
+def spectral_basis(
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float | Tensor = 1.0,
+    score: SpectralScore | str = "input",
+) -> Tensor:
+    """Rows `[..., m, n]` whose norm against a token is the expert's SpectR score, from the
+    factors of `scale * B A` (`A [..., r, n]`, `B [..., d, r]`, m = min(d, r, n); batched
+    factors take a `[...]` tensor of scales).
+
+    `"input"`: the right singular vectors `V^T` (score `||V^T u||`, the part of u in the
+    update's input subspace); `"spectrum"`: `S V^T` (score `||S V^T u|| = ||scale B A u||`).
+    Directions with a zero singular value (below float64 round-off: B = 0, or A or B of
+    lower rank than r) are not in the subspace and become zero rows. Computed in float64,
+    returned in float32.
+    """
+    if score not in SPECTRAL_SCORES:
+        raise ValueError(
+            f"SpectR score must be one of {', '.join(map(repr, SPECTRAL_SCORES))}, got {score!r}"
+        )
+    # The SVD of the unscaled product, so that V^T is bit for bit Arrow's row at rank 1;
+    # a scale multiplies every singular value by |scale| and leaves V unchanged.
+    singular, vh = factor_svd(lora_A, lora_B)
+    singular = singular * torch.as_tensor(scale, dtype=torch.float64).abs()[..., None]
+    # matrix_rank's default tolerance: max(d, n) * eps * the largest singular value.
+    size = max(lora_B.shape[-2], lora_A.shape[-1])
+    tolerance = singular.amax(-1, keepdim=True) * size * torch.finfo(torch.float64).eps
+    weights = singular if score == "spectrum" else torch.ones_like(singular)
+    weights = torch.where(singular > tolerance, weights, 0.0)
+    return (_fix_signs(vh) * weights[..., None]).float()
+
+
+def _fix_signs(vh: Tensor) -> Tensor:
+    """Each row's sign chosen so its largest-magnitude entry is positive (reproducible rows;
+    a norm or |.| does not see the sign)."""
+    largest = vh.gather(-1, vh.abs().argmax(-1, keepdim=True))
+    return vh * torch.where(largest < 0, -1.0, 1.0).to(vh.dtype)
 
 
 def merged_update(experts: Sequence[Expert], path: str) -> tuple[Tensor, Tensor]:

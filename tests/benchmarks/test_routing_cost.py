@@ -18,6 +18,8 @@ from benchmarks.routing_cost import (
 )
 from phatgoose.models import default_target_modules
 from phatgoose.routing import build_routed_model
+from phatgoose.routing.routers import SpectralRouter, TokenRouter
+from phatgoose.routing.rows import spectral_basis
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -58,7 +60,7 @@ def test_runner_measures_every_configuration_with_a_floor_in_each_precision(tmp_
     configurations = {
         ("base", None),
         ("lora", None),
-        *((impl, n) for impl in ("phatgoose", "dense", "arrow_peft") for n in (2, 4)),
+        *((impl, n) for impl in ("phatgoose", "spectr", "dense", "arrow_peft") for n in (2, 4)),
     }
     assert seen == {(*c, p) for c in configurations for p in ("float32", "bfloat16")}
     skipped = {
@@ -98,7 +100,8 @@ def test_runner_measures_every_configuration_with_a_floor_in_each_precision(tmp_
         if r["implementation"] == "phatgoose"
     }
     assert floors[4] > floors[2]
-    assert set(record["growth"]["float32"]) == {"phatgoose"}  # dense and arrow_peft lack N=4
+    # dense and arrow_peft lack N=4
+    assert set(record["growth"]["float32"]) == {"phatgoose", "spectr"}
     for precision in ("float32", "bfloat16"):
         training = record["training"][precision]
         assert training["status"] == "ok" and training["precision"] == precision
@@ -180,6 +183,64 @@ def test_floor_counts_affinities_and_k_low_rank_products():
     assert shapes.dense_flops(8, rank=2) == (2 * 8 * 4 + 2 * 8 * 2 * 10) + (
         2 * 8 * 6 + 2 * 8 * 2 * 10
     )
+
+
+def test_spectr_floor_scores_against_every_experts_singular_vectors():
+    shapes = Shapes(linears=[(4, 6), (6, 4)], layers=1, attention_width=4, hidden=4, vocab=10)
+    # per module: 2 N r n (scores) + 2 k r (n + d), against PHATGOOSE's 2 N n affinities
+    assert shapes.extra_flops("spectr", 8, rank=3, top_k=2) == (2 * 8 * 3 * 4 + 2 * 2 * 3 * 10) + (
+        2 * 8 * 3 * 6 + 2 * 2 * 3 * 10
+    )
+    assert shapes.extra_flops("spectr", 8, rank=1, top_k=2) == shapes.extra_flops(
+        "phatgoose", 8, rank=1, top_k=2
+    )
+
+
+def test_spectr_layers_route_the_same_experts_by_their_spectral_rows(llama):
+    spectr = random_routed_layers(llama, n_experts=6, rank=3, top_k=2, seed=0, router="spectr")
+    phatgoose = random_routed_layers(llama, n_experts=6, rank=3, top_k=2, seed=0)
+    assert spectr.keys() == phatgoose.keys()
+    for path, layer in spectr.items():
+        assert isinstance(layer.router, SpectralRouter)
+        assert isinstance(phatgoose[path].router, TokenRouter)
+        assert torch.equal(layer.lora_A, phatgoose[path].lora_A)
+        assert torch.equal(layer.lora_B, phatgoose[path].lora_B)
+        expected = spectral_basis(layer.lora_A, layer.lora_B)  # scale folded into B: 1
+        assert torch.equal(layer.router.bases, expected)
+        assert expected.shape == (6, 3, layer.in_features)
+    ids = torch.randint(0, llama.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        with swapped(llama, spectr):
+            routed = llama(input_ids=ids).logits
+        with swapped(llama, {p: DenseRoutedLinear(layer) for p, layer in spectr.items()}):
+            dense = llama(input_ids=ids).logits
+        with swapped(llama, phatgoose):
+            by_gates = llama(input_ids=ids).logits
+    torch.testing.assert_close(dense, routed, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(by_gates, routed)  # another router chooses other experts
+    with pytest.raises(ValueError, match=r"router must be one of \['phatgoose', 'spectr'\]"):
+        random_routed_layers(llama, n_experts=2, rank=2, top_k=2, seed=0, router="arrow")
+
+
+def test_runner_measures_spectr_beside_phatgoose_with_its_own_floor():
+    record = run_routing_cost(
+        tiny_config(precisions=["float32"], implementations=["phatgoose", "spectr"]),
+        model_factory=tiny_model_and_tokenizer,
+        isolate=False,
+        training=False,
+        progress=False,
+    )
+    rows = {(r["implementation"], r["n_experts"]): r for r in record["results"]}
+    assert set(rows) == {("base", None), *((i, n) for i in ("phatgoose", "spectr") for n in (2, 4))}
+    for n in (2, 4):
+        spectr, phatgoose = rows["spectr", n], rows["phatgoose", n]
+        assert spectr["status"] == "ok" and spectr["latency_s"] > 0, spectr
+        assert "decode_latency_s" in spectr
+        # rank 2: scoring against 2 singular vectors per expert instead of one gate row
+        assert spectr["floor_ratio"] > phatgoose["floor_ratio"]
+        assert spectr["expert_weights_mb"] > phatgoose["expert_weights_mb"]
+    assert set(record["growth"]["float32"]) == {"phatgoose", "spectr"}
+    assert "| float32 | spectr | 4 |" in markdown_table(record)
 
 
 def test_dense_reference_equals_the_routed_phatgoose_model(llama):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,11 @@ from coordinator import migrations
 from coordinator.auth.service import authenticate
 from coordinator.base_models.service import get_by_name
 from coordinator.cli import app as cli
+from coordinator.cli import parse_param
 from coordinator.core.app import open_database
+from coordinator.releases.service import get_release, list_releases
+from protocol import METHOD_SPECS
+from tests.coordinator.release_helpers import publish
 from tests.tiny import tiny_tokenizer
 
 runner = CliRunner()
@@ -120,3 +125,62 @@ def test_serve_starts_with_zero_setup(tmp_path: Path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("item", "parsed"),
+    [
+        ("density=0.5", ("density", 0.5)),
+        ("seed=7", ("seed", 7)),
+        ("scale=1e-1", ("scale", 0.1)),
+        ("merge=ties", ("merge", "ties")),
+        (" score = spectrum", ("score", "spectrum")),
+    ],
+)
+def test_a_param_value_is_an_int_else_a_float_else_a_string(item, parsed):
+    name, value = parse_param(item)
+    assert (name, value) == parsed and type(value) is type(parsed[1])
+
+
+def test_create_release_help_says_which_methods_take_which_params():
+    result = runner.invoke(cli, ["create-release", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(re.sub("[│─╭╮╰╯]", " ", result.output).split())  # no rich boxes
+    for spec in METHOD_SPECS.values():
+        for param in spec.params:
+            assert param.name in text
+    assert "ties: density (a number > 0 and <= 1; default 0.2), scale" in text
+    assert "the other methods take none" in text
+
+
+@pytest.fixture
+def two_experts(client, alice, tiny_base, tmp_path):
+    publish(client, alice, tiny_base, tmp_path / "a", "alice/a", seed=0)
+    publish(client, alice, tiny_base, tmp_path / "b", "alice/b", seed=1, rank=2)
+
+
+def test_create_release_records_the_given_params(app, cli_args, two_experts):
+    args = ["create-release", "dare", "alice/a", "alice/b", "--param", "drop_rate=0.5"]
+    result = runner.invoke(cli, [*args, "--param", "seed=3", "--param", "merge=ties", *cli_args])
+    assert result.exit_code == 0, result.output
+    assert "release 1: dare, drop_rate 0.5, merge ties, scale 1, seed 3 over 2 expert(s)" in (
+        result.output
+    )
+    with app.state.sessionmaker() as session:
+        release = get_release(session, 1)
+        assert release.method_params == {"drop_rate": 0.5, "merge": "ties", "scale": 1.0, "seed": 3}
+        assert release.manifest["method_params"] == release.method_params
+        assert release.created_by == "operator"
+
+
+def test_create_release_refuses_a_param_the_method_does_not_take(app, cli_args, two_experts):
+    args = ["create-release", "ties", "alice/a", "--param", "density=2", *cli_args]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 1
+    assert "params: method 'ties': parameter 'density' must be a number > 0 and <= 1, got 2" in (
+        " ".join(result.output.split())
+    )
+    result = runner.invoke(cli, ["create-release", "ties", "alice/a", "--param", "density"])
+    assert result.exit_code != 0 and "expected NAME=VALUE" in result.output
+    with app.state.sessionmaker() as session:
+        assert list_releases(session) == []

@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
+from sqlalchemy.orm import Session
 
 from coordinator import migrations
 from coordinator.core.db import make_engine
+from coordinator.releases.models import Release
 
 TABLES = {
     "alembic_version",
@@ -181,6 +183,36 @@ def test_0003_records_the_precision_of_results_scored_before_it_as_float32(fresh
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT task, precision FROM evaluation_results"))
             assert [tuple(r) for r in rows] == [("parity", "float32")]
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, migrations.target_metadata()) == []
+    finally:
+        engine.dispose()
+
+
+def test_0004_upgrades_a_0003_release_to_empty_method_params(fresh_database_url):
+    engine = make_engine(fresh_database_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        _fill_a_0001_database(engine)
+        migrations.upgrade(engine, "0003")
+        with engine.begin() as connection:  # a row that refers to the release
+            connection.execute(
+                text(
+                    "INSERT INTO evaluation_jobs (id, release_id, spec, state, attempts, "
+                    "created_at) VALUES (1, 1, '{}', 'done', 1, :now)"
+                ),
+                {"now": datetime(2026, 11, 3, tzinfo=UTC)},
+            )
+        assert "method_params" not in {c["name"] for c in inspect(engine).get_columns("releases")}
+        migrations.upgrade(engine)
+        column = next(
+            c for c in inspect(engine).get_columns("releases") if c["name"] == "method_params"
+        )
+        assert column["nullable"] is False
+        with Session(engine) as session:
+            release = session.scalars(select(Release)).one()
+            assert (release.number, release.method, release.method_params) == (1, "phatgoose", {})
+        with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, migrations.target_metadata()) == []
     finally:

@@ -12,7 +12,14 @@ from coordinator.auth.service import create_token
 from coordinator.releases import service
 from coordinator.releases.models import Release
 from coordinator.releases.schemas import Method, ReleaseCreate
-from protocol import METHOD_SPECS, METHODS, ROUTER_NUMERICS, ReleaseManifest
+from protocol import (
+    METHOD_SPECS,
+    METHODS,
+    RELEASE_FORMAT_VERSION,
+    ROUTER_NUMERICS,
+    ReleaseManifest,
+    resolve_params,
+)
 from tests.coordinator.release_helpers import create_release, publish
 
 
@@ -308,9 +315,10 @@ def test_manifest_endpoint_serves_the_artifact_manifest(client, maintainer, expe
     assert manifest == created["manifest"]
     assert (manifest["format"], manifest["format_version"], manifest["top_k"]) == (
         "phatgoose-release",
-        2,
+        RELEASE_FORMAT_VERSION,
         2,
     )
+    assert manifest["method_params"] == created["method_params"] == {}
     assert manifest["router_numerics"] == created["router_numerics"] == ROUTER_NUMERICS
     assert [e["path"] for e in manifest["experts"]] == [
         "experts/alice/demo/2",
@@ -344,9 +352,142 @@ def test_a_release_stored_before_router_numerics_reads_as_numerics_1(
     create_release(client, maintainer, method="phatgoose", experts=["alice/demo", "bob/math"])
     with app.state.sessionmaker() as session:  # the row as format_version 1 wrote it
         release = session.scalars(select(Release)).one()
-        old = {k: v for k, v in release.manifest.items() if k != "router_numerics"}
+        written = ("router_numerics", "method_params")  # in formats 2 and 3
+        old = {k: v for k, v in release.manifest.items() if k not in written}
         release.manifest = {**old, "format_version": 1}
         session.commit()
     assert client.get("/api/v1/releases/1").json()["router_numerics"] == 1
     manifest = client.get("/api/v1/releases/1/manifest").json()
     assert ReleaseManifest.model_validate(manifest).router_numerics == 1
+
+
+# --- method parameters ---------------------------------------------------------------------
+
+
+def _stored_params(app, number):
+    with app.state.sessionmaker() as session:
+        return service.get_release(session, number).method_params
+
+
+def test_params_not_given_are_the_methods_defaults(app, client, maintainer, experts):
+    body = create_release(client, maintainer, method="ties", experts=["alice/demo", "bob/math"])
+    assert body["method_params"] == {"density": 0.2, "scale": 1.0} == resolve_params("ties")
+    assert body["manifest"]["method_params"] == body["method_params"]
+    assert _stored_params(app, body["number"]) == body["method_params"]
+
+
+def test_given_params_are_stored_resolved_in_the_release_and_its_manifest(
+    app, client, maintainer, experts
+):
+    body = create_release(
+        client,
+        maintainer,
+        method="dare",
+        experts=["alice/demo", "bob/math"],
+        params={"drop_rate": 0.5, "seed": 7.0},
+    )
+    resolved = {"drop_rate": 0.5, "merge": "average", "scale": 1.0, "seed": 7}
+    assert body["method_params"] == resolved
+    assert type(body["manifest"]["method_params"]["seed"]) is int
+    manifest = client.get(f"/api/v1/releases/{body['number']}/manifest").json()
+    assert ReleaseManifest.model_validate(manifest).method_params == resolved
+    assert _stored_params(app, body["number"]) == resolved
+    listed = client.get("/api/v1/releases", params={"method": "dare"}).json()
+    assert [r["method_params"] for r in listed] == [resolved]
+
+
+def test_a_token_method_takes_params_beside_k(client, maintainer, experts):
+    body = create_release(
+        client,
+        maintainer,
+        method="spectr",
+        experts=["alice/demo", "bob/math"],
+        params={"weighting": "softmax"},
+    )
+    assert (body["top_k"], body["method_params"]) == (
+        2,
+        {"score": "input", "weighting": "softmax"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "message", "expected"),
+    [
+        (
+            {"density": 1.5},
+            "method 'ties': parameter 'density' must be a number > 0 and <= 1, got 1.5",
+            "density: a number > 0 and <= 1; scale: a number > 0",
+        ),
+        (
+            {"density": "high"},
+            "method 'ties': parameter 'density' must be a number > 0 and <= 1, got 'high'",
+            "density: a number > 0 and <= 1; scale: a number > 0",
+        ),
+        (
+            {"drop_rate": 0.5},
+            "method 'ties' has no parameter(s) 'drop_rate'; its parameters: density, scale",
+            "density: a number > 0 and <= 1; scale: a number > 0",
+        ),
+    ],
+)
+def test_a_bad_param_is_refused_naming_it_and_what_it_takes(
+    client, maintainer, experts, params, message, expected
+):
+    detail = _refuse(
+        client, maintainer, {"method": "ties", "experts": ["bob/math"], "params": params}
+    )
+    assert (detail["error"], detail["check"]) == ("release_rejected", "params")
+    assert (detail["message"], detail["expected"]) == (message, expected)
+    assert client.get("/api/v1/releases").json() == []  # nothing written
+
+
+def test_params_for_a_method_without_any_are_refused(client, maintainer, experts):
+    detail = _refuse(
+        client,
+        maintainer,
+        {"method": "phatgoose", "experts": ["bob/math"], "params": {"density": 0.2}},
+    )
+    assert detail["check"] == "params"
+    assert detail["message"] == (
+        "method 'phatgoose' has no parameter(s) 'density'; its parameters: none"
+    )
+    assert detail["expected"] == "no params: method 'phatgoose' has none"
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_ties_and_dare_merge_experts_of_different_ranks_and_modules(
+    client, maintainer, alice, tiny_base, tmp_path, method
+):
+    publish(client, alice, tiny_base, tmp_path / "a", "alice/a", seed=0, rank=4)
+    publish(client, alice, tiny_base, tmp_path / "b", "alice/b", seed=1, rank=2)
+    publish(client, alice, tiny_base, tmp_path / "c", "alice/c", seed=2, target_modules=["q_proj"])
+    body = create_release(
+        client, maintainer, method=method, experts=["alice/a", "alice/b", "alice/c"]
+    )
+    assert (body["method"], body["top_k"]) == (method, None)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_ties_and_dare_are_refused_what_merged_is_refused(client, maintainer, experts, method):
+    detail = _refuse(client, maintainer, {"method": method, "experts": ["bob/math"], "top_k": 2})
+    assert detail["check"] == "top_k"
+    detail = _refuse(
+        client, maintainer, {"method": method, "experts": ["bob/math"], "expert": "bob/math"}
+    )
+    assert detail["check"] == "expert"
+
+
+def test_a_release_stored_before_method_params_reads_with_the_defaults(
+    app, client, maintainer, experts
+):
+    create_release(client, maintainer, method="phatgoose", experts=["alice/demo", "bob/math"])
+    with app.state.sessionmaker() as session:  # the row as format_version 2 wrote it
+        release = session.scalars(select(Release)).one()
+        old = {k: v for k, v in release.manifest.items() if k != "method_params"}
+        release.manifest = {**old, "format_version": 2}
+        release.method_params = {}  # what migration 0004 gives such rows
+        session.commit()
+    assert client.get("/api/v1/releases/1").json()["method_params"] == {}
+    manifest = client.get("/api/v1/releases/1/manifest").json()
+    assert "method_params" not in manifest
+    assert ReleaseManifest.model_validate(manifest).method_params == {}

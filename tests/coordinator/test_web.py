@@ -503,3 +503,73 @@ def test_contributed_text_is_escaped(client, alice, tiny_base, tmp_path):
         html = client.get(path).text
         assert "<script>alert(1)</script>" not in html
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+# --- method parameters ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def merges(app, client, maintainer, world):
+    """Beside `world`: #6 TIES (density 0.5) over both experts and #7 TIES over hyperbaton
+    alone, which outscores every single-expert release on every task."""
+    both = ["alice/hyperbaton@1", "alice/navigate@1"]
+    params = {"density": 0.5}
+    assert create_release(client, maintainer, method="ties", experts=both, params=params) == 6
+    alone = ["alice/hyperbaton@1"]
+    assert create_release(client, maintainer, method="ties", experts=alone) == 7
+    for release, accuracy in ((6, 0.7), (7, 0.95)):
+        record_evaluation(
+            app,
+            release,
+            {task: TaskOutcome(accuracy) for task in (HYPERBATON, NAVIGATE, WINOWHY)},
+            held_in=[HYPERBATON, NAVIGATE],
+            held_out=[WINOWHY],
+        )
+
+
+def test_the_leaderboard_shows_a_releases_params_beside_its_method(client, merges):
+    rows = {r[0].split()[0]: r for r in _board(client)}
+    assert rows["#6"][1] == "ties density 0.5, scale 1"
+    assert rows["#5"][1] == "phatgoose k=2"
+    assert rows["#4"][1] == "merged"
+    json_rows = {r["release"]: r for r in client.get("/leaderboard").json()["releases"]}
+    assert json_rows[6]["method_params"] == {"density": 0.5, "scale": 1.0}
+    assert json_rows[5]["method_params"] == {}
+
+
+def test_merges_with_params_are_baselines_and_token_routers_are_not():
+    assert set(queries.BASELINE_METHODS) == {"base", "merged", "ties", "dare"}
+    assert queries.release_kind("ties") == queries.release_kind("dare") == "baseline"
+    assert queries.release_kind("spectr") == queries.release_kind("retrieval") == "release"
+
+
+def test_a_ties_release_is_marked_a_baseline_on_the_leaderboard(client, merges):
+    ties = next(r for r in _board(client) if r[0].startswith("#6"))
+    assert "baseline" in ties[0]
+
+
+def test_a_one_expert_ties_release_is_not_that_expert_for_the_oracle(app, merges):
+    with app.state.sessionmaker() as session:
+        (oracle,) = queries.oracle_rows(session)
+    assert {s.source_number for s in oracle.scores.values()} == {2, 3}
+
+
+def test_the_release_page_shows_the_methods_params(client, merges):
+    html = client.get("/ui/releases/6").text
+    assert '<span class="method">ties, density 0.5, scale 1</span>' in html
+    assert '<dd id="method-params">density 0.5, scale 1</dd>' in html
+    html = client.get("/ui/releases/5").text
+    assert '<dd id="method-params">none</dd>' in html
+
+
+def test_the_releases_page_shows_each_releases_params(client, merges):
+    rows = table_rows(client.get("/ui/releases").text, "table0")
+    by_number = {r[0]: r for r in rows}
+    assert by_number["#6"][1:3] == ["ties density 0.5, scale 1", "–"]
+    assert by_number["#5"][1:3] == ["phatgoose", "2"]
+
+
+def test_the_expert_card_names_its_releases_with_their_params(client, merges):
+    html = client.get("/ui/experts/alice/navigate").text
+    assert "#6 ties, density 0.5, scale 1</a>" in html
+    assert "#5 phatgoose, k=2</a>" in html

@@ -22,7 +22,7 @@ from phatgoose.bigbench import load_bigbench_task
 from phatgoose.evaluation import evaluate_task
 from phatgoose.expert import Expert
 from phatgoose.models import load_base_model
-from phatgoose.routing import build_routed_model, capture_routing
+from phatgoose.routing import build_routed_model, capture_routing, routing_state
 from tests.coordinator.release_helpers import create_release, publish, save_base, write_task
 
 TASKS = ("parity", "sums")
@@ -144,6 +144,36 @@ def test_a_base_release_has_no_routing_stats(app, client, maintainer, base_dir, 
     _worker(app, _options(base_dir, tasks_dir)).run(once=True)
     (result,) = client.get(f"/api/v1/evaluations/{job_id}").json()["results"]
     model, tokenizer = load_base_model(str(base_dir))
+    split = load_bigbench_task("sums", n_eval=EXAMPLES, seed=0, tasks_dir=tasks_dir)
+    direct = evaluate_task(model, tokenizer, split.evaluation, task="sums", progress=False)
+    assert (result["accuracy"], result["routing_stats"]) == (direct.accuracy, None)
+
+
+class _ParamsSeen(Worker):
+    """A worker that notes the method parameters each model it loads was routed with."""
+
+    seen: list[dict[str, object]]
+
+    def _load(self, directory, manifest):
+        model, tokenizer = super()._load(directory, manifest)
+        self.seen = [*getattr(self, "seen", []), dict(routing_state(model).params)]
+        return model, tokenizer
+
+
+def test_a_release_is_evaluated_with_its_method_params(
+    app, client, maintainer, experts, base_dir, tasks_dir
+):
+    params = {"density": 0.5}
+    create_release(client, maintainer, method="ties", experts=["alice/a", "bob/b"], params=params)
+    job_id = _queue(client, maintainer, tasks=["sums"])
+    worker = _ParamsSeen(app.state.sessionmaker, app.state.blobs, _options(base_dir, tasks_dir))
+    assert worker.run(once=True) == 1
+    assert worker.seen == [{"density": 0.5, "scale": 1.0}]
+    (result,) = client.get(f"/api/v1/evaluations/{job_id}").json()["results"]
+    model, tokenizer = load_base_model(str(base_dir))
+    for expert, name in zip(experts, ("alice/a", "bob/b"), strict=True):
+        expert.manifest = expert.manifest.model_copy(update={"name": name})
+    build_routed_model(model, experts, method="ties", params=params)
     split = load_bigbench_task("sums", n_eval=EXAMPLES, seed=0, tasks_dir=tasks_dir)
     direct = evaluate_task(model, tokenizer, split.evaluation, task="sums", progress=False)
     assert (result["accuracy"], result["routing_stats"]) == (direct.accuracy, None)

@@ -10,7 +10,8 @@ import torch
 from phatgoose.models import model_fingerprint
 from phatgoose.release import ReleaseError, load_release, read_release_manifest
 from phatgoose.routing import build_routed_model, routing_state
-from protocol import RELEASE_FILE, ROUTER_NUMERICS, package_digest
+from protocol import RELEASE_FILE, RELEASE_FORMAT_VERSION, ROUTER_NUMERICS, package_digest
+from protocol.methods import resolve_params
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -18,9 +19,17 @@ NAMES = ("alice/a", "bob/b", "carol/c")
 
 
 def write_release(
-    directory, experts, method="phatgoose", top_k=2, expert=None, *, format_version=2
+    directory,
+    experts,
+    method="phatgoose",
+    top_k=2,
+    expert=None,
+    *,
+    format_version=RELEASE_FORMAT_VERSION,
+    method_params=None,
 ):
-    """A release directory as the coordinator exports it, written by hand."""
+    """A release directory as the coordinator exports it, written by hand; `method_params`
+    default to the method's defaults (format_version 3 records them)."""
     entries = []
     for e in experts:
         namespace, name = e.name.split("/")
@@ -56,6 +65,8 @@ def write_release(
     }
     if format_version >= 2:
         manifest["router_numerics"] = ROUTER_NUMERICS
+    if format_version >= 3:
+        manifest["method_params"] = resolve_params(method, method_params)
     (directory / RELEASE_FILE).write_text(json.dumps(manifest))
     return directory
 
@@ -88,6 +99,26 @@ def test_directory_release_gives_the_logits_of_build_routed_model(
     assert not torch.equal(logits(model), logits(tiny_llama()))
     state = routing_state(model)
     assert (state.method, state.expert_names) == (method, list(NAMES))
+
+
+def test_a_release_builds_its_method_with_the_params_it_records(tmp_path, experts):
+    params = {"density": 0.5, "scale": 1.0}
+    write_release(tmp_path, experts, method="ties", top_k=None, method_params=params)
+    model, _ = load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
+    assert routing_state(model).params == params
+    reference = build_routed_model(tiny_llama(), experts, method="ties", params=params)
+    assert torch.equal(logits(model), logits(reference))
+    with_defaults = build_routed_model(tiny_llama(), experts, method="ties")
+    assert not torch.equal(logits(model), logits(with_defaults))
+
+
+def test_a_format_version_2_release_builds_its_method_with_the_defaults(tmp_path, experts):
+    write_release(tmp_path, experts, method="merged", top_k=None, format_version=2)
+    assert read_release_manifest(tmp_path).method_params == {}
+    model, _ = load_release(tmp_path, base_model=(tiny_llama(), tiny_tokenizer()))
+    assert routing_state(model).params == {}
+    reference = build_routed_model(tiny_llama(), experts, method="merged")
+    assert torch.equal(logits(model), logits(reference))
 
 
 def test_a_release_routes_with_the_numerics_it_was_made_with(tmp_path, experts):
@@ -157,9 +188,9 @@ def test_base_model_by_path_is_loaded_and_checked(tmp_path, experts):
 def test_an_unknown_format_version_is_refused(tmp_path, experts):
     write_release(tmp_path, experts)
     manifest = json.loads((tmp_path / RELEASE_FILE).read_text())
-    manifest["format_version"] = 3
+    manifest["format_version"] = RELEASE_FORMAT_VERSION + 1
     (tmp_path / RELEASE_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ReleaseError, match="format_version 3 is not supported"):
+    with pytest.raises(ReleaseError, match="format_version 4 is not supported"):
         read_release_manifest(tmp_path)
 
 

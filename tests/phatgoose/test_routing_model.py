@@ -67,6 +67,19 @@ def naive_selector(method, experts, path, top_k):
 
         return select
 
+    if method == "spectr":  # its defaults: ||V_e^T u|| over the update's rank, 1/k each
+        bases = []
+        for e in experts:
+            a, b, scale = e.lora_update(path)
+            bases.append(torch.linalg.svd(scale * (b @ a)).Vh[: a.shape[0]])
+
+        def select(token):
+            score = torch.stack([(basis @ token).norm() for basis in bases])
+            chosen = score.argsort(descending=True)[:top_k]
+            return chosen, torch.full((top_k,), 1 / top_k)
+
+        return select
+
     vectors = [
         e.gates[path] if method == "phatgoose" else e.average_activations[path] for e in experts
     ]

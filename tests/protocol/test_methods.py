@@ -1,5 +1,7 @@
 """The routing methods' specs: one per method, and what each asks of a release."""
 
+import re
+
 import pytest
 
 from protocol import (
@@ -11,18 +13,20 @@ from protocol import (
     TOKEN_METHODS,
     ExpertManifest,
     method_spec,
+    resolve_params,
 )
 
 
 def test_every_method_has_its_spec_under_its_name():
     assert METHODS == (
-        "phatgoose", "arrow", "average_activation", "retrieval", "merged", "single", "base"
+        "phatgoose", "arrow", "spectr", "average_activation", "retrieval", "merged", "ties",
+        "dare", "single", "base",
     )  # fmt: skip
     assert {name: spec.name for name, spec in METHOD_SPECS.items()} == {m: m for m in METHODS}
 
 
 def test_token_methods_are_the_per_token_routers():
-    assert TOKEN_METHODS == ("phatgoose", "arrow", "average_activation")
+    assert TOKEN_METHODS == ("phatgoose", "arrow", "spectr", "average_activation")
 
 
 def test_each_method_names_the_vectors_each_expert_must_ship():
@@ -30,9 +34,12 @@ def test_each_method_names_the_vectors_each_expert_must_ship():
     assert needs == {
         "phatgoose": ["gate"],
         "arrow": [],
+        "spectr": [],
         "average_activation": ["average_activation"],
         "retrieval": ["retrieval"],
         "merged": [],
+        "ties": [],
+        "dare": [],
         "single": [],
         "base": [],
     }
@@ -61,3 +68,47 @@ def test_an_unknown_method_is_refused_with_the_list_of_methods():
     assert method_spec("arrow").per_token
     with pytest.raises(ValueError, match=r"unknown routing method 'moe'; expected one of .*'base'"):
         method_spec("moe")
+
+
+def test_parameters_are_resolved_to_every_default_and_checked():
+    assert resolve_params("phatgoose") == {}
+    assert resolve_params("ties") == {"density": 0.2, "scale": 1.0}
+    assert resolve_params("dare", {"seed": 7.0, "merge": "ties"}) == {
+        "drop_rate": 0.9, "merge": "ties", "scale": 1.0, "seed": 7,
+    }  # fmt: skip
+    assert isinstance(resolve_params("dare", {"seed": 7.0})["seed"], int)
+    assert resolve_params("spectr", {"weighting": "softmax"}) == {
+        "score": "input", "weighting": "softmax",
+    }  # fmt: skip
+    # Resolving is idempotent: a release's stored params resolve to themselves.
+    for method in METHODS:
+        resolved = resolve_params(method)
+        assert resolve_params(method, resolved) == resolved
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "message"),
+    [
+        ("ties", {"density": 0}, "parameter 'density' must be a number > 0 and <= 1, got 0"),
+        ("ties", {"density": 1.5}, "'density' must be a number > 0 and <= 1"),
+        ("ties", {"density": True}, "'density' must be a number"),
+        ("ties", {"density": "0.2"}, "'density' must be a number"),
+        ("ties", {"scale": float("nan")}, "'scale' must be a number > 0, got nan"),
+        ("dare", {"drop_rate": 1}, "'drop_rate' must be a number >= 0 and < 1, got 1"),
+        ("dare", {"seed": 1.5}, "'seed' must be an integer >= 0"),
+        ("dare", {"seed": -1}, "'seed' must be an integer >= 0"),
+        ("dare", {"merge": "sum"}, "'merge' must be one of 'average', 'ties', got 'sum'"),
+        ("spectr", {"score": 1}, "'score' must be one of 'input', 'spectrum'"),
+        (
+            "ties",
+            {"drop_rate": 0.5},
+            "method 'ties' has no parameter(s) 'drop_rate'; its parameters: density, scale",
+        ),
+        ("phatgoose", {"k": 2}, "method 'phatgoose' has no parameter(s) 'k'; its parameters: none"),
+    ],
+)
+def test_a_bad_parameter_is_refused_naming_method_parameter_and_what_it_takes(
+    method, given, message
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_params(method, given)

@@ -4,12 +4,15 @@ malformed or foreign manifest refused with the field it trips on."""
 import pytest
 
 from protocol import (
+    RELEASE_FORMAT_VERSION,
     REQUIRED_FILES,
+    TOKEN_METHODS,
     InvalidReleaseManifest,
     ReleaseManifest,
     expert_package_path,
     package_digest,
     parse_release_manifest,
+    resolve_params,
 )
 
 DIGEST = "sha256:" + "ab" * 32
@@ -41,10 +44,11 @@ def expert_entry(namespace="alice", name="demo", version=2):
 def manifest(**changes):
     data = {
         "format": "phatgoose-release",
-        "format_version": 2,
+        "format_version": 3,
         "number": 3,
         "method": "phatgoose",
         "top_k": 2,
+        "method_params": {},
         "router_numerics": 2,
         "expert": None,
         "base_model": {
@@ -61,6 +65,19 @@ def manifest(**changes):
     return {**data, **changes}
 
 
+def older(format_version, **changes):
+    """A manifest as format_version 1 or 2 wrote it: no method_params (nor, in 1,
+    router_numerics)."""
+    data = manifest(format_version=format_version, **changes)
+    del data["method_params"]
+    if format_version == 1:
+        del data["router_numerics"]
+    return data
+
+
+TIES = {"method": "ties", "top_k": None}
+
+
 def refusal(data):
     with pytest.raises(InvalidReleaseManifest) as refused:
         parse_release_manifest(data)
@@ -74,22 +91,95 @@ def test_a_manifest_reads_into_typed_fields_and_writes_back_the_same_json():
     assert parsed.model_dump(mode="json") == manifest()
 
 
+def test_the_current_format_is_3():
+    assert RELEASE_FORMAT_VERSION == 3
+
+
 def test_a_newer_format_version_is_refused_naming_the_version():
-    message = refusal(manifest(format_version=3, experts="changed in version 3"))
+    message = refusal(manifest(format_version=4, experts="changed in version 4"))
     assert message == (
-        "release format_version 3 is not supported: this library reads format_version 1 "
-        "to 2 (a newer phatgoose reads it)"
+        "release format_version 4 is not supported: this library reads format_version 1 "
+        "to 3 (a newer phatgoose reads it)"
     )
 
 
 def test_a_format_version_1_manifest_was_routed_with_router_numerics_1():
-    old = manifest(format_version=1)
-    del old["router_numerics"]
-    assert parse_release_manifest(old).router_numerics == 1
+    assert parse_release_manifest(older(1)).router_numerics == 1
+
+
+@pytest.mark.parametrize("format_version", [1, 2])
+def test_an_older_manifest_reads_with_its_method_defaults(format_version):
+    assert parse_release_manifest(older(format_version)).method_params == {}
+    parsed = parse_release_manifest(older(format_version, **TIES))
+    assert parsed.method_params == resolve_params("ties") == {"density": 0.2, "scale": 1.0}
+
+
+@pytest.mark.parametrize("format_version", [1, 2])
+def test_an_older_manifest_cannot_claim_method_params(format_version):
+    data = older(format_version)
+    data["method_params"] = {}
+    assert refusal(data) == (
+        f"method_params is not part of release format_version {format_version}"
+    )
+
+
+def test_a_manifest_records_its_method_params_as_given():
+    params = {"density": 0.5, "scale": 2}
+    parsed = parse_release_manifest(manifest(**TIES, method_params=params))
+    assert parsed.method_params == params
+    assert parsed.model_dump(mode="json")["method_params"] == params
+    assert type(parsed.method_params["scale"]) is int
+
+
+def test_format_version_3_must_say_its_method_params():
+    data = manifest()
+    del data["method_params"]
+    assert refusal(data) == "release manifest field 'method_params' is missing"
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        (
+            {**TIES, "method_params": {"density": 0.5}},
+            "method_params: method 'ties': every parameter is recorded; missing scale "
+            "(default 1.0)",
+        ),
+        (
+            {**TIES, "method_params": {"density": 0.0, "scale": 1.0}},
+            "method_params: method 'ties': parameter 'density' must be a number > 0 and <= 1, "
+            "got 0.0",
+        ),
+        (
+            {"method_params": {"density": 0.2}},
+            "method_params: method 'phatgoose' has no parameter(s) 'density'; its parameters: none",
+        ),
+        (
+            {
+                "method": "dare",
+                "top_k": None,
+                "method_params": {"drop_rate": 0.9, "merge": "average", "scale": 1.0, "seed": 7.0},
+            },
+            "method_params: method 'dare': parameter 'seed' is recorded as 7, got 7.0",
+        ),
+        (
+            {"method": "spectr", "method_params": {"score": "input", "weighting": "argmax"}},
+            "method_params: method 'spectr': parameter 'weighting' must be one of 'uniform', "
+            "'softmax', got 'argmax'",
+        ),
+    ],
+)
+def test_method_params_must_resolve_to_themselves(changes, refused):
+    assert refusal(manifest(**changes)) == refused
+
+
+def test_a_method_param_is_a_json_number_or_string_as_it_stands():
+    message = refusal(manifest(**TIES, method_params={"density": True, "scale": 1.0}))
+    assert message.startswith("release manifest field 'method_params.density")
 
 
 def test_format_version_1_cannot_claim_other_router_numerics():
-    assert refusal(manifest(format_version=1, router_numerics=2)) == (
+    assert refusal({**older(1), "router_numerics": 2}) == (
         "router_numerics is not part of release format_version 1"
     )
 
@@ -132,7 +222,7 @@ def test_a_missing_field_is_named():
 
 def test_an_unknown_field_is_refused_as_not_in_the_format():
     assert refusal(manifest(signature="...")) == (
-        "release manifest field 'signature' is not part of format_version 2"
+        "release manifest field 'signature' is not part of format_version 3"
     )
 
 
@@ -166,7 +256,7 @@ def test_an_expert_path_defaults_to_its_place_in_an_exported_release():
     [
         ({"top_k": None}, "method 'phatgoose' routes per token and needs top_k"),
         ({"top_k": 3}, "top_k=3 but the release has 2 expert(s)"),
-        ({"method": "merged"}, "top_k is for phatgoose, arrow, average_activation, not 'merged'"),
+        ({"method": "merged"}, f"top_k is for {', '.join(TOKEN_METHODS)}, not 'merged'"),
         ({"method": "base", "top_k": None}, "method 'base' takes no experts, got 2"),
         ({"experts": []}, "method 'phatgoose' needs at least one expert"),
         ({"expert": "bob/math"}, "`expert` is for method 'single', not 'phatgoose'"),
@@ -193,8 +283,8 @@ def test_single_names_one_of_its_experts():
 
 
 def test_the_model_refuses_the_same_way_when_built_directly():
-    with pytest.raises(ValueError, match="format_version 3 is not supported"):
-        ReleaseManifest.model_validate(manifest(format_version=3))
+    with pytest.raises(ValueError, match="format_version 4 is not supported"):
+        ReleaseManifest.model_validate(manifest(format_version=4))
 
 
 @pytest.mark.parametrize(
