@@ -26,6 +26,7 @@ from phatgoose.routing.merging import (
     trim,
 )
 from tests.phatgoose.experts import random_expert
+from tests.phatgoose.test_routing_model import batch_for, logits
 
 RANKS = (2, 4, 4, 8, 3)
 # Adapts one attention and one MLP linear per block (llama's and T5's names): elsewhere it
@@ -292,19 +293,6 @@ def make_experts(model, ranks=RANKS, partial=True):
             random_expert(model, name="partial", rank=3, seed=99, target_modules=PARTIAL_TARGETS)
         )
     return experts
-
-
-def batch_for(model):
-    gen = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(4, 60, (2, 6), generator=gen)}
-    if model.config.is_encoder_decoder:
-        batch["decoder_input_ids"] = torch.randint(4, 60, (2, 4), generator=gen)
-    return batch
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def test_dense_factors_multiply_back_to_the_update_on_the_narrower_side():

@@ -13,6 +13,7 @@ from phatgoose.routing.routers import SpectralRouter
 from phatgoose.routing.rows import spectral_basis, spectral_rows
 from protocol import lora_key
 from tests.phatgoose.experts import random_expert
+from tests.phatgoose.test_routing_model import batch_for, logits
 
 RANKS = (1, 2, 3, 5, 8)  # five experts, each of its own rank
 SCORES = ("input", "spectrum")
@@ -31,19 +32,6 @@ def make_experts(model, ranks=RANKS):
         for path in e.module_paths():
             e.lora_weights[lora_key(path, "B")] = e.lora_weights[lora_key(path, "B")] / 2
     return experts
-
-
-def batch_for(model):
-    gen = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(4, 60, (2, 6), generator=gen)}
-    if model.config.is_encoder_decoder:
-        batch["decoder_input_ids"] = torch.randint(4, 60, (2, 4), generator=gen)
-    return batch
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def dense_spectra(experts, path):
