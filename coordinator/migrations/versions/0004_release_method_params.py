@@ -6,7 +6,7 @@ had parameters get `{}`: none of their methods takes any.
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-12-01
+Create Date: 2026-11-30
 """
 
 from collections.abc import Sequence
