@@ -145,6 +145,13 @@ class MethodSpec:
     standardises_rows: bool = False
     params: tuple[MethodParam, ...] = ()
 
+    def param(self, name: str) -> MethodParam:
+        """The parameter called `name`; a KeyError naming the method's parameters otherwise."""
+        for param in self.params:
+            if param.name == name:
+                return param
+        raise KeyError(f"method {self.name!r} has no parameter {name!r}")
+
     def resolve_params(self, given: Mapping[str, object] | None = None) -> dict[str, ParamValue]:
         """Every parameter of the method, `given` values checked and the rest defaulted;
         a ValueError for a parameter the method does not have or a value it does not take."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phatgoose.precision import autocast_off
-from protocol import ROUTER_NUMERICS
+from protocol import ROUTER_NUMERICS, method_spec
 
 # LayerNorm's default: biased variance, eps added under the square root.
 STANDARDISE_EPS = 1e-5
@@ -96,7 +96,7 @@ class ArrowRouter(nn.Module):
             return top_k.indices, torch.softmax(top_k.values, dim=-1)
 
 
-SPECTRAL_WEIGHTINGS = ("uniform", "softmax")
+SPECTRAL_WEIGHTINGS = method_spec("spectr").param("weighting").choices  # protocol's list
 
 
 class SpectralRouter(nn.Module):

@@ -12,17 +12,19 @@ Retrieval has no rows per module; its bank of example embeddings is built here t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from protocol import method_spec
+
 if TYPE_CHECKING:
     from phatgoose.expert import Expert
 
-# SpectR's two scores: `||V^T u||` ("input", the authors' code) or `||S V^T u||` ("spectrum").
-SpectralScore = Literal["input", "spectrum"]
-SPECTRAL_SCORES: tuple[str, ...] = get_args(SpectralScore)
+# SpectR's scores (protocol's list): `||V^T u||` ("input", the authors' code) or
+# `||S V^T u||` ("spectrum").
+SPECTRAL_SCORES = method_spec("spectr").param("score").choices
 
 
 def gate_rows(experts: Sequence[Expert], path: str) -> Tensor:
@@ -78,9 +80,7 @@ def factor_svd(lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
     return singular, vh
 
 
-def spectral_rows(
-    experts: Sequence[Expert], path: str, score: SpectralScore | str = "input"
-) -> Tensor:
+def spectral_rows(experts: Sequence[Expert], path: str, score: str = "input") -> Tensor:
     """SpectR bases `[N, r_max, n]` at `path`: per expert, the rows of `V_z^T` in
     `s_z B_z A_z = U_z S_z V_z^T`, scaled by `S_z` for `score="spectrum"` (`spectral_basis`).
 
@@ -99,7 +99,7 @@ def spectral_basis(
     lora_A: Tensor,
     lora_B: Tensor,
     scale: float | Tensor = 1.0,
-    score: SpectralScore | str = "input",
+    score: str = "input",
 ) -> Tensor:
     """Rows `[..., m, n]` whose norm against a token is the expert's SpectR score, from the
     factors of `scale * B A` (`A [..., r, n]`, `B [..., d, r]`, m = min(d, r, n); batched

@@ -112,3 +112,9 @@ def test_a_bad_parameter_is_refused_naming_method_parameter_and_what_it_takes(
 ):
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_params(method, given)
+
+
+def test_a_parameter_is_found_by_name_and_an_unknown_one_is_named():
+    assert method_spec("spectr").param("score").choices == ("input", "spectrum")
+    with pytest.raises(KeyError, match="method 'ties' has no parameter 'seed'"):
+        method_spec("ties").param("seed")
