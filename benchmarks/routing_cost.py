@@ -80,7 +80,7 @@ from phatgoose.training import TrainingConfig, train_expert, train_gates
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("lora", "phatgoose", "spectr", "dense", "arrow_peft")
-DEFAULT_IMPLEMENTATIONS = ("lora", "phatgoose", "spectr", "dense", "arrow_peft")
+DEFAULT_IMPLEMENTATIONS = IMPLEMENTATIONS  # every one, as the CLI default
 # Top-k routers over random experts in the platform's routed linear, by router.
 ROUTED_IMPLEMENTATIONS = ("phatgoose", "spectr")
 # The dense reference keeps its own stacks, which `compute_in` does not copy to bfloat16

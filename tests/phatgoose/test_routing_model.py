@@ -240,11 +240,12 @@ def test_generate_runs_on_a_routed_model(tiny_model, tokenizer):
 
 
 @pytest.mark.usefixtures("mixture")
-def test_unselected_experts_do_not_affect_the_output(llama):
+@pytest.mark.parametrize(("method", "top_k"), [("phatgoose", 1), ("spectr", 2)])
+def test_unselected_experts_do_not_affect_the_output(llama, method, top_k):
     from phatgoose.routing import capture_routing
 
     batch = {"input_ids": torch.tensor([[5, 9]])}
-    routed = build_routed_model(llama, make_experts(llama), "phatgoose", top_k=1)
+    routed = build_routed_model(llama, make_experts(llama), method, top_k=top_k)
     with capture_routing(routed) as stats:
         before = logits(routed, batch)
     poisoned = 0
@@ -252,6 +253,7 @@ def test_unselected_experts_do_not_affect_the_output(llama):
         if isinstance(layer, RoutedLinear):
             unused = stats.counts[layer.path] == 0
             layer.lora_A[unused] = float("nan")
+            layer.lora_B[unused] = float("nan")
             poisoned += int(unused.sum())
     assert poisoned > 0
     torch.testing.assert_close(logits(routed, batch), before, atol=0, rtol=0)
