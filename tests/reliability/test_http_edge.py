@@ -397,7 +397,9 @@ def test_a_refused_address_is_429_with_retry_after_in_the_error_shape(
             break
     assert 429 not in statuses[:5]
     assert response.status == 429
-    assert response.headers["retry-after"] == "10"
+    # The wait until the next token: 10 s after an emptied bucket, less once a slow machine
+    # has refilled part of one.
+    assert 1 <= int(response.headers["retry-after"]) <= 10
     detail = response.json()["detail"]
     assert (detail["error"], detail["check"]) == ("rate_limited", "rate_limit")
 
