@@ -324,7 +324,7 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
             missing = [name for name, ref in refs.items() if ref is None]
             if missing or not refs:
                 return f"experts not in the catalog: {missing}"
-            top_k = config["top_k"] if spec.per_token else None
+            top_k = config["top_k"] if spec.takes_top_k else None
             return method, sorted(r for r in refs.values() if r), top_k, None, params
         if method == "best_individual":
             ref = refs.get(record["methods"][method]["choice"])

@@ -5,7 +5,9 @@ Configurations (random experts of rank r on every target linear; only shapes mat
 - `lora`: one PEFT LoRA adapter;
 - `phatgoose`: the platform's `RoutedLinear` + PHATGOOSE router, top-k of N;
 - `spectr`: the same experts and layer with SpectR's router (`SpectralRouter` over the
-  random factors' right singular vectors), top-k of N; not in the default set;
+  random factors' right singular vectors), top-k of N;
+- `smear`: the same experts and layer, SMEAR-style: per example, every expert's update
+  merged with weights from the prompt (`PromptRouter`, decided once per sequence);
 - `dense`: the same router, every expert computed and masked (`dense_reference`, a
   reference implementation that lives in benchmarks/ only; float32 only);
 - `arrow_peft`: PEFT's own Arrow (`ArrowConfig`), top-k of N adapters.
@@ -31,7 +33,8 @@ How it is measured (see docs/benchmarks.md):
   context, the LM head on one position per sequence; for one cached token, attention over
   the whole context and the head on that token) + per routed module 2 N n (affinity; SpectR
   scores against all N r singular vectors: 2 N r n) + 2 k r (n + d) (the k selected
-  low-rank products); `measured_over_floor` =
+  low-rank products; SMEAR-style: 2 N r (n + d), every expert's, and no per-token
+  affinity); `measured_over_floor` =
   (latency ratio) / (floor ratio).
 Also, per precision: the time of one gate-training step against one LoRA step (same
 batch), the per-expert totals with gates at a tenth of the LoRA steps, and the bfloat16 /
@@ -73,16 +76,17 @@ from phatgoose.models import (
 )
 from phatgoose.precision import PRECISIONS, compute_in, resolve_precision
 from phatgoose.routing.layer import RoutedLinear
-from phatgoose.routing.routers import SpectralRouter, TokenRouter
+from phatgoose.routing.model import install_prompt_hooks
+from phatgoose.routing.routers import PromptDecisions, PromptRouter, SpectralRouter, TokenRouter
 from phatgoose.routing.rows import spectral_basis
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("lora", "phatgoose", "spectr", "dense", "arrow_peft")
+IMPLEMENTATIONS = ("lora", "phatgoose", "spectr", "smear", "dense", "arrow_peft")
 DEFAULT_IMPLEMENTATIONS = IMPLEMENTATIONS  # every one, as the CLI default
 # Top-k routers over random experts in the platform's routed linear, by router.
-ROUTED_IMPLEMENTATIONS = ("phatgoose", "spectr")
+ROUTED_IMPLEMENTATIONS = ("phatgoose", "spectr", "smear")
 # The dense reference keeps its own stacks, which `compute_in` does not copy to bfloat16
 # (autocast would recast every expert's factors on every forward): float32 only.
 FLOAT32_ONLY = ("dense",)
@@ -189,6 +193,10 @@ class Shapes:
             return sum(
                 2 * n_experts * rank * n + 2 * top_k * rank * (n + d) for n, d in self.linears
             )
+        if implementation == "smear":
+            # Every expert's product for every token. The affinities are computed once per
+            # example (2 N n), which spread over a prompt's tokens is left out.
+            return sum(2 * n_experts * rank * (n + d) for n, d in self.linears)
         # Routing floor (phatgoose, and Arrow's sparse minimum): affinities + k products.
         return sum(2 * n_experts * n + 2 * top_k * rank * (n + d) for n, d in self.linears)
 
@@ -214,6 +222,7 @@ def random_routed_layers(
     seed: int,
     *,
     router: str = "phatgoose",
+    decisions: PromptDecisions | None = None,
 ) -> dict[str, RoutedLinear]:
     """Random experts as the platform's routed linears (not installed yet).
 
@@ -222,10 +231,13 @@ def random_routed_layers(
     it without copying), gate rows `[N, n]`; every expert's weights are distinct.
     `router`: "phatgoose" (a `TokenRouter` over the gate rows) or "spectr" (a
     `SpectralRouter`, uniform weights, over the factors' right singular vectors; the same
-    experts as "phatgoose" for the same seed).
+    experts as "phatgoose" for the same seed) or "smear" (a `PromptRouter` merging every
+    expert, deciding through `decisions`, whose hooks the caller installs).
     """
     if router not in ROUTED_IMPLEMENTATIONS:
         raise ValueError(f"router must be one of {list(ROUTED_IMPLEMENTATIONS)}, got {router!r}")
+    if (router == "smear") != (decisions is not None):
+        raise ValueError("decisions= is for router 'smear', and it needs them")
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     layers = {}
@@ -236,11 +248,13 @@ def random_routed_layers(
         lora_b = torch.randn(n_experts, rank, d, generator=generator) / (4 * math.sqrt(rank))
         rows = torch.randn(n_experts, n, generator=generator)  # drawn for both: same experts
         lora_b = lora_b.transpose(1, 2)
-        chooser: nn.Module = (
-            SpectralRouter(spectral_basis(lora_a, lora_b), top_k)
-            if router == "spectr"
-            else TokenRouter(rows, top_k)
-        )
+        chooser: nn.Module
+        if router == "spectr":
+            chooser = SpectralRouter(spectral_basis(lora_a, lora_b), top_k)
+        elif decisions is not None:
+            chooser = PromptRouter(rows, None, decisions, path=path)
+        else:
+            chooser = TokenRouter(rows, top_k)
         layers[path] = RoutedLinear(base, lora_a, lora_b, chooser, path=path)
     return layers
 
@@ -256,6 +270,21 @@ def swapped(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]
     finally:
         for path, layer in originals.items():
             _set(model, path, layer)
+
+
+@contextmanager
+def prompt_routed(
+    model: nn.Module, layers: Mapping[str, nn.Module], decisions: PromptDecisions
+) -> Iterator[None]:
+    """`swapped`, for prompt-level routers: each new sequence (a forward without a filled
+    cache) decides again, as in a model `build_routed_model` routed."""
+    with swapped(model, layers):
+        hooks = install_prompt_hooks(model, decisions)
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -294,19 +323,19 @@ def prepare(
     if implementation == "base":
         return Prepared(model, nullcontext, nullcontext)
     if implementation in (*ROUTED_IMPLEMENTATIONS, "dense"):
-        router = "spectr" if implementation == "spectr" else "phatgoose"
+        router = implementation if implementation in ROUTED_IMPLEMENTATIONS else "phatgoose"
+        decisions = PromptDecisions() if router == "smear" else None
         routed = random_routed_layers(
-            model, n_experts, config.rank, config.top_k, config.seed, router=router
-        )
+            model, n_experts, config.rank, config.top_k, config.seed, router=router,
+            decisions=decisions,
+        )  # fmt: skip
         layers: Mapping[str, nn.Module] = routed
         if implementation == "dense":
             layers = {path: DenseRoutedLinear(layer) for path, layer in routed.items()}
-        return Prepared(
-            model,
-            functools.partial(swapped, model, layers),
-            nullcontext,
-            outside=nn.ModuleList(layers.values()),
-        )
+        configured = functools.partial(swapped, model, layers)
+        if decisions is not None:
+            configured = functools.partial(prompt_routed, model, layers, decisions)
+        return Prepared(model, configured, nullcontext, outside=nn.ModuleList(layers.values()))
     from peft import get_peft_model
 
     targets = default_target_modules(model)  # before PEFT wraps the linears
@@ -764,7 +793,7 @@ def growth(results: list[dict[str, Any]], config: RoutingCostConfig) -> dict[str
         return {}
     low, high = min(config.n_experts), max(config.n_experts)
     out = {}
-    for implementation in ("phatgoose", "spectr", "dense", "arrow_peft"):
+    for implementation in ("phatgoose", "spectr", "smear", "dense", "arrow_peft"):
         rows = {r["n_experts"]: r for r in results if r["implementation"] == implementation}
         a, b = rows.get(low), rows.get(high)
         if a and b and a.get("status") == "ok" and b.get("status") == "ok":
@@ -890,6 +919,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
         for implementation, marker in (
             ("phatgoose", "o"),
             ("spectr", "D"),
+            ("smear", "v"),
             ("dense", "s"),
             ("arrow_peft", "^"),
         ):
@@ -910,6 +940,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     for implementation, style, label in (
         ("phatgoose", "k:", "floor (top-k routing)"),
         ("spectr", "k-.", "floor (SpectR: N r n scoring)"),
+        ("smear", "k--", "floor (SMEAR-style: all N products)"),
     ):
         floor_rows = sorted(
             {

@@ -2,12 +2,13 @@
 then score every method of METHOD.md on the held-out tasks and on the held-in tasks'
 evaluation splits, with rank classification.
 
-Methods: base, merged, arrow, spectr, ties, dare, average_activation, retrieval, phatgoose
-(zero-shot; the methods with hyper-parameters at their defaults, protocol.methods), plus the
-references oracle (per task, the best single expert), best_individual (the single expert
-with the best mean over every evaluation task) and multitask (one LoRA on the pooled
-training data, which the setting forbids). Oracle and best_individual are selected with
-the evaluation labels: they are upper bounds, never zero-shot results.
+Methods: base, merged, arrow, spectr, phatgoose_example (per-example PHATGOOSE), smear
+(SMEAR-style merging), ties, dare, average_activation, retrieval, phatgoose (zero-shot; the
+methods with hyper-parameters at their defaults, protocol.methods), plus the references
+oracle (per task, the best single expert), best_individual (the single expert with the
+best mean over every evaluation task) and multitask (one LoRA on the pooled training data,
+which the setting forbids). Oracle and best_individual are selected with the evaluation
+labels: they are upper bounds, never zero-shot results.
 
 Multitask budget: the same number of optimiser steps as all contributors together
 (`steps * number of experts`, batch unchanged), so it sees as many training examples as
@@ -74,8 +75,8 @@ log = logging.getLogger(__name__)
 # "single_experts" stands for the references oracle and best_individual, which are selected
 # from every single expert's results.
 PRIORITY = (
-    "base", "phatgoose", "merged", "single_experts", "arrow", "spectr", "ties", "dare",
-    "average_activation", "retrieval", "multitask",
+    "base", "phatgoose", "merged", "single_experts", "arrow", "spectr", "phatgoose_example",
+    "smear", "ties", "dare", "average_activation", "retrieval", "multitask",
 )  # fmt: skip
 # The report's columns: zero-shot routers first (what the benchmark is about), then the
 # references (not zero-shot, or outside the setting).

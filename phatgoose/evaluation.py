@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from phatgoose.data import Example, continuation_ids, pad_rows, prompt_ids
 from phatgoose.models import cache_keyword, forward_accepts, returned_cache
 from phatgoose.precision import ComputePrecision, Precision, compute_in, resolve_precision
-from phatgoose.routing import queries
+from phatgoose.routing import queries, reorder_routing, routing_state
 from protocol import ComputePrecisionName
 
 
@@ -94,6 +94,13 @@ def _score(
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
     device = next(model.parameters()).device
     cache_argument = None if is_encoder_decoder else cache_keyword(model)
+    state = routing_state(model)
+    if cache_argument is None and not is_encoder_decoder and state and state.prompt:
+        # Without a cache, prompt and choice go through one forward, which would decide.
+        raise ValueError(
+            f"method {state.method!r} routes on the prompt alone, which scoring a causal "
+            f"model without a key/value cache ({type(model).__name__}) cannot separate"
+        )
     with torch.no_grad(), compute_in(precision, model):
         if cache_argument is not None:
             return _score_shared_prompts(
@@ -252,6 +259,7 @@ def _score_prompted(
         owner = torch.tensor([i for i, _ in rows])
         cache = returned_cache(out)
         cache.reorder_cache(owner.to(device))  # row r continues the prompt of example owner[r]
+        reorder_routing(model, owner)  # and keeps the routing decided on that prompt
         inputs, choice_mask = pad_rows([batch[i].choices[j][:-1] for i, j in rows], pad_id)
         targets, _ = pad_rows([batch[i].choices[j][1:] for i, j in rows], 0)
         width = inputs.shape[1]

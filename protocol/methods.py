@@ -21,6 +21,8 @@ ROUTER_NUMERICS: Final = 2
 
 RoutingMethod = Literal[
     "phatgoose",
+    "phatgoose_example",
+    "smear",
     "arrow",
     "spectr",
     "average_activation",
@@ -125,7 +127,10 @@ class MethodParam:
 class MethodSpec:
     """What a routing method needs from a release.
 
-    `per_token`: each token goes to its own top-k experts, so the method takes `top_k`.
+    `per_token`: each token goes to its own top-k experts.
+    `prompt_level`: one decision per example and module, made on the prompt and kept for
+    the answer's tokens and during `generate` (as retrieval's).
+    `takes_top_k`: the method selects `top_k` experts (per token or per example).
     `needs`: the vectors every expert must ship (beyond the LoRA, which all methods use).
     `takes_experts`: False for the base model alone.
     `single_expert`: one expert, named by `expert`, serves every input.
@@ -138,6 +143,8 @@ class MethodSpec:
     name: RoutingMethod
     summary: str
     per_token: bool = False
+    prompt_level: bool = False
+    takes_top_k: bool = False
     needs: tuple[ContributorVector, ...] = ()
     takes_experts: bool = True
     single_expert: bool = False
@@ -185,6 +192,23 @@ METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
             "phatgoose",
             "per token and module, top-k over the experts' trained gates",
             per_token=True,
+            takes_top_k=True,
+            needs=(GATE,),
+            standardises_rows=True,
+        ),
+        MethodSpec(
+            "phatgoose_example",
+            "per example and module, top-k over the gates by the prompt's mean affinity",
+            prompt_level=True,
+            takes_top_k=True,
+            needs=(GATE,),
+            standardises_rows=True,
+        ),
+        MethodSpec(
+            "smear",
+            "per example and module, every expert's update merged with softmax weights over "
+            "the gates by the prompt's mean affinity (SMEAR-style)",
+            prompt_level=True,
             needs=(GATE,),
             standardises_rows=True,
         ),
@@ -192,12 +216,14 @@ METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
             "arrow",
             "per token and module, top-k over each update's top right singular vector",
             per_token=True,
+            takes_top_k=True,
         ),
         MethodSpec(
             "spectr",
             "per token and module, top-k by how much of the token lies in each update's "
             "input subspace (SpectR)",
             per_token=True,
+            takes_top_k=True,
             params=(
                 MethodParam(
                     "score",
@@ -219,6 +245,7 @@ METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
             "average_activation",
             "as PHATGOOSE, with each module's mean training activation as the router row",
             per_token=True,
+            takes_top_k=True,
             needs=(AVERAGE_ACTIVATION,),
             standardises_rows=True,
         ),
@@ -278,6 +305,10 @@ METHOD_SPECS: Mapping[RoutingMethod, MethodSpec] = {
     )
 }
 TOKEN_METHODS: tuple[RoutingMethod, ...] = tuple(m for m in METHODS if METHOD_SPECS[m].per_token)
+TOP_K_METHODS: tuple[RoutingMethod, ...] = tuple(m for m in METHODS if METHOD_SPECS[m].takes_top_k)
+PROMPT_METHODS: tuple[RoutingMethod, ...] = tuple(
+    m for m in METHODS if METHOD_SPECS[m].prompt_level
+)
 
 
 def is_method(name: str) -> TypeGuard[RoutingMethod]:

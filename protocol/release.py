@@ -33,7 +33,7 @@ from protocol.manifest import DIGEST_PATTERN, SLUG_PATTERN, BaseModelIdentity
 from protocol.methods import (
     METHOD_SPECS,
     ROUTER_NUMERICS,
-    TOKEN_METHODS,
+    TOP_K_METHODS,
     ParamValue,
     RoutingMethod,
     is_method,
@@ -169,7 +169,7 @@ class ReleaseManifest(BaseModel):
     format_version: Literal[1, 2, 3]
     number: int = Field(ge=1)
     method: RoutingMethod
-    top_k: int | None = Field(default=None, ge=1, description=f"for {', '.join(TOKEN_METHODS)}")
+    top_k: int | None = Field(default=None, ge=1, description=f"for {', '.join(TOP_K_METHODS)}")
     # Strict: a JSON value is kept as it is (no bool read as 1), so a manifest states its
     # parameters exactly as `protocol.resolve_params` gives them.
     method_params: dict[str, StrictInt | StrictFloat | StrictStr] = Field(
@@ -268,12 +268,12 @@ class ReleaseManifest(BaseModel):
         repeated = sorted(n for n, count in Counter(names).items() if count > 1)
         if repeated:
             raise ValueError(f"an expert may appear once per release: {', '.join(repeated)}")
-        if spec.per_token and self.top_k is None:
-            raise ValueError(f"method {self.method!r} routes per token and needs top_k")
-        if spec.per_token and self.top_k is not None and self.top_k > len(self.experts):
+        if spec.takes_top_k and self.top_k is None:
+            raise ValueError(f"method {self.method!r} selects top_k experts and needs top_k")
+        if spec.takes_top_k and self.top_k is not None and self.top_k > len(self.experts):
             raise ValueError(f"top_k={self.top_k} but the release has {len(names)} expert(s)")
-        if not spec.per_token and self.top_k is not None:
-            raise ValueError(f"top_k is for {', '.join(TOKEN_METHODS)}, not {self.method!r}")
+        if not spec.takes_top_k and self.top_k is not None:
+            raise ValueError(f"top_k is for {', '.join(TOP_K_METHODS)}, not {self.method!r}")
         if spec.single_expert and self.expert not in names:
             raise ValueError(
                 f"method {self.method!r} needs `expert` naming one of {names}, got {self.expert!r}"

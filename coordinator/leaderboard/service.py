@@ -417,7 +417,7 @@ def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
 NOT_THE_EXPERT_ALONE: tuple[str, ...] = tuple(
     name
     for name, spec in METHOD_SPECS.items()
-    if not spec.takes_experts or (spec.params and not spec.per_token)
+    if not spec.takes_experts or (spec.params and not spec.takes_top_k)
 )
 
 

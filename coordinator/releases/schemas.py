@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from coordinator.releases.models import Release
 from protocol import API_PREFIX, API_VERSION, ApiVersion
-from protocol.methods import METHOD_SPECS, TOKEN_METHODS, ParamValue, RoutingMethod
+from protocol.methods import METHOD_SPECS, TOP_K_METHODS, ParamValue, RoutingMethod
 
 # The routing methods (protocol.methods, no torch needed), as the API's query parameters
 # and bodies name them.
@@ -63,7 +63,7 @@ class ReleaseCreate(BaseModel):
     top_k: int | None = Field(
         default=None,
         ge=1,
-        description=f"experts per token ({', '.join(TOKEN_METHODS)}); "
+        description=f"experts per token or per example ({', '.join(TOP_K_METHODS)}); "
         "default min(2, number of experts)",
     )
     # Any JSON values: the method's spec checks them, so a refusal names the parameter and

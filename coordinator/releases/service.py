@@ -41,7 +41,7 @@ from coordinator.storage import BlobStore
 from protocol.methods import (
     METHOD_SPECS,
     ROUTER_NUMERICS,
-    TOKEN_METHODS,
+    TOP_K_METHODS,
     ParamValue,
     RoutingMethod,
     resolve_params,
@@ -406,11 +406,11 @@ def _check_method(request: ReleaseCreate, versions: list[ExpertVersion], blobs: 
 
 
 def _top_k(request: ReleaseCreate, versions: list[ExpertVersion]) -> int | None:
-    if not METHOD_SPECS[request.method].per_token:
+    if not METHOD_SPECS[request.method].takes_top_k:
         if request.top_k not in (None, 1):
             raise ReleaseRejected(
-                f"top_k is for {', '.join(TOKEN_METHODS)}; method {request.method!r} "
-                f"routes to one expert or none (got top_k={request.top_k})",
+                f"top_k is for {', '.join(TOP_K_METHODS)}; method {request.method!r} "
+                f"selects no top-k (got top_k={request.top_k})",
                 check="top_k",
             )
         return None

@@ -35,7 +35,7 @@ from protocol.methods import METHOD_SPECS
 BASELINE_METHODS: tuple[str, ...] = tuple(
     name
     for name, spec in METHOD_SPECS.items()
-    if not (spec.per_token or spec.single_expert or spec.needs)
+    if not (spec.takes_top_k or spec.single_expert or spec.needs)
 )
 OTHER = "other"
 

@@ -10,6 +10,7 @@ from phatgoose.routing.layer import RoutedLinear
 from phatgoose.routing.model import (
     build_routed_model,
     queries,
+    reorder_routing,
     routing_state,
     unroute_model,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "build_routed_model",
     "capture_routing",
     "queries",
+    "reorder_routing",
     "routing_state",
     "standardise",
     "unroute_model",

@@ -2,11 +2,12 @@
 
 Every method shares `RoutedLinear`; a method differs only in its router (`routers.py`: who
 is chosen for a token, with what weight) and in the low-rank factors stacked into the
-layer. Here is how the chosen experts' updates are computed, by one of three paths that
+layer. Here is how the chosen experts' updates are computed, by one of four paths that
 agree up to float summation order (docs/routing.md): plain matmuls when one expert is
-stacked, `grouped_mm` over the pairs sorted by expert when experts have many pairs each,
-and two embedding bags over the factors' rows otherwise (a token at a time in generation,
-or many experts with a pair or two each).
+stacked, two matmuls over all the stacked factors when every token weighs every expert
+(SMEAR-style merging), `grouped_mm` over the pairs sorted by expert when experts have many
+pairs each, and two embedding bags over the factors' rows otherwise (a token at a time in
+generation, or many experts with a pair or two each).
 Shapes: `u` is a module's input `[..., n]`, `W` is `[d, n]`, `N` experts of rank <= `r`.
 """
 
@@ -105,7 +106,8 @@ def stack_updates(updates: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tens
     return lora_A, lora_B
 
 
-Observer = Callable[["RoutedLinear", Tensor], None]
+# Called on every forward with the layer, the chosen `indices` and their `weights`.
+Observer = Callable[["RoutedLinear", Tensor, Tensor], None]
 
 
 class RoutedLinear(nn.Module):
@@ -188,7 +190,7 @@ class RoutedLinear(nn.Module):
         with autocast_off(u.device.type):  # the mixture in its factors' dtype
             indices, weights = self.router(u)
             for observe in self.observers:
-                observe(self, indices)
+                observe(self, indices, weights)
             shape = u.shape[:-1] + indices.shape[-1:]
             if indices.shape != shape:  # one choice per row (fixed routers) for every token
                 indices, weights = indices.expand(shape), weights.expand(shape)
@@ -210,11 +212,13 @@ class RoutedLinear(nn.Module):
         (in place is safe, a linear's backward does not read its output), the update cast
         to its dtype. Only the selected work is done, `T*k*r*(n+d)` FLOPs whatever N is.
         One stacked expert: two plain matmuls (`single_expert_update`; gate training's
-        backward goes through them). Experts with many pairs each: the pairs grouped by
-        expert through grouped_mm (`grouped_update`), each expert's factors read once by a
-        matmul. Else each pair reads its expert's factor rows through two embedding bags
+        backward goes through them). Every expert weighed by every token (k = N, as in
+        SMEAR-style merging): two dense matmuls over all the factors
+        (`all_experts_update`). Experts with many pairs each: the pairs grouped by expert
+        through grouped_mm (`grouped_update`), each expert's factors read once by a matmul.
+        Else each pair reads its expert's factor rows through two embedding bags
         (`pair_update`): no sorting, no grouping, no host synchronisation. `u` is in the
-        factors' dtype; all three equal up to float summation order.
+        factors' dtype; all four equal up to float summation order.
         """
         if out is None:
             out = u.new_zeros(u.shape[0], self.out_features)
@@ -222,6 +226,8 @@ class RoutedLinear(nn.Module):
             return out
         if self.num_experts == 1:
             return self.single_expert_update(u, weights, out)
+        if indices.shape[1] == self.num_experts:
+            return self.all_experts_update(u, indices, weights, out)
         threshold = GROUPED_MIN_PAIRS.get(u.dtype)
         many_pairs = threshold is not None and indices.numel() >= threshold * self.num_experts
         if many_pairs and grouped_mm_applies(u, self.lora_A, self.lora_B, weights):
@@ -237,6 +243,27 @@ class RoutedLinear(nn.Module):
         if out.dtype == hidden.dtype:
             return out.addmm_(hidden, self.lora_B[0].T)
         return out.add_(hidden @ self.lora_B[0].T)
+
+    def all_experts_update(
+        self, u: Tensor, indices: Tensor, weights: Tensor, out: Tensor
+    ) -> Tensor:
+        """`selected_update` when every token weighs every stacked expert (SMEAR-style
+        merging, or top_k = N): `sum_z w_tz B_z A_z u_t` as two dense products over the
+        stacked factors, `A_all u` (`[N, T, r]`, one batched matmul that reads each `A_z^T`
+        block in place), each expert's r-wide block scaled by its weight, then one
+        `[T, N*r] x [N*r, d]` matmul. No `d x n` matrix is ever formed, per example or at
+        all; the FLOPs are the pairs' `T*N*r*(n+d)`, in two large matmuls instead of
+        `T*N` small ones."""
+        tokens, num = indices.shape
+        # Each row of `indices` is a permutation of the experts: put the weights in stack order.
+        dense = torch.zeros(tokens, num, dtype=u.dtype, device=u.device)
+        dense.scatter_(1, indices, weights.to(u.dtype))
+        hidden = torch.matmul(u, self.lora_A.transpose(1, 2))  # [N, T, r]
+        hidden = (hidden * dense.T.unsqueeze(2)).transpose(0, 1).reshape(tokens, -1)
+        b_rows = self.lora_B.transpose(1, 2).reshape(-1, self.out_features)  # [N*r, d], a view
+        if out.dtype == hidden.dtype:
+            return out.addmm_(hidden, b_rows)
+        return out.add_(hidden @ b_rows)
 
     def pair_update(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """The mixture `[T, d]` through two embedding bags over the factors' rows.

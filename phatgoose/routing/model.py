@@ -9,7 +9,7 @@ training puts its gated linears in the same way (`build_gated_model`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,6 +24,8 @@ from phatgoose.routing.routers import (
     ArrowRouter,
     FixedRouter,
     GateRouter,
+    PromptDecisions,
+    PromptRouter,
     SpectralRouter,
     TokenRouter,
     constant_choice,
@@ -49,6 +51,7 @@ class RoutingState:
     top_k: int
     expert_names: list[str]
     retrieval: RetrievalChoice | None = None
+    prompt: PromptDecisions | None = None  # prompt-level methods (per-example, SMEAR-style)
     router_numerics: int = ROUTER_NUMERICS
     params: dict[str, ParamValue] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
@@ -149,7 +152,7 @@ def build_routed_model(
         raise ValueError(f"method {method!r} needs at least one expert, got none")
     if len(set(names)) != len(names):
         raise ValueError(f"expert names must be unique, got {names}")
-    if spec.per_token and (not isinstance(top_k, int) or top_k < 1):
+    if spec.takes_top_k and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
 
     modules = dict(model.named_modules())
@@ -159,6 +162,8 @@ def build_routed_model(
         _check_expert_fits(e, modules)
 
     retrieval = None
+    prompt = PromptDecisions() if spec.prompt_level else None
+    encoder = encoder_prefix(model)
     if method == "single":
         if expert not in names:
             raise ValueError(f"method 'single' needs expert= one of {names}, got {expert!r}")
@@ -175,9 +180,11 @@ def build_routed_model(
         try:
             base = modules[path]
             assert isinstance(base, nn.Linear)  # _check_expert_fits
+            # An encoder's tokens are the prompt; a decoder's are not (PromptRouter).
+            reads_prompt = encoder is None or path.startswith(encoder + ".")
             routed[path] = _routed_linear(
                 base, path, experts, members, method, top_k, expert, retrieval,
-                router_numerics, resolved,
+                router_numerics, resolved, _PromptSide(prompt, reads_prompt),
             )  # fmt: skip
         except ValueError as error:
             # Name the module in every error (row builders name it already).
@@ -185,10 +192,17 @@ def build_routed_model(
     _put_in_place(model, routed)
 
     new_state = RoutingState(
-        method, top_k if spec.per_token else 1, names, retrieval, router_numerics, resolved
-    )
+        method, top_k if spec.takes_top_k else 1, names, retrieval, prompt, router_numerics,
+        resolved,
+    )  # fmt: skip
     if retrieval is not None:
-        new_state.hooks.append(_install_retrieval_hook(model, retrieval))
+        new_state.hooks.extend(
+            _install_sequence_hooks(
+                model, retrieval.on_new_input, lambda: retrieval.current is not None
+            )
+        )
+    if prompt is not None:
+        new_state.hooks.extend(install_prompt_hooks(model, prompt))
     setattr(model, STATE_ATTR, new_state)
     return model
 
@@ -239,6 +253,25 @@ def routing_state(model: nn.Module) -> RoutingState | None:
     return getattr(model, STATE_ATTR, None)
 
 
+def reorder_routing(model: nn.Module, rows: Tensor) -> None:
+    """Row r of the model's next forwards continues row `rows[r]` of the sequences in
+    flight, as after `cache.reorder_cache(rows)`: the decisions that prompt-level methods
+    made on the prompts follow their rows. A no-op for every other method (a per-token
+    router decides on each token; retrieval re-chooses from `queries`' texts)."""
+    state = routing_state(model)
+    if state is not None and state.prompt is not None:
+        state.prompt.reorder(rows)
+
+
+def encoder_prefix(model: nn.Module) -> str | None:
+    """The module path of an encoder-decoder model's encoder; None for other models."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder()  # type: ignore[operator]  # encoder-decoder transformers
+    path: str = next(path for path, module in model.named_modules() if module is encoder)
+    return path
+
+
 @contextlib.contextmanager
 def queries(model: nn.Module, texts: list[str]) -> Iterator[None]:
     """Within the block, the retrieval router uses `texts` (one per batch row).
@@ -258,6 +291,15 @@ def queries(model: nn.Module, texts: list[str]) -> Iterator[None]:
         retrieval.current, retrieval.pinned = saved
 
 
+@dataclass(frozen=True)
+class _PromptSide:
+    """For prompt-level methods: the model's shared decisions, and whether a module's
+    tokens are the prompt's (causal models, encoders) or a decoder's."""
+
+    decisions: PromptDecisions | None
+    reads_prompt: bool
+
+
 def _routed_linear(
     base: nn.Linear,
     path: str,
@@ -269,8 +311,20 @@ def _routed_linear(
     retrieval: RetrievalChoice | None,
     router_numerics: int,
     params: dict[str, ParamValue],
+    prompt: _PromptSide,
 ) -> RoutedLinear:
     chosen = [experts[z] for z in members]
+    if prompt.decisions is not None:  # per-example PHATGOOSE, SMEAR-style merging
+        router: nn.Module = PromptRouter(
+            rows.gate_rows(chosen, path),
+            top_k if method_spec(method).takes_top_k else None,
+            prompt.decisions,
+            path=path,
+            reads_prompt=prompt.reads_prompt,
+            numerics=router_numerics,
+        )
+        lora_A, lora_B = stack_updates([e.lora_update(path) for e in chosen])
+        return RoutedLinear(base, lora_A, lora_B, router, path=path, expert_ids=members)
     if method == "merged":
         lora_A, lora_B = rows.merged_update(chosen, path)
         return RoutedLinear(
@@ -294,7 +348,7 @@ def _routed_linear(
     if method == "single":
         index = next(z for z in members if experts[z].name == expert)
         lora_A, lora_B = stack_updates([experts[index].lora_update(path)])
-        router: nn.Module = FixedRouter(constant_choice())
+        router = FixedRouter(constant_choice())
         return RoutedLinear(base, lora_A, lora_B, router, path=path, expert_ids=[index])
     if method == "retrieval":
         # Every expert is stacked so the chosen index is global; an expert that does not
@@ -377,29 +431,54 @@ def _check_same_modules(experts: list[Expert], adapted: dict[str, set[str]]) -> 
             )
 
 
-def _install_retrieval_hook(model: nn.Module, retrieval: RetrievalChoice) -> RemovableHandle:
-    """Re-choose experts whenever a new input sequence starts.
+def _install_sequence_hooks(
+    model: nn.Module,
+    start: Callable[[Tensor | None, Tensor | None], None],
+    started: Callable[[], bool],
+) -> list[RemovableHandle]:
+    """Call `start(input_ids, attention_mask)` whenever new input sequences start: the
+    routing methods that decide once per sequence (retrieval, the prompt-level ones).
 
-    Encoder-decoder: the encoder input decides (generate() calls the encoder once, then
-    only the decoder). Causal: a forward without a filled cache starts a sequence; cached
-    decoding steps keep the choice made on the prompt.
+    Encoder-decoder: the encoder's input starts them (generate() calls the encoder once,
+    then only the decoder). Causal: a forward without a filled cache starts them; cached
+    decoding steps keep what was decided on the prompt (once `started()`).
     """
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    encoder = encoder_prefix(model)
+    if encoder is not None:
 
         def on_encoder(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            retrieval.on_new_input(input_ids, kwargs.get("attention_mask"))
+            start(input_ids, kwargs.get("attention_mask"))
 
-        encoder: nn.Module = model.get_encoder()  # type: ignore[operator]  # encoder-decoder
-        return encoder.register_forward_pre_hook(on_encoder, with_kwargs=True)
+        hook = model.get_submodule(encoder).register_forward_pre_hook(on_encoder, with_kwargs=True)
+        return [hook]
 
     def on_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if _has_cache(passed_cache(kwargs)) and retrieval.current is not None:
+        if _has_cache(passed_cache(kwargs)) and started():
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        retrieval.on_new_input(input_ids, kwargs.get("attention_mask"))
+        start(input_ids, kwargs.get("attention_mask"))
 
-    return model.register_forward_pre_hook(on_forward, with_kwargs=True)
+    return [model.register_forward_pre_hook(on_forward, with_kwargs=True)]
+
+
+def install_prompt_hooks(model: nn.Module, prompt: PromptDecisions) -> list[RemovableHandle]:
+    """Hooks on `model` that start new decisions of its prompt-level routers when sequences
+    start (`_install_sequence_hooks`); an encoder-decoder model also records the encoder's
+    output, which the decoder's cross-attention reads (`PromptRouter`). `build_routed_model`
+    installs them; a caller swapping `PromptRouter` layers in by hand does it itself."""
+    hooks = _install_sequence_hooks(
+        model, lambda _ids, mask: prompt.begin(mask), lambda: prompt.epoch > 0
+    )
+    encoder = encoder_prefix(model)
+    if encoder is not None:
+
+        def on_encoder_output(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            states = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            prompt.encoder_states = states
+
+        hooks.append(model.get_submodule(encoder).register_forward_hook(on_encoder_output))
+    return hooks
 
 
 def _has_cache(cache: Any) -> bool:

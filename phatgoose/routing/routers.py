@@ -7,6 +7,8 @@ the layer then computes the selected updates is `layer.py`'s business.
   softmax with 1/sqrt(n));
 - `ArrowRouter`: Arrow (|e_z^T u|, top-k, softmax);
 - `SpectralRouter`: SpectR (||V_z^T u|| or ||S_z V_z^T u||, top-k, uniform 1/k or softmax);
+- `PromptRouter`: per-example PHATGOOSE (top-k) and SMEAR-style merging (every expert), one
+  decision per example and module from the prompt (`PromptDecisions`);
 - `FixedRouter`: one expert per batch row (single, merged, retrieval);
 - `GateRouter`: gate training, the one expert weighted by a trainable sigmoid gate.
 """
@@ -136,6 +138,143 @@ class SpectralRouter(nn.Module):
             else:  # the authors' code: each selected expert counts 1/k
                 weights = torch.full_like(top_k.values, 1.0 / self.top_k)
         return top_k.indices, weights
+
+
+class PromptDecisions:
+    """The prompt-level routers' decisions for the sequences in flight, shared by the routed
+    linears of one model.
+
+    The model's hooks (`model._install_sequence_hooks`, the mechanism retrieval uses) call
+    `begin` when new sequences start: a causal forward without a filled cache, or the
+    encoder's forward. Each `PromptRouter` then decides on its first forward after `begin`
+    and keeps that decision for every later forward (the answer's tokens, `generate`'s
+    steps) until the next `begin`. `prompt_mask [batch, seq]` marks the prompt's tokens
+    (None: all of them); `encoder_states` is the encoder's output, which a decoder's
+    cross-attention reads.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.prompt_mask: Tensor | None = None
+        self.encoder_states: Tensor | None = None
+        self.kept: dict[str, tuple[int, Tensor, Tensor]] = {}  # path -> (epoch, indices, weights)
+
+    def begin(self, attention_mask: Tensor | None) -> None:
+        """New sequences start: every router decides again on its next forward."""
+        self.epoch += 1
+        self.prompt_mask = None if attention_mask is None else attention_mask.bool()
+        self.encoder_states = None
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row r of the next forwards continues row `rows[r]` of the sequences in flight
+        (a key/value cache reordered with `cache.reorder_cache(rows)`)."""
+        for path, (epoch, indices, weights) in self.kept.items():
+            where = rows.to(indices.device)
+            self.kept[path] = (epoch, indices[where], weights[where])
+
+
+class PromptRouter(nn.Module):
+    """Per-example PHATGOOSE (`top_k`) and SMEAR-style merging (`top_k=None`): one decision
+    per example and module, made on the prompt, kept for the answer (`PromptDecisions`).
+
+    affinity_z = mean over the prompt's tokens of (u_bar_t . v_bar_z), the mean of
+    PHATGOOSE's per-token affinities (the same standardised rows); top-k: weights
+    `softmax(affinity_topk / sqrt(n))`; every expert: `softmax(affinity / sqrt(n))` over all
+    N, one merged update per example. Returns `[batch, 1, k]` (k = N for the merge).
+
+    `reads_prompt`: the module's tokens are the prompt's (causal models, encoders), so the
+    prompt mask applies. A decoder module (False) decides on the decoder's start token,
+    the one token that every scoring and generation has before any answer; a decoder's
+    cross-attention keys and values read the encoder's states and so decide on the prompt.
+    """
+
+    rows: Tensor
+
+    def __init__(
+        self,
+        rows: Tensor,
+        top_k: int | None,
+        decisions: PromptDecisions,
+        *,
+        path: str,
+        reads_prompt: bool = True,
+        numerics: int = ROUTER_NUMERICS,
+    ) -> None:
+        super().__init__()
+        if top_k is not None:
+            _check_top_k(top_k, rows.shape[0])
+        self.top_k = top_k
+        self.decisions = decisions
+        self.path = path
+        self.reads_prompt = reads_prompt
+        self.register_buffer("rows", standardise_rows(rows, numerics), persistent=False)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        if u.dim() != 3:
+            raise ValueError(
+                f"{self.path}: prompt-level routing takes [batch, seq, features] inputs, got "
+                f"shape {list(u.shape)}"
+            )
+        decisions = self.decisions
+        kept = decisions.kept.get(self.path)
+        if kept is None or kept[0] != decisions.epoch:
+            kept = (decisions.epoch, *self.decide(u))
+            decisions.kept[self.path] = kept
+        _, indices, weights = kept
+        rows = u.shape[0]
+        if rows % indices.shape[0]:
+            raise ValueError(
+                f"{self.path}: the batch has {rows} rows but the prompt decided for "
+                f"{indices.shape[0]}; expected the same number (or a multiple, for beams): "
+                "after reordering a key/value cache, call routing.reorder_routing(model, rows)"
+            )
+        repeat = rows // indices.shape[0]  # generate() repeats each row for beams
+        if repeat > 1:
+            indices = indices.repeat_interleave(repeat, 0)
+            weights = weights.repeat_interleave(repeat, 0)
+        return indices.to(u.device), weights.to(u.device)
+
+    def decide(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """`(indices, weights)`, each `[batch, 1, k]`, from this forward's prompt tokens."""
+        with autocast_off(u.device.type):  # routing decides in float32
+            prompt = self._prompt_weights(u)  # [batch, seq]
+            tokens = standardise(u.float())
+            # The affinity is linear in the token: the mean affinity is the mean token's.
+            mean = (tokens * prompt.unsqueeze(-1)).sum(1) / prompt.sum(1, keepdim=True).clamp(min=1)
+            affinity = mean @ self.rows.float().T  # [batch, N]
+            scale = math.sqrt(self.rows.shape[-1])
+            if self.top_k is None:
+                weights = torch.softmax(affinity / scale, dim=-1)
+                indices = torch.arange(affinity.shape[1], device=u.device).expand_as(affinity)
+            else:
+                top_k = affinity.topk(self.top_k, dim=-1)
+                indices, weights = top_k.indices, torch.softmax(top_k.values / scale, dim=-1)
+        return indices.unsqueeze(1), weights.unsqueeze(1)
+
+    def _prompt_weights(self, u: Tensor) -> Tensor:
+        """1 at the positions of `u [batch, seq, n]` that form the prompt, else 0."""
+        batch, seq = u.shape[:2]
+        states = self.decisions.encoder_states
+        reads_encoder = (
+            states is not None
+            and states.shape[1:] == u.shape[1:]
+            and bool(torch.equal(states[0], u[0]))  # cross-attention keys/values
+        )
+        if not self.reads_prompt and not reads_encoder:
+            start = torch.zeros(batch, seq, device=u.device)
+            start[:, 0] = 1.0  # the decoder's start token
+            return start
+        mask = self.decisions.prompt_mask
+        if mask is None:
+            return torch.ones(batch, seq, device=u.device)
+        if mask.shape[1] != seq or batch % mask.shape[0]:
+            raise ValueError(
+                f"{self.path}: prompt-level routing decides on the forward that starts a "
+                f"sequence, whose attention mask is {list(mask.shape)}, but this module's input "
+                f"is [{batch}, {seq}, ...]; expected the prompt's tokens (rows may repeat, for "
+                "beams)"
+            )
+        return mask.repeat_interleave(batch // mask.shape[0], 0).to(u.device, torch.float32)
 
 
 class FixedRouter(nn.Module):

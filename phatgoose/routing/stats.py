@@ -7,8 +7,9 @@
 
 Token routers count every top-k slot of every token; tokens the attention mask marks as
 padding are left out where the mask matches the module's tokens (see `_mask_for`).
-Routers with one expert per query (single, retrieval) count once per batch row and
-forward. Merged layers choose nothing and are not counted.
+Routers with one decision per query (single, retrieval, per-example PHATGOOSE) count once
+per batch row and forward; where every expert is weighed (SMEAR-style merging) the count
+goes to the expert weighed most. Merged layers choose nothing and are not counted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from phatgoose.routing.layer import RoutedLinear
-from phatgoose.routing.model import routing_state
+from phatgoose.routing.model import encoder_prefix, routing_state
 
 
 @dataclass
@@ -88,7 +89,7 @@ def capture_routing(model: nn.Module) -> Iterator[RoutingStats]:
         top_k=state.top_k if state else 0,
     )
     masks: dict[str, Tensor | None] = {}
-    encoder_prefix = _encoder_prefix(model)
+    encoder = encoder_prefix(model)
 
     def remember_masks(_module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         masks["attention_mask"] = kwargs.get("attention_mask")
@@ -99,17 +100,23 @@ def capture_routing(model: nn.Module) -> Iterator[RoutingStats]:
     ) -> None:
         masks["attention_mask"] = kwargs.get("attention_mask")
 
-    def observe(layer: RoutedLinear, indices: Tensor) -> None:
+    def observe(layer: RoutedLinear, indices: Tensor, weights: Tensor) -> None:
         if layer.expert_ids is None:
             return
-        mask = _mask_for(layer.path, masks, encoder_prefix)
+        if indices.shape[-1] == layer.num_experts > 1:
+            # Every expert weighed (SMEAR-style merging): count the one weighed most.
+            indices = indices.gather(-1, weights.argmax(-1, keepdim=True))
+        mask = _mask_for(layer.path, masks, encoder)
         stats.record(layer.path, layer.expert_ids, indices.detach(), mask)
 
     hooks = [model.register_forward_pre_hook(remember_masks, with_kwargs=True)]
-    if encoder_prefix is not None:
+    if encoder is not None:
         # generate() runs the encoder on its own, not through the model's forward.
-        encoder = model.get_submodule(encoder_prefix)
-        hooks.append(encoder.register_forward_pre_hook(remember_encoder_mask, with_kwargs=True))
+        hooks.append(
+            model.get_submodule(encoder).register_forward_pre_hook(
+                remember_encoder_mask, with_kwargs=True
+            )
+        )
     layers = [m for m in model.modules() if isinstance(m, RoutedLinear)]
     for layer in layers:
         layer.observers.append(observe)
@@ -133,11 +140,3 @@ def _mask_for(
     if encoder_prefix is None or path.startswith(encoder_prefix + "."):
         return masks.get("attention_mask")
     return masks.get("decoder_attention_mask")
-
-
-def _encoder_prefix(model: nn.Module) -> str | None:
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return None
-    encoder = model.get_encoder()  # type: ignore[operator]  # encoder-decoder transformers
-    path: str = next(path for path, module in model.named_modules() if module is encoder)
-    return path

@@ -12,13 +12,14 @@ from benchmarks.routing_cost import (
     markdown_table,
     peft_lora_config,
     plot,
+    prompt_routed,
     random_routed_layers,
     run_routing_cost,
     swapped,
 )
 from phatgoose.models import default_target_modules
 from phatgoose.routing import build_routed_model
-from phatgoose.routing.routers import SpectralRouter, TokenRouter
+from phatgoose.routing.routers import PromptDecisions, PromptRouter, SpectralRouter, TokenRouter
 from phatgoose.routing.rows import spectral_basis
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -60,7 +61,11 @@ def test_runner_measures_every_configuration_with_a_floor_in_each_precision(tmp_
     configurations = {
         ("base", None),
         ("lora", None),
-        *((impl, n) for impl in ("phatgoose", "spectr", "dense", "arrow_peft") for n in (2, 4)),
+        *(
+            (impl, n)
+            for impl in ("phatgoose", "spectr", "smear", "dense", "arrow_peft")
+            for n in (2, 4)
+        ),
     }
     assert seen == {(*c, p) for c in configurations for p in ("float32", "bfloat16")}
     skipped = {
@@ -101,7 +106,7 @@ def test_runner_measures_every_configuration_with_a_floor_in_each_precision(tmp_
     }
     assert floors[4] > floors[2]
     # dense and arrow_peft lack N=4
-    assert set(record["growth"]["float32"]) == {"phatgoose", "spectr"}
+    assert set(record["growth"]["float32"]) == {"phatgoose", "spectr", "smear"}
     for precision in ("float32", "bfloat16"):
         training = record["training"][precision]
         assert training["status"] == "ok" and training["precision"] == precision
@@ -218,7 +223,9 @@ def test_spectr_layers_route_the_same_experts_by_their_spectral_rows(llama):
             by_gates = llama(input_ids=ids).logits
     torch.testing.assert_close(dense, routed, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(by_gates, routed)  # another router chooses other experts
-    with pytest.raises(ValueError, match=r"router must be one of \['phatgoose', 'spectr'\]"):
+    with pytest.raises(
+        ValueError, match=r"router must be one of \['phatgoose', 'spectr', 'smear'\]"
+    ):
         random_routed_layers(llama, n_experts=2, rank=2, top_k=2, seed=0, router="arrow")
 
 
@@ -304,3 +311,26 @@ def test_task_adapters_are_added_as_peft_add_adapter_adds_them():
         fast.set_adapter(name)
         with torch.no_grad():
             assert torch.equal(fast(input_ids=inputs).logits, reference(input_ids=inputs).logits)
+
+
+def test_smear_floor_is_every_experts_product_and_its_layers_merge_per_example(llama):
+    shapes = Shapes(linears=[(4, 6), (6, 4)], layers=1, attention_width=4, hidden=4, vocab=10)
+    assert shapes.extra_flops("smear", 8, rank=3, top_k=2) == 2 * (2 * 8 * 3 * 10)
+    decisions = PromptDecisions()
+    smear = random_routed_layers(
+        llama, n_experts=5, rank=3, top_k=2, seed=0, router="smear", decisions=decisions
+    )
+    phatgoose = random_routed_layers(llama, n_experts=5, rank=3, top_k=2, seed=0)
+    ids = torch.randint(0, llama.config.vocab_size, (2, 5))
+    with torch.no_grad(), prompt_routed(llama, smear, decisions):
+        first = llama(input_ids=ids).logits
+        again = llama(input_ids=ids).logits  # a new sequence: decided again, the same way
+    assert decisions.epoch == 2
+    torch.testing.assert_close(first, again)
+    for path, layer in smear.items():
+        assert isinstance(layer.router, PromptRouter) and layer.router.top_k is None
+        assert torch.equal(layer.lora_A, phatgoose[path].lora_A)
+        _, indices, weights = decisions.kept[path]
+        assert indices.shape == weights.shape == (2, 1, 5)  # every expert, per example
+    with pytest.raises(ValueError, match="decisions= is for router 'smear'"):
+        random_routed_layers(llama, n_experts=2, rank=2, top_k=2, seed=0, router="smear")

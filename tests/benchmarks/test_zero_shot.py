@@ -152,6 +152,8 @@ def test_cached_only_reports_what_the_cache_holds_and_lists_the_rest(tmp_path, t
         "single_experts",
         "arrow",
         "spectr",
+        "phatgoose_example",
+        "smear",
         "ties",
         "dare",
         "average_activation",
@@ -200,7 +202,8 @@ def test_config_layers_preset_file_and_overrides(tmp_path):
 
 def test_the_benchmark_scores_every_routing_method_but_single_in_evaluation_order():
     assert set(ROUTED_METHODS) == {n for n, s in METHOD_SPECS.items() if not s.single_expert}
-    assert ROUTED_METHODS == ("base", "phatgoose", "merged", "arrow", "spectr", "ties", "dare",
+    assert ROUTED_METHODS == ("base", "phatgoose", "merged", "arrow", "spectr",
+                              "phatgoose_example", "smear", "ties", "dare",
                               "average_activation", "retrieval")  # fmt: skip
     assert list(ROUTED_METHODS) == [m for m in PRIORITY if m in METHOD_SPECS]
     assert METHODS[len(ROUTED_METHODS) :] == ("oracle", "best_individual", "multitask")

@@ -8,7 +8,7 @@ from benchmarks.zero_shot import run_zero_shot
 from coordinator.evaluations import service as evaluations
 from coordinator.experts import service as experts_service
 from coordinator.releases import service as releases
-from protocol import TOKEN_METHODS
+from protocol import TOP_K_METHODS
 from tests.benchmarks.test_zero_shot import letter_counts, tasks_dir, tiny_config  # noqa: F401
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -140,7 +140,7 @@ def test_publishing_puts_the_json_on_the_leaderboard_once(tmp_path, tasks_dir, c
             assert row.experts == [f"{row.expert}@1"]
         else:
             assert row.experts == ["bench/alpha@1", "bench/beta@1"]
-            assert row.top_k == (2 if method in TOKEN_METHODS else None)
+            assert row.top_k == (2 if method in TOP_K_METHODS else None)
     best = record["methods"]["best_individual"]["choice"]
     assert rows[published["releases"]["best_individual"]].expert == f"bench/{best}"
     assert rows[published["releases"]["multitask"]].experts == ["bench/multitask@1"]

@@ -9,8 +9,10 @@ from protocol import (
     GATE,
     METHOD_SPECS,
     METHODS,
+    PROMPT_METHODS,
     RETRIEVAL_EMBEDDINGS,
     TOKEN_METHODS,
+    TOP_K_METHODS,
     ExpertManifest,
     method_spec,
     resolve_params,
@@ -19,8 +21,8 @@ from protocol import (
 
 def test_every_method_has_its_spec_under_its_name():
     assert METHODS == (
-        "phatgoose", "arrow", "spectr", "average_activation", "retrieval", "merged", "ties",
-        "dare", "single", "base",
+        "phatgoose", "phatgoose_example", "smear", "arrow", "spectr", "average_activation",
+        "retrieval", "merged", "ties", "dare", "single", "base",
     )  # fmt: skip
     assert {name: spec.name for name, spec in METHOD_SPECS.items()} == {m: m for m in METHODS}
 
@@ -29,10 +31,20 @@ def test_token_methods_are_the_per_token_routers():
     assert TOKEN_METHODS == ("phatgoose", "arrow", "spectr", "average_activation")
 
 
+def test_prompt_methods_decide_per_example_and_top_k_is_for_those_that_select():
+    assert PROMPT_METHODS == ("phatgoose_example", "smear")
+    assert TOP_K_METHODS == (
+        "phatgoose", "phatgoose_example", "arrow", "spectr", "average_activation",
+    )  # fmt: skip
+    assert not set(PROMPT_METHODS) & set(TOKEN_METHODS)
+
+
 def test_each_method_names_the_vectors_each_expert_must_ship():
     needs = {name: [v.name for v in spec.needs] for name, spec in METHOD_SPECS.items()}
     assert needs == {
         "phatgoose": ["gate"],
+        "phatgoose_example": ["gate"],
+        "smear": ["gate"],
         "arrow": [],
         "spectr": [],
         "average_activation": ["average_activation"],

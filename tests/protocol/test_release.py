@@ -6,7 +6,7 @@ import pytest
 from protocol import (
     RELEASE_FORMAT_VERSION,
     REQUIRED_FILES,
-    TOKEN_METHODS,
+    TOP_K_METHODS,
     InvalidReleaseManifest,
     ReleaseManifest,
     expert_package_path,
@@ -254,9 +254,9 @@ def test_an_expert_path_defaults_to_its_place_in_an_exported_release():
 @pytest.mark.parametrize(
     ("changes", "refused"),
     [
-        ({"top_k": None}, "method 'phatgoose' routes per token and needs top_k"),
+        ({"top_k": None}, "method 'phatgoose' selects top_k experts and needs top_k"),
         ({"top_k": 3}, "top_k=3 but the release has 2 expert(s)"),
-        ({"method": "merged"}, f"top_k is for {', '.join(TOKEN_METHODS)}, not 'merged'"),
+        ({"method": "merged"}, f"top_k is for {', '.join(TOP_K_METHODS)}, not 'merged'"),
         ({"method": "base", "top_k": None}, "method 'base' takes no experts, got 2"),
         ({"experts": []}, "method 'phatgoose' needs at least one expert"),
         ({"expert": "bob/math"}, "`expert` is for method 'single', not 'phatgoose'"),
