@@ -259,7 +259,7 @@ def zero_shot(
         hint = expert_catalog.serve_hint()
     if parallel_info is not None:
         record["parallel"] = parallel_info
-        output.write_text(json.dumps(record, indent=2) + "\n")
+        output.write_text(zs.record_json(record))
         if parallel_info["failed_jobs"]:
             typer.echo(
                 f"results so far: {output}; failed jobs: {', '.join(parallel_info['failed_jobs'])}",

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -50,9 +51,10 @@ from benchmarks.machine import cpu_model, load_average, machine_info
 from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS, load_bigbench_task
 from phatgoose.data import Example
 from phatgoose.embeddings import Embedder
-from phatgoose.evaluation import TaskResult, evaluate_task
+from phatgoose.evaluation import TaskResult, evaluate_task, paired_outcomes
 from phatgoose.expert import Expert
 from phatgoose.models import DEFAULT_BASE_MODEL, load_base_model, model_fingerprint
+from phatgoose.paired import paired_difference, paired_mean_difference
 from phatgoose.pipeline import Say, train_contributor_expert
 from phatgoose.precision import ComputePrecision, Precision, resolve_precision
 from phatgoose.routing import build_routed_model, routing_state, unroute_model
@@ -84,6 +86,9 @@ ROUTED_METHODS: tuple[RoutingMethod, ...] = tuple(m for m in PRIORITY if is_meth
 REFERENCE_METHODS = ("oracle", "best_individual", "multitask")
 METHODS: tuple[str, ...] = (*ROUTED_METHODS, *REFERENCE_METHODS)
 CACHE_FORMAT = 1  # bump when the way a cached expert is produced changes
+# Every method is compared example by example with these (phatgoose.paired), when both ran.
+PAIRED_REFERENCES = ("base", "phatgoose")
+PAIRED_SETTINGS: dict[str, Any] = {"resamples": 10_000, "confidence": 0.95, "seed": 0}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -596,6 +601,52 @@ def summarise(
     }
 
 
+def add_paired_differences(record: dict[str, Any]) -> None:
+    """Give every method in `record["methods"]` its paired differences against each of
+    `PAIRED_REFERENCES` that ran (not itself): `methods[m]["paired"][reference]` holds
+    `tasks` (per task) and `held_in_mean`, `held_out_mean` (tasks as strata; None without
+    such tasks), each a `PairedDifference.to_dict()` of accuracy(m) - accuracy(reference).
+    Comparisons already there are kept, so it can run after every method."""
+    methods = record.get("methods", {})
+    held_in = [t for t, info in record["tasks"].items() if info["held_in"]]
+    held_out = [t for t, info in record["tasks"].items() if not info["held_in"]]
+    for method, summary in methods.items():
+        for reference in PAIRED_REFERENCES:
+            if reference == method or reference not in methods:
+                continue
+            if reference in summary.get("paired", {}):
+                continue
+            compared = _paired(summary["tasks"], methods[reference]["tasks"], held_in, held_out)
+            summary.setdefault("paired", {})[reference] = compared
+
+
+def _paired(
+    results: dict[str, dict[str, Any]],
+    reference: dict[str, dict[str, Any]],
+    held_in: Sequence[str],
+    held_out: Sequence[str],
+) -> dict[str, Any]:
+    """accuracy(results) - accuracy(reference) per task and for the group means."""
+    outcomes = {
+        task: paired_outcomes(TaskResult(**results[task]), TaskResult(**reference[task]))
+        for task in results
+        if task in reference
+    }
+
+    def mean(tasks: Sequence[str]) -> dict[str, float | int | bool] | None:
+        present = {t: outcomes[t] for t in tasks if t in outcomes}
+        return paired_mean_difference(present, **PAIRED_SETTINGS).to_dict() if present else None
+
+    return {
+        "tasks": {
+            task: paired_difference(a, b, **PAIRED_SETTINGS).to_dict()
+            for task, (a, b) in outcomes.items()
+        },
+        "held_in_mean": mean(held_in),
+        "held_out_mean": mean(held_out),
+    }
+
+
 # ---------------------------------------------------------------------------- runner
 class NotCached(LookupError):
     """`cached_only` was asked for and something is not in the cache yet."""
@@ -626,7 +677,11 @@ class EvaluationCache:
         path = self.path(identity, task)
         if not path.is_file():
             return None
-        return TaskResult(**json.loads(path.read_text()))
+        result = TaskResult(**json.loads(path.read_text()))
+        # Results cached before per-example outcomes were kept are misses: scored again, the
+        # new result replaces them at the same path. Bumping CACHE_FORMAT instead would
+        # also change every expert's cache key and retrain them all.
+        return result if result.has_outcomes else None
 
     def put(self, identity: dict[str, Any], result: TaskResult) -> None:
         path = self.path(identity, result.task)
@@ -725,7 +780,7 @@ def run_zero_shot(
         record["machine"]["load_average_end"] = load_average()
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(record, indent=2) + "\n")
+            output.write_text(record_json(record))
 
     tasks = load_tasks(config, tasks_dir)
     held_in = [t.name for t in tasks if t.held_in]
@@ -804,6 +859,12 @@ def run_zero_shot(
     record["methods"] = {}
     record["single_experts"] = {}
     record["not_run"] = {}
+    record["paired_statistics"] = {
+        **PAIRED_SETTINGS,
+        "references": list(PAIRED_REFERENCES),
+        "interval": "percentile bootstrap of examples within each task; tasks as strata",
+        "p_value": "exact two-sided McNemar; for a mean, on the discordant examples pooled",
+    }
     cache = EvaluationCache(cache_dir / "evaluations", config, base.fingerprint)
     expert_keys = [e["key"] for e in record["experts"]]
     singles_needed = any(m in methods for m in ("oracle", "best_individual"))
@@ -907,6 +968,7 @@ def run_zero_shot(
         except NotCached as missing:
             record["not_run"][method] = f"not in the cache ({missing})"
             say(f"{method}: not run ({missing})")
+        add_paired_differences(record)
         if method in record["methods"]:
             say(f"{method}: {_means_text(record['methods'][method])}")
         save()
@@ -930,8 +992,26 @@ def _means_text(summary: dict[str, Any]) -> str:
     parts = []
     for key, label in (("held_in_mean", "held-in"), ("held_out_mean", "held-out")):
         if summary.get(key):
-            parts.append(f"{label} {summary[key]['accuracy']:.3f}")
+            text = f"{label} {summary[key]['accuracy']:.3f}"
+            vs_base = summary.get("paired", {}).get("base", {}).get(key)
+            if vs_base:
+                text += f" ({paired_text(vs_base)} points vs base)"
+            parts.append(text)
     return ", ".join(parts) or "no tasks"
+
+
+def record_json(record: dict[str, Any]) -> str:
+    """The record as indented JSON, with each list of numbers or booleans (per-example
+    outcomes above all) on one line instead of one line per element."""
+    text = json.dumps(record, indent=2)
+    return _SCALAR_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m[1]) + "]", text) + "\n"
+
+
+# A list that json.dumps(indent=...) spread over lines, holding only numbers, booleans and
+# nulls. Its elements are separated by real newlines, which a JSON string never contains, so
+# brackets inside strings never match.
+_SCALAR = r"(?:-?(?:\d[\d.eE+-]*|Infinity)|NaN|true|false|null)"
+_SCALAR_LIST = re.compile(rf"\[\n\s*({_SCALAR}(?:,\n\s*{_SCALAR})*)\n\s*\]")
 
 
 # --------------------------------------------------------------------------- reports
@@ -974,18 +1054,77 @@ def markdown_table(record: dict[str, Any]) -> str:
         choices.append("Oracle picks: " + ", ".join(f"{t} -> {e}" for t, e in picks.items()) + ".")
     if "best_individual" in record["methods"]:
         choices.append(f"Best individual: {record['methods']['best_individual']['choice']}.")
-    return "\n".join(lines) + ("\n\n" + " ".join(choices) if choices else "") + "\n"
+    text = "\n".join(lines) + ("\n\n" + " ".join(choices) if choices else "") + "\n"
+    for reference in PAIRED_REFERENCES:
+        table = paired_table(record, reference)
+        if table:
+            text += "\n" + table
+    return text
+
+
+def paired_text(difference: dict[str, Any]) -> str:
+    """A `PairedDifference.to_dict()` in accuracy points: `+2.4 [-0.3, +5.1]`, marked ▲ or
+    ▼ only where the interval excludes 0."""
+    points = {k: 100 * difference[k] for k in ("delta", "low", "high")}
+    text = f"{points['delta']:+.1f} [{points['low']:+.1f}, {points['high']:+.1f}]"
+    if difference["significant"]:
+        text += " ▲" if difference["low"] > 0 else " ▼"
+    return text
+
+
+def paired_table(record: dict[str, Any], reference: str) -> str:
+    """Every method's paired difference from `reference` per task and for the means, in
+    accuracy points ("" when no method was compared with it)."""
+    methods = [
+        m for m in METHODS if reference in record.get("methods", {}).get(m, {}).get("paired", {})
+    ]
+    if not methods:
+        return ""
+    settings = record.get("paired_statistics", PAIRED_SETTINGS)
+    lines = [
+        f"Paired difference from {reference} (accuracy points, method - {reference}) with its "
+        f"{settings['confidence']:.0%} bootstrap interval; ▲/▼ where the interval excludes 0; "
+        "means with the McNemar p-value of their pooled discordant examples.",
+        "",
+        "| task | " + " | ".join(methods) + " |",
+        "|" + "---|" * (len(methods) + 1),
+    ]
+    for name, info in record["tasks"].items():
+        cells = []
+        for m in methods:
+            difference = record["methods"][m]["paired"][reference]["tasks"].get(name)
+            cells.append("" if difference is None else paired_text(difference))
+        label = f"{name} (held-in)" if info["held_in"] else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for key, label in (("held_in_mean", "held-in mean"), ("held_out_mean", "held-out mean")):
+        cells = []
+        for m in methods:
+            difference = record["methods"][m]["paired"][reference][key]
+            cells.append(
+                ""
+                if difference is None
+                else f"**{paired_text(difference)}** p={difference['p_value']:.2g}"
+            )
+        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_means(record: dict[str, Any], path: Path) -> Path:
-    """Bar chart: held-in and held-out mean accuracy per method, with standard errors."""
+    """Bar chart: held-in and held-out mean accuracy per method, with standard errors; beside
+    it, when the base ran, every method's paired mean difference from the base with its
+    bootstrap interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [m for m in METHODS if m in record.get("methods", {})]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods)), 4.0))
+    compared = [m for m in methods if "base" in record["methods"][m].get("paired", {})]
+    panels = 2 if compared else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(panels * max(6.0, 1.1 * len(methods)), 4.0), squeeze=False
+    )
+    ax = axes[0][0]
     width = 0.38
     for offset, key, label in (
         (-width / 2, "held_in_mean", "held-in"),
@@ -1007,8 +1146,39 @@ def plot_means(record: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Zero-shot benchmark, {machine.get('date', '')[:10]}", fontsize=10)
     ax.set_ylim(0, 1)
     ax.legend()
+    if compared:
+        _plot_paired(axes[0][1], record, compared, "base")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_paired(ax: Any, record: dict[str, Any], methods: Sequence[str], reference: str) -> None:
+    """Held-in and held-out mean differences from `reference` (points) with their intervals."""
+    width = 0.38
+    for offset, key, label in (
+        (-width / 2, "held_in_mean", "held-in"),
+        (width / 2, "held_out_mean", "held-out"),
+    ):
+        xs, ys, below, above = [], [], [], []
+        for i, m in enumerate(methods):
+            difference = record["methods"][m]["paired"][reference][key]
+            if difference is not None:
+                xs.append(i + offset)
+                ys.append(100 * difference["delta"])
+                below.append(100 * (difference["delta"] - difference["low"]))
+                above.append(100 * (difference["high"] - difference["delta"]))
+        if xs:
+            ax.errorbar(xs, ys, yerr=[below, above], fmt="o", capsize=3, label=label)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    confidence = record.get("paired_statistics", PAIRED_SETTINGS)["confidence"]
+    ax.set_ylabel(f"mean difference from {reference} (points)")
+    ax.set_title(
+        f"Paired difference from {reference}, {confidence:.0%} bootstrap interval", fontsize=10
+    )
+    ax.legend()

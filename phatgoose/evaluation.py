@@ -357,7 +357,12 @@ def _score_encoder_decoder(
 
 @dataclass(frozen=True)
 class TaskResult:
-    """Accuracy of one model on one task, with its binomial standard error and cost."""
+    """Accuracy of one model on one task, with its binomial standard error and cost.
+
+    `predictions` and `correct` are the per-example outcomes in example order (the chosen
+    choice's index, and whether it was the answer), which paired comparisons
+    (`phatgoose.paired`) need; empty in results recorded before they were kept.
+    """
 
     task: str
     accuracy: float
@@ -366,9 +371,53 @@ class TaskResult:
     seconds: float
     scored_tokens: int  # choice tokens scored: the unit of "seconds per 1000 scored tokens"
     precision: ComputePrecisionName = "float32"  # what the model computed in
+    predictions: tuple[int, ...] = ()
+    correct: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Results read back from JSON carry lists; tuples keep the result hashable and equal
+        # to the one that was written.
+        object.__setattr__(self, "predictions", tuple(int(p) for p in self.predictions))
+        object.__setattr__(self, "correct", tuple(bool(c) for c in self.correct))
+        if self.correct and len(self.correct) != self.n:
+            raise ValueError(
+                f"task {self.task!r}: {len(self.correct)} per-example outcomes for n={self.n}"
+            )
+        if self.predictions and len(self.predictions) != len(self.correct):
+            raise ValueError(
+                f"task {self.task!r}: {len(self.predictions)} predictions but "
+                f"{len(self.correct)} outcomes"
+            )
+
+    @property
+    def has_outcomes(self) -> bool:
+        """Whether the per-example outcomes were kept (paired comparisons need them)."""
+        return len(self.correct) == self.n
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        data = asdict(self)
+        data["predictions"] = list(self.predictions)
+        data["correct"] = list(self.correct)
+        return data
+
+
+def paired_outcomes(a: TaskResult, b: TaskResult) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    """The per-example outcomes of two results on the same examples, ready for
+    `phatgoose.paired`; a clear error when they are not comparable example by example."""
+    if a.task != b.task:
+        raise ValueError(f"cannot pair results of different tasks: {a.task!r} and {b.task!r}")
+    if a.n != b.n:
+        raise ValueError(
+            f"task {a.task!r}: cannot pair results on {a.n} and {b.n} examples; "
+            "a paired comparison needs the same examples"
+        )
+    for name, result in (("first", a), ("second", b)):
+        if not result.has_outcomes:
+            raise ValueError(
+                f"task {a.task!r}: the {name} result has no per-example outcomes "
+                "(recorded before they were kept); score it again"
+            )
+    return a.correct, b.correct
 
 
 def evaluate_task(
@@ -397,12 +446,13 @@ def evaluate_task(
         model, tokenizer, examples, batch_size, max_length, progress, compute
     )
     seconds = time.perf_counter() - start
-    correct = sum(
-        predicted_choice(row) == example.answer
-        for row, example in zip(scores, examples, strict=True)
+    predictions = tuple(predicted_choice(row) for row in scores)
+    correct = tuple(
+        predicted == example.answer
+        for predicted, example in zip(predictions, examples, strict=True)
     )
     n = len(examples)
-    accuracy = correct / n
+    accuracy = sum(correct) / n
     return TaskResult(
         task=task,
         accuracy=accuracy,
@@ -411,6 +461,8 @@ def evaluate_task(
         seconds=seconds,
         scored_tokens=scored_tokens,
         precision=compute.name,
+        predictions=predictions,
+        correct=correct,
     )
 
 

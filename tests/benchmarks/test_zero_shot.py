@@ -8,17 +8,23 @@ import torch
 
 from benchmarks.zero_shot import (
     METHODS,
+    PAIRED_SETTINGS,
     PRIORITY,
     ROUTED_METHODS,
+    EvaluationCache,
     ZeroShotConfig,
+    add_paired_differences,
     best_individual_choice,
     load_config,
     markdown_table,
     oracle_choice,
+    paired_table,
     plot_means,
+    record_json,
     run_zero_shot,
 )
 from phatgoose.evaluation import TaskResult
+from phatgoose.paired import paired_difference, paired_mean_difference
 from protocol import METHOD_SPECS
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -105,9 +111,137 @@ def test_runner_reports_every_method_per_task_with_n_and_stderr(tmp_path, tasks_
         assert record["methods"]["oracle"]["tasks"][task] == single[expert]["tasks"][task]
     best = record["methods"]["best_individual"]["choice"]
     assert record["methods"]["best_individual"]["tasks"] == single[best]["tasks"]
-    assert json.loads(output.read_text())["complete"]
+    assert json.loads(output.read_text()) == record
     assert "held-out mean" in markdown_table(record)
     assert plot_means(record, tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_runner_compares_every_method_with_base_and_phatgoose_example_by_example(
+    tmp_path, tasks_dir
+):
+    record = run_zero_shot(
+        tiny_config(methods=["base", "phatgoose", "merged"]),
+        cache_dir=tmp_path / "cache",
+        tasks_dir=tasks_dir,
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        embedder=letter_counts,
+        progress=False,
+    )
+    methods = record["methods"]
+    for summary in methods.values():
+        for result in summary["tasks"].values():
+            assert len(result["correct"]) == len(result["predictions"]) == 4
+            assert sum(result["correct"]) / 4 == result["accuracy"]
+    assert set(methods["base"]["paired"]) == {"phatgoose"}
+    assert set(methods["phatgoose"]["paired"]) == {"base"}
+    assert set(methods["merged"]["paired"]) == {"base", "phatgoose"}
+    vs_base = methods["merged"]["paired"]["base"]
+    merged, base = methods["merged"]["tasks"], methods["base"]["tasks"]
+    for task in ("alpha", "beta", "gamma"):
+        expected = paired_difference(merged[task]["correct"], base[task]["correct"])
+        assert vs_base["tasks"][task] == expected.to_dict()
+        assert vs_base["tasks"][task]["delta"] == pytest.approx(
+            merged[task]["accuracy"] - base[task]["accuracy"]
+        )
+    held_in = {t: (merged[t]["correct"], base[t]["correct"]) for t in ("alpha", "beta")}
+    assert vs_base["held_in_mean"] == paired_mean_difference(held_in).to_dict()
+    assert vs_base["held_out_mean"]["n"] == 4
+    assert record["paired_statistics"]["references"] == ["base", "phatgoose"]
+    report = markdown_table(record)
+    assert "Paired difference from base" in report
+    assert "Paired difference from phatgoose" in report
+
+
+def outcomes_result(task, correct):
+    return TaskResult(
+        task=task,
+        accuracy=sum(correct) / len(correct),
+        stderr=0.0,
+        n=len(correct),
+        seconds=1.0,
+        scored_tokens=len(correct),
+        predictions=tuple(0 if c else 1 for c in correct),
+        correct=tuple(correct),
+    )
+
+
+def constructed_record():
+    """base, phatgoose and merged on one held-in and one held-out task of 40 examples:
+    phatgoose gets the held-in task right where the base fails; merged is the base."""
+    base = {"inner": [False] * 40, "outer": [True, False] * 20}
+    phatgoose = {"inner": [True] * 40, "outer": [True] * 20 + [False] * 20}
+    return {
+        "tasks": {
+            "inner": {"held_in": True, "n_scored": 40},
+            "outer": {"held_in": False, "n_scored": 40},
+        },
+        "methods": {
+            name: {"tasks": {t: outcomes_result(t, c).to_dict() for t, c in outcomes.items()}}
+            for name, outcomes in (("base", base), ("phatgoose", phatgoose), ("merged", base))
+        },
+    }
+
+
+def test_paired_table_marks_a_difference_only_where_its_interval_excludes_zero():
+    record = constructed_record()
+    add_paired_differences(record)
+    phatgoose = record["methods"]["phatgoose"]["paired"]["base"]
+    assert (
+        phatgoose["tasks"]["inner"]["delta"] == 1.0 and phatgoose["tasks"]["inner"]["significant"]
+    )
+    assert phatgoose["tasks"]["outer"]["delta"] == 0.0
+    assert not phatgoose["tasks"]["outer"]["significant"]  # 10 gained, 10 lost
+    table = paired_table(record, "base")
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    # columns: phatgoose, merged (the base is not compared with itself)
+    assert rows["| task"] == "| task | phatgoose | merged |"
+    assert (
+        rows["| inner (held-in)"]
+        == "| inner (held-in) | +100.0 [+100.0, +100.0] ▲ | +0.0 [+0.0, +0.0] |"
+    )
+    assert rows["| outer"].startswith("| outer | +0.0 [-")
+    assert "▲" not in rows["| outer"] and "▼" not in rows["| outer"]
+    assert "| **held-in mean** | **+100.0 [+100.0, +100.0] ▲** p=1.8e-12 |" in table
+    vs_phatgoose = paired_table(record, "phatgoose")
+    assert "| inner (held-in) | -100.0 [-100.0, -100.0] ▼ | -100.0 [-100.0, -100.0] ▼ |" in (
+        vs_phatgoose
+    )
+
+
+def test_paired_differences_already_computed_are_kept():
+    record = constructed_record()
+    add_paired_differences(record)
+    first = record["methods"]["merged"]["paired"]
+    add_paired_differences(record)
+    assert record["methods"]["merged"]["paired"] is first
+    assert PAIRED_SETTINGS["confidence"] == 0.95
+
+
+def test_a_cached_result_without_outcomes_is_a_miss(tmp_path):
+    cache = EvaluationCache(tmp_path, tiny_config(), "fingerprint")
+    identity = {"method": "base"}
+    old = result("alpha", 0.5)  # as cached before outcomes were kept
+    cache.put(identity, old)
+    assert cache.get(identity, "alpha") is None
+    new = outcomes_result("alpha", [True, False] * 5)
+    cache.put(identity, new)  # the re-scored result replaces it
+    assert cache.get(identity, "alpha") == new
+
+
+def test_the_record_json_keeps_lists_of_scalars_on_one_line():
+    record = {
+        "correct": [True, False, True],
+        "predictions": [0, 2, 1],
+        "names": ["a", "b"],
+        "why": "not in the cache ([1,\n 2])",
+        "nested": {"values": [0.5, -1e-05, None]},
+    }
+    text = record_json(record)
+    assert json.loads(text) == record
+    assert '"correct": [true, false, true]' in text
+    assert '"predictions": [0, 2, 1]' in text
+    assert '"values": [0.5, -1e-05, null]' in text
+    assert '"names": [\n    "a",' in text  # strings keep json's layout
 
 
 def test_rerun_loads_cached_experts_instead_of_training(tmp_path, tasks_dir):

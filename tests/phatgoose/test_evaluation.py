@@ -1,5 +1,7 @@
 import contextlib
 import copy
+import dataclasses
+import json
 import math
 
 import pytest
@@ -7,7 +9,13 @@ import torch
 
 from phatgoose import evaluation
 from phatgoose.data import Example, continuation_ids, prompt_ids
-from phatgoose.evaluation import TaskResult, evaluate_task, mean_accuracy, score_choices
+from phatgoose.evaluation import (
+    TaskResult,
+    evaluate_task,
+    mean_accuracy,
+    paired_outcomes,
+    score_choices,
+)
 from phatgoose.routing import build_routed_model
 from tests.phatgoose.experts import random_expert
 
@@ -115,6 +123,40 @@ def test_accuracy_and_stderr_on_a_constructed_case(tokenizer):
     assert result.stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
     assert result.scored_tokens == 2 + 2 + 2 + 4
     assert result.to_dict()["accuracy"] == 0.75
+    assert result.predictions == (1, 0, 1, 0)  # the index of "b" (or of the longest "bb")
+    assert result.correct == (True, True, False, True)
+
+
+def test_a_result_with_outcomes_survives_json():
+    result = TaskResult(
+        "t", 0.5, 0.25, n=2, seconds=1.0, scored_tokens=4, predictions=(2, 0), correct=(True, False)
+    )
+    loaded = TaskResult(**json.loads(json.dumps(result.to_dict())))
+    assert loaded == result
+    assert loaded.has_outcomes
+
+
+def test_a_result_recorded_without_outcomes_still_loads():
+    old = {"task": "t", "accuracy": 1.0, "stderr": 0.0, "n": 3, "seconds": 1.0, "scored_tokens": 3}
+    result = TaskResult(**old)
+    assert result.correct == () and not result.has_outcomes
+
+
+def test_outcomes_must_match_the_number_of_examples():
+    with pytest.raises(ValueError, match="task 't': 1 per-example outcomes for n=2"):
+        TaskResult("t", 1.0, 0.0, n=2, seconds=1.0, scored_tokens=2, correct=(True,))
+
+
+def test_paired_outcomes_pairs_results_on_the_same_examples():
+    a = TaskResult("t", 0.5, 0.0, 2, 1.0, 2, predictions=(0, 1), correct=(True, False))
+    b = TaskResult("t", 1.0, 0.0, 2, 1.0, 2, predictions=(0, 0), correct=(True, True))
+    assert paired_outcomes(a, b) == ((True, False), (True, True))
+    with pytest.raises(ValueError, match="different tasks: 't' and 'u'"):
+        paired_outcomes(a, dataclasses.replace(b, task="u"))
+    with pytest.raises(ValueError, match="on 2 and 1 examples"):
+        paired_outcomes(a, TaskResult("t", 1.0, 0.0, 1, 1.0, 1, correct=(True,)))
+    with pytest.raises(ValueError, match="the second result has no per-example outcomes"):
+        paired_outcomes(a, TaskResult("t", 1.0, 0.0, 2, 1.0, 2))
 
 
 def test_ties_go_to_the_first_choice(tokenizer):
