@@ -85,7 +85,15 @@ def logits(model):
 
 @pytest.mark.parametrize(
     ("method", "top_k", "expert"),
-    [("phatgoose", 2, None), ("arrow", 1, None), ("merged", None, None), ("single", None, "bob/b")],
+    [
+        ("phatgoose", 2, None),
+        ("phatgoose_example", 2, None),
+        ("smear", None, None),
+        ("arrow", 1, None),
+        ("spectr", 2, None),
+        ("merged", None, None),
+        ("single", None, "bob/b"),
+    ],
 )
 def test_directory_release_gives_the_logits_of_build_routed_model(
     tmp_path, experts, method, top_k, expert
