@@ -60,11 +60,13 @@ from phatgoose.precision import ComputePrecision, Precision, resolve_precision
 from phatgoose.routing import build_routed_model, routing_state, unroute_model
 from phatgoose.training import TrainingConfig, train_expert, train_gates
 from protocol import (
+    METHOD_SPECS,
     ROUTER_NUMERICS,
     BaseModelIdentity,
     RoutingMethod,
     is_method,
     method_spec,
+    resolve_params,
     slug,
 )
 
@@ -138,6 +140,13 @@ class ZeroShotConfig:
     # Compute precision of training and scoring (phatgoose.precision). `run_zero_shot`
     # resolves `auto` on its device first, so caches are keyed by what actually ran.
     precision: Precision = "auto"
+    # Per method with hyper-parameters, the settings to choose among on the held-in tasks'
+    # evaluation splits only (the best held-in mean wins, the first on a tie); held-out
+    # tasks are then scored with the choice alone. One candidate fixes the parameters; a
+    # method not listed runs with its defaults (protocol.methods).
+    param_candidates: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {"spectr": [dict(c) for c in SPECTR_CANDIDATES]}
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -158,6 +167,20 @@ class ZeroShotConfig:
             )
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"eval_limit must be None or >= 1, got {self.eval_limit}")
+        for method, candidates in self.param_candidates.items():
+            if not is_method(method) or not method_spec(method).params:
+                with_params = [m for m in METHOD_SPECS if METHOD_SPECS[m].params]
+                raise ValueError(
+                    f"param_candidates: {method!r} is not a method with parameters; "
+                    f"expected one of {with_params}"
+                )
+            if not candidates:
+                raise ValueError(f"param_candidates[{method!r}]: give at least one setting")
+            for candidate in candidates:
+                try:
+                    resolve_params(method, candidate)
+                except ValueError as error:
+                    raise ValueError(f"param_candidates[{method!r}]: {error}") from None
         self.training_config()  # validates the hyper-parameters
 
     def training_config(
@@ -192,6 +215,15 @@ class ZeroShotConfig:
     @property
     def resolved_eval_max_length(self) -> int:
         return self.eval_max_length or self.max_length
+
+
+# SpectR's score and weighting (protocol.methods), the authors' choice first: chosen on the
+# held-in evaluation splits (ZeroShotConfig.param_candidates), never on held-out tasks.
+SPECTR_CANDIDATES: tuple[dict[str, str], ...] = tuple(
+    {"score": score, "weighting": weighting}
+    for score in ("input", "spectrum")
+    for weighting in ("uniform", "softmax")
+)
 
 
 # BENCHMARK.md's reference settings (93 minutes on 2 idle CPU cores, measured): the four held-in
@@ -871,48 +903,87 @@ def run_zero_shot(
     total = len(tasks) * (
         len([m for m in methods if m in ROUTED_METHODS or m == "multitask"])
         + (len(experts) if singles_needed else 0)
+    ) + sum(  # choosing parameters scores each candidate on the held-in tasks
+        len(candidates) * len(held_in)
+        for method, candidates in config.param_candidates.items()
+        if method in methods and len(candidates) > 1
     )
     bar = tqdm(total=total, desc="evaluating (method x task)", disable=not progress)
 
     def evaluate_routed(
-        label: str, identity: dict[str, Any], route: Callable[[], object]
+        label: str,
+        identity: dict[str, Any],
+        route: Callable[[], object],
+        task_list: Sequence[BenchmarkTask] | None = None,
     ) -> dict[str, TaskResult]:
-        """Results of the model routed by `route()` (routing built only if something is
-        not cached yet, and always undone)."""
+        """Results of the model routed by `route()` on `task_list` (every task by default;
+        routing built only if something is not cached yet, and always undone)."""
         bar.set_postfix_str(label)
         try:
             return evaluate_all(
-                model, tokenizer, tasks, config, bar,
+                model, tokenizer, tasks if task_list is None else task_list, config, bar,
                 cache=cache, identity=identity, prepare=route, cached_only=cached_only,
             )  # fmt: skip
         finally:
             if routing_state(model) is not None:
                 unroute_model(model)
 
+    def method_identity(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if method == "base":
+            return {"method": "base"}
+        identity: dict[str, Any] = {
+            "method": method, "experts": expert_keys, "top_k": config.top_k,
+        }  # fmt: skip
+        spec = method_spec(method)
+        if spec.standardises_rows:
+            # Scores cached under other router numerics are another experiment.
+            identity["router_numerics"] = ROUTER_NUMERICS
+        if spec.params:
+            identity["params"] = params
+        return identity
+
+    def route(method: str, params: dict[str, Any]) -> Callable[[], object]:
+        return functools.partial(
+            build_routed_model, model, experts, method, config.top_k,
+            embedder=embedder, tokenizer=tokenizer, params=params,
+        )  # fmt: skip
+
+    def choose_params(method: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The method's parameters and how they were chosen (None: one setting, no choice):
+        each candidate scored on the held-in tasks only, the best held-in mean kept."""
+        candidates = [resolve_params(method, c) for c in config.param_candidates.get(method, [{}])]
+        held_in_tasks = [t for t in tasks if t.name in held_in]
+        if len(candidates) == 1 or not held_in_tasks:
+            return candidates[0], None
+        scored: list[dict[str, Any]] = []
+        for params in candidates:
+            results = evaluate_routed(
+                f"{method} {params} (held-in)", method_identity(method, params),
+                route(method, params), task_list=held_in_tasks,
+            )  # fmt: skip
+            mean = sum(r.accuracy for r in results.values()) / len(results)
+            scored.append({"params": params, "held_in_mean": mean})
+        best = max(range(len(scored)), key=lambda i: (scored[i]["held_in_mean"], -i))
+        selection = {
+            "on": "held-in evaluation splits only",
+            "tasks": [t.name for t in held_in_tasks],
+            "candidates": scored,
+            "chosen": scored[best]["params"],
+        }
+        return scored[best]["params"], selection
+
     def _evaluate_method(method: str) -> None:
         if method in ROUTED_METHODS:
-            identity: dict[str, Any] = {
-                "method": method, "experts": expert_keys, "top_k": config.top_k,
-            }  # fmt: skip
             spec = method_spec(method)
-            if spec.standardises_rows:
-                # Scores cached under other router numerics are another experiment.
-                identity["router_numerics"] = ROUTER_NUMERICS
-            if spec.params:  # the defaults (never tuned on held-out tasks), recorded
-                identity["params"] = spec.resolve_params()
-            if method == "base":
-                identity = {"method": "base"}
+            params, selection = choose_params(method) if spec.params else ({}, None)
             results = evaluate_routed(
-                method,
-                identity,
-                functools.partial(
-                    build_routed_model, model, experts, method, config.top_k,
-                    embedder=embedder, tokenizer=tokenizer,
-                ),
-            )  # fmt: skip
+                method, method_identity(method, params), route(method, params)
+            )
             record["methods"][method] = summarise(results, held_in, held_out)
             if spec.params:  # what the catalog's release records too
-                record["methods"][method]["params"] = identity["params"]
+                record["methods"][method]["params"] = params
+            if selection is not None:
+                record["methods"][method]["selection"] = selection
         elif method == "single_experts":
             single: dict[str, dict[str, TaskResult]] = {}
             for expert, key in zip(experts, expert_keys, strict=True):

@@ -11,6 +11,7 @@ from benchmarks.zero_shot import (
     PAIRED_SETTINGS,
     PRIORITY,
     ROUTED_METHODS,
+    SPECTR_CANDIDATES,
     EvaluationCache,
     ZeroShotConfig,
     add_paired_differences,
@@ -372,3 +373,35 @@ def test_the_run_records_its_resolved_precision_and_caches_per_precision(tmp_pat
     assert [e["cached"] for e in low["experts"]] == [False, False]  # other experts
     assert low["precision"]["precision"] == "bfloat16"
     assert {r["precision"] for r in low["methods"]["phatgoose"]["tasks"].values()} == {"bfloat16"}
+
+
+def test_spectr_settings_are_chosen_on_held_in_tasks_only(tmp_path, tasks_dir):
+    record = run_zero_shot(
+        tiny_config(methods=["spectr"]),
+        cache_dir=tmp_path / "cache",
+        tasks_dir=tasks_dir,
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        embedder=letter_counts,
+        progress=False,
+    )
+    spectr = record["methods"]["spectr"]
+    selection = spectr["selection"]
+    assert selection["tasks"] == ["alpha", "beta"]
+    assert [c["params"] for c in selection["candidates"]] == list(SPECTR_CANDIDATES)
+    means = [c["held_in_mean"] for c in selection["candidates"]]
+    assert selection["chosen"] == selection["candidates"][means.index(max(means))]["params"]
+    assert spectr["params"] == selection["chosen"]
+    assert spectr["held_in_mean"]["accuracy"] == pytest.approx(max(means))
+    # Four settings scored on the two held-in tasks; only the chosen one on the held-out.
+    assert len(list((tmp_path / "cache" / "evaluations").glob("*.json"))) == 4 * 2 + 1
+
+
+def test_one_candidate_fixes_the_parameters_and_bad_candidates_are_refused():
+    fixed = tiny_config(param_candidates={"spectr": [{"score": "spectrum"}]})
+    assert fixed.param_candidates == {"spectr": [{"score": "spectrum"}]}
+    with pytest.raises(ValueError, match="'phatgoose' is not a method with parameters"):
+        tiny_config(param_candidates={"phatgoose": [{}]})
+    with pytest.raises(ValueError, match=r"param_candidates\['ties'\]: .*'density'"):
+        tiny_config(param_candidates={"ties": [{"density": 2.0}]})
+    with pytest.raises(ValueError, match="at least one setting"):
+        tiny_config(param_candidates={"dare": []})
