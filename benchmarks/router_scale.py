@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from benchmarks.zero_shot import BenchmarkTask, ZeroShotConfig
 from phatgoose.evaluation import predicted_choice, score_choices
 from phatgoose.expert import Expert
+from phatgoose.paired import paired_mean_difference
 from phatgoose.routing import build_routed_model, capture_routing, unroute_model
 from phatgoose.routing.routers import STANDARDISE_EPS
 from phatgoose.training import train_gates
@@ -119,28 +119,21 @@ def paired_difference(
     before: Sequence[TaskOutcome], after: Sequence[TaskOutcome], *, seed: int = 0
 ) -> dict[str, float]:
     """Mean over tasks of (after - before) accuracy, on the same examples, with a 95%
-    bootstrap interval (examples resampled within each task, tasks weighted equally)."""
-    pairs = []
+    bootstrap interval (examples resampled within each task, tasks weighted equally) and
+    McNemar's p-value: `phatgoose.paired.paired_mean_difference`, in this record's keys."""
+    tasks = {}
     for b, a in zip(before, after, strict=True):
         if b.task != a.task or len(b.correct) != len(a.correct):
             raise ValueError(f"unpaired outcomes: {b.task} and {a.task}")
-        pairs.append([int(y) - int(x) for x, y in zip(b.correct, a.correct, strict=True)])
-    mean = statistics.fmean(statistics.fmean(d) for d in pairs)
-    rng = random.Random(seed)
-    draws = sorted(
-        statistics.fmean(statistics.fmean(rng.choices(d, k=len(d))) for d in pairs)
-        for _ in range(BOOTSTRAP_SAMPLES)
-    )
-    discordant = (
-        [sum(1 for x in d if x > 0) for d in pairs],
-        [sum(1 for x in d if x < 0) for d in pairs],
-    )
+        tasks[b.task] = (a.correct, b.correct)
+    difference = paired_mean_difference(tasks, resamples=BOOTSTRAP_SAMPLES, seed=seed)
     return {
-        "mean_difference": mean,
-        "ci95_low": draws[int(0.025 * BOOTSTRAP_SAMPLES)],
-        "ci95_high": draws[int(0.975 * BOOTSTRAP_SAMPLES) - 1],
-        "examples_gained": sum(discordant[0]),
-        "examples_lost": sum(discordant[1]),
+        "mean_difference": difference.delta,
+        "ci95_low": difference.low,
+        "ci95_high": difference.high,
+        "p_value": difference.p_value,
+        "examples_gained": difference.a_only,
+        "examples_lost": difference.b_only,
     }
 
 

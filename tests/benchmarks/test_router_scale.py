@@ -27,6 +27,7 @@ def test_identical_outcomes_differ_by_exactly_zero():
         "mean_difference": 0.0,
         "ci95_low": 0.0,
         "ci95_high": 0.0,
+        "p_value": 1.0,
         "examples_gained": 0,
         "examples_lost": 0,
     }
@@ -38,6 +39,7 @@ def test_a_paired_difference_counts_gains_and_losses_per_example():
     difference = paired_difference(before, after)
     assert difference["mean_difference"] == pytest.approx(0.25)
     assert (difference["examples_gained"], difference["examples_lost"]) == (2, 1)
+    assert difference["p_value"] == 1.0  # 2 vs 1 discordant: nothing to tell
     assert difference["ci95_low"] <= 0.25 <= difference["ci95_high"]
 
 
