@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from phatgoose.routing.layer import RoutedLinear
 from phatgoose.routing.model import encoder_prefix, routing_state
+from phatgoose.routing.routers import PromptRouter
 
 
 @dataclass
@@ -103,7 +104,7 @@ def capture_routing(model: nn.Module) -> Iterator[RoutingStats]:
     def observe(layer: RoutedLinear, indices: Tensor, weights: Tensor) -> None:
         if layer.expert_ids is None:
             return
-        if indices.shape[-1] == layer.num_experts > 1:
+        if isinstance(layer.router, PromptRouter) and layer.router.top_k is None:
             # Every expert weighed (SMEAR-style merging): count the one weighed most.
             indices = indices.gather(-1, weights.argmax(-1, keepdim=True))
         mask = _mask_for(layer.path, masks, encoder)

@@ -254,3 +254,16 @@ def test_prompt_methods_take_the_gates_and_only_per_example_takes_top_k():
     for method in PROMPT_METHODS:
         assert [v.name for v in method_spec(method).needs] == ["gate"]
         assert not method_spec(method).per_token
+
+
+def test_top_k_of_every_expert_still_counts_every_selection(llama):
+    """Only the merge counts its heaviest expert: a router selecting all N counts all N."""
+    experts = make_experts(llama, ranks=(2, 4))
+    ids, mask = padded_prompts(llama)
+    path = "model.layers.0.self_attn.q_proj"
+    for method in ("phatgoose", "phatgoose_example"):
+        routed = build_routed_model(llama, experts, method, top_k=2)
+        with capture_routing(routed) as stats:
+            forward(routed, ids, mask)
+        assert stats.frequencies(path).tolist() == [0.5, 0.5], method
+        unroute_model(routed)
