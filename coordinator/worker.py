@@ -8,9 +8,11 @@ task's result as soon as it is known. Several workers may run against one databa
 worker that dies loses its lease and another one resumes the job after the tasks already
 stored.
 
-Per task the worker stores accuracy, standard error, n, seconds, the evaluator version and
+Per task the worker stores accuracy, standard error, n, seconds, the evaluator version,
 routing statistics: per layer, how often each expert was chosen (`routing_summary`, the
-format is in docs/coordinator.md, "Routing statistics").
+format is in docs/coordinator.md, "Routing statistics"), and the per-example outcomes
+(`example_outcomes`: the chosen answer and whether it was right), from which releases are
+compared pairwise.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,6 +39,7 @@ from coordinator.core.config import Settings
 from coordinator.core.errors import Conflict
 from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob
+from coordinator.evaluations.outcomes import MAX_OUTCOME_EXAMPLES, ExampleOutcomes
 from coordinator.evaluations.public_errors import PublicJobError, public_error
 from coordinator.releases.models import Release
 from coordinator.releases.schemas import method_label
@@ -44,6 +47,10 @@ from coordinator.releases.service import export_release
 from coordinator.storage import BlobStore, LocalBlobStore
 from protocol.precision import Precision
 from protocol.tasks import TaskNameError, check_task_name
+
+if TYPE_CHECKING:
+    from phatgoose.data import Example
+    from phatgoose.evaluation import TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +304,7 @@ class Worker:
                     seconds=result.seconds,
                     routing_stats=routing_summary(stats, manifest["method"]),
                     precision=result.precision,
+                    outcomes=example_outcomes(result, split.evaluation),
                 )
                 with self.sessions() as session:
                     evaluations.record_result(session, job.id, self.options.worker_id, score)
@@ -337,6 +345,25 @@ def checked_task_names(spec: dict[str, Any]) -> list[str]:
         except TaskNameError as error:
             raise InvalidTaskName(str(error)) from None
     return list(tasks)
+
+
+def example_outcomes(result: TaskResult, examples: Sequence[Example]) -> ExampleOutcomes | None:
+    """A task's per-example outcomes as the coordinator stores them, with each example's
+    number of choices; None (logged) past `MAX_OUTCOME_EXAMPLES`, which are not kept."""
+    if result.n > MAX_OUTCOME_EXAMPLES:
+        log.warning(
+            "%s: %d examples, more than the %d whose outcomes are kept; stored without them "
+            "(no paired comparisons on this task)",
+            result.task,
+            result.n,
+            MAX_OUTCOME_EXAMPLES,
+        )
+        return None
+    return ExampleOutcomes(
+        predictions=result.predictions,
+        correct=result.correct,
+        choices=tuple(len(example.choices) for example in examples),
+    )
 
 
 def routing_summary(stats: Any, method: str) -> dict[str, Any] | None:

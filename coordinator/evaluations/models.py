@@ -5,7 +5,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, CheckConstraint, ForeignKey, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from coordinator.core.db import Base, UTCDateTime, utcnow
 
@@ -62,3 +62,8 @@ class EvaluationResult(Base):
     seconds: Mapped[float | None]
     routing_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Per-example outcomes (coordinator.evaluations.outcomes), NULL for results stored
+    # before migration 0005. Loaded only when read: a leaderboard page holds hundreds of
+    # results and needs them only on a comparison's cache miss.
+    outcomes: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), deferred=True)
+    has_outcomes: Mapped[bool] = column_property(outcomes.is_not(None))

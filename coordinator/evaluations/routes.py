@@ -9,7 +9,7 @@ from coordinator.core.errors import ERROR_RESPONSE
 from coordinator.core.params import PAGE_SIZE, Offset, PageLimit, RowFilter, RowNumber
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
-from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail
+from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail, OutcomesInfo
 from coordinator.evaluations.task_names import check_requested_tasks
 from protocol import API_PREFIX
 
@@ -77,4 +77,24 @@ def get_evaluation(job_id: RowNumber, session: SessionDep, _reader: ReaderDep) -
     job = service.get_job(session, job_id)
     return EvaluationDetail.of(
         job, service.release_number(session, job), service.job_results(session, job.id)
+    )
+
+
+@router.get(
+    "/{job_id}/outcomes/{task:path}",
+    summary="One task's per-example outcomes: chosen answers and whether each was right",
+    responses={404: ERROR_RESPONSE},
+)
+def get_outcomes(
+    job_id: RowNumber, task: str, session: SessionDep, _reader: ReaderDep
+) -> OutcomesInfo:
+    result, outcomes = service.task_outcomes(session, job_id, task)
+    return OutcomesInfo(
+        job_id=job_id,
+        task=result.task,
+        n=result.n,
+        accuracy=result.accuracy,
+        predictions=list(outcomes.predictions),
+        correct=list(outcomes.correct),
+        choices=None if outcomes.choices is None else list(outcomes.choices),
     )

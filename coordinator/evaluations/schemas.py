@@ -79,6 +79,10 @@ class ResultInfo(BaseModel):
     routing_stats: dict[str, Any] | None = Field(
         description="per-layer expert frequencies (docs/coordinator.md, 'Routing statistics')"
     )
+    has_outcomes: bool = Field(
+        default=False,
+        description="per-example outcomes are stored (GET /evaluations/{id}/outcomes/{task})",
+    )
     created_at: datetime
 
     @classmethod
@@ -92,8 +96,24 @@ class ResultInfo(BaseModel):
             precision=result.precision,
             seconds=result.seconds,
             routing_stats=result.routing_stats,
+            has_outcomes=result.has_outcomes,
             created_at=result.created_at,
         )
+
+
+class OutcomesInfo(BaseModel):
+    """One task's per-example outcomes (docs/coordinator.md, "Per-example outcomes")."""
+
+    api_version: ApiVersion = API_VERSION
+    job_id: int
+    task: str
+    n: int
+    accuracy: float
+    predictions: list[int] = Field(description="per example, the chosen answer's index")
+    correct: list[bool] = Field(description="per example, whether that answer was right")
+    choices: list[int] | None = Field(
+        default=None, description="per example, its number of choices (when reported)"
+    )
 
 
 class EvaluationDetail(BaseModel):

@@ -25,6 +25,7 @@ from coordinator.auth.models import Token
 from coordinator.core.db import begin_write, utcnow
 from coordinator.core.errors import Conflict, NotFound
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
+from coordinator.evaluations.outcomes import ExampleOutcomes, check_outcomes
 from coordinator.evaluations.schemas import EvaluationCreate
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
@@ -146,6 +147,28 @@ def job_results(session: Session, job_id: int) -> list[EvaluationResult]:
     )
 
 
+def task_outcomes(
+    session: Session, job_id: int, task: str
+) -> tuple[EvaluationResult, ExampleOutcomes]:
+    """A job's result on `task` and its per-example outcomes; `NotFound` says which is
+    missing (the job, its result on the task, or outcomes for it)."""
+    job = get_job(session, job_id)
+    result = session.scalar(
+        select(EvaluationResult).where(
+            EvaluationResult.job_id == job.id, EvaluationResult.task == task
+        )
+    )
+    if result is None:
+        raise NotFound(f"evaluation {job_id} has no result on task {task!r}")
+    if result.outcomes is None:
+        raise NotFound(
+            f"evaluation {job_id}'s result on task {task!r} has no per-example outcomes "
+            "(stored before the coordinator kept them, or over more examples than are kept)",
+            check="outcomes",
+        )
+    return result, ExampleOutcomes.from_json(result.outcomes)
+
+
 def release_number(session: Session, job: EvaluationJob) -> int:
     number = session.scalar(select(Release.number).where(Release.id == job.release_id))
     assert number is not None
@@ -260,16 +283,23 @@ class TaskScore:
     seconds: float
     routing_stats: dict[str, Any] | None
     precision: ComputePrecisionName | None = None  # None: not recorded
+    # Per example: the chosen answer and whether it was right (None: not reported).
+    outcomes: ExampleOutcomes | None = None
 
 
 def record_result(session: Session, job_id: int, worker_id: str, score: TaskScore) -> None:
-    """Store one task's score, only while the job is leased to `worker_id`."""
+    """Store one task's score, only while the job is leased to `worker_id`. Outcomes that
+    do not fit the score are refused (`InvalidOutcomes`, 422) before anything is written."""
+    outcomes = check_outcomes(score.task, score.accuracy, score.n, score.outcomes)
     job = _owned(session, job_id, worker_id)
-    session.add(_result_row(job, score))
+    session.add(_result_row(job, score, outcomes))
     session.commit()
 
 
-def _result_row(job: EvaluationJob, score: TaskScore) -> EvaluationResult:
+def _result_row(
+    job: EvaluationJob, score: TaskScore, outcomes: ExampleOutcomes | None
+) -> EvaluationResult:
+    """The row of a score whose outcomes `check_outcomes` returned."""
     return EvaluationResult(
         job_id=job.id,
         release_id=job.release_id,
@@ -281,6 +311,7 @@ def _result_row(job: EvaluationJob, score: TaskScore) -> EvaluationResult:
         seconds=score.seconds,
         routing_stats=score.routing_stats,
         precision=score.precision,
+        outcomes=None if outcomes is None else outcomes.to_json(),
     )
 
 
@@ -348,6 +379,7 @@ def import_job(
             f"imported scores must cover the job's tasks exactly once: tasks {request.tasks}, "
             f"scores for {tasks}"
         )
+    checked = [check_outcomes(s.task, s.accuracy, s.n, s.outcomes) for s in scores]
     spec = request.model_dump(mode="json", exclude={"release"}, exclude_none=True)
     spec["requested_by"] = by.name
     spec["source"] = dict(source)
@@ -364,7 +396,9 @@ def import_job(
     )
     session.add(job)
     session.flush()
-    session.add_all(_result_row(job, score) for score in scores)
+    session.add_all(
+        _result_row(job, score, outcomes) for score, outcomes in zip(scores, checked, strict=True)
+    )
     session.commit()
     log.info(
         "imported evaluation %d: release %d on %d task(s) by %s",

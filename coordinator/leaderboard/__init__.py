@@ -1,2 +1,3 @@
 """The leaderboard: releases x tasks ranked in SQL (`service.rank_releases`), served as JSON
-and drawn by the web pages."""
+and drawn by the web pages; paired comparisons of releases on the same examples
+(`comparisons`)."""

@@ -1,5 +1,6 @@
 """`GET /leaderboard` (and `/api/v1/leaderboard`): releases x tasks as JSON, one page of
-`service.rank_releases`, the query the web pages read too."""
+`service.rank_releases`, the query the web pages read too; `GET /leaderboard/compare` (and
+`/api/v1/leaderboard/compare`): two releases on the same examples, `comparisons.compare`."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from coordinator.core.deps import ReaderDep, SessionDep
-from coordinator.core.params import Offset
-from coordinator.leaderboard import service
-from coordinator.leaderboard.schemas import Leaderboard
+from coordinator.core.errors import ERROR_RESPONSE
+from coordinator.core.params import DB_INT_MAX, Offset
+from coordinator.leaderboard import comparisons, service
+from coordinator.leaderboard.schemas import Comparison, Leaderboard
 from coordinator.leaderboard.service import MAX_PAGE_SIZE, PAGE_SIZE, SORT_PATTERN, Split
 from coordinator.releases.schemas import Method
 from protocol import API_PREFIX
@@ -58,3 +60,45 @@ def get_leaderboard(
         offset=offset,
     )
     return service.leaderboard(session, view)
+
+
+ReleaseNumber = Annotated[int, Query(ge=1, le=DB_INT_MAX, description="a release number")]
+
+
+@router.get(
+    "/leaderboard/compare",
+    summary="Release a against release b on the same examples: paired differences per task "
+    "and of the held-in and held-out means",
+    responses={404: ERROR_RESPONSE, 422: ERROR_RESPONSE},
+)
+@router.get(f"{API_PREFIX}/leaderboard/compare", include_in_schema=False)
+def compare_releases(
+    session: SessionDep,
+    _reader: ReaderDep,
+    a: ReleaseNumber,
+    b: ReleaseNumber,
+    a_job: Annotated[
+        int | None,
+        Query(
+            ge=1, le=DB_INT_MAX, description="the evaluation of a to compare (default: see docs)"
+        ),
+    ] = None,
+    b_job: Annotated[
+        int | None, Query(ge=1, le=DB_INT_MAX, description="the evaluation of b to compare")
+    ] = None,
+    # Compared in Python, never in SQL: no database bound needed.
+    examples_per_task: Annotated[
+        int | None, Query(ge=1, description="only evaluations on this many examples per task")
+    ] = None,
+    seed: Annotated[int | None, Query(description="only evaluations with this seed")] = None,
+) -> Comparison:
+    return comparisons.compare(
+        session,
+        a,
+        b,
+        groups=service.task_groups(session),
+        a_job=a_job,
+        b_job=b_job,
+        examples_per_task=examples_per_task,
+        seed=seed,
+    )

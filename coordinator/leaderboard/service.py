@@ -13,7 +13,9 @@ rule is written once, here or where it is cited:
   (`group_means`);
 - the Oracle: per base model and task, the best score of any single-expert release
   (`oracle_scores`); a method's best release is its release with the highest mean
-  (`best_release_per_method`).
+  (`best_release_per_method`);
+- a row's paired difference against the base model on the same examples
+  (`comparisons.versus_base`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -33,7 +35,13 @@ from coordinator.base_models.models import BaseModelRecord
 from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
 from coordinator.experts.models import ExpertVersion
-from coordinator.leaderboard.schemas import Leaderboard, LeaderboardCell, LeaderboardRow
+from coordinator.leaderboard import comparisons
+from coordinator.leaderboard.schemas import (
+    Leaderboard,
+    LeaderboardCell,
+    LeaderboardRow,
+    VersusBase,
+)
 from coordinator.releases.models import Release, ReleaseExpert
 from protocol.methods import METHOD_SPECS
 
@@ -264,6 +272,8 @@ class Ranking:
     task_groups: dict[str, str]  # task (of `tasks`) -> held_in | held_out, where known
     total: int  # matching releases on all pages
     view: LeaderboardView  # as asked, its sort key in its one spelling
+    # Release id (of the page's rows) -> its paired difference against the base.
+    versus_base: dict[int, VersusBase] = field(default_factory=dict)
 
 
 def rank_releases(session: Session, view: LeaderboardView = LeaderboardView()) -> Ranking:
@@ -308,6 +318,12 @@ def rank_releases(session: Session, view: LeaderboardView = LeaderboardView()) -
         query = query.limit(view.limit)
     page = session.execute(query).all()
     scores = latest_results(session, [release.id for release, _, _ in page], in_view)
+    versus_base = comparisons.versus_base(
+        session,
+        [release for release, _, _ in page],
+        groups=groups,
+        view_group=None if view.split == Split.ALL else view.split.value,
+    )
     return Ranking(
         releases=[
             RankedRelease(release, base_name, count, scores.get(release.id, {}))
@@ -317,6 +333,7 @@ def rank_releases(session: Session, view: LeaderboardView = LeaderboardView()) -
         task_groups={task: groups[task] for task in tasks if task in groups},
         total=total,
         view=dataclasses.replace(view, sort=key),
+        versus_base=versus_base,
     )
 
 
@@ -366,7 +383,10 @@ def leaderboard(session: Session, view: LeaderboardView = LeaderboardView()) -> 
     return Leaderboard(
         tasks=ranking.tasks,
         task_groups=ranking.task_groups,
-        releases=[_json_row(row, ranking.task_groups) for row in ranking.releases],
+        releases=[
+            _json_row(row, ranking.task_groups, ranking.versus_base.get(row.release.id))
+            for row in ranking.releases
+        ],
         filters={"base_model": view.base_model, "method": view.method},
         split=view.split.value,
         evaluated_only=view.evaluated_only,
@@ -378,7 +398,9 @@ def leaderboard(session: Session, view: LeaderboardView = LeaderboardView()) -> 
     )
 
 
-def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
+def _json_row(
+    row: RankedRelease, groups: Mapping[str, str], vs_base: VersusBase | None
+) -> LeaderboardRow:
     release = row.release
     return LeaderboardRow(
         release=release.number,
@@ -398,6 +420,7 @@ def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
                 n=result.n,
                 evaluator_version=result.evaluator_version,
                 job_id=result.job_id,
+                has_outcomes=result.has_outcomes,
             )
             for task, result in sorted(row.scores.items())
         },
@@ -405,6 +428,7 @@ def _json_row(row: RankedRelease, groups: Mapping[str, str]) -> LeaderboardRow:
         mean_stderr=row.mean_stderr,
         group_means=row.group_means(groups),
         evaluated_at=row.evaluated_at,
+        vs_base=vs_base,
     )
 
 

@@ -19,6 +19,7 @@ from coordinator.base_models.models import BaseModelRecord
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult
 from coordinator.experts.models import Expert, ExpertVersion
 from coordinator.leaderboard import service as leaderboard
+from coordinator.leaderboard.schemas import VersusBase
 from coordinator.leaderboard.service import (
     MAX_PAGE_SIZE,
     ORACLE,
@@ -113,6 +114,9 @@ class BoardRow:
     method_params: dict[str, float | int | str] = field(default_factory=dict)
     experts: int = 0
     created_at: datetime | None = None
+    # The paired difference against the base (leaderboard.comparisons.versus_base); None
+    # for the Oracle, which is no evaluation.
+    vs_base: VersusBase | None = None
 
     @property
     def settings(self) -> str:
@@ -198,6 +202,7 @@ def board(
             method_params=row.release.method_params or {},
             experts=row.experts,
             created_at=row.release.created_at,
+            vs_base=ranking.versus_base.get(row.release.id),
         )
         for row in ranking.releases
     ]

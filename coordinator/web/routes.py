@@ -1,5 +1,6 @@
-"""HTML pages: the leaderboard at `/` (and `/ui/leaderboard`), releases, the expert catalog,
-and their PNG plots. Routes stay thin: `queries` reads, `analysis` computes, `plots` draws.
+"""HTML pages: the leaderboard at `/` (and `/ui/leaderboard`), the comparison of two releases
+(`/ui/compare`), releases, the expert catalog, and their PNG plots. Routes stay thin:
+`queries` reads, `analysis` computes, `plots` draws.
 
 Pages follow the coordinator's read policy (`ReaderDep`): public unless `public_read` is off.
 """
@@ -20,11 +21,13 @@ from fastapi.templating import Jinja2Templates
 
 from coordinator.core.deps import SessionDep, require_reader
 from coordinator.core.errors import NotFound
-from coordinator.core.params import Offset, RowNumber
+from coordinator.core.params import Offset, RowFilter, RowNumber
 from coordinator.evaluations.models import EvaluationResult
 from coordinator.evaluations.public_errors import redact
 from coordinator.experts import service as experts
+from coordinator.leaderboard import comparisons
 from coordinator.leaderboard import service as leaderboard
+from coordinator.leaderboard.schemas import PairedDelta
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
 from coordinator.releases.schemas import method_settings
@@ -76,7 +79,24 @@ def _kl(value: float | None) -> str:
     return "∞" if math.isinf(value) else f"{value:.3f}"
 
 
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.3f}"
+
+
+def _interval(delta: PairedDelta) -> str:
+    return f"[{delta.low:+.3f}, {delta.high:+.3f}]"
+
+
+def _p_value(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
 templates.env.globals["query_url"] = _query_url
+templates.env.globals["confidence"] = comparisons.CONFIDENCE
+templates.env.globals["resamples"] = comparisons.RESAMPLES
+templates.env.filters["signed"] = _signed
+templates.env.filters["interval"] = _interval
+templates.env.filters["p_value"] = _p_value
 templates.env.filters["accuracy"] = _accuracy
 templates.env.filters["date"] = _date
 templates.env.filters["kl"] = _kl
@@ -257,6 +277,7 @@ def release_page(request: Request, session: SessionDep, number: RowNumber) -> HT
     tasks = [_task_analysis(r, versions, oracles.get(r.task)) for r in results]
     mean = leaderboard.mean_accuracy([r.accuracy for r in results])
     base = queries.base_model_of(session, release)
+    groups = leaderboard.task_groups(session)
     return _render(
         request,
         "release.html",
@@ -268,7 +289,50 @@ def release_page(request: Request, session: SessionDep, number: RowNumber) -> HT
         tasks=tasks,
         mean=mean,
         jobs=queries.release_jobs(session, release),
-        groups=leaderboard.task_groups(session),
+        groups=groups,
+        vs_base=comparisons.versus_base(session, [release], groups=groups)[release.id],
+    )
+
+
+@router.get("/ui/compare", response_class=HTMLResponse)
+def compare_page(
+    request: Request,
+    session: SessionDep,
+    a: RowFilter = None,
+    b: RowFilter = None,
+    a_job: RowFilter = None,
+    b_job: RowFilter = None,
+    examples_per_task: Annotated[int | None, Query(ge=1)] = None,
+    seed: int | None = None,
+) -> HTMLResponse:
+    """Release a against release b on the same examples (`comparisons.compare`, the JSON of
+    `GET /leaderboard/compare`); without both, only the form."""
+    comparison, error, status = None, None, 200
+    if a is not None and b is not None:
+        try:
+            comparison = comparisons.compare(
+                session,
+                a,
+                b,
+                groups=leaderboard.task_groups(session),
+                a_job=a_job,
+                b_job=b_job,
+                examples_per_task=examples_per_task,
+                seed=seed,
+            )
+        except NotFound as missing:
+            return _not_found(request, missing.message)
+        except comparisons.ComparisonRejected as rejected:
+            error, status = rejected.message, 422
+    return _render(
+        request,
+        "compare.html",
+        status_code=status,
+        nav="leaderboard",
+        comparison=comparison,
+        error=error,
+        a=a,
+        b=b,
     )
 
 

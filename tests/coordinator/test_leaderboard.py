@@ -59,6 +59,7 @@ def test_scores_and_mean_per_release(app, client, maintainer, releases):
         "n": 10,
         "evaluator_version": "v1",
         "job_id": job_id,
+        "has_outcomes": False,
     }
     assert (first["mean_accuracy"], third["mean_accuracy"]) == (0.625, 0.25)
 

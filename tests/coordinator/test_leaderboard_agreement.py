@@ -83,7 +83,8 @@ def _cell(value: float | None) -> str:
 
 def _as_page_row(row: dict[str, Any], tasks: list[str], groups: list[str]) -> list[str]:
     """What the page shows of an API row: release, method, base model, experts, mean, group
-    means, then each task's accuracy, standard error and n."""
+    means, the difference against the base (none here: no per-example outcomes), then each
+    task's accuracy, standard error and n."""
     method = row["method"] + (f" k={row['top_k']}" if row["top_k"] else "")
     mean = f"{row['mean_accuracy']:.3f} ±{row['mean_stderr']:.3f} {len(row['scores'])} tasks"
     cells = [
@@ -97,6 +98,7 @@ def _as_page_row(row: dict[str, Any], tasks: list[str], groups: list[str]) -> li
         str(len(row["experts"])),
         mean,
         *(_cell(row["group_means"].get(group)) for group in groups),
+        "–",
         *cells,
     ]
 
@@ -124,7 +126,7 @@ def test_api_and_page_list_the_same_releases_in_the_same_order_with_the_same_num
         rows, html = _page(client, sort=page_sort, order=order, limit=PAGE, offset=offset)
         groups = ["held_in", "held_out"]
         expected = [_as_page_row(row, board["tasks"], groups) for row in board["releases"]]
-        columns = 5 + len(groups) + len(board["tasks"])
+        columns = 6 + len(groups) + len(board["tasks"])
         assert [_shown(row, columns) for row in rows] == expected
         assert board["total"] == len(SCORES)
         assert f'data-total="{board["total"]}"' in html
@@ -138,7 +140,7 @@ def test_the_held_out_view_agrees_and_accepts_either_spelling(client, catalog):
     assert _api(client, split="held-out", sort="mean", order="desc", limit=PAGE) == board
     rows, _ = _page(client, split="held-out", limit=PAGE)
     expected = [_as_page_row(row, board["tasks"], []) for row in board["releases"]]
-    assert [_shown(row, 5 + len(HELD_OUT)) for row in rows] == expected
+    assert [_shown(row, 6 + len(HELD_OUT)) for row in rows] == expected
 
 
 def test_the_newest_evaluation_counts_on_both(client, catalog):
@@ -151,7 +153,7 @@ def test_the_newest_evaluation_counts_on_both(client, catalog):
         "held_out": pytest.approx(sum(newer[2:]) / 2),
     }
     first, _ = _page(client, sort="release", order="asc", limit=1)
-    assert first[0][7] == f"{newer[0]:.3f} ±{TaskOutcome(newer[0]).stderr:.3f} n=40"
+    assert first[0][8] == f"{newer[0]:.3f} ±{TaskOutcome(newer[0]).stderr:.3f} n=40"
 
 
 def test_only_the_api_lists_unevaluated_releases_unless_asked_not_to(client, catalog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text
@@ -11,6 +12,10 @@ from sqlalchemy.orm import Session
 
 from coordinator import migrations
 from coordinator.core.db import make_engine
+from coordinator.core.errors import NotFound
+from coordinator.evaluations import service as evaluations
+from coordinator.evaluations.models import EvaluationResult
+from coordinator.leaderboard import comparisons
 from coordinator.releases.models import Release
 
 TABLES = {
@@ -212,6 +217,51 @@ def test_0004_upgrades_a_0003_release_to_empty_method_params(fresh_database_url)
         with Session(engine) as session:
             release = session.scalars(select(Release)).one()
             assert (release.number, release.method, release.method_params) == (1, "phatgoose", {})
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, migrations.target_metadata()) == []
+    finally:
+        engine.dispose()
+
+
+def test_0005_keeps_results_scored_before_it_without_outcomes(fresh_database_url):
+    engine = make_engine(fresh_database_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        _fill_a_0001_database(engine)
+        migrations.upgrade(engine, "0004")
+        now = datetime(2026, 11, 30, tzinfo=UTC)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO evaluation_jobs (id, release_id, spec, state, attempts, "
+                    "created_at, finished_at) VALUES (1, 1, :spec, 'done', 1, :now, :now)"
+                ),
+                {"now": now, "spec": '{"tasks": ["parity"], "examples_per_task": 20}'},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO evaluation_results (id, job_id, release_id, task, accuracy, "
+                    "stderr, n, evaluator_version, precision, created_at) "
+                    "VALUES (1, 1, 1, 'parity', 0.5, 0.1, 20, 'v1', 'float32', :now)"
+                ),
+                {"now": now},
+            )
+        migrations.upgrade(engine)
+        column = next(
+            c for c in inspect(engine).get_columns("evaluation_results") if c["name"] == "outcomes"
+        )
+        assert column["nullable"] is True
+        with Session(engine) as session:
+            result = session.scalars(select(EvaluationResult)).one()
+            assert (result.task, result.accuracy, result.n) == ("parity", 0.5, 20)
+            assert (result.has_outcomes, result.outcomes) == (False, None)
+            with pytest.raises(NotFound, match="no per-example outcomes"):
+                evaluations.task_outcomes(session, 1, "parity")
+            # A comparison with it works, and says why it has no difference.
+            (task,) = comparisons.compare(session, 1, 1, groups={}).tasks
+            assert (task.a, task.difference) == (0.5, None)
+            assert task.reason is not None and "no per-example outcomes" in task.reason
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, migrations.target_metadata()) == []

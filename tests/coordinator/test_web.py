@@ -129,7 +129,7 @@ def test_leaderboard_shows_every_evaluated_release_best_mean_first_after_the_ora
 
 def test_leaderboard_cells_show_accuracy_stderr_n_evaluator_and_date(client, world):
     row = _board(client)[1]
-    hyperbaton = row[7]  # after the mean and the held-in and held-out means, tasks by name
+    hyperbaton = row[8]  # after the mean, the group means and Δ vs base, tasks by name
     stderr = math.sqrt(0.75 * 0.25 / 40)
     assert hyperbaton == f"0.750 ±{stderr:.3f} n=40"
     assert row[-2] == "0.1.0"
@@ -171,7 +171,7 @@ def test_held_out_view_shows_only_held_out_tasks_and_their_mean(client, world):
     assert _numbers(rows) == ["oracle", "#5", "#3", "#1", "#2", "#4"]
     assert "sort=task%3Awinowhy" in html and "sort=task%3Ahyperbaton" not in html
     phatgoose = rows[1]
-    assert phatgoose[4].startswith("0.600") and len(phatgoose) == 5 + 1 + 2
+    assert phatgoose[4].startswith("0.600") and len(phatgoose) == 5 + 1 + 1 + 2
 
 
 def test_held_in_view_averages_held_in_tasks(client, world):

@@ -105,6 +105,22 @@ def test_worker_stores_what_the_library_computes(
         assert stored["precision"] == "float32"  # auto, pinned to float32 for the suite
 
 
+def test_worker_stores_each_example_s_answer_and_whether_it_was_right(
+    app, client, maintainer, experts, base_dir, tasks_dir
+):
+    create_release(client, maintainer, method="phatgoose", experts=["alice/a", "bob/b"])
+    job_id = _queue(client, maintainer)
+    assert _worker(app, _options(base_dir, tasks_dir)).run(once=True) == 1
+    for task in TASKS:
+        result, _ = _direct(base_dir, tasks_dir, experts, task)
+        split = load_bigbench_task(task, n_eval=EXAMPLES, seed=0, tasks_dir=tasks_dir)
+        stored = client.get(f"/api/v1/evaluations/{job_id}/outcomes/{task}").json()
+        assert stored["predictions"] == list(result.predictions)
+        assert stored["correct"] == list(result.correct)
+        assert stored["choices"] == [len(example.choices) for example in split.evaluation]
+        assert sum(stored["correct"]) == round(result.accuracy * EXAMPLES)
+
+
 def test_a_worker_scoring_in_bfloat16_says_so_in_every_result(
     app, client, maintainer, experts, base_dir, tasks_dir
 ):
