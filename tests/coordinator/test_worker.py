@@ -5,6 +5,7 @@ never shares a job with a concurrent worker."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,29 @@ def test_worker_stores_each_example_s_answer_and_whether_it_was_right(
         assert stored["correct"] == list(result.correct)
         assert stored["choices"] == [len(example.choices) for example in split.evaluation]
         assert sum(stored["correct"]) == round(result.accuracy * EXAMPLES)
+
+
+@pytest.mark.parametrize(("method", "top_k"), [("phatgoose_example", 1), ("smear", None)])
+def test_a_prompt_level_release_is_scored_and_shown_as_the_library_routes_it(
+    app, client, maintainer, experts, base_dir, tasks_dir, method, top_k
+):
+    """Per-example PHATGOOSE and SMEAR-style merging, from the API to the release page."""
+    body = create_release(
+        client, maintainer, method=method, experts=["alice/a", "bob/b"], top_k=top_k
+    )
+    assert (body["method"], body["top_k"]) == (method, top_k)
+    job_id = _queue(client, maintainer)
+    assert _worker(app, _options(base_dir, tasks_dir)).run(once=True) == 1
+    stored = client.get(f"/api/v1/evaluations/{job_id}").json()
+    assert stored["state"] == "done", stored["error"]
+    for result, task in zip(stored["results"], TASKS, strict=True):
+        direct, routing = _direct(base_dir, tasks_dir, experts, task, method, top_k or 1)
+        assert (result["accuracy"], result["routing_stats"]) == (direct.accuracy, routing)
+        assert routing is not None and sum(routing["selections"]) > 0
+    html = client.get("/ui/releases/1").text
+    sources = re.findall(r'<img class="heatmap" src="([^"]+)"', html)
+    assert len(sources) == len(TASKS)
+    assert all(client.get(source).status_code == 200 for source in sources)
 
 
 def test_a_worker_scoring_in_bfloat16_says_so_in_every_result(
