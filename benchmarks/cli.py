@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help=(
         "Benchmarks. `zero-shot`: train one expert per held-in BIG-bench task and score every "
-        "routing method on held-out and held-in tasks (BENCHMARK.md). `routing-cost`: forward "
-        "latency, throughput and memory of routed models against the base model."
+        "routing method on held-out and held-in tasks (BENCHMARK.md). `zero-shot-scaling`: "
+        "the held-out mean over pools of 2, 4, 8 and all of those experts. `routing-cost`: "
+        "forward latency, throughput and memory of routed models against the base model."
     ),
     no_args_is_help=True,
 )
@@ -44,7 +45,9 @@ def zero_shot(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Preset: 'cpu' (BENCHMARK.md's reference settings, ~1.5 h on 2 idle cores), "
+            help="Preset: 'cpu' (BENCHMARK.md's whole suite at its reference training "
+            "settings, every method; about 8 h on 2 idle cores, resumable), 'cpu-4' (the "
+            "4-expert, 6-task cpu preset of the committed zero-shot-cpu* results; ~1 h), "
             "'cpu-small' (a busy 2-core machine), 'paper' (every expert, r=16; a GPU machine), "
             "'smoke' (minutes; checks the pipeline only)."
         ),
@@ -64,12 +67,38 @@ def zero_shot(
         str | None,
         typer.Option(
             help="Methods, comma-separated, from: base, phatgoose, merged, arrow, spectr, "
-            "ties, dare, average_activation, retrieval, oracle, best_individual, multitask "
-            "(default: all; ties, dare and spectr at their default hyper-parameters)."
+            "phatgoose_example, smear, ties, dare, average_activation, retrieval, oracle, "
+            "best_individual, multitask (default: all; spectr's settings chosen on the "
+            "held-in tasks, ties and dare at their defaults)."
         ),
     ] = None,
     n_eval: Annotated[
-        int | None, typer.Option(help="Evaluation split size per task (the rest is training).")
+        int | None,
+        typer.Option(help="Evaluation split size per held-in task (the rest is training)."),
+    ] = None,
+    n_eval_held_out: Annotated[
+        int | None,
+        typer.Option(
+            help="Examples scored per held-out task (all of a smaller task), the first of "
+            "the seeded shuffle; experts are unaffected."
+        ),
+    ] = None,
+    single_experts_on_held_out: Annotated[
+        bool | None,
+        typer.Option(
+            "--single-experts-on-held-out/--single-experts-on-held-in-only",
+            help="Score every single expert on the held-out tasks too (oracle and "
+            "best_individual there; the preset's default), or on the held-in tasks only.",
+            show_default=False,
+        ),
+    ] = None,
+    single_experts: Annotated[
+        str | None,
+        typer.Option(
+            help="Score only these held-in tasks' experts alone, 'a,b' (how --jobs splits "
+            "that work; oracle and best_individual are left out of such a run).",
+            show_default=False,
+        ),
     ] = None,
     eval_limit: Annotated[
         int | None,
@@ -205,6 +234,8 @@ def zero_shot(
         if methods is None
         else [m.strip() for m in methods.split(",") if m.strip()],
         "n_eval": n_eval,
+        "n_eval_held_out": n_eval_held_out,
+        "single_experts_on_held_out": single_experts_on_held_out,
         "eval_limit": eval_limit,
         "steps": steps,
         "gate_steps": gate_steps,
@@ -255,6 +286,7 @@ def zero_shot(
             publish=publish and not train_only,
             device=resolved_device,
             base_model=base_model_pair,
+            single_experts=_task_list(single_experts),
         )
         hint = expert_catalog.serve_hint()
     if parallel_info is not None:
@@ -277,6 +309,115 @@ def zero_shot(
     typer.echo(f"results: {output} (+ .md, .png)")
     if publish:
         typer.echo(hint)
+
+
+@app.command("zero-shot-scaling")
+def zero_shot_scaling(
+    preset: Annotated[
+        str | None,
+        typer.Option(help="The zero-shot run's preset (its experts and caches are reused)."),
+    ] = "cpu",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="The zero-shot run's JSON or TOML settings file, if it used one."),
+    ] = None,
+    sizes: Annotated[
+        str, typer.Option(help="Pool sizes below the full pool, comma-separated.")
+    ] = "2,4,8",
+    pools: Annotated[
+        int, typer.Option(help="Random pools per size below the full pool (seeded).", min=1)
+    ] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the pools' draw.")] = 0,
+    methods: Annotated[
+        str,
+        typer.Option(help="Methods over each pool, comma-separated (without hyper-parameters)."),
+    ] = "phatgoose,merged",
+    n_eval_held_out: Annotated[
+        int | None,
+        typer.Option(
+            help="Examples per held-out task (default: the run's); fewer scores faster, but "
+            "not the zero-shot run's examples, so its cached scores are not reused.",
+        ),
+    ] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="Score only the first N examples of each task.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="The zero-shot run's --cache-dir (its evaluation cache)."),
+    ] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="The zero-shot run's --catalog (its expert cache).")
+    ] = None,
+    catalog_database_url: Annotated[
+        str | None,
+        typer.Option(help="The zero-shot run's --catalog-database-url.", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="The zero-shot run's --precision (default: the preset's, auto).",
+            show_default=False,
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Result JSON (default benchmarks/results/zero-shot-scaling-<preset>.json); "
+            "a .md table and a .png plot are written beside it."
+        ),
+    ] = None,
+) -> None:
+    """Held-out mean of PHATGOOSE and merged over pools of 2, 4, 8 and all experts.
+
+    Three seeded random pools per size (the full pool once), each with its paired
+    difference from the base model on the same examples. Uses the zero-shot run's cached
+    experts (never trains: run `phatgoose bench zero-shot --train-only` with the same
+    settings first) and its evaluation cache, so the full pool and the base are not scored
+    again.
+    """
+    from benchmarks import scaling
+    from benchmarks import zero_shot as zs
+    from benchmarks.catalog import BenchmarkCatalog, default_catalog_dir
+
+    overrides = {
+        "n_eval_held_out": n_eval_held_out,
+        "eval_limit": eval_limit,
+        "precision": precision,
+    }
+    settings = zs.load_config(preset, config, overrides)
+    try:
+        resolved_device = zs.resolve_device(device)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    output = output or RESULTS_DIR / f"zero-shot-scaling-{preset or 'custom'}.json"
+    with BenchmarkCatalog(
+        catalog or default_catalog_dir(), database_url=catalog_database_url
+    ) as expert_catalog:
+        try:
+            record = scaling.run_scaling(
+                settings,
+                cache_dir=cache_dir or cache_root() / "benchmark-experts",
+                catalog=expert_catalog,
+                sizes=_int_list(sizes),
+                pools_per_size=pools,
+                seed=seed,
+                methods=[m.strip() for m in methods.split(",") if m.strip()],
+                device=resolved_device,
+                output=output,
+                say=typer.echo,
+            )
+        except zs.NotCached as missing:
+            typer.echo(f"error: {missing}", err=True)
+            raise typer.Exit(1) from None
+    scaling.write(record, output)
+    typer.echo(scaling.markdown(record))
+    typer.echo(f"results: {output} (+ .md, .png)")
 
 
 class ParallelRun(TypedDict):
@@ -449,7 +590,10 @@ def routing_cost(
 
 @app.command("precision")
 def precision_effects(
-    preset: Annotated[str, typer.Option(help="The zero-shot preset: tasks and settings.")] = "cpu",
+    preset: Annotated[
+        str,
+        typer.Option(help="The zero-shot preset: tasks and settings (its committed run: cpu-4)."),
+    ] = "cpu-4",
     task: Annotated[
         str | None,
         typer.Option(
@@ -541,7 +685,10 @@ def precision_effects(
 
 @app.command("router-scale")
 def router_scale(
-    preset: Annotated[str, typer.Option(help="The zero-shot preset whose experts to use.")] = "cpu",
+    preset: Annotated[
+        str,
+        typer.Option(help="The zero-shot preset whose experts to use (its committed run: cpu-4)."),
+    ] = "cpu-4",
     more_gate_steps: Annotated[
         str, typer.Option(help="Gate steps to retrain every expert's gates with, comma-separated.")
     ] = "64",

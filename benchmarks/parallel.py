@@ -9,7 +9,8 @@ expert cache) and the evaluation cache, in phases, at most `jobs` processes at a
 2. multitask: the multitask LoRA alone, with the device to itself (its batches are the
    largest; beside the experts it crawled, see docs/benchmarks.md);
 3. scoring: the methods packed into at most `jobs` processes (routed methods and multitask
-   together; the single experts split by expert, each scored on every task);
+   together; the single experts split by expert, a process scoring its share with every
+   task in its own role, held-in or held-out, so on the examples a one-process run scores);
 4. assembly: this process reads every result from the caches (`cached_only`), writes the
    result file and publishes it, exactly as a one-process run would.
 
@@ -98,8 +99,9 @@ def multitask_jobs(config: ZeroShotConfig) -> list[Job]:
 def scoring_jobs(config: ZeroShotConfig, jobs: int) -> list[Job]:
     """Score every method in at most `jobs` processes (one more when both kinds below
     exist and `jobs` is 1). Each unit costs about one scoring pass over every task: a
-    routed method, multitask, or one single expert (a job that scores experts holds their
-    tasks in and every other task out, so each of its experts meets every task)."""
+    routed method, multitask, or one single expert (a job that scores experts is told
+    which with `--single-experts`; its tasks keep their roles, so every task is scored on
+    the examples the assembly looks up)."""
     methods = [m for m in (*ROUTED_METHODS, "multitask") if m in config.methods]
     singles = (
         list(config.held_in)
@@ -116,12 +118,8 @@ def scoring_jobs(config: ZeroShotConfig, jobs: int) -> list[Job]:
         Job(_label("score", group), ("--methods", ",".join(group)))
         for group in _deal(methods, method_jobs)
     ]
-    every = [*config.held_in, *config.held_out]
     for group in _deal(singles, single_jobs):
-        others = ",".join(t for t in every if t not in group)
-        args: tuple[str, ...] = ("--held-in", ",".join(group), "--methods", "best_individual")
-        if others:
-            args += ("--held-out", others)
+        args = ("--methods", "best_individual", "--single-experts", ",".join(group))
         result.append(Job(_label("score-single", group), args))
     return result
 

@@ -1,6 +1,8 @@
 """The zero-shot benchmark (../shared/BENCHMARK.md): train one expert per held-in task,
-then score every method of METHOD.md on the held-out tasks and on the held-in tasks'
-evaluation splits, with rank classification.
+then score every method of METHOD.md on the held-out tasks (up to `n_eval_held_out`
+examples each: they need no training pool) and on the held-in tasks' evaluation splits,
+with rank classification. Every method is compared with the base and PHATGOOSE example by
+example, and every expert alone with the base on its own task (its own-task gain).
 
 Methods: base, merged, arrow, spectr, phatgoose_example (per-example PHATGOOSE), smear
 (SMEAR-style merging), ties, dare, average_activation, retrieval, phatgoose (zero-shot; the
@@ -38,7 +40,7 @@ import shutil
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +111,11 @@ class ZeroShotConfig:
     held_out: list[str] = field(default_factory=lambda: list(HELD_OUT_TASKS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     base_model: str = DEFAULT_BASE_MODEL
+    # A held-in task's first `n_eval` examples (seeded shuffle) are its evaluation split, the
+    # rest its training pool. A held-out task has no training pool: up to `n_eval_held_out`
+    # of its examples are scored (all of a smaller task), the first of the same shuffle.
     n_eval: int = 100
+    n_eval_held_out: int = 300
     split_seed: int = 0
     max_train_examples: int | None = None
     # LoRA and gates (TrainingConfig)
@@ -137,6 +143,11 @@ class ZeroShotConfig:
     # Score only the first `eval_limit` examples of each evaluation split (None: all). The
     # split itself (and so every training pool and cached expert) stays as `n_eval` made it.
     eval_limit: int | None = None
+    # Score every single expert on the held-out tasks too (oracle and best_individual there).
+    # False scores them on the held-in tasks only, a third of the single experts' cost when
+    # held-out tasks have 300 examples: oracle and best_individual are then reported, and
+    # best_individual chosen, on the held-in tasks alone.
+    single_experts_on_held_out: bool = True
     # Compute precision of training and scoring (phatgoose.precision). `run_zero_shot`
     # resolves `auto` on its device first, so caches are keyed by what actually ran.
     precision: Precision = "auto"
@@ -161,6 +172,8 @@ class ZeroShotConfig:
             raise ValueError("no tasks: give held-in and/or held-out tasks")
         if self.n_eval < 1:
             raise ValueError(f"n_eval must be >= 1, got {self.n_eval}")
+        if self.n_eval_held_out < 1:
+            raise ValueError(f"n_eval_held_out must be >= 1, got {self.n_eval_held_out}")
         if self.multitask_batch_size is not None and self.multitask_batch_size < 1:
             raise ValueError(
                 f"multitask_batch_size must be None or >= 1, got {self.multitask_batch_size}"
@@ -226,19 +239,15 @@ SPECTR_CANDIDATES: tuple[dict[str, str], ...] = tuple(
 )
 
 
-# BENCHMARK.md's reference settings (93 minutes on 2 idle CPU cores, measured): the four held-in
-# tasks of its reference table and six held-out BIG-bench Lite tasks with short prompts.
+# BENCHMARK.md's reference training settings (r = 8, 80 LoRA steps of batch 8, 16 gate steps)
+# over its whole suite: every held-in expert, every held-out task (up to 300 examples each),
+# every method. Estimated at about 8 hours on 2 idle cores in bfloat16, resumable through
+# the caches (docs/benchmarks.md, "The full cpu preset: what it costs").
 CPU_PRESET: dict[str, Any] = {
-    "held_in": ["sports_understanding", "navigate", "hyperbaton", "temporal_sequences"],
-    "held_out": [
-        "code_line_description",
-        "emoji_movie",
-        "hindu_knowledge",
-        "known_unknowns",
-        "strategyqa",
-        "winowhy",
-    ],
+    "held_in": list(HELD_IN_TASKS),
+    "held_out": list(HELD_OUT_TASKS),
     "n_eval": 80,
+    "n_eval_held_out": 300,
     "max_train_examples": 2000,
     "r": 8,
     "lora_alpha": 16.0,
@@ -255,6 +264,23 @@ CPU_PRESET: dict[str, Any] = {
     "max_vector_examples": 200,
     "top_k": 2,
 }
+# The cpu preset before the full suite, which made benchmarks/results/zero-shot-cpu*.json
+# (64 minutes on 2 idle cores in bfloat16, measured): the four held-in tasks of
+# BENCHMARK.md's reference table and six held-out BIG-bench Lite tasks with short prompts,
+# 80 examples each (the first 80 of the same shuffle as the full preset's 300).
+CPU_4_PRESET: dict[str, Any] = {
+    **CPU_PRESET,
+    "held_in": ["sports_understanding", "navigate", "hyperbaton", "temporal_sequences"],
+    "held_out": [
+        "code_line_description",
+        "emoji_movie",
+        "hindu_knowledge",
+        "known_unknowns",
+        "strategyqa",
+        "winowhy",
+    ],
+    "n_eval_held_out": 80,
+}
 # What fits ~1.5 h on a 2-core machine shared with other jobs (about one effective core):
 # the three short-prompt tasks of BENCHMARK.md's reference table plus social_iqa, half the
 # reference's steps, 40 evaluation examples per task, five short held-out tasks.
@@ -263,6 +289,7 @@ CPU_SMALL_PRESET: dict[str, Any] = {
     "held_in": ["sports_understanding", "navigate", "hyperbaton", "social_iqa"],
     "held_out": ["code_line_description", "emoji_movie", "known_unknowns", "strategyqa", "winowhy"],
     "n_eval": 40,
+    "n_eval_held_out": 40,
     "steps": 40,
     "gate_steps": 8,
     "max_length": 128,
@@ -291,6 +318,7 @@ SMOKE_PRESET: dict[str, Any] = {
     "held_in": ["sports_understanding", "navigate"],
     "held_out": ["strategyqa", "known_unknowns"],
     "n_eval": 16,
+    "n_eval_held_out": 16,
     "max_train_examples": 200,
     "steps": 8,
     "gate_steps": 2,
@@ -300,6 +328,7 @@ SMOKE_PRESET: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": CPU_PRESET,
+    "cpu-4": CPU_4_PRESET,
     "cpu-small": CPU_SMALL_PRESET,
     "paper": PAPER_PRESET,
     "smoke": SMOKE_PRESET,
@@ -373,24 +402,29 @@ class BenchmarkTask:
 
 
 def load_tasks(config: ZeroShotConfig, tasks_dir: Path | None = None) -> list[BenchmarkTask]:
-    """Every task's evaluation split; held-in tasks also keep their (capped) training pool."""
+    """Every task's evaluation examples: a held-in task's `n_eval` evaluation split (it
+    keeps its capped training pool), a held-out task's first `n_eval_held_out` examples of
+    the same seeded shuffle (it has no training pool)."""
     tasks = []
-    for name, held_in in [(t, True) for t in config.held_in] + [
-        (t, False) for t in config.held_out
-    ]:
+    for name in config.held_in:
         split = load_bigbench_task(
             name, n_eval=config.n_eval, seed=config.split_seed, tasks_dir=tasks_dir
         )
-        training = split.training if held_in else []
+        training = split.training
         cap = config.max_train_examples
         if cap is not None and len(training) > cap:
             training = random.Random(config.split_seed).sample(training, cap)
-        if held_in and not training:
+        if not training:
             raise ValueError(
                 f"held-in task {name!r} has no training examples left after the "
                 f"{config.n_eval} evaluation examples; lower n_eval"
             )
-        tasks.append(BenchmarkTask(split.name, held_in, split.evaluation, training))
+        tasks.append(BenchmarkTask(split.name, True, split.evaluation, training))
+    for name in config.held_out:
+        # n_eval=0: every example in the "training" half, in the split's seeded order.
+        split = load_bigbench_task(name, n_eval=0, seed=config.split_seed, tasks_dir=tasks_dir)
+        evaluation = split.training[: config.n_eval_held_out]
+        tasks.append(BenchmarkTask(split.name, False, evaluation, []))
     return tasks
 
 
@@ -652,6 +686,31 @@ def add_paired_differences(record: dict[str, Any]) -> None:
             summary.setdefault("paired", {})[reference] = compared
 
 
+def add_own_task_gains(record: dict[str, Any]) -> None:
+    """`record["own_task_gains"]`: per held-in expert scored alone, its accuracy on its own
+    task's evaluation split against the base model's, with the paired difference (expert -
+    base). Does nothing until both the base and the single experts ran; recomputed from
+    them each time (it is cheap), so it can run after every method."""
+    base = record.get("methods", {}).get("base", {}).get("tasks", {})
+    single = record.get("single_experts", {})
+    gains: dict[str, Any] = {}
+    for expert in record.get("experts", []):
+        own = single.get(expert["name"], {}).get("tasks", {}).get(expert["task"])
+        reference = base.get(expert["task"])
+        if own is None or reference is None:
+            continue
+        a, b = paired_outcomes(TaskResult(**own), TaskResult(**reference))
+        gains[expert["name"]] = {
+            "task": expert["task"],
+            "n": own["n"],
+            "expert": own["accuracy"],
+            "base": reference["accuracy"],
+            "paired": paired_difference(a, b, **PAIRED_SETTINGS).to_dict(),
+        }
+    if gains:
+        record["own_task_gains"] = gains
+
+
 def _paired(
     results: dict[str, dict[str, Any]],
     reference: dict[str, dict[str, Any]],
@@ -687,10 +746,24 @@ class NotCached(LookupError):
 class EvaluationCache:
     """Per (model configuration, task) results on disk, so an interrupted or repeated run
     scores nothing twice. `identity` names the configuration: the method, the cache keys
-    of the experts it uses, k, and what decides the scored examples."""
+    of the experts it uses, k, and what decides the scored examples (a held-out task's
+    also names `n_eval_held_out`; a held-in task's identity is what it was before held-out
+    tasks had their own count, so its cached results stay valid)."""
 
-    def __init__(self, directory: Path, config: ZeroShotConfig, fingerprint: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: ZeroShotConfig,
+        fingerprint: str,
+        held_out: Iterable[str] | None = None,
+    ) -> None:
+        """`held_out`: the held-out tasks' names as loaded (`BenchmarkTask.name`; default
+        `config.held_out`)."""
         self.directory = directory
+        self.held_out = {
+            task: {"held_out_examples": config.n_eval_held_out}
+            for task in (config.held_out if held_out is None else held_out)
+        }
         self.common = {
             "format": CACHE_FORMAT,
             "base": fingerprint,
@@ -702,7 +775,10 @@ class EvaluationCache:
         }
 
     def path(self, identity: dict[str, Any], task: str) -> Path:
-        blob = json.dumps({**self.common, **identity, "task": task}, sort_keys=True).encode()
+        examples = self.held_out.get(task, {})
+        blob = json.dumps(
+            {**self.common, **examples, **identity, "task": task}, sort_keys=True
+        ).encode()
         return self.directory / f"{hashlib.sha256(blob).hexdigest()[:20]}.json"
 
     def get(self, identity: dict[str, Any], task: str) -> TaskResult | None:
@@ -764,6 +840,50 @@ def evaluate_all(
     return results
 
 
+def method_identity(
+    method: str, params: dict[str, Any], expert_keys: Sequence[str], top_k: int
+) -> dict[str, Any]:
+    """What names a routed method's scores in the evaluation cache: the method, the cache
+    keys of its experts in order, k, the token routers' numerics and the method's
+    parameters. The scaling curve (benchmarks/scaling.py) names its pools the same way, so
+    a pool of every expert reuses the zero-shot run's scores."""
+    if method == "base":
+        return {"method": "base"}
+    identity: dict[str, Any] = {"method": method, "experts": list(expert_keys), "top_k": top_k}
+    spec = method_spec(method)
+    if spec.standardises_rows:
+        # Scores cached under other router numerics are another experiment.
+        identity["router_numerics"] = ROUTER_NUMERICS
+    if spec.params:
+        identity["params"] = params
+    return identity
+
+
+def evaluate_routed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[BenchmarkTask],
+    config: ZeroShotConfig,
+    route: Callable[[], object],
+    *,
+    cache: EvaluationCache,
+    identity: dict[str, Any],
+    bar: Any = None,
+    cached_only: bool = False,
+) -> dict[str, TaskResult]:
+    """Every task's result for the model routed by `route()`: cached results are read, the
+    rest scored with the routing built once (only when something is not cached) and always
+    undone afterwards."""
+    try:
+        return evaluate_all(
+            model, tokenizer, tasks, config, bar,
+            cache=cache, identity=identity, prepare=route, cached_only=cached_only,
+        )  # fmt: skip
+    finally:
+        if routing_state(model) is not None:
+            unroute_model(model)
+
+
 def run_zero_shot(
     config: ZeroShotConfig,
     *,
@@ -779,6 +899,7 @@ def run_zero_shot(
     catalog: BenchmarkCatalog | None = None,
     publish: bool = False,
     device: str | torch.device = "cpu",
+    single_experts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or load) the experts, evaluate every method, and return the result record.
 
@@ -797,6 +918,10 @@ def run_zero_shot(
 
     With `output`, the record is also written there after every method, so an interrupted
     run keeps what it measured. `embedder` replaces MiniLM (retrieval) in tests.
+
+    `single_experts` (held-in task names) scores only their experts alone, for oracle and
+    best_individual, which need them all and are left out of such a run: the `--jobs`
+    runner splits that work between processes with it (benchmarks/parallel.py).
     """
     started = time.perf_counter()
     record: dict[str, Any] = {
@@ -823,6 +948,9 @@ def run_zero_shot(
             "n_eval": len(t.evaluation),
             "n_scored": len(t.evaluation[: config.eval_limit]),
             "n_train": len(t.training),
+            # each scored example's number of answer choices, in order (the coordinator keeps
+            # them beside the outcomes: benchmarks.catalog.publish)
+            "choices": [len(ex.choices) for ex in t.evaluation[: config.eval_limit]],
         }
         for t in tasks
     }
@@ -897,50 +1025,50 @@ def run_zero_shot(
         "interval": "percentile bootstrap of examples within each task; tasks as strata",
         "p_value": "exact two-sided McNemar; for a mean, on the discordant examples pooled",
     }
-    cache = EvaluationCache(cache_dir / "evaluations", config, base.fingerprint)
+    cache = EvaluationCache(cache_dir / "evaluations", config, base.fingerprint, held_out)
     expert_keys = [e["key"] for e in record["experts"]]
+    expert_tasks = [e["task"] for e in record["experts"]]
+    unknown_singles = sorted(set(single_experts or ()) - set(expert_tasks))
+    if unknown_singles:
+        raise ValueError(
+            f"single_experts {unknown_singles} are not held-in tasks with an expert in this "
+            f"run; expected some of {expert_tasks}"
+        )
+    alone = {
+        e.name
+        for e, task in zip(experts, expert_tasks, strict=True)
+        if single_experts is None or task in single_experts
+    }
+    # Tasks every single expert is scored on (oracle and best_individual pick from them).
+    single_tasks = [t for t in tasks if t.held_in or config.single_experts_on_held_out]
     singles_needed = any(m in methods for m in ("oracle", "best_individual"))
-    total = len(tasks) * (
-        len([m for m in methods if m in ROUTED_METHODS or m == "multitask"])
-        + (len(experts) if singles_needed else 0)
-    ) + sum(  # choosing parameters scores each candidate on the held-in tasks
-        len(candidates) * len(held_in)
-        for method, candidates in config.param_candidates.items()
-        if method in methods and len(candidates) > 1
+    total = (
+        len(tasks) * len([m for m in methods if m in ROUTED_METHODS or m == "multitask"])
+        + (len(alone) * len(single_tasks) if singles_needed else 0)
+        + sum(
+            # choosing parameters scores each candidate on the held-in tasks
+            len(candidates) * len(held_in)
+            for method, candidates in config.param_candidates.items()
+            if method in methods and len(candidates) > 1
+        )
     )
     bar = tqdm(total=total, desc="evaluating (method x task)", disable=not progress)
 
-    def evaluate_routed(
+    def score(
         label: str,
         identity: dict[str, Any],
         route: Callable[[], object],
         task_list: Sequence[BenchmarkTask] | None = None,
     ) -> dict[str, TaskResult]:
-        """Results of the model routed by `route()` on `task_list` (every task by default;
-        routing built only if something is not cached yet, and always undone)."""
+        """`evaluate_routed` on `task_list` (every task by default), shown on the bar."""
         bar.set_postfix_str(label)
-        try:
-            return evaluate_all(
-                model, tokenizer, tasks if task_list is None else task_list, config, bar,
-                cache=cache, identity=identity, prepare=route, cached_only=cached_only,
-            )  # fmt: skip
-        finally:
-            if routing_state(model) is not None:
-                unroute_model(model)
+        return evaluate_routed(
+            model, tokenizer, tasks if task_list is None else task_list, config, route,
+            cache=cache, identity=identity, bar=bar, cached_only=cached_only,
+        )  # fmt: skip
 
-    def method_identity(method: str, params: dict[str, Any]) -> dict[str, Any]:
-        if method == "base":
-            return {"method": "base"}
-        identity: dict[str, Any] = {
-            "method": method, "experts": expert_keys, "top_k": config.top_k,
-        }  # fmt: skip
-        spec = method_spec(method)
-        if spec.standardises_rows:
-            # Scores cached under other router numerics are another experiment.
-            identity["router_numerics"] = ROUTER_NUMERICS
-        if spec.params:
-            identity["params"] = params
-        return identity
+    def identity_of(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        return method_identity(method, params, expert_keys, config.top_k)
 
     def route(method: str, params: dict[str, Any]) -> Callable[[], object]:
         return functools.partial(
@@ -957,8 +1085,8 @@ def run_zero_shot(
             return candidates[0], None
         scored: list[dict[str, Any]] = []
         for params in candidates:
-            results = evaluate_routed(
-                f"{method} {params} (held-in)", method_identity(method, params),
+            results = score(
+                f"{method} {params} (held-in)", identity_of(method, params),
                 route(method, params), task_list=held_in_tasks,
             )  # fmt: skip
             mean = sum(r.accuracy for r in results.values()) / len(results)
@@ -976,9 +1104,7 @@ def run_zero_shot(
         if method in ROUTED_METHODS:
             spec = method_spec(method)
             params, selection = choose_params(method) if spec.params else ({}, None)
-            results = evaluate_routed(
-                method, method_identity(method, params), route(method, params)
-            )
+            results = score(method, identity_of(method, params), route(method, params))
             record["methods"][method] = summarise(results, held_in, held_out)
             if spec.params:  # what the catalog's release records too
                 record["methods"][method]["params"] = params
@@ -987,29 +1113,35 @@ def run_zero_shot(
         elif method == "single_experts":
             single: dict[str, dict[str, TaskResult]] = {}
             for expert, key in zip(experts, expert_keys, strict=True):
-                single[expert.name] = evaluate_routed(
+                if expert.name not in alone:
+                    continue
+                single[expert.name] = score(
                     f"single {expert.name}",
                     {"method": "single", "expert": key},
                     functools.partial(
                         build_routed_model, model, experts, "single", expert=expert.name
                     ),
+                    task_list=single_tasks,
                 )
                 record["single_experts"][expert.name] = summarise(
                     single[expert.name], held_in, held_out
                 )
-            all_tasks = held_in + held_out
+            if len(alone) < len(experts):
+                return  # a share of the single experts: the selections need them all
+            chosen_on = [t.name for t in single_tasks]
             if "oracle" in methods:
-                choice = oracle_choice(single, all_tasks)
-                oracle = {t: single[choice[t]][t] for t in all_tasks}
+                choice = oracle_choice(single, chosen_on)
+                oracle = {t: single[choice[t]][t] for t in chosen_on}
                 record["methods"]["oracle"] = {
                     **summarise(oracle, held_in, held_out),
                     "choice": choice,
                 }
             if "best_individual" in methods:
-                best = best_individual_choice(single, all_tasks)
+                best = best_individual_choice(single, chosen_on)
                 record["methods"]["best_individual"] = {
                     **summarise(single[best], held_in, held_out),
                     "choice": best,
+                    "chosen_on": chosen_on,
                 }
         elif method == "multitask":
             bar.set_postfix_str("training multitask")
@@ -1022,7 +1154,7 @@ def run_zero_shot(
                 "batch_size": config.resolved_multitask_batch_size,
                 **info,
             }
-            results = evaluate_routed(
+            results = score(
                 "multitask",
                 {"method": "single", "expert": info["key"]},
                 functools.partial(
@@ -1040,6 +1172,7 @@ def run_zero_shot(
             record["not_run"][method] = f"not in the cache ({missing})"
             say(f"{method}: not run ({missing})")
         add_paired_differences(record)
+        add_own_task_gains(record)
         if method in record["methods"]:
             say(f"{method}: {_means_text(record['methods'][method])}")
         save()
@@ -1124,13 +1257,50 @@ def markdown_table(record: dict[str, Any]) -> str:
         picks = record["methods"]["oracle"]["choice"]
         choices.append("Oracle picks: " + ", ".join(f"{t} -> {e}" for t, e in picks.items()) + ".")
     if "best_individual" in record["methods"]:
-        choices.append(f"Best individual: {record['methods']['best_individual']['choice']}.")
+        best = record["methods"]["best_individual"]
+        held_in_only = best.get("chosen_on") is not None and all(
+            tasks[t]["held_in"] for t in best["chosen_on"]
+        )
+        where = " (single experts scored and chosen on held-in tasks only)" if held_in_only else ""
+        choices.append(f"Best individual: {best['choice']}{where}.")
     text = "\n".join(lines) + ("\n\n" + " ".join(choices) if choices else "") + "\n"
     for reference in PAIRED_REFERENCES:
         table = paired_table(record, reference)
         if table:
             text += "\n" + table
+    gains = own_task_gain_table(record)
+    if gains:
+        text += "\n" + gains
     return text
+
+
+def own_task_gain_table(record: dict[str, Any]) -> str:
+    """Each held-in expert alone on its own task against the base model, paired ("" before
+    both ran)."""
+    gains = record.get("own_task_gains")
+    if not gains:
+        return ""
+    confidence = record.get("paired_statistics", PAIRED_SETTINGS)["confidence"]
+    lines = [
+        "Own-task gain per expert: the expert alone on its own task's evaluation split against "
+        f"the base model; the difference in accuracy points with its {confidence:.0%} paired "
+        "bootstrap interval and the McNemar p-value; ▲/▼ where the interval excludes 0.",
+        "",
+        "| expert | task | n | base | expert | expert - base | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, gain in gains.items():
+        paired = gain["paired"]
+        lines.append(
+            f"| {name} | {gain['task']} | {gain['n']} | {gain['base']:.3f} | "
+            f"{gain['expert']:.3f} | {paired_text(paired)} | {paired['p_value']:.2g} |"
+        )
+    better = sum(1 for g in gains.values() if g["paired"]["significant"] and g["paired"]["low"] > 0)
+    lines += [
+        "",
+        f"{better} of {len(gains)} experts beat the base on their own task (interval above 0).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def paired_text(difference: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from benchmarks.zero_shot import (
     ZeroShotConfig,
     add_paired_differences,
     best_individual_choice,
+    cache_key,
     load_config,
+    load_tasks,
     markdown_table,
     oracle_choice,
     paired_table,
@@ -24,6 +27,7 @@ from benchmarks.zero_shot import (
     record_json,
     run_zero_shot,
 )
+from phatgoose.bigbench import HELD_IN_TASKS, HELD_OUT_TASKS, load_bigbench_task
 from phatgoose.evaluation import TaskResult
 from phatgoose.paired import paired_difference, paired_mean_difference
 from protocol import METHOD_SPECS
@@ -67,6 +71,7 @@ def tiny_config(**overrides):
         held_in=["alpha", "beta"],
         held_out=["gamma"],
         n_eval=4,
+        n_eval_held_out=4,
         r=2,
         lora_alpha=4.0,
         steps=2,
@@ -405,3 +410,192 @@ def test_one_candidate_fixes_the_parameters_and_bad_candidates_are_refused():
         tiny_config(param_candidates={"ties": [{"density": 2.0}]})
     with pytest.raises(ValueError, match="at least one setting"):
         tiny_config(param_candidates={"dare": []})
+
+
+def scored_files(cache_dir):
+    return set((cache_dir / "evaluations").glob("*.json"))
+
+
+def test_held_out_tasks_score_up_to_n_eval_held_out_examples_of_the_seeded_shuffle(tasks_dir):
+    write_task(tasks_dir, "delta", ["on", "off"], 30)
+    config = tiny_config(held_out=["gamma", "delta"], n_eval=4, n_eval_held_out=10)
+    tasks = {t.name: t for t in load_tasks(config, tasks_dir)}
+    shuffled = load_bigbench_task("delta", n_eval=0, seed=0, tasks_dir=tasks_dir).training
+    assert tasks["delta"].evaluation == shuffled[:10]
+    assert tasks["delta"].training == []
+    assert len(tasks["gamma"].evaluation) == 6  # all of a smaller task
+    # Held-in tasks keep their evaluation split and training pool.
+    alpha = load_bigbench_task("alpha", n_eval=4, seed=0, tasks_dir=tasks_dir)
+    assert (tasks["alpha"].evaluation, tasks["alpha"].training) == (
+        alpha.evaluation,
+        alpha.training,
+    )
+    # The first n_eval of them are the evaluation split the task had before held-out tasks
+    # had their own count: cpu-4 (n_eval_held_out = n_eval) scores the committed examples.
+    before = load_bigbench_task("delta", n_eval=4, seed=0, tasks_dir=tasks_dir).evaluation
+    assert tasks["delta"].evaluation[:4] == before
+    other_seed = load_tasks(
+        tiny_config(held_out=["delta"], n_eval_held_out=10, split_seed=1), tasks_dir
+    )
+    assert other_seed[-1].evaluation != tasks["delta"].evaluation
+    with pytest.raises(ValueError, match="n_eval_held_out must be >= 1"):
+        tiny_config(n_eval_held_out=0)
+
+
+def test_more_held_out_examples_rescore_held_out_tasks_only_and_keep_the_experts(
+    tmp_path, tasks_dir
+):
+    kwargs = dict(
+        cache_dir=tmp_path / "cache", tasks_dir=tasks_dir, embedder=letter_counts, progress=False
+    )
+    methods = ["base", "phatgoose"]
+    first = run_zero_shot(
+        tiny_config(methods=methods, n_eval_held_out=4),
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        **kwargs,
+    )
+    files = scored_files(tmp_path / "cache")
+    assert len(files) == 2 * 3
+    second = run_zero_shot(
+        tiny_config(methods=methods, n_eval_held_out=6),
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        **kwargs,
+    )
+    # The experts' cache keys do not depend on the held-out tasks: nothing is retrained.
+    assert [e["cached"] for e in second["experts"]] == [True, True]
+    assert [e["key"] for e in second["experts"]] == [e["key"] for e in first["experts"]]
+    # Only the held-out task was scored again (once per method), on all six examples.
+    assert len(scored_files(tmp_path / "cache") - files) == 2
+    assert second["tasks"]["gamma"]["n_scored"] == 6
+    assert second["tasks"]["gamma"]["choices"] == [2] * 6  # hot, cold
+    assert first["tasks"]["beta"]["choices"] == [3] * 4
+    for method in methods:
+        assert second["methods"][method]["tasks"]["gamma"]["n"] == 6
+        for task in ("alpha", "beta"):
+            assert second["methods"][method]["tasks"][task] == first["methods"][method]["tasks"][
+                task
+            ] | {"seconds": second["methods"][method]["tasks"][task]["seconds"]}
+    # eval_limit caps held-in and held-out tasks alike.
+    limited = run_zero_shot(
+        tiny_config(methods=["base"], n_eval_held_out=6, eval_limit=3),
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        **kwargs,
+    )
+    assert {t: info["n_scored"] for t, info in limited["tasks"].items()} == {
+        "alpha": 3,
+        "beta": 3,
+        "gamma": 3,
+    }
+
+
+def test_the_held_out_identity_of_a_cached_score_names_its_example_count(tmp_path):
+    config = tiny_config(n_eval_held_out=4)
+    cache = EvaluationCache(tmp_path, config, "fingerprint")
+    more = EvaluationCache(tmp_path, tiny_config(n_eval_held_out=5), "fingerprint")
+    identity = {"method": "base"}
+    assert cache.path(identity, "gamma") != more.path(identity, "gamma")  # held out
+    assert cache.path(identity, "alpha") == more.path(identity, "alpha")  # held in
+    # The same task held in is another set of examples, so another entry.
+    roles_swapped = EvaluationCache(tmp_path, config, "fingerprint", held_out=["alpha"])
+    assert roles_swapped.path(identity, "alpha") != cache.path(identity, "alpha")
+
+
+def test_the_cpu_preset_is_the_whole_suite_and_cpu_4_the_committed_one():
+    cpu = load_config("cpu")
+    assert (cpu.held_in, cpu.held_out) == (list(HELD_IN_TASKS), list(HELD_OUT_TASKS))
+    assert cpu.methods == list(METHODS)
+    assert (cpu.n_eval, cpu.n_eval_held_out, cpu.single_experts_on_held_out) == (80, 300, True)
+    four = load_config("cpu-4")
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    committed = json.loads((results / "zero-shot-cpu-bf16.json").read_text())["config"]
+    # Every setting the committed run recorded is cpu-4's (the method list has grown since).
+    for key, value in committed.items():
+        if key != "methods":
+            assert getattr(four, key) == value, key
+    assert four.n_eval_held_out == committed["n_eval"]  # the same held-out examples
+    # One training recipe: the four shared experts have the same cache keys in both.
+    assert cpu.training_config() == four.training_config()
+    assert cache_key("navigate", "f", cpu, cpu.training_config()) == cache_key(
+        "navigate", "f", four, four.training_config()
+    )
+
+
+def test_own_task_gain_is_each_expert_alone_on_its_task_against_the_base(tmp_path, tasks_dir):
+    record = run_zero_shot(
+        tiny_config(methods=["base", "best_individual"]),
+        cache_dir=tmp_path / "cache",
+        tasks_dir=tasks_dir,
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        embedder=letter_counts,
+        progress=False,
+    )
+    gains = record["own_task_gains"]
+    assert set(gains) == {"alpha", "beta"}
+    base = record["methods"]["base"]["tasks"]
+    for expert, gain in gains.items():
+        own = record["single_experts"][expert]["tasks"][expert]
+        assert (gain["task"], gain["n"]) == (expert, 4)
+        assert (gain["expert"], gain["base"]) == (own["accuracy"], base[expert]["accuracy"])
+        expected = paired_difference(own["correct"], base[expert]["correct"], **PAIRED_SETTINGS)
+        assert gain["paired"] == expected.to_dict()
+    table = markdown_table(record)
+    assert "Own-task gain per expert" in table
+    alpha = gains["alpha"]
+    row = f"| alpha | alpha | 4 | {alpha['base']:.3f} | {alpha['expert']:.3f} | "
+    assert row in table
+    # Without the base, there is nothing to compare with.
+    alone = run_zero_shot(
+        tiny_config(methods=["best_individual"]),
+        cache_dir=tmp_path / "cache",
+        tasks_dir=tasks_dir,
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        embedder=letter_counts,
+        progress=False,
+    )
+    assert "own_task_gains" not in alone
+
+
+def test_single_experts_on_held_in_tasks_only(tmp_path, tasks_dir):
+    record = run_zero_shot(
+        tiny_config(
+            methods=["base", "oracle", "best_individual"], single_experts_on_held_out=False
+        ),
+        cache_dir=tmp_path / "cache",
+        tasks_dir=tasks_dir,
+        base_model=(tiny_llama(), tiny_tokenizer()),
+        embedder=letter_counts,
+        progress=False,
+    )
+    for summary in record["single_experts"].values():
+        assert set(summary["tasks"]) == {"alpha", "beta"}
+    oracle = record["methods"]["oracle"]
+    assert set(oracle["choice"]) == set(oracle["tasks"]) == {"alpha", "beta"}
+    assert oracle["held_out_mean"] is None
+    best = record["methods"]["best_individual"]
+    assert best["chosen_on"] == ["alpha", "beta"]
+    assert "gamma" not in best["tasks"]
+    assert len(scored_files(tmp_path / "cache")) == 3 + 2 * 2  # base, two experts on two
+    assert "single experts scored and chosen on held-in tasks only" in markdown_table(record)
+
+
+def test_single_experts_scored_in_shares_add_up_to_the_selections(tmp_path, tasks_dir):
+    kwargs = dict(
+        cache_dir=tmp_path / "cache", tasks_dir=tasks_dir, embedder=letter_counts, progress=False
+    )
+    config = tiny_config(methods=["oracle", "best_individual"])
+    for share in (["alpha"], ["beta"]):
+        part = run_zero_shot(
+            config, base_model=(tiny_llama(), tiny_tokenizer()), single_experts=share, **kwargs
+        )
+        assert list(part["single_experts"]) == share
+        assert part["methods"] == {}  # a share cannot select among all the experts
+    assert len(scored_files(tmp_path / "cache")) == 2 * 3
+    whole = run_zero_shot(
+        config, base_model=(tiny_llama(), tiny_tokenizer()), cached_only=True, **kwargs
+    )
+    assert whole["complete"]
+    assert set(whole["methods"]) == {"oracle", "best_individual"}
+    with pytest.raises(ValueError, match=r"single_experts \['gamma'\] are not held-in tasks"):
+        run_zero_shot(
+            config, base_model=(tiny_llama(), tiny_tokenizer()), single_experts=["gamma"], **kwargs
+        )

@@ -43,15 +43,14 @@ def test_scoring_packs_methods_and_single_experts_into_the_jobs():
     assert [job.label for job in jobs] == [
         "score-base", "score-phatgoose", "score-single-alpha", "score-single-beta",
     ]  # fmt: skip
-    # alpha's job holds alpha in and every other task out: its expert meets all of them.
-    assert jobs[2].args == (
-        "--held-in", "alpha", "--methods", "best_individual", "--held-out", "beta,gamma",
-    )  # fmt: skip
+    # alpha's job scores alpha's expert alone; every task keeps its role (a held-in task
+    # turned held-out would be scored on other examples than the assembly looks up).
+    assert jobs[2].args == ("--methods", "best_individual", "--single-experts", "alpha")
     # Two processes: the methods share one, the single experts the other.
     jobs = scoring_jobs(config, jobs=2)
     assert [job.args for job in jobs] == [
         ("--methods", "base,phatgoose"),
-        ("--held-in", "alpha,beta", "--methods", "best_individual", "--held-out", "gamma"),
+        ("--methods", "best_individual", "--single-experts", "alpha,beta"),
     ]
     assert scoring_jobs(tiny_config(methods=["phatgoose"]), jobs=3) == [
         Job("score-phatgoose", ("--methods", "phatgoose"))
