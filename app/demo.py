@@ -11,10 +11,16 @@
 4. Experts already in the catalog (same base model, same training settings) are reused: a
    second run trains nothing.
 5. Each expert alone is scored on its own task's evaluation split against the base model
-   on the same examples (`app.own_task`).
+   on the same examples (`app.own_task`): the paired gain with its 95% interval.
 6. PHATGOOSE, merged and base releases are built over the catalogued experts, evaluated by
    the coordinator's evaluation worker on the held-in tasks' evaluation splits and on
-   held-out tasks, and the leaderboard is printed (and served at /ui/leaderboard).
+   held-out tasks, and the leaderboard is printed (and served at /ui/leaderboard), with
+   each release's paired difference against the base on the held-in and held-out means
+   (the leaderboard's `vs_base`), marked only where its 95% interval excludes 0.
+
+At this size (three experts, 40 examples per task) the intervals are wide: the demo shows
+the platform working, and whether recycling experts helps is answered by the benchmark
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
 from rich.console import Console
@@ -36,6 +42,10 @@ from rich.live import Live
 from app.console import Grid, demo_console, render
 from app.federation import Contributor, LocalFederation, TrainingProgress
 from protocol.flower import FlowerConfigError, RoundSettings, TrainingRequest
+
+if TYPE_CHECKING:
+    from app.own_task import OwnTaskScore
+    from coordinator.leaderboard.schemas import Leaderboard, LeaderboardRow
 
 console = demo_console()
 
@@ -388,7 +398,10 @@ def queue_evaluations(
     create: bool = True,
 ) -> int:
     """One evaluation job per release on the held-in and held-out tasks, unless one with
-    the same spec exists; returns how many jobs are not done yet (new or unfinished)."""
+    the same spec exists (not failed, and when done, with per-example outcomes on every
+    task: one stored before the coordinator kept them cannot be compared with the base, so
+    the release is evaluated again); returns how many jobs are not done yet (new or
+    unfinished)."""
     from coordinator.evaluations import service as evaluations
     from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
     from coordinator.releases import service as releases
@@ -408,7 +421,12 @@ def queue_evaluations(
             existing = [
                 job
                 for job in evaluations.list_jobs_of_release(session, release.id)
-                if {k: job.spec.get(k) for k in wanted} == wanted and job.state != "failed"
+                if {k: job.spec.get(k) for k in wanted} == wanted
+                and job.state != "failed"
+                and (
+                    job.state != "done"
+                    or all(r.has_outcomes for r in evaluations.job_results(session, job.id))
+                )
             ]
             if not existing and create:
                 evaluations.create_job(session, request, by=maintainer)
@@ -417,13 +435,41 @@ def queue_evaluations(
     return pending
 
 
-def leaderboard_grid(sessions: Any, numbers: Mapping[str, int], plan: DemoPlan) -> Grid:
-    """Tasks down, releases across: accuracy ± standard error, then the group means."""
-    from coordinator.leaderboard.service import leaderboard
+class PairedNumbers(Protocol):
+    """What a paired difference shows: `phatgoose.paired.PairedDifference`, or the
+    leaderboard's `PairedDelta` of one."""
 
-    with sessions() as session:
-        board = leaderboard(session)
-    rows = [row for row in board.releases if row.release in set(numbers.values())]
+    @property
+    def delta(self) -> float: ...
+
+    @property
+    def low(self) -> float: ...
+
+    @property
+    def high(self) -> float: ...
+
+    @property
+    def significant(self) -> bool: ...
+
+
+def paired_cell(difference: PairedNumbers, digits: int = 3) -> str:
+    """`+0.125 [+0.050, +0.200] ▲`: the difference and its 95% interval, marked ▲ (above 0)
+    or ▼ (below) only when the interval excludes 0."""
+    d = digits
+    text = f"{difference.delta:+.{d}f} [{difference.low:+.{d}f}, {difference.high:+.{d}f}]"
+    if difference.significant:
+        text += " ▲" if difference.low > 0 else " ▼"
+    return text
+
+
+# The leaderboard's task groups, as the demo prints them.
+GROUPS = (("held_in", "held-in"), ("held_out", "held-out"))
+
+
+def leaderboard_grid(board: Leaderboard, numbers: Mapping[str, int], plan: DemoPlan) -> Grid:
+    """Tasks down, the releases of `numbers` across: accuracy ± standard error, the group
+    means, then each release's paired difference of them against the base (`vs_base`)."""
+    rows = demo_rows(board, numbers)
     lines: list[tuple[str, ...]] = []
     for task in [*plan.held_in, *plan.held_out]:
         label = task + (" (held out)" if task in plan.held_out else "")
@@ -438,14 +484,58 @@ def leaderboard_grid(sessions: Any, numbers: Mapping[str, int], plan: DemoPlan) 
                 ),
             )
         )
-    for group, label in (("held_in", "held-in mean"), ("held_out", "held-out mean")):
-        lines.append((label, *(_fmt(row.group_means.get(group)) for row in rows)))
+    for group, label in GROUPS:
+        lines.append((f"{label} mean", *(_fmt(row.group_means.get(group)) for row in rows)))
+    for group, label in GROUPS:
+        lines.append((f"{label} Δ vs base", *(_versus_base_cell(row, group) for row in rows)))
     return Grid(
-        "leaderboard (accuracy ± standard error)",
+        "leaderboard (accuracy ± standard error; Δ vs base: paired difference of the mean "
+        "[95% interval], ▲/▼ where the interval excludes 0)",
         ("task", *(f"#{row.release} {row.method}" for row in rows)),
         tuple(lines),
-        strong=frozenset({len(lines) - 2, len(lines) - 1}),
+        strong=frozenset(range(len(lines) - 2 * len(GROUPS), len(lines))),
     )
+
+
+def demo_rows(board: Leaderboard, numbers: Mapping[str, int]) -> list[LeaderboardRow]:
+    """The leaderboard's rows of the demo's releases, in the leaderboard's order."""
+    wanted = set(numbers.values())
+    return [row for row in board.releases if row.release in wanted]
+
+
+def _is_reference(row: LeaderboardRow) -> bool:
+    """Whether the row is the base evaluation the others are compared with."""
+    return row.vs_base is not None and row.vs_base.base_release == row.release
+
+
+def _versus_base_cell(row: LeaderboardRow, group: str) -> str:
+    if _is_reference(row):
+        return "reference"
+    mean = row.vs_base.group_means.get(group) if row.vs_base is not None else None
+    return "n/a" if mean is None or mean.difference is None else paired_cell(mean.difference)
+
+
+def versus_base_notes(board: Leaderboard, numbers: Mapping[str, int], plan: DemoPlan) -> list[str]:
+    """What the Δ vs base rows mean at the demo's size, and why a release has none."""
+    notes = [
+        f"Δ vs base: a release's mean minus the base model's on the same {plan.n_eval} "
+        "examples per task, with the 95% paired bootstrap interval; an interval that "
+        "includes 0 means this demo cannot tell the release from the base on those tasks. "
+        "The benchmark (docs/benchmarks.md) is where the question is answered."
+    ]
+    for row in demo_rows(board, numbers):
+        if _is_reference(row):
+            continue
+        vs_base = row.vs_base
+        if vs_base is None or not vs_base.group_means:
+            reason = vs_base.reason if vs_base is not None else None
+            notes.append(f"#{row.release} {row.method}: no Δ vs base ({reason or 'not compared'})")
+            continue
+        for group, label in GROUPS:
+            mean = vs_base.group_means.get(group)
+            if mean is not None and mean.difference is None:
+                notes.append(f"#{row.release} {row.method}, {label}: no Δ vs base ({mean.reason})")
+    return notes
 
 
 def score_own_tasks(
@@ -456,7 +546,7 @@ def score_own_tasks(
     model: Any,
     tokenizer: Any,
     tasks_dir: Path | None,
-) -> list[Any]:
+) -> list[OwnTaskScore]:
     """Each catalogued expert alone on its own task's evaluation split, the base model on
     the same examples (`app.own_task`), scored as the evaluation worker scores (its batch
     size and maximum length); prints the table and returns the `OwnTaskScore`s."""
@@ -493,7 +583,7 @@ def score_own_tasks(
     return scores
 
 
-def own_task_grid(scores: Sequence[Any]) -> Grid:
+def own_task_grid(scores: Sequence[OwnTaskScore]) -> Grid:
     """Expert and base accuracy on each expert's own task, and the paired gain."""
     rows = tuple(
         (
@@ -501,28 +591,43 @@ def own_task_grid(scores: Sequence[Any]) -> Grid:
             str(s.n),
             f"{s.expert_accuracy:.2f}",
             f"{s.base_accuracy:.2f}",
-            f"{s.gain:+.2f} ± {s.gain_stderr:.2f}",
-            f"{s.expert_only} / {s.base_only}",
+            paired_cell(s.gain, digits=2),
+            _p_value(s.gain.p_value),
+            f"{s.gain.a_only} / {s.gain.b_only}",
         )
         for s in scores
     )
     return Grid(
-        "each expert alone on its own task (held-back examples, paired with the base)",
-        ("task", "n", "expert alone", "base", "gain ± SE", "right: expert only / base only"),
+        "each expert alone on its own task (held-back examples, paired with the base; "
+        "▲/▼ where the 95% interval excludes 0)",
+        (
+            "task",
+            "n",
+            "expert alone",
+            "base",
+            "gain [95% interval]",
+            "McNemar p",
+            "right: expert only / base only",
+        ),
         rows,
     )
 
 
-def own_task_verdict(scores: Sequence[Any]) -> str:
-    """How many experts beat the base on their own task, and how clearly."""
-    beat = [s for s in scores if s.gain > 0]
-    clear = [s for s in beat if s.gain > 2 * s.gain_stderr]
+def own_task_verdict(scores: Sequence[OwnTaskScore]) -> str:
+    """How many experts beat the base on their own task, and how many clearly (their 95%
+    paired interval lies above 0)."""
+    beat = [s for s in scores if s.gain.delta > 0]
+    clear = [s for s in beat if s.gain.significant]
     text = (
         f"{len(beat)} of {len(scores)} expert(s) beat the base model on their own task, "
-        f"{len(clear)} by more than two standard errors"
+        f"{len(clear)} with a 95% interval above 0"
     )
-    behind = [s.task for s in scores if s.gain <= 0]
+    behind = [s.task for s in scores if s.gain.delta <= 0]
     return text + (f"; not: {', '.join(behind)}" if behind else "")
+
+
+def _p_value(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 @contextmanager
@@ -545,6 +650,7 @@ def evaluate_releases(
 ) -> dict[str, int]:
     """Releases over the catalogued experts, their evaluation (by the coordinator's own
     worker, in this process) and the leaderboard; returns method -> release number."""
+    from coordinator.leaderboard.service import leaderboard
     from coordinator.storage import LocalBlobStore
     from coordinator.worker import WorkerOptions, run_worker
 
@@ -569,7 +675,11 @@ def evaluate_releases(
             )
     else:
         console.print("every release was already evaluated on these tasks")
-    console.print(render(leaderboard_grid(sessions, numbers, plan), console.width))
+    with sessions() as session:
+        board = leaderboard(session)
+    console.print(render(leaderboard_grid(board, numbers, plan), console.width))
+    for note in versus_base_notes(board, numbers, plan):
+        console.print(note, markup=False, highlight=False)
     return numbers
 
 

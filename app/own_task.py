@@ -2,8 +2,9 @@
 
 The examples are the task's evaluation split (`load_bigbench_task` with the plan's `n_eval`
 and seed), the split the coordinator's evaluation uses and the contributors never hold: a
-contributor trains on the rest. Base and expert answer the same examples, so the gain is
-the mean of the paired differences and its standard error that of a paired mean, smaller
+contributor trains on the rest. Base and expert answer the same examples, so the gain is a
+paired difference (`phatgoose.paired`, as on the leaderboard): expert accuracy minus base
+accuracy with its 95% paired bootstrap interval and McNemar's exact p-value, far tighter
 than the two accuracies' errors combined when the two models agree on most examples.
 """
 
@@ -19,8 +20,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from phatgoose.data import Example
-from phatgoose.evaluation import mean_with_stderr, predicted_choice, score_choices
+from phatgoose.evaluation import predicted_choice, score_choices
 from phatgoose.expert import Expert
+from phatgoose.paired import PairedDifference, paired_difference
 from phatgoose.precision import Precision
 from phatgoose.routing import build_routed_model, unroute_model
 
@@ -31,13 +33,15 @@ class OwnTaskScore:
 
     expert: str  # the catalog reference
     task: str
-    n: int
     expert_accuracy: float
     base_accuracy: float
-    gain: float  # expert_accuracy - base_accuracy
-    gain_stderr: float  # standard error of the mean paired difference
-    expert_only: int  # examples the expert answers right and the base wrong
-    base_only: int  # ... and the other way round
+    # expert - base on the same examples: delta, 95% interval, McNemar p, and the examples
+    # only the expert (a_only) or only the base (b_only) answers right
+    gain: PairedDifference
+
+    @property
+    def n(self) -> int:
+        return self.gain.n
 
 
 def correct_answers(
@@ -66,14 +70,6 @@ def correct_answers(
     ]
 
 
-def paired_gain(expert: Sequence[bool], base: Sequence[bool]) -> tuple[float, float]:
-    """Mean of `expert_i - base_i` over the examples and its standard error,
-    sqrt(var(d) / n) with the sample variance (n - 1); 0 for a single example."""
-    if len(expert) != len(base) or not expert:
-        raise ValueError(f"paired outcomes need equal, non-zero counts: {len(expert)}, {len(base)}")
-    return mean_with_stderr([int(e) - int(b) for e, b in zip(expert, base, strict=True)])
-
-
 def own_task_scores(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -98,19 +94,14 @@ def own_task_scores(
             alone = correct_answers(model, tokenizer, examples, **settings)
         finally:
             unroute_model(model)
-        gain, stderr = paired_gain(alone, base)
         n = len(examples)
         results.append(
             OwnTaskScore(
                 expert=reference,
                 task=task,
-                n=n,
                 expert_accuracy=sum(alone) / n,
                 base_accuracy=sum(base) / n,
-                gain=gain,
-                gain_stderr=stderr,
-                expert_only=sum(a and not b for a, b in zip(alone, base, strict=True)),
-                base_only=sum(b and not a for a, b in zip(alone, base, strict=True)),
+                gain=paired_difference(alone, base),
             )
         )
     return results

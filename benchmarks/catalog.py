@@ -32,6 +32,7 @@ from coordinator.base_models.service import register_base_model
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
 from coordinator.evaluations import service as evaluations
+from coordinator.evaluations.outcomes import MAX_OUTCOME_EXAMPLES, ExampleOutcomes
 from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
 from coordinator.experts import service as experts_service
 from coordinator.experts.models import Channel, ExpertVersion
@@ -255,26 +256,56 @@ def _job_id(
     scores: Sequence[evaluations.TaskScore],
     source: Mapping[str, Any],
 ) -> tuple[int, bool]:
-    """A finished job of the release with this spec and these scores, else a new imported
-    one: (job id, created)."""
+    """A finished job of the release with this spec, these scores and these per-example
+    outcomes, else a new imported one: (job id, created). A job stored without outcomes
+    (or with others) is not these results: publishing them again imports a new job, which
+    the leaderboard's paired comparisons then use (the newest evaluation of a spec)."""
     wanted = {
         **request.model_dump(mode="json", exclude={"release"}, exclude_none=True),
         "source": dict(source),
     }
-    ours = {s.task: (s.accuracy, s.stderr, s.n, s.evaluator_version) for s in scores}
+    ours = {
+        s.task: (
+            s.accuracy,
+            s.stderr,
+            s.n,
+            s.evaluator_version,
+            None if s.outcomes is None else s.outcomes.to_json(),
+        )
+        for s in scores
+    }
     release = releases.get_release(session, request.release)
     for job in evaluations.list_jobs_of_release(session, release.id):
         spec = {k: v for k, v in job.spec.items() if k != "requested_by"}
         if job.state != "done" or spec != wanted:
             continue
         theirs = {
-            r.task: (r.accuracy, r.stderr, r.n, r.evaluator_version)
+            r.task: (r.accuracy, r.stderr, r.n, r.evaluator_version, r.outcomes)
             for r in evaluations.job_results(session, job.id)
         }
         if theirs == ours:
             return job.id, False
     job = evaluations.import_job(session, request, scores, by=token, source=source)
     return job.id, True
+
+
+def result_outcomes(
+    result: Mapping[str, Any], choices: Sequence[int] | None = None
+) -> ExampleOutcomes | None:
+    """One method's per-example outcomes on a task as the record keeps them
+    (`phatgoose.evaluation.TaskResult.to_dict`: `predictions`, `correct`), with `choices`,
+    each scored example's number of answer choices, when the record lists them. None for a
+    result recorded before outcomes were kept, or over more examples than the coordinator
+    keeps (`MAX_OUTCOME_EXAMPLES`, the worker's rule). The coordinator checks the rest
+    (`check_outcomes`: lengths, indices, the count against the accuracy)."""
+    correct = result.get("correct") or []
+    if not correct or result["n"] > MAX_OUTCOME_EXAMPLES:
+        return None
+    return ExampleOutcomes(
+        predictions=tuple(result.get("predictions") or ()),
+        correct=tuple(correct),
+        choices=None if choices is None else tuple(choices),
+    )
 
 
 # (method, experts, top_k, single expert, params) of a release to publish.
@@ -290,6 +321,12 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
     releases over their expert. Oracle uses a different expert per task, so it is no
     release and is skipped. Identical releases and jobs are reused, so publishing twice adds
     nothing.
+
+    Each result carries its per-example outcomes (`result_outcomes`; each example's number
+    of choices from `record["tasks"][task]["choices"]` when the record lists them), from
+    which the leaderboard computes every release's paired difference against the base
+    (`vs_base`). Tasks published without outcomes are listed per method under
+    `without_outcomes`.
     """
     config = record["config"]
     base_model = config["base_model"]
@@ -304,11 +341,16 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
         "eval_max_length": config.get("eval_max_length") or config["max_length"],
         "scoring": "rank classification (phatgoose.evaluation.evaluate_task)",
     }  # no date: the same results published again must match the job already there
+    if "n_eval_held_out" in config:
+        # Held-out tasks score up to this many examples, not `examples_per_task`; records
+        # from before it existed publish the source they always did (and match their jobs).
+        source["n_eval_held_out"] = config["n_eval_held_out"]
     published: dict[str, Any] = {
         "catalog": str(catalog.data_dir),
         "releases": {},
         "jobs": {},
         "skipped": {},
+        "without_outcomes": {},
     }
 
     def target(method: str, summary: Mapping[str, Any]) -> _ReleasePlan | str:
@@ -377,9 +419,13 @@ def publish(catalog: BenchmarkCatalog, record: Mapping[str, Any]) -> dict[str, A
                     routing_stats=None,
                     # Results cached before precision was recorded were all float32.
                     precision=results[t].get("precision", "float32"),
+                    outcomes=result_outcomes(results[t], task_info[t].get("choices")),
                 )
                 for t in tasks
             ]
+            without = [s.task for s in scores if s.outcomes is None]
+            if without:
+                published["without_outcomes"][method] = without
             job, _created = _job_id(session, catalog.token, request, scores, source)
             published["releases"][method] = number
             published["jobs"][method] = job

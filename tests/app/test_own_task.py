@@ -1,14 +1,13 @@
 """Each demo expert on its own task: expert and base on the same examples, paired gain."""
 
-import math
-
 import pytest
 from torch import nn
 
 from app.demo import own_task_grid, own_task_verdict
-from app.own_task import OwnTaskScore, own_task_scores, paired_gain
+from app.own_task import OwnTaskScore, own_task_scores
 from phatgoose.data import Example
 from phatgoose.evaluation import evaluate_task
+from phatgoose.paired import PairedDifference, paired_difference
 from phatgoose.routing import RoutedLinear, build_routed_model, unroute_model
 from tests.phatgoose.experts import random_expert
 
@@ -16,26 +15,6 @@ EXAMPLES = [
     Example(prompt=f"{word} is a", choices=("colour", "number", "animal"), answer=i % 3)
     for i, word in enumerate(["red", "two", "cat", "blue", "nine", "dog", "green", "ten"])
 ]
-
-
-def test_the_gain_is_the_mean_paired_difference_with_its_standard_error():
-    expert = [True, True, False, True]
-    base = [False, True, False, False]
-
-    gain, stderr = paired_gain(expert, base)
-
-    # differences 1, 0, 0, 1: mean 0.5, sample variance 1/3
-    assert gain == 0.5
-    assert stderr == pytest.approx(math.sqrt(1 / 3 / 4))
-
-
-def test_models_that_agree_everywhere_have_no_gain_and_no_error():
-    assert paired_gain([True, False, True], [True, False, True]) == (0.0, 0.0)
-
-
-def test_paired_outcomes_must_be_paired():
-    with pytest.raises(ValueError, match="equal, non-zero counts: 2, 1"):
-        paired_gain([True, False], [True])
 
 
 def test_expert_and_base_accuracies_are_those_evaluate_task_gives(llama, tokenizer):
@@ -56,25 +35,44 @@ def test_expert_and_base_accuracies_are_those_evaluate_task_gives(llama, tokeniz
     assert (score.expert, score.task, score.n) == ("demo-1/colours@1", "colours_task", 8)
     assert score.base_accuracy == base.accuracy
     assert score.expert_accuracy == alone.accuracy
-    assert score.gain == pytest.approx(alone.accuracy - base.accuracy)
-    assert score.expert_only - score.base_only == round(score.gain * score.n)
+    # the gain is phatgoose.paired's, on the two models' per-example outcomes
+    assert score.gain == paired_difference(alone.correct, base.correct)
+    assert score.gain.delta == pytest.approx(alone.accuracy - base.accuracy)
     # The model is handed back as it came: no routed linear left in it.
     assert not any(isinstance(m, RoutedLinear) for m in llama.modules())
     assert all(type(m) is nn.Linear for n, m in llama.named_modules() if n.endswith("q_proj"))
 
 
-def test_the_demo_prints_accuracies_gain_and_a_verdict():
+def gain(delta, low, high, p_value, a_only, b_only, n=40):
+    return PairedDifference(delta, low, high, p_value, n, a_only, b_only)
+
+
+def test_the_demo_prints_accuracies_the_paired_gain_and_a_verdict():
     scores = [
-        OwnTaskScore("demo-1/navigate@1", "navigate", 40, 0.70, 0.50, 0.20, 0.07, 10, 2),
-        OwnTaskScore("demo-2/hyperbaton@1", "hyperbaton", 40, 0.55, 0.50, 0.05, 0.04, 4, 2),
-        OwnTaskScore("demo-3/colors@1", "colors", 40, 0.40, 0.45, -0.05, 0.03, 1, 3),
+        OwnTaskScore(
+            "demo-1/navigate@1", "navigate", 0.70, 0.50, gain(0.20, 0.08, 0.32, 0.0386, 10, 2)
+        ),
+        OwnTaskScore(
+            "demo-2/hyperbaton@1", "hyperbaton", 0.55, 0.50, gain(0.05, -0.05, 0.15, 0.6875, 4, 2)
+        ),
+        OwnTaskScore(
+            "demo-3/colors@1", "colors", 0.40, 0.45, gain(-0.05, -0.15, 0.05, 0.625, 1, 3)
+        ),
+        OwnTaskScore(
+            "demo-4/dates@1", "dates", 0.10, 0.60, gain(-0.50, -0.65, -0.35, 0.00001, 0, 20)
+        ),
     ]
 
     grid = own_task_grid(scores)
 
-    assert grid.rows[0] == ("navigate", "40", "0.70", "0.50", "+0.20 ± 0.07", "10 / 2")
-    assert grid.rows[2][4] == "-0.05 ± 0.03"
+    assert grid.rows[0] == (
+        "navigate", "40", "0.70", "0.50", "+0.20 [+0.08, +0.32] ▲", "0.039", "10 / 2",
+    )  # fmt: skip
+    # marked only where the interval excludes 0, ▼ below it
+    assert grid.rows[1][4] == "+0.05 [-0.05, +0.15]"
+    assert grid.rows[2][4] == "-0.05 [-0.15, +0.05]"
+    assert grid.rows[3][4:6] == ("-0.50 [-0.65, -0.35] ▼", "<0.001")
     assert own_task_verdict(scores) == (
-        "2 of 3 expert(s) beat the base model on their own task, 1 by more than two "
-        "standard errors; not: colors"
+        "2 of 4 expert(s) beat the base model on their own task, 1 with a 95% interval "
+        "above 0; not: colors, dates"
     )

@@ -7,7 +7,10 @@ from benchmarks.catalog import BenchmarkCatalog, cache_key_of
 from benchmarks.zero_shot import run_zero_shot
 from coordinator.evaluations import service as evaluations
 from coordinator.experts import service as experts_service
+from coordinator.leaderboard import comparisons
+from coordinator.leaderboard.schemas import PairedDelta
 from coordinator.releases import service as releases
+from phatgoose.paired import paired_mean_difference
 from protocol import TOP_K_METHODS
 from tests.benchmarks.test_zero_shot import letter_counts, tasks_dir, tiny_config  # noqa: F401
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -23,6 +26,8 @@ def one_thread():
 
 @pytest.fixture
 def catalog(tmp_path):
+    # Paired statistics are cached by job id and finish time, process-wide.
+    comparisons.STATISTICS.clear()
     with BenchmarkCatalog(tmp_path / "catalog") as opened:
         yield opened
 
@@ -148,6 +153,7 @@ def test_publishing_puts_the_json_on_the_leaderboard_once(tmp_path, tasks_dir, c
         job = evaluations.get_job(session, published["jobs"]["phatgoose"])
         assert job.spec["source"]["benchmark"] == "zero-shot"
         assert job.spec["examples_per_task"] == 4
+        assert job.spec["source"]["n_eval_held_out"] == 4  # held-out tasks' own count
         assert job.spec["task_groups"] == {"held_in": ["alpha", "beta"], "held_out": ["gamma"]}
         counts = (len(releases.list_releases(session)), len(evaluations.list_jobs(session)))
     # publishing the same results again (from the caches) adds nothing
@@ -159,3 +165,50 @@ def test_publishing_puts_the_json_on_the_leaderboard_once(tmp_path, tasks_dir, c
         assert (len(releases.list_releases(session)), len(evaluations.list_jobs(session))) == (
             counts
         )
+
+
+def test_published_releases_differ_from_the_base_as_paired_statistics_on_the_record_say(
+    tmp_path,
+    tasks_dir,  # noqa: F811
+    catalog,
+):
+    record = run(tiny_config(), tmp_path / "cache", tasks_dir, catalog=catalog, publish=True)
+    published = record["leaderboard"]
+    assert published["without_outcomes"] == {}
+    groups = {
+        "held_in": [t for t, info in record["tasks"].items() if info["held_in"]],
+        "held_out": [t for t, info in record["tasks"].items() if not info["held_in"]],
+    }
+    base = record["methods"]["base"]["tasks"]
+    rows = {row.release: row for row in catalog.leaderboard().releases}
+
+    base_row = rows[published["releases"]["base"]]
+    assert base_row.vs_base is not None and base_row.vs_base.reason is not None
+    assert "the base's evaluation" in base_row.vs_base.reason
+    for method, number in published["releases"].items():
+        if method == "base":
+            continue
+        vs_base = rows[number].vs_base
+        assert vs_base is not None and vs_base.base_release == published["releases"]["base"]
+        assert (vs_base.job_id, vs_base.base_job_id) == (
+            published["jobs"][method],
+            published["jobs"]["base"],
+        )
+        mine = record["methods"][method]["tasks"]
+        for group, tasks in groups.items():
+            expected = paired_mean_difference(
+                {t: (mine[t]["correct"], base[t]["correct"]) for t in tasks},
+                resamples=comparisons.RESAMPLES,
+                confidence=comparisons.CONFIDENCE,
+                seed=comparisons.SEED,
+            )
+            assert vs_base.group_means[group].difference == PairedDelta.of(expected), (
+                method,
+                group,
+            )
+    # the outcomes stored are the record's, example by example
+    with catalog.session() as session:
+        for task, result in record["methods"]["phatgoose"]["tasks"].items():
+            _, stored = evaluations.task_outcomes(session, published["jobs"]["phatgoose"], task)
+            assert list(stored.predictions) == result["predictions"]
+            assert list(stored.correct) == result["correct"]
