@@ -340,7 +340,11 @@ def create_release(
     ] = None,
     top_k: Annotated[
         int | None,
-        typer.Option(help="Experts per token (token routers; default min(2, experts)).", min=1),
+        typer.Option(
+            help="Experts per token or per example (the methods that select top-k; default "
+            "min(2, experts)).",
+            min=1,
+        ),
     ] = None,
     param: Annotated[
         list[str] | None, typer.Option("--param", help=_params_help(), show_default=False)
