@@ -302,3 +302,15 @@ def test_a_refused_build_leaves_the_model_unrouted(llama):
     with pytest.raises(ValueError, match="top_k must be"):
         build_routed_model(llama, make_experts(llama, ranks=(2, 2)), "phatgoose", top_k=3)
     assert not any(isinstance(m, RoutedLinear) for m in llama.modules())
+
+
+def test_top_k_of_every_expert_is_the_per_token_soft_merge(tiny_model):
+    """top_k = N takes the all-experts path (two dense matmuls): per token, every expert
+    weighed by that token's own softmax, as the per-token reference computes it."""
+    experts, batch = make_experts(tiny_model), batch_for(tiny_model)
+    hooks = naive_routing_hooks(tiny_model, experts, "phatgoose", top_k=len(experts))
+    expected = logits(tiny_model, batch)
+    for hook in hooks:
+        hook.remove()
+    routed = build_routed_model(tiny_model, experts, "phatgoose", top_k=len(experts))
+    torch.testing.assert_close(logits(routed, batch), expected, atol=1e-5, rtol=1e-5)
