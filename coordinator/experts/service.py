@@ -130,11 +130,13 @@ def register_expert_package(
     if not uploader.can_manage(namespace):
         raise _foreign_namespace(uploader, namespace)
     _check_not_blocked(session, namespace, name)
-    _check_quotas(session, settings, namespace, name, validated.total_bytes, uploader)
-    session.commit()  # end the read transaction of the lookups above
+    # A duplicate stores nothing, so it is answered as one (409) even past a quota.
     existing = get_version_by_digest(session, validated.digest)
     if existing is not None:
+        session.rollback()
         raise DuplicatePackage(existing)
+    _check_quotas(session, settings, namespace, name, validated.total_bytes, uploader)
+    session.commit()  # end the read transaction of the lookups above
 
     # The adapter config is stored in its canonical rewrite (protocol.validation.stored_files).
     with stored_files(validated, files) as stored:

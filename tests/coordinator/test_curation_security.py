@@ -331,6 +331,25 @@ def test_versions_per_expert_are_capped(make_app, settings, tiny_base, tmp_path)
         assert upload(client, carol, tmp_path / "b").status_code == 201
 
 
+def test_a_duplicate_past_a_quota_is_answered_as_a_duplicate(
+    make_app, settings, tiny_base, tmp_path
+):
+    # It stores nothing, so the quota does not apply: 409 naming the existing version.
+    directory = tiny_base.write_package(tmp_path / "a", "alice/demo", seed=0)
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    application = _quota_app(
+        make_app, settings, tiny_base, max_versions_per_expert=1, max_namespace_bytes=size + 1
+    )
+    alice = bearer_headers(application, "alice", Role.CONTRIBUTOR)
+    with TestClient(application) as client:
+        assert upload(client, alice, directory).status_code == 201
+        again = upload(client, alice, directory)
+        assert again.status_code == 409, again.text
+        detail = again.json()["detail"]
+        assert detail["check"] == "duplicate"
+        assert detail["existing"]["version"] == 1
+
+
 def test_experts_per_namespace_are_capped(make_app, settings, tiny_base, tmp_path):
     application = _quota_app(make_app, settings, tiny_base, max_experts_per_namespace=1)
     alice = bearer_headers(application, "alice", Role.CONTRIBUTOR)
