@@ -70,6 +70,18 @@ def _sessions(data_dir: Path | None, database_url: str | None) -> Any:
     return sessions
 
 
+def _blob_store(settings: Any) -> Any:
+    """The configured blob store (PHATGOOSE_BLOB_URL, else the data directory's folder); one
+    that cannot be used ends the command with the reason, not a traceback."""
+    from coordinator.storage import BlobStoreError, open_blob_store
+
+    try:
+        return open_blob_store(settings)
+    except BlobStoreError as error:
+        typer.secho(str(error), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from error
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -85,9 +97,14 @@ def serve(
     import uvicorn
 
     from coordinator.core.app import create_app
+    from coordinator.storage import BlobStoreError
 
     settings = _settings(data_dir, database_url)
-    application = create_app(settings)
+    try:
+        application = create_app(settings)
+    except BlobStoreError as error:
+        typer.secho(str(error), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from error
     report = application.state.startup_report
     if report.missing_blobs:
         typer.secho(
@@ -118,9 +135,19 @@ def migrate(data_dir: DataDirOption = None, database_url: DatabaseOption = None)
 @app.command("create-token")
 def create_token(
     name: Annotated[
-        str, typer.Option(help="The holder's namespace: experts publish as NAME/<expert>.")
+        str,
+        typer.Option(
+            help="The holder's namespace: experts publish as NAME/<expert>. A worker token's "
+            "NAME is only a label (it owns no namespace)."
+        ),
     ],
-    role: Annotated[Role, typer.Option(help="contributor: publish under NAME; maintainer: all.")],
+    role: Annotated[
+        Role,
+        typer.Option(
+            help="contributor: publish under NAME; maintainer: all; worker: lease and report "
+            "evaluation jobs, read and download, nothing else (a remote `worker --url`)."
+        ),
+    ],
     same_owner: Annotated[
         bool,
         typer.Option(
@@ -215,14 +242,19 @@ def register_base(
 
 @app.command()
 def check(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
-    """Run the start-up checks: remove stale temp files, list catalog files without blobs."""
+    """Run the start-up checks: remove stale temp files (and unfinished multipart uploads in
+    object storage), list catalog files without blobs."""
     from coordinator.core.startup import run_startup_checks
-    from coordinator.storage import LocalBlobStore
 
     settings = _settings(data_dir, database_url)
-    with _sessions(data_dir, database_url)() as session:
-        report = run_startup_checks(session, LocalBlobStore(settings.blob_dir), settings)
-    typer.echo(f"removed {len(report.removed_temp_files)} stale temp file(s)")
+    sessions = _sessions(data_dir, database_url)
+    blobs = _blob_store(settings)
+    with sessions() as session:
+        report = run_startup_checks(session, blobs, settings)
+    typer.echo(f"checked the blob store {report.blob_store}")
+    typer.echo(
+        f"removed {len(report.removed_temp_files)} stale temp file(s) or unfinished upload(s)"
+    )
     for missing in report.missing_blobs:
         typer.echo(f"MISSING {missing.ref} {missing.filename} sha256 {missing.sha256}")
     if report.missing_blobs:
@@ -248,7 +280,11 @@ def worker(
         int, typer.Option(help="Attempts before a job is marked failed.", min=1)
     ] = 3,
     worker_id: Annotated[
-        str | None, typer.Option(help="Name in the job rows (default host:pid:random).")
+        str | None,
+        typer.Option(
+            help="Name in the job rows (default worker-<pid>-<random>; a remote worker's is "
+            "recorded under its token's name, <token>/<id>)."
+        ),
     ] = None,
     tasks_dir: Annotated[
         Path | None,
@@ -272,12 +308,46 @@ def worker(
             "it natively), float32 or bfloat16; each result records the one used."
         ),
     ] = "auto",
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Remote mode: the coordinator's base URL (https://coordinator.example); jobs "
+            "are leased over its API with a worker token. Without it, the local worker runs on "
+            "the coordinator's own database and blobs.",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="Remote mode: a file holding the worker token, else $PHATGOOSE_WORKER_TOKEN "
+            "(never the token itself on the command line: other users can read it there).",
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="Remote mode: the verified cache of downloaded release files. Default: "
+            "<phatgoose cache>/worker ($PHATGOOSE_CACHE, or ~/.cache/phatgoose).",
+            show_default=False,
+        ),
+    ] = None,
     task_delay_seconds: Annotated[float, typer.Option(hidden=True)] = 0.0,
     data_dir: DataDirOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Run evaluation jobs: claim one, score its release on each task, store the results."""
+    """Run evaluation jobs: claim one, score its release on each task, store the results.
+
+    Local (default): on the coordinator's own database and blobs (--data-dir,
+    --database-url). Remote (--url): on any machine, with only the coordinator's URL and a
+    worker token (create-token --role worker) from --token-file or $PHATGOOSE_WORKER_TOKEN;
+    jobs are leased over the job API and release files kept in a verified cache
+    (--cache-dir).
+    """
     from coordinator.core.logging import configure_logging
+    from coordinator.storage import BlobStoreError
     from coordinator.worker import WorkerOptions, default_worker_id, run_worker
 
     settings = _settings(data_dir, database_url)
@@ -299,8 +369,67 @@ def worker(
         task_delay_seconds=task_delay_seconds,
     )
     typer.echo(f"worker {options.worker_id}", err=True)
-    ended = run_worker(settings, options, once=once)
+    if url is not None:
+        if data_dir is not None or database_url is not None:
+            raise typer.BadParameter(
+                "a remote worker (--url) has no database: drop --data-dir and --database-url",
+                param_hint="--url",
+            )
+        ended = _run_remote_worker(url, token_file, cache_dir, options, once=once)
+        typer.echo(f"{ended} job(s) ended", err=True)
+        return
+    if token_file is not None or cache_dir is not None:
+        raise typer.BadParameter(
+            "--token-file and --cache-dir are for a remote worker: add --url", param_hint="--url"
+        )
+    try:
+        ended = run_worker(settings, options, once=once)
+    except BlobStoreError as error:  # e.g. PHATGOOSE_BLOB_URL names a bucket it cannot read
+        typer.secho(str(error), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from error
     typer.echo(f"{ended} job(s) ended", err=True)
+
+
+def _run_remote_worker(
+    url: str, token_file: Path | None, cache_dir: Path | None, options: Any, *, once: bool
+) -> int:
+    """`worker --url`: the token from its file or the environment, then the remote loop;
+    a refused token or an unreachable coordinator ends it with the reason, exit status 1."""
+    import os
+
+    from coordinator.core.config import warn_if_readable_by_others
+    from coordinator.worker import CoordinatorUnavailable, WorkerStopped, run_remote_worker
+    from coordinator.worker_http import CoordinatorRefused, WorkerSetupError
+    from phatgoose.models import cache_root
+
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise typer.BadParameter(
+                f"cannot read {token_file}: {error}", param_hint="--token-file"
+            ) from None
+        warn_if_readable_by_others(token_file)
+    else:
+        token = os.environ.get(WORKER_TOKEN_ENV, "").strip()
+    if not token:
+        raise typer.BadParameter(
+            f"a remote worker needs its token: --token-file PATH or ${WORKER_TOKEN_ENV}",
+            param_hint="--token-file",
+        )
+    try:
+        return run_remote_worker(
+            url, token, cache_dir or cache_root() / "worker", options, once=once
+        )
+    except WorkerSetupError as error:  # the URL, the token's form, an option out of range
+        raise typer.BadParameter(str(error), param_hint="--url") from None
+    except (WorkerStopped, CoordinatorUnavailable, CoordinatorRefused) as error:
+        typer.secho(f"worker stopped: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+
+
+# The environment variable a remote worker reads its token from (not argv: others see it).
+WORKER_TOKEN_ENV = "PHATGOOSE_WORKER_TOKEN"
 
 
 def parse_param(item: str) -> tuple[str, int | float | str]:
@@ -368,7 +497,6 @@ def create_release(
     from coordinator.core.errors import CoordinatorError
     from coordinator.releases import service
     from coordinator.releases.schemas import ReleaseCreate, method_label
-    from coordinator.storage import LocalBlobStore
 
     params: dict[str, int | float | str] = {}
     for item in param or []:
@@ -394,11 +522,11 @@ def create_release(
         where = ".".join(str(part) for part in problem["loc"])
         raise typer.BadParameter(f"{where}: {problem['msg']}") from None
     settings = _settings(data_dir, database_url)
-    with _sessions(data_dir, database_url)() as session:
+    sessions = _sessions(data_dir, database_url)
+    blobs = _blob_store(settings)
+    with sessions() as session:
         try:
-            release = service.create_release(
-                session, LocalBlobStore(settings.blob_dir), request, by="operator"
-            )
+            release = service.create_release(session, blobs, request, by="operator")
         except CoordinatorError as error:
             expected = f" (expected {error.expected})" if error.expected else ""
             typer.secho(f"{error.check}: {error.message}{expected}", err=True, fg=typer.colors.RED)
@@ -463,15 +591,84 @@ def export_release(
     from coordinator.core.errors import NotFound
     from coordinator.releases.service import export_release as export
     from coordinator.releases.service import get_release
-    from coordinator.storage import LocalBlobStore
 
     settings = _settings(data_dir, database_url)
-    with _sessions(data_dir, database_url)() as session:
+    sessions = _sessions(data_dir, database_url)
+    blobs = _blob_store(settings)
+    with sessions() as session:
         try:
             release = get_release(session, number)
         except NotFound as error:
             typer.secho(error.message, err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from error
-        export(session, LocalBlobStore(settings.blob_dir), release, directory)
+        export(session, blobs, release, directory)
     experts = len(release.manifest["experts"])
     typer.echo(f"release {number} ({release.method}, {experts} experts) written to {directory}")
+
+
+@app.command("copy-blobs")
+def copy_blobs(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="Destination: s3://bucket/prefix (endpoint and credentials from the AWS "
+            "environment), or a local folder used as the blob folder (as <data dir>/blobs).",
+            show_default=False,
+        ),
+    ],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Copy every blob of the configured store (PHATGOOSE_BLOB_URL, else <data dir>/blobs)
+    that the destination lacks, then read back every catalog file's blob from the
+    destination and check its sha256.
+
+    Exits 1 naming any blob missing or corrupt. Once it passes, point PHATGOOSE_BLOB_URL at
+    the destination and restart the coordinator.
+    """
+    from tqdm.auto import tqdm
+
+    from coordinator.core.startup import catalog_files
+    from coordinator.storage import BlobStoreError
+    from coordinator.storage.copy import copy_blobs as copy
+    from coordinator.storage.copy import open_destination, verify_blobs
+    from coordinator.storage.urls import is_s3_url
+
+    settings = _settings(data_dir, database_url)
+    sessions = _sessions(data_dir, database_url)
+    source = _blob_store(settings)
+    try:
+        destination = open_destination(to)
+    except (BlobStoreError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--to") from error
+    if destination.location == source.location:
+        raise typer.BadParameter(
+            f"{to} is the configured blob store itself ({source.location})", param_hint="--to"
+        )
+    files: dict[str, list[str]] = {}  # sha256 -> the catalog files with those bytes
+    with sessions() as session:
+        for file in catalog_files(session):
+            files.setdefault(file.sha256, []).append(f"{file.ref} {file.filename}")
+    try:
+        digests = list(source.iter_blobs())
+        with tqdm(total=len(digests), desc="copy", unit="blob") as bar:
+            copied = copy(source, destination, digests, settings.upload_tmp_dir, bar.update)
+        # Read back from the destination: the copy step's word is not taken for it.
+        with tqdm(total=len(files), desc="verify", unit="blob") as bar:
+            verified, problems = verify_blobs(destination, files, bar.update)
+    except BlobStoreError as error:
+        typer.secho(str(error), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from error
+    typer.echo(
+        f"copied {copied.copied}, already there {copied.already_there}, verified "
+        f"{verified} of {len(files)} catalog blob(s) in {destination.location}"
+    )
+    for problem in copied.problems + problems:
+        typer.secho(problem, err=True, fg=typer.colors.RED)
+    if copied.problems or problems:
+        raise typer.Exit(1)
+    if is_s3_url(to):
+        typer.echo(f"to use it: PHATGOOSE_BLOB_URL={destination.location}")
+    else:
+        typer.echo("to use it: unset PHATGOOSE_BLOB_URL, with this folder as <data dir>/blobs")

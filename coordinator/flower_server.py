@@ -43,7 +43,7 @@ from coordinator.core.config import Settings
 from coordinator.core.errors import CoordinatorError
 from coordinator.experts.models import Channel
 from coordinator.experts.service import register_expert_package
-from coordinator.storage import LocalBlobStore
+from coordinator.storage import open_blob_store
 from protocol.flower import (
     FILES_KEY,
     JSON_FILES,
@@ -302,8 +302,13 @@ def node_uploader(session: Session, namespace: str, *, create: bool) -> Token:
     Raises `Rejected` when a live token of that name is a maintainer's (publishing with it
     would let the node write into every namespace), or when none exists and `create` is off.
     """
-    live = [t for t in auth.list_tokens(session) if t.name == namespace and t.revoked_at is None]
-    if any(t.role != Role.CONTRIBUTOR for t in live):
+    # A worker token's name is a label, not a namespace: it neither blocks nor serves.
+    live = [
+        t
+        for t in auth.list_tokens(session)
+        if t.name == namespace and t.revoked_at is None and t.role != Role.WORKER
+    ]
+    if any(t.role == Role.MAINTAINER for t in live):
         raise Rejected(
             f"namespace {namespace!r} belongs to a maintainer token: Flower replies are only "
             "published with a contributor token (revoke it or choose another namespace prefix)"
@@ -337,8 +342,8 @@ def coordinator_registrar(round_settings: RoundSettings) -> Iterator[Registrar]:
     """A registrar writing into the coordinator's catalog through its one registration path."""
     settings = coordinator_settings(round_settings)
     engine, sessions = open_database(settings)  # migrated, like the service itself
-    blobs = LocalBlobStore(settings.blob_dir)
     try:
+        blobs = open_blob_store(settings)
         with sessions() as session:
 
             def register(node_id: int, files: Mapping[str, Path]) -> str:

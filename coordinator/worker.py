@@ -2,11 +2,15 @@
 
 A loop that claims a queued evaluation job (`evaluations.service.claim_job`), keeps its
 lease alive from a heartbeat thread, builds the release's routed model through the library
-(`phatgoose.load_release` over a release directory of the coordinator's own blobs: the
-method, k and hyper-parameters its manifest records), scores every task and stores each
-task's result as soon as it is known. Several workers may run against one database; a
-worker that dies loses its lease and another one resumes the job after the tasks already
-stored.
+(`phatgoose.load_release` over a release directory: the method, k and hyper-parameters its
+manifest records), scores every task and stores each task's result as soon as it is known.
+Several workers may run at once; a worker that dies loses its lease and another one resumes
+the job after the tasks already stored.
+
+The loop talks to a `JobBackend`: `DatabaseBackend` on the coordinator's own database and
+blobs (`run_worker`), or `coordinator.worker_http.HttpBackend` on a coordinator's job API
+from anywhere, with only its URL and a worker token (`run_remote_worker`). Both lease
+through the same service functions, so a job is scored the same way by either.
 
 Per task the worker stores accuracy, standard error, n, seconds, the evaluator version,
 routing statistics: per layer, how often each expert was chosen (`routing_summary`, the
@@ -27,24 +31,23 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
 import phatgoose
 from coordinator.core.config import Settings
-from coordinator.core.errors import Conflict
 from coordinator.evaluations import service as evaluations
-from coordinator.evaluations.models import EvaluationJob
+from coordinator.evaluations.models import JobState
 from coordinator.evaluations.outcomes import MAX_OUTCOME_EXAMPLES, ExampleOutcomes
 from coordinator.evaluations.public_errors import PublicJobError, public_error
-from coordinator.releases.models import Release
 from coordinator.releases.schemas import method_label
 from coordinator.releases.service import export_release
-from coordinator.storage import BlobStore, LocalBlobStore
+from coordinator.storage import BlobStore, open_blob_store
 from protocol.precision import Precision
 from protocol.tasks import TaskNameError, check_task_name
 
@@ -96,6 +99,16 @@ class UnknownTask(PublicJobError):
     """A job names a task the worker's tasks directory does not hold."""
 
 
+class WorkerStopped(RuntimeError):
+    """The worker cannot go on (the coordinator refused its token, ...): the message says
+    what to fix. Raised out of `Worker.run`, never stored as a job's error."""
+
+
+class CoordinatorUnavailable(RuntimeError):
+    """The coordinator did not answer, or answered 5xx or 429, after every retry: the job's
+    lease runs out and another attempt resumes it."""
+
+
 @dataclass
 class WorkerOptions:
     """How a worker runs. `base_models` maps a base model's registered name to what
@@ -115,14 +128,119 @@ class WorkerOptions:
     task_delay_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class Job:
+    """A job leased to this worker, as every backend hands it to the loop."""
+
+    id: int
+    release: int  # the release number
+    attempts: int  # this attempt's number
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PreparedRelease:
+    """A leased job's release, ready to load: a directory `phatgoose.load_release` reads
+    (`release.json` and each expert's files under its path), its manifest, and the tasks an
+    earlier attempt already scored."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    done: frozenset[str]
+
+
+class JobBackend(Protocol):
+    """Where a worker's jobs come from and where its results go.
+
+    Every write (`record_result`, `complete`, `fail`) raises `evaluations.LeaseLost` once
+    the job is no longer leased to `worker_id`; `WorkerStopped` means the worker cannot go
+    on at all.
+    """
+
+    def claim(self, worker_id: str, *, lease_seconds: float, max_attempts: int) -> Job | None:
+        """Lease the oldest claimable job to `worker_id`; None when there is none."""
+        ...
+
+    def heartbeat(self, job_id: int, worker_id: str, *, lease_seconds: float) -> bool:
+        """Extend the lease; False when the job is no longer leased to `worker_id`."""
+        ...
+
+    def prepare(self, job: Job) -> AbstractContextManager[PreparedRelease]:
+        """The job's release directory, done tasks and manifest, for the `with` block.
+        Raises `CuratedOut` before writing anything when the release was withdrawn, or an
+        expert of it yanked, since the job was queued (without the override in its spec)."""
+        ...
+
+    def record_result(self, job_id: int, worker_id: str, score: evaluations.TaskScore) -> None: ...
+
+    def complete(self, job_id: int, worker_id: str) -> None: ...
+
+    def fail(
+        self, job_id: int, worker_id: str, error: str, *, final: bool, max_attempts: int
+    ) -> JobState:
+        """End the attempt with a public `error`: requeued, or failed when `final` or when
+        the job has had `max_attempts` attempts; returns the job's state."""
+        ...
+
+
+class DatabaseBackend:
+    """Jobs from the coordinator's own database, releases exported from its blob store: a
+    worker on the coordinator's machine, or one that shares its database and blobs."""
+
+    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore) -> None:
+        self.sessions, self.blobs = sessions, blobs
+
+    def claim(self, worker_id: str, *, lease_seconds: float, max_attempts: int) -> Job | None:
+        with self.sessions() as session:
+            job = evaluations.claim_job(
+                session, worker_id, lease_seconds=lease_seconds, max_attempts=max_attempts
+            )
+            if job is None:
+                return None
+            number = evaluations.release_number(session, job)
+            return Job(id=job.id, release=number, attempts=job.attempts, spec=job.spec)
+
+    def heartbeat(self, job_id: int, worker_id: str, *, lease_seconds: float) -> bool:
+        with self.sessions() as session:
+            return evaluations.heartbeat(session, job_id, worker_id, lease_seconds=lease_seconds)
+
+    @contextmanager
+    def prepare(self, job: Job) -> Iterator[PreparedRelease]:
+        with tempfile.TemporaryDirectory(prefix="phatgoose-release-") as directory:
+            with self.sessions() as session:
+                row = evaluations.get_job(session, job.id)
+                release = evaluations.job_release(session, row)
+                verdict = evaluations.curation_error(session, row, release)
+                if verdict is not None:
+                    raise CuratedOut(verdict)
+                done = evaluations.done_tasks(session, job.id)
+                export_release(session, self.blobs, release, Path(directory))
+                manifest = release.manifest
+            yield PreparedRelease(Path(directory), manifest, frozenset(done))
+
+    def record_result(self, job_id: int, worker_id: str, score: evaluations.TaskScore) -> None:
+        with self.sessions() as session:
+            evaluations.record_result(session, job_id, worker_id, score)
+
+    def complete(self, job_id: int, worker_id: str) -> None:
+        with self.sessions() as session:
+            evaluations.complete_job(session, job_id, worker_id)
+
+    def fail(
+        self, job_id: int, worker_id: str, error: str, *, final: bool, max_attempts: int
+    ) -> JobState:
+        with self.sessions() as session:
+            return evaluations.fail_attempt(
+                session, job_id, worker_id, error, max_attempts=max_attempts, final=final
+            )
+
+
 class Heartbeat:
     """Renews a job's lease every third of the lease until stopped; `lost` is set when
     the job is no longer leased to this worker."""
 
-    def __init__(
-        self, sessions: sessionmaker[Session], job_id: int, options: WorkerOptions
-    ) -> None:
-        self.sessions, self.job_id, self.options = sessions, job_id, options
+    def __init__(self, backend: JobBackend, job_id: int, options: WorkerOptions) -> None:
+        self.backend, self.job_id, self.options = backend, job_id, options
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
@@ -139,14 +257,10 @@ class Heartbeat:
         interval = max(self.options.lease_seconds / 3, 0.05)
         while not self._stop.wait(interval):
             try:
-                with self.sessions() as session:
-                    alive = evaluations.heartbeat(
-                        session,
-                        self.job_id,
-                        self.options.worker_id,
-                        lease_seconds=self.options.lease_seconds,
-                    )
-            except Exception:  # a database hiccup: try again at the next beat
+                alive = self.backend.heartbeat(
+                    self.job_id, self.options.worker_id, lease_seconds=self.options.lease_seconds
+                )
+            except Exception:  # a database or network hiccup: try again at the next beat
                 log.exception("heartbeat of evaluation %d failed", self.job_id)
                 continue
             if not alive:
@@ -156,17 +270,18 @@ class Heartbeat:
 
 
 class Worker:
-    """Claims and runs evaluation jobs; keeps loaded base models between jobs."""
+    """Claims and runs evaluation jobs from a `JobBackend` (the coordinator's own database
+    and blobs, `DatabaseBackend`, or a remote coordinator's job API, `HttpBackend`); keeps
+    loaded base models between jobs."""
 
-    def __init__(
-        self, sessions: sessionmaker[Session], blobs: BlobStore, options: WorkerOptions
-    ) -> None:
-        self.sessions, self.blobs, self.options = sessions, blobs, options
+    def __init__(self, backend: JobBackend, options: WorkerOptions) -> None:
+        self.backend, self.options = backend, options
         self._bases: dict[str, tuple[Any, Any]] = {}
 
     def run(self, *, once: bool = False, stop: Callable[[], bool] = lambda: False) -> int:
         """Run jobs until `stop()` (or, with `once`, until none is claimable); return how
-        many jobs this worker ended (done or failed)."""
+        many jobs this worker ended (done or failed). A coordinator out of reach is waited
+        for (with `once`, it ends the run: `CoordinatorUnavailable`)."""
         ended = 0
         log.info(
             "worker %s (host %s, pid %d) polling every %.1f s",
@@ -176,7 +291,14 @@ class Worker:
             self.options.poll_seconds,
         )
         while not stop():
-            job = self.claim()
+            try:
+                job = self.claim()
+            except CoordinatorUnavailable as error:
+                if once:
+                    raise
+                log.warning("%s; asking again in %.1f s", error, self.options.poll_seconds)
+                time.sleep(self.options.poll_seconds)
+                continue
             if job is None:
                 if once:
                     break
@@ -186,26 +308,25 @@ class Worker:
                 ended += 1
         return ended
 
-    def claim(self) -> EvaluationJob | None:
-        with self.sessions() as session:
-            return evaluations.claim_job(
-                session,
-                self.options.worker_id,
-                lease_seconds=self.options.lease_seconds,
-                max_attempts=self.options.max_attempts,
-            )
+    def claim(self) -> Job | None:
+        return self.backend.claim(
+            self.options.worker_id,
+            lease_seconds=self.options.lease_seconds,
+            max_attempts=self.options.max_attempts,
+        )
 
-    def run_job(self, job: EvaluationJob) -> bool:
+    def run_job(self, job: Job) -> bool:
         """One attempt at `job`; True when it ended here (done, or failed for good)."""
         log.info("evaluation %d: attempt %d by %s", job.id, job.attempts, self.options.worker_id)
-        with Heartbeat(self.sessions, job.id, self.options) as beat:
+        with Heartbeat(self.backend, job.id, self.options) as beat:
             try:
                 self._evaluate(job, beat)
-                with self.sessions() as session:
-                    evaluations.complete_job(session, job.id, self.options.worker_id)
+                self.backend.complete(job.id, self.options.worker_id)
             except evaluations.LeaseLost as error:
                 log.error("evaluation %d: stopped, %s", job.id, error)
                 return False
+            except WorkerStopped:
+                raise  # not the job's fault: the job's lease runs out, another worker resumes
             except Exception as error:
                 # The whole story (paths, hosts) for the operator; the job row is public.
                 log.error(
@@ -218,23 +339,22 @@ class Worker:
                 )
                 # A name that breaks the rule never becomes valid: no second attempt.
                 final = isinstance(error, (InvalidTaskName, CuratedOut))
-                attempts = job.attempts if final else None
                 try:
-                    with self.sessions() as session:
-                        state = evaluations.fail_attempt(
-                            session,
-                            job.id,
-                            self.options.worker_id,
-                            public_error(error),
-                            max_attempts=attempts or self.options.max_attempts,
-                        )
-                except evaluations.LeaseLost:
+                    state = self.backend.fail(
+                        job.id,
+                        self.options.worker_id,
+                        public_error(error),
+                        final=final,
+                        max_attempts=self.options.max_attempts,
+                    )
+                except (evaluations.LeaseLost, CoordinatorUnavailable) as lost:
+                    log.error("evaluation %d: the failure is not recorded: %s", job.id, lost)
                     return False
-                return state == evaluations.JobState.FAILED
+                return state == JobState.FAILED
         log.info("evaluation %d: done", job.id)
         return True
 
-    def _evaluate(self, job: EvaluationJob, beat: Heartbeat) -> None:
+    def _evaluate(self, job: Job, beat: Heartbeat) -> None:
         from phatgoose.bigbench import load_bigbench_task, resolve_task_name
         from phatgoose.evaluation import evaluate_task
         from phatgoose.routing import capture_routing, unroute_model
@@ -242,33 +362,23 @@ class Worker:
         spec = job.spec
         tasks = checked_task_names(spec)  # before any path, release or model is touched
         version = evaluator_version()
-        with self.sessions() as session:
-            release = session.get(Release, job.release_id)
-            assert release is not None
-            try:
-                evaluations.check_curation(
-                    session,
-                    release,
-                    allow_withdrawn=bool(spec.get("allow_withdrawn")),
-                    allow_yanked=bool(spec.get("allow_yanked")),
-                )
-            except Conflict as error:
-                raise CuratedOut(error.message) from None
-            done = evaluations.done_tasks(session, job.id)
-            todo = [t for t in tasks if t not in done]
-            if done:
-                log.info("evaluation %d: resuming; %d task(s) already scored", job.id, len(done))
-            with tempfile.TemporaryDirectory(prefix="phatgoose-release-") as directory:
-                export_release(session, self.blobs, release, Path(directory))
-                manifest = release.manifest
+        with self.backend.prepare(job) as release:
+            todo = [t for t in tasks if t not in release.done]
+            if release.done:
                 log.info(
-                    "evaluation %d: release %d (%s), %d task(s) to score",
-                    job.id,
-                    release.number,
-                    method_label(release.method, release.top_k, release.method_params or {}),
-                    len(todo),
+                    "evaluation %d: resuming; %d task(s) already scored", job.id, len(release.done)
                 )
-                model, tokenizer = self._load(Path(directory), manifest)
+            manifest = release.manifest
+            log.info(
+                "evaluation %d: release %d (%s), %d task(s) to score",
+                job.id,
+                job.release,
+                method_label(
+                    manifest["method"], manifest.get("top_k"), manifest.get("method_params") or {}
+                ),
+                len(todo),
+            )
+            model, tokenizer = self._load(release.directory, manifest)
         try:
             for task in todo:
                 if self.options.task_delay_seconds:
@@ -306,8 +416,7 @@ class Worker:
                     precision=result.precision,
                     outcomes=example_outcomes(result, split.evaluation),
                 )
-                with self.sessions() as session:
-                    evaluations.record_result(session, job.id, self.options.worker_id, score)
+                self.backend.record_result(job.id, self.options.worker_id, score)
                 log.info(
                     "evaluation %d: %s accuracy %.3f ± %.3f (n=%d, %.1f s, %s)",
                     job.id,
@@ -412,7 +521,30 @@ def run_worker(
 
     engine, sessions = open_database(settings)
     try:
-        worker = Worker(sessions, LocalBlobStore(settings.blob_dir), options)
+        worker = Worker(DatabaseBackend(sessions, open_blob_store(settings)), options)
         return worker.run(once=once, stop=stop)
     finally:
         engine.dispose()
+
+
+def run_remote_worker(
+    url: str,
+    token: str,
+    cache_dir: Path,
+    options: WorkerOptions,
+    *,
+    once: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Run a worker on a coordinator's job API: `url` is the coordinator's base URL
+    (`https://coordinator.example`), `token` a worker (or maintainer) token; release files
+    are downloaded into a verified cache under `cache_dir`. The token is checked first
+    (`WorkerStopped` says what is wrong with it); see `Worker.run` for the rest."""
+    from coordinator.worker_http import HttpBackend, check_remote_options, connect
+
+    check_remote_options(options)
+    with connect(url, token) as client:
+        backend = HttpBackend(client, cache_dir)
+        identity = backend.check_token()
+        log.info("worker token %r (%s) on %s", identity["name"], identity["role"], url)
+        return Worker(backend, options).run(once=once, stop=stop)

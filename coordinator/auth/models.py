@@ -12,15 +12,21 @@ from coordinator.core.db import Base, UTCDateTime, utcnow
 class Role(StrEnum):
     CONTRIBUTOR = "contributor"
     MAINTAINER = "maintainer"
+    # A remote evaluation worker's token (coordinator.evaluations.worker_routes): leases,
+    # heartbeats and reports jobs, reads and downloads. Its name is a label, not a namespace.
+    WORKER = "worker"
 
 
 class Token(Base):
     """A bearer token. The secret is stored only as its sha256; `name` is the namespace the
-    holder publishes under. Several tokens share a name only when the operator said they are
-    one holder's (`create-token --same-owner`, e.g. while rotating)."""
+    holder publishes under (a worker token's name is only a label: it owns no namespace).
+    Several contributor tokens share a name only when the operator said they are one
+    holder's (`create-token --same-owner`, e.g. while rotating)."""
 
     __tablename__ = "tokens"
-    __table_args__ = (CheckConstraint("role IN ('contributor', 'maintainer')", name="role"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('contributor', 'maintainer', 'worker')", name="role"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
@@ -34,6 +40,11 @@ class Token(Base):
     def is_maintainer(self) -> bool:
         return self.role == Role.MAINTAINER
 
+    @property
+    def is_worker(self) -> bool:
+        return self.role == Role.WORKER
+
     def can_manage(self, namespace: str) -> bool:
-        """Owners manage their own namespace; maintainers manage every namespace."""
-        return self.is_maintainer or self.name == namespace
+        """Owners manage their own namespace; maintainers manage every namespace; a worker
+        token manages none, whatever its name."""
+        return self.is_maintainer or (self.role == Role.CONTRIBUTOR and self.name == namespace)

@@ -7,7 +7,7 @@ from datetime import datetime
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from coordinator.core.deps import TokenDep
+from coordinator.core.deps import IdentityDep
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -19,8 +19,8 @@ class Identity(BaseModel):
     created_at: datetime
 
 
-@router.get("/me", summary="The token's name (namespace) and role")
-def me(token: TokenDep) -> Identity:
+@router.get("/me", summary="The token's name (namespace, or a worker's label) and role")
+def me(token: IdentityDep) -> Identity:
     return Identity(
         name=token.name, role=token.role, token_id=token.public_id, created_at=token.created_at
     )

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from coordinator.auth.models import Role, Token
 from coordinator.core.db import begin_write, utcnow
 
-# A token's name is the namespace its holder publishes under (protocol's slug pattern).
+# A token's name is the namespace its holder publishes under (protocol's slug pattern); a
+# worker token's name follows the same pattern but is only a label.
 TOKEN_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _PUBLIC_ID_HEX = 16
 _TOKEN = re.compile(
@@ -59,7 +60,8 @@ def create_token(
     name that already has an owner (a token of that name, revoked ones included, or experts
     in that namespace) is refused unless the operator says it is the same holder
     (`same_owner`, e.g. rotating a token): otherwise a second holder would take over the
-    first one's namespace, its yanks and its uploads."""
+    first one's namespace, its yanks and its uploads. A worker token's name is only a label
+    (several may share one); it owns no namespace and claims none."""
     if not TOKEN_NAME_PATTERN.match(name):
         raise InvalidTokenName(
             f"token name {name!r} must be a namespace: lower-case letters, digits and '_.-', "
@@ -86,8 +88,14 @@ def create_token(
 
 
 def _namespace_owner(session: Session, name: str) -> str | None:
-    """How `name` is already owned, in words, or None when it is free."""
-    holder = session.scalar(select(Token).where(Token.name == name).order_by(Token.id).limit(1))
+    """How `name` is already owned, in words, or None when it is free. Worker tokens own no
+    namespace: a worker labelled `gpu-1` leaves the namespace `gpu-1` free."""
+    holder = session.scalar(
+        select(Token)
+        .where(Token.name == name, Token.role != Role.WORKER)
+        .order_by(Token.id)
+        .limit(1)
+    )
     if holder is not None:
         return f"is owned by token {holder.public_id} ({holder.role})"
     # The experts table is the experts domain's; a plain query keeps auth free of it.

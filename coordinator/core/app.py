@@ -37,7 +37,7 @@ from coordinator.core.logging import RequestIdMiddleware, configure_logging
 from coordinator.core.params import Utf8QueryMiddleware
 from coordinator.core.ratelimit import RateLimits, TokenBucketLimiter
 from coordinator.core.startup import run_startup_checks
-from coordinator.storage import LocalBlobStore
+from coordinator.storage import open_blob_store
 from protocol import API_PREFIX
 from protocol.validation import PackageRejected
 
@@ -52,6 +52,7 @@ ROUTERS: list[tuple[str, str]] = [
     ("coordinator.experts.routes", API_PREFIX),
     ("coordinator.releases.routes", API_PREFIX),
     ("coordinator.evaluations.routes", API_PREFIX),
+    ("coordinator.evaluations.worker_routes", API_PREFIX),
     ("coordinator.leaderboard.routes", ""),
     ("coordinator.web.routes", ""),
 ]
@@ -124,7 +125,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
     engine, sessions = open_database(settings)
-    blobs = LocalBlobStore(settings.blob_dir)
+    try:
+        blobs = open_blob_store(settings)  # an unusable S3 bucket stops start-up here
+    except BaseException:
+        engine.dispose()
+        raise
     with sessions() as session:
         report = run_startup_checks(session, blobs, settings)
 
@@ -166,9 +171,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router, prefix in available_routers():
         app.include_router(router, prefix=prefix, responses=COMMON_RESPONSES)
     log.info(
-        "coordinator ready: database %s, data in %s",
+        "coordinator ready: database %s, data in %s, blobs in %s",
         engine.url.render_as_string(),
         settings.data_dir,
+        blobs.location,
     )
     return app
 

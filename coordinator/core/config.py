@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coordinator.storage.urls import parse_s3_url
 from protocol.limits import AdmissionLimits
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ class Settings(BaseSettings):
         default=None,
         description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db for multi-user "
         "deployments; default: a SQLite file in the data directory.",
+    )
+    blob_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix stores blobs in S3-compatible object storage; "
+        "endpoint, region and credentials come from the usual AWS environment "
+        "(AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_DEFAULT_REGION, profiles). Default: the folder <data_dir>/blobs (zero set-up).",
     )
     stale_temp_seconds: float = Field(
         default=600.0,
@@ -104,6 +112,14 @@ class Settings(BaseSettings):
         "streaming as soon as a file passes its size limit.",
     )
 
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url_names_a_bucket(cls, url: str | None) -> str | None:
+        if not url:
+            return None  # an empty PHATGOOSE_BLOB_URL means the local folder
+        parse_s3_url(url)  # a ValueError says what is wrong with it
+        return url
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:
@@ -125,7 +141,8 @@ class Settings(BaseSettings):
         """Create the data directory and its folders readable by this user only (0700);
         warn about an existing one that others can read (its blobs, database, tokens'
         hashes)."""
-        for directory in (self.data_dir, self.blob_dir, self.upload_tmp_dir):
+        local_blobs = () if self.blob_url else (self.blob_dir,)
+        for directory in (self.data_dir, *local_blobs, self.upload_tmp_dir):
             if not directory.exists():
                 directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
                 directory.chmod(PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from coordinator.auth.models import Token
+from coordinator.auth.models import Role, Token
 from coordinator.auth.service import authenticate
 from coordinator.core.config import Settings
 from coordinator.core.errors import CoordinatorError, Forbidden
@@ -78,8 +78,34 @@ def _token_from(
 
 
 def require_token(request: Request, session: SessionDep, credentials: CredentialsDep) -> Token:
-    """Any valid token (contributor or maintainer)."""
+    """Any valid token that may write to the catalog: a contributor's or a maintainer's. A
+    worker token is refused (403): it leases and reports evaluation jobs, reads and
+    downloads, and does nothing else."""
+    token = _token_from(request, session, credentials)
+    if token.role == Role.WORKER:
+        raise Forbidden(
+            f"a worker token cannot do this; {token.name!r} is a worker (it leases and reports "
+            "evaluation jobs, reads and downloads)",
+            expected="a contributor or maintainer token",
+        )
+    return token
+
+
+def require_identity(request: Request, session: SessionDep, credentials: CredentialsDep) -> Token:
+    """Any valid token, a worker's too: for routes that only say who the token is."""
     return _token_from(request, session, credentials)
+
+
+def require_worker(request: Request, session: SessionDep, credentials: CredentialsDep) -> Token:
+    """A token that may lease and report evaluation jobs: a worker's, or a maintainer's
+    (maintainers operate workers too)."""
+    token = _token_from(request, session, credentials)
+    if token.role not in (Role.WORKER, Role.MAINTAINER):
+        raise Forbidden(
+            f"this needs a worker or maintainer token; {token.name!r} is a {token.role}",
+            expected="a worker or maintainer token",
+        )
+    return token
 
 
 def require_maintainer(request: Request, session: SessionDep, credentials: CredentialsDep) -> Token:
@@ -92,12 +118,15 @@ def require_maintainer(request: Request, session: SessionDep, credentials: Crede
 def require_reader(
     request: Request, session: SessionDep, credentials: CredentialsDep, settings: SettingsDep
 ) -> Token | None:
-    """Reads are public unless `public_read` is off; a token sent anyway must be valid."""
+    """Reads are public unless `public_read` is off; a token sent anyway must be valid. Any
+    valid token reads, a worker's too (it downloads the releases it evaluates)."""
     if credentials is None and settings.public_read:
         return None
     return _token_from(request, session, credentials)
 
 
 TokenDep = Annotated[Token, Depends(require_token)]
+IdentityDep = Annotated[Token, Depends(require_identity)]
+WorkerDep = Annotated[Token, Depends(require_worker)]
 MaintainerDep = Annotated[Token, Depends(require_maintainer)]
 ReaderDep = Annotated[Token | None, Depends(require_reader)]

@@ -1,16 +1,46 @@
-"""API bodies of evaluation jobs and their results."""
+"""API bodies of evaluation jobs and their results, and of the job API remote workers use
+(lease, heartbeat, results, complete, fail: `coordinator.evaluations.worker_routes`)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    model_validator,
+)
 
 from coordinator.core.params import DB_INT_MAX
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult
-from coordinator.evaluations.public_errors import redact
+from coordinator.evaluations.outcomes import (
+    MAX_CHOICES,
+    MAX_OUTCOME_EXAMPLES,
+    ExampleOutcomes,
+)
+from coordinator.evaluations.public_errors import MAX_PUBLIC_ERROR, redact
 from protocol import API_PREFIX, API_VERSION, ApiVersion
+from protocol.methods import RoutingMethod
+from protocol.precision import ComputePrecisionName
+
+# Attempts at a job before it is marked failed (a worker's --max-attempts).
+DEFAULT_MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 100
+# A remote worker's lease: long enough that a heartbeat every third of it survives a slow
+# network, short enough that a dead worker's job is taken over within the hour.
+MIN_LEASE_SECONDS = 5.0
+MAX_LEASE_SECONDS = 3600.0
+# A worker's name in the job rows, which are public: the local worker's default is
+# `worker-<pid>-<random>` (coordinator.worker.default_worker_id); no spaces, slashes or
+# other characters that could pass for a path or markup.
+WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+# Routing statistics of one task: bounded so that a report stays a small JSON column.
+MAX_ROUTING_EXPERTS = 10_000
+MAX_ROUTING_LAYERS = 1_000
 
 
 class TaskGroups(BaseModel):
@@ -154,3 +184,166 @@ class EvaluationDetail(BaseModel):
             results=[ResultInfo.of(r) for r in results],
             url=f"{API_PREFIX}/evaluations/{job.id}",
         )
+
+
+# --- the job API of remote workers -------------------------------------------------------
+
+WorkerId = Annotated[
+    str,
+    Field(
+        pattern=WORKER_ID_PATTERN,
+        description="the worker's name, 1 to 100 of A-Z a-z 0-9 . _ : - (public: no host "
+        "name); the coordinator records it as <token name>/<worker_id>",
+        examples=["worker-4242-1a2b3c4d"],
+    ),
+]
+LeaseSeconds = Annotated[
+    float,
+    Field(
+        ge=MIN_LEASE_SECONDS,
+        le=MAX_LEASE_SECONDS,
+        allow_inf_nan=False,
+        description="the job is taken over when the worker misses heartbeats this long",
+    ),
+]
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class _WorkerBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: WorkerId
+
+
+class LeaseRequest(_WorkerBody):
+    lease_seconds: LeaseSeconds
+    max_attempts: int = Field(
+        ge=1,
+        le=MAX_ATTEMPTS,
+        description="a job whose lease expired this many times is failed instead of leased",
+    )
+
+
+class HeartbeatRequest(_WorkerBody):
+    lease_seconds: LeaseSeconds
+
+
+class Alive(BaseModel):
+    alive: Literal[True] = True
+
+
+class LeasedJob(BaseModel):
+    """A job leased to the worker, with everything it needs to run it: the spec, the tasks
+    an earlier attempt already scored, the release's manifest (whose canonical sha256 is
+    `artifact_digest`), and the curation verdict."""
+
+    api_version: ApiVersion = API_VERSION
+    id: int
+    release: int = Field(description="the release number")
+    attempts: int = Field(description="this attempt's number, 1 for the first")
+    worker_id: str = Field(description="the worker as the job row records it")
+    lease_expires_at: datetime
+    spec: dict[str, Any]
+    done_tasks: list[str] = Field(description="tasks already scored: skip them")
+    manifest: dict[str, Any] = Field(description="the release manifest (release.json)")
+    artifact_digest: str = Field(description="sha256: of the manifest's canonical JSON")
+    curation_error: str | None = Field(
+        description="set when the release was withdrawn, or an expert of it yanked, since "
+        "the job was queued (without the override in its spec): fail the job at once, final"
+    )
+
+
+class RoutingStatsReport(BaseModel):
+    """A task's routing statistics as the worker computes them (`coordinator.worker.
+    routing_summary`; docs/coordinator.md, "Routing statistics"): experts x layers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal[1]
+    method: RoutingMethod
+    top_k: StrictInt | None = Field(ge=0)
+    experts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=MAX_ROUTING_EXPERTS
+    )
+    layers: list[Annotated[str, Field(min_length=1, max_length=300)]] = Field(
+        min_length=1, max_length=MAX_ROUTING_LAYERS
+    )
+    frequencies: list[list[Share]] = Field(description="[expert][layer]")
+    selections: list[Annotated[StrictInt, Field(ge=0)]] = Field(description="per layer")
+    overall: list[Share] = Field(description="per expert")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> RoutingStatsReport:
+        experts, layers = len(self.experts), len(self.layers)
+        if len(self.frequencies) != experts or any(len(r) != layers for r in self.frequencies):
+            raise ValueError(f"frequencies must be {experts} experts x {layers} layers")
+        if len(self.selections) != layers:
+            raise ValueError(f"selections must hold one count per layer ({layers})")
+        if len(self.overall) != experts:
+            raise ValueError(f"overall must hold one share per expert ({experts})")
+        return self
+
+
+class OutcomesReport(BaseModel):
+    """Per example, in order: the chosen answer, whether it was right, its choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal[1] = 1  # OUTCOMES_FORMAT
+    predictions: list[StrictInt] = Field(max_length=MAX_OUTCOME_EXAMPLES)
+    correct: list[StrictBool] = Field(max_length=MAX_OUTCOME_EXAMPLES)
+    choices: list[Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)]] | None = Field(
+        default=None, max_length=MAX_OUTCOME_EXAMPLES
+    )
+
+    def to_outcomes(self) -> ExampleOutcomes:
+        return ExampleOutcomes(
+            predictions=tuple(self.predictions),
+            correct=tuple(self.correct),
+            choices=None if self.choices is None else tuple(self.choices),
+        )
+
+
+class ResultReport(_WorkerBody):
+    """One task's score, as the local worker stores it (`evaluations.service.TaskScore`).
+    The coordinator checks the task name (`protocol.tasks`) and that the outcomes fit the
+    score (`evaluations.outcomes.check_outcomes`) before storing anything."""
+
+    task: str = Field(min_length=1, max_length=200, examples=["hyperbaton"])
+    accuracy: Share
+    stderr: Share
+    n: int = Field(ge=1, le=DB_INT_MAX, description="examples scored")
+    evaluator_version: str = Field(pattern=r"^[\x21-\x7e]{1,64}$", examples=["0.1.0+abc"])
+    seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False)
+    routing_stats: RoutingStatsReport | None = None
+    precision: ComputePrecisionName | None = None
+    outcomes: OutcomesReport | None = None
+
+
+class StoredResult(BaseModel):
+    api_version: ApiVersion = API_VERSION
+    job: int
+    task: str
+
+
+class CompleteRequest(_WorkerBody):
+    pass
+
+
+class FailRequest(_WorkerBody):
+    error: str = Field(
+        min_length=1,
+        max_length=MAX_PUBLIC_ERROR,
+        description="what failed, public text (shown on the job's page, redacted again)",
+    )
+    final: bool = Field(
+        default=False,
+        description="no further attempt can succeed (a bad task name, a release curated "
+        "out): the job fails now",
+    )
+    max_attempts: int = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        ge=1,
+        le=MAX_ATTEMPTS,
+        description="otherwise the job fails once it has had this many attempts",
+    )

@@ -8,6 +8,9 @@ job again (counting another attempt). Claims are atomic: PostgreSQL takes the ro
 Every write a worker makes for a job (a task's result, a heartbeat, the end) first checks,
 under the row lock, that the job is still leased to it: a worker that lost its lease can
 write nothing, so no task is stored twice and a job is never finished by two workers.
+Workers on the coordinator's machine call these functions directly (`coordinator.worker`);
+remote ones reach the same functions through the job API
+(`coordinator.evaluations.worker_routes`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from sqlalchemy.orm import Session
 
 from coordinator.auth.models import Token
 from coordinator.core.db import begin_write, utcnow
-from coordinator.core.errors import Conflict, NotFound
+from coordinator.core.errors import Conflict, NotFound, Unprocessable
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
 from coordinator.evaluations.outcomes import ExampleOutcomes, check_outcomes
+from coordinator.evaluations.schemas import DEFAULT_MAX_ATTEMPTS as DEFAULT_MAX_ATTEMPTS
 from coordinator.evaluations.schemas import EvaluationCreate
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
@@ -33,11 +37,23 @@ from protocol.precision import ComputePrecisionName
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_ATTEMPTS = 3
-
 
 class LeaseLost(RuntimeError):
     """The job is no longer leased to this worker (expired and taken by another, or ended)."""
+
+
+class ResultExists(Conflict):
+    """The job already holds a result on this task (409): each task is stored once."""
+
+    error = "result_exists"
+    check = "result"
+
+
+class NotAJobTask(Unprocessable):
+    """A result on a task the job does not list (422)."""
+
+    error = "invalid_result"
+    check = "task"
 
 
 def create_job(session: Session, request: EvaluationCreate, *, by: Token) -> EvaluationJob:
@@ -89,6 +105,28 @@ def check_curation(
             check="yanked",
             expected="a release without yanked experts, or allow_yanked: true",
         )
+
+
+def curation_error(session: Session, job: EvaluationJob, release: Release) -> str | None:
+    """Why a worker must not run `job` now (`check_curation` with the overrides its spec
+    records), or None. Every worker asks this, the local one directly and a remote one in
+    the lease reply, so both give a withdrawn release's job the same verdict."""
+    try:
+        check_curation(
+            session,
+            release,
+            allow_withdrawn=bool(job.spec.get("allow_withdrawn")),
+            allow_yanked=bool(job.spec.get("allow_yanked")),
+        )
+    except Conflict as error:
+        return error.message
+    return None
+
+
+def job_release(session: Session, job: EvaluationJob) -> Release:
+    release = session.get(Release, job.release_id)
+    assert release is not None  # a foreign key
+    return release
 
 
 def get_job(session: Session, job_id: int) -> EvaluationJob:
@@ -289,9 +327,31 @@ class TaskScore:
 
 def record_result(session: Session, job_id: int, worker_id: str, score: TaskScore) -> None:
     """Store one task's score, only while the job is leased to `worker_id`. Outcomes that
-    do not fit the score are refused (`InvalidOutcomes`, 422) before anything is written."""
+    do not fit the score are refused (`InvalidOutcomes`, 422) before anything is written,
+    as is a task the job does not list (`NotAJobTask`, 422); a task already stored is
+    `ResultExists` (409)."""
     outcomes = check_outcomes(score.task, score.accuracy, score.n, score.outcomes)
     job = _owned(session, job_id, worker_id)
+    tasks = job.spec.get("tasks")
+    if not isinstance(tasks, list) or score.task not in tasks:
+        session.rollback()
+        raise NotAJobTask(
+            f"evaluation {job_id} has no task {score.task!r}",
+            expected="one of the job's tasks (its spec)",
+            extra={"task": score.task},
+        )
+    stored = session.scalar(
+        select(EvaluationResult.id).where(
+            EvaluationResult.job_id == job_id, EvaluationResult.task == score.task
+        )
+    )
+    if stored is not None:
+        session.rollback()
+        raise ResultExists(
+            f"evaluation {job_id} already has a result on task {score.task!r}",
+            expected="one result per task",
+            extra={"task": score.task},
+        )
     session.add(_result_row(job, score, outcomes))
     session.commit()
 
@@ -325,7 +385,22 @@ def done_tasks(session: Session, job_id: int) -> set[str]:
 
 
 def complete_job(session: Session, job_id: int, worker_id: str) -> None:
-    job = _owned(session, job_id, worker_id)
+    """Mark the job done. Completing again a job this same worker completed is not an
+    error: it is a retry whose first answer was lost on the way back (remote workers)."""
+    try:
+        job = _owned(session, job_id, worker_id)
+    except LeaseLost:
+        completed = session.scalar(
+            select(EvaluationJob.id).where(
+                EvaluationJob.id == job_id,
+                EvaluationJob.worker_id == worker_id,
+                EvaluationJob.state == JobState.DONE,
+            )
+        )
+        session.rollback()
+        if completed is None:
+            raise
+        return
     _finish(job, JobState.DONE, utcnow())
     job.error = None
     session.commit()
@@ -338,11 +413,14 @@ def fail_attempt(
     error: str,
     *,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    final: bool = False,
 ) -> JobState:
-    """After an attempt raised: back to the queue, or `failed` once attempts are used up."""
+    """After an attempt raised: back to the queue, or `failed` once attempts are used up,
+    or at once when `final` (an error no further attempt can cure: a task name that breaks
+    the rule, a release curated out)."""
     job = _owned(session, job_id, worker_id)
     job.error = error[:10_000]
-    if job.attempts >= max_attempts:
+    if final or job.attempts >= max_attempts:
         _finish(job, JobState.FAILED, utcnow())
     else:
         job.state = JobState.QUEUED

@@ -195,6 +195,9 @@ def download_file(
     file = service.get_file(found, filename)
     try:
         path = blobs.local_path(file.sha256)
+        # A store without local files (object storage) is read through `open`, which is
+        # where such a store finds the blob missing.
+        handle = blobs.open(file.sha256) if path is None else None
     except BlobNotFound as error:
         log.error("download of %s %s: blob %s is missing", found.ref, filename, file.sha256)
         raise StorageError(
@@ -203,11 +206,10 @@ def download_file(
         ) from error
     media_type = "application/json" if filename.endswith(".json") else "application/octet-stream"
     headers = {"ETag": f'"{file.sha256}"', "X-Content-SHA256": file.sha256}
-    if path is None:  # a store without local files: stream the blob from the store
+    if handle is not None:  # a store without local files: stream the blob from the store
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-        return StreamingResponse(
-            _chunks(blobs.open(file.sha256)), media_type=media_type, headers=headers
-        )
+        return StreamingResponse(_chunks(handle), media_type=media_type, headers=headers)
+    assert path is not None
     return FileResponse(path, media_type=media_type, filename=filename, headers=headers)
 
 

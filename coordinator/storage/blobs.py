@@ -3,7 +3,9 @@
 `LocalBlobStore` keeps `root/ab/cdef...` (the first two hex digits as a fan-out folder).
 A blob appears under its final name only once complete and on disk: it is written to a
 temp file in the same folder, fsynced, renamed, and the folder is fsynced. `BlobStore` is
-the interface the services use, so an object store can replace the directory later.
+the interface the services use; `coordinator.storage.s3.S3BlobStore` keeps the same
+contract in S3-compatible object storage, and `coordinator.storage.open_blob_store` picks
+one from the settings.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ class BlobNotFound(FileNotFoundError):
     pass
 
 
+class BlobStoreError(RuntimeError):
+    """The store cannot be used: unreachable, refused, or not there (never a missing blob,
+    which is `BlobNotFound`). The message names the store and what was expected."""
+
+
 @dataclass(frozen=True)
 class StoredBlob:
     sha256: str
@@ -36,6 +43,11 @@ class StoredBlob:
 
 
 class BlobStore(Protocol):
+    @property
+    def location(self) -> str:
+        """Where the blobs are, for people: a folder, or an s3:// URL."""
+        ...
+
     def put_file(self, source: Path, expected_sha256: str | None = None) -> StoredBlob:
         """Store a copy of `source`; raise ValueError if its sha256 is not `expected_sha256`."""
         ...
@@ -48,13 +60,25 @@ class BlobStore(Protocol):
         """A path to read the blob from directly, where the store has one."""
         ...
 
-    def remove_stale_temp_files(self, older_than_seconds: float) -> list[Path]: ...
+    def remove_stale_temp_files(self, older_than_seconds: float) -> list[str]:
+        """Remove what interrupted writes left behind, started at least this long ago: temp
+        files of a folder, unfinished multipart uploads of an object store. Returns what
+        was removed, for people (paths, or keys with their upload ids)."""
+        ...
+
+    def iter_blobs(self) -> Iterator[str]:
+        """The digest of every stored blob."""
+        ...
 
 
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+
+    @property
+    def location(self) -> str:
+        return str(self.root.resolve())
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -111,14 +135,14 @@ class LocalBlobStore:
             raise
         return StoredBlob(sha256, size)
 
-    def remove_stale_temp_files(self, older_than_seconds: float) -> list[Path]:
+    def remove_stale_temp_files(self, older_than_seconds: float) -> list[str]:
         cutoff = time.time() - older_than_seconds
         removed = []
         for path in self._temp_files():
             try:
                 if path.stat().st_mtime <= cutoff:
                     path.unlink()
-                    removed.append(path)
+                    removed.append(str(path))
             except FileNotFoundError:
                 continue  # another process finished or removed it
         return removed

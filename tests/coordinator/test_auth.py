@@ -83,7 +83,12 @@ def test_contributor_on_a_maintainer_route_is_403(client, alice, base_spec):
     )
 
 
-def test_maintainer_reads_the_startup_report(client, maintainer):
+def test_maintainer_reads_the_startup_report(app, client, maintainer):
     response = client.get("/api/v1/admin/startup-report", headers=maintainer)
     assert response.status_code == 200
-    assert response.json() == {"healthy": True, "removed_temp_files": [], "missing_blobs": []}
+    assert response.json() == {
+        "healthy": True,
+        "blob_store": str(app.state.settings.blob_dir.resolve()),
+        "removed_temp_files": [],
+        "missing_blobs": [],
+    }

@@ -8,6 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator import migrations
@@ -265,5 +266,56 @@ def test_0005_keeps_results_scored_before_it_without_outcomes(fresh_database_url
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, migrations.target_metadata()) == []
+    finally:
+        engine.dispose()
+
+
+def test_0006_lets_a_token_be_a_worker_and_keeps_who_uploaded_each_version(fresh_database_url):
+    engine = make_engine(fresh_database_url)
+    worker_token = text(
+        "INSERT INTO tokens (id, public_id, name, role, secret_sha256, created_at) "
+        "VALUES (:id, :public_id, 'gpu', :role, 'x', :now)"
+    )
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    try:
+        migrations.upgrade(engine, "0001")
+        _fill_a_0001_database(engine)
+        migrations.upgrade(engine, "0005")
+        with engine.begin() as connection:  # versions refer to the tokens that uploaded them
+            connection.execute(
+                text(
+                    "UPDATE expert_versions SET uploader_token_id = "
+                    "CASE WHEN number = 2 THEN 2 ELSE 1 END"
+                )
+            )
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(
+                worker_token, {"id": 3, "public_id": "w0", "role": "worker", "now": now}
+            )
+
+        migrations.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(
+                worker_token, {"id": 3, "public_id": "w1", "role": "worker", "now": now}
+            )
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(
+                worker_token, {"id": 4, "public_id": "w2", "role": "robot", "now": now}
+            )
+        with engine.connect() as connection:
+            uploaders = connection.execute(
+                text("SELECT number, uploader_token_id FROM expert_versions ORDER BY number")
+            ).all()
+            tokens = connection.execute(text("SELECT id, name, role FROM tokens ORDER BY id")).all()
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, migrations.target_metadata()) == []
+        # SQLite rebuilds the table: its ON DELETE SET NULL must not have forgotten uploaders.
+        assert [tuple(r) for r in uploaders] == [(1, 1), (2, 2), (3, 1)]
+        assert [tuple(r) for r in tokens] == [
+            (1, "alice", "contributor"),
+            (2, "carol", "maintainer"),
+            (3, "gpu", "worker"),
+        ]
+        assert "ix_tokens_name" in {i["name"] for i in inspect(engine).get_indexes("tokens")}
     finally:
         engine.dispose()

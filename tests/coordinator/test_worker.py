@@ -18,7 +18,13 @@ import pytest
 
 from coordinator.core.db import utcnow
 from coordinator.evaluations import service as evaluations
-from coordinator.worker import Worker, WorkerOptions, evaluator_version, routing_summary
+from coordinator.worker import (
+    DatabaseBackend,
+    Worker,
+    WorkerOptions,
+    evaluator_version,
+    routing_summary,
+)
 from phatgoose.bigbench import load_bigbench_task
 from phatgoose.evaluation import evaluate_task
 from phatgoose.expert import Expert
@@ -59,7 +65,7 @@ def _options(base_dir, tasks_dir, **kwargs) -> WorkerOptions:
 
 
 def _worker(app, options) -> Worker:
-    return Worker(app.state.sessionmaker, app.state.blobs, options)
+    return Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs), options)
 
 
 def _queue(client, maintainer, release=1, tasks=TASKS, **extra):
@@ -206,7 +212,9 @@ def test_a_release_is_evaluated_with_its_method_params(
     params = {"density": 0.5}
     create_release(client, maintainer, method="ties", experts=["alice/a", "bob/b"], params=params)
     job_id = _queue(client, maintainer, tasks=["sums"])
-    worker = _ParamsSeen(app.state.sessionmaker, app.state.blobs, _options(base_dir, tasks_dir))
+    worker = _ParamsSeen(
+        DatabaseBackend(app.state.sessionmaker, app.state.blobs), _options(base_dir, tasks_dir)
+    )
     assert worker.run(once=True) == 1
     assert worker.seen == [{"density": 0.5, "scale": 1.0}]
     (result,) = client.get(f"/api/v1/evaluations/{job_id}").json()["results"]

@@ -17,7 +17,7 @@ from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob, JobState
 from coordinator.evaluations.public_errors import public_error, redact
 from coordinator.releases.models import Release
-from coordinator.worker import Worker, WorkerOptions, default_worker_id
+from coordinator.worker import DatabaseBackend, Worker, WorkerOptions, default_worker_id
 from protocol.tasks import TaskNameError, check_task_name
 from tests.coordinator.release_helpers import create_release, save_base, write_task
 
@@ -173,7 +173,7 @@ def _worker(app, base_dir, tasks_dir) -> Worker:
     options = WorkerOptions(
         base_models={"tiny": str(base_dir)}, tasks_dir=tasks_dir, poll_seconds=0.05
     )
-    return Worker(app.state.sessionmaker, app.state.blobs, options)
+    return Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs), options)
 
 
 @pytest.mark.parametrize("kind", ["relative", "absolute", "etc", "nul", "lookalike", "dots"])

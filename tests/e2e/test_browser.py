@@ -23,7 +23,7 @@ from coordinator.auth.models import Role
 from coordinator.base_models.service import register_base_model
 from coordinator.core.app import create_app
 from coordinator.core.config import Settings
-from coordinator.worker import Worker, WorkerOptions
+from coordinator.worker import DatabaseBackend, Worker, WorkerOptions
 from tests.coordinator.helpers import bearer_headers, live_server, make_tiny_base
 from tests.coordinator.release_helpers import create_release, save_base
 from tests.coordinator.web_helpers import publish_expert
@@ -125,7 +125,10 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         tasks_dir=tasks_dir,
         poll_seconds=0.05,
     )
-    assert Worker(app.state.sessionmaker, app.state.blobs, options).run(once=True) == 6
+    assert (
+        Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs), options).run(once=True)
+        == 6
+    )
     with live_server(app) as url:
         yield url
     app.state.engine.dispose()

@@ -88,6 +88,21 @@ def test_a_namespace_owned_by_a_maintainer_token_is_refused(coordinator, tmp_pat
     assert _versions(coordinator) == []
 
 
+def test_a_worker_token_of_the_node_s_name_neither_blocks_nor_serves_it(coordinator, tmp_path):
+    # A worker token's name is a label: it owns no namespace and never publishes.
+    engine, sessions = open_database(coordinator)
+    with sessions() as session:
+        worker_id = auth.create_token(session, name="flower-9", role=Role.WORKER).token.id
+    engine.dispose()
+    with coordinator_registrar(_round(coordinator)) as register:
+        assert register(9, _package(tmp_path, "navigate", seed=0)) == "flower-9/navigate@1"
+    engine, sessions = open_database(coordinator)
+    with sessions() as session:
+        (version,) = list_versions(session).items
+        assert version.uploader_token_id != worker_id
+    engine.dispose()
+
+
 def test_without_token_creation_only_nodes_with_an_operator_token_publish(coordinator, tmp_path):
     settings = _round(coordinator, create_node_tokens=False)
     with (

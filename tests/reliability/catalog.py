@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from coordinator.experts.models import Expert, ExpertFile, ExpertVersion
+from coordinator.storage import BlobStore, LocalBlobStore
 from coordinator.storage.blobs import TEMP_PREFIX
 
 
@@ -34,6 +35,17 @@ def blob_files(blob_dir: Path) -> frozenset[str]:
 
 def temp_blob_files(blob_dir: Path) -> list[Path]:
     return sorted(blob_dir.rglob(f"{TEMP_PREFIX}*")) if blob_dir.is_dir() else []
+
+
+def unfinished_writes(blobs: BlobStore) -> list[str]:
+    """What interrupted blob writes left in the store: temp files in a folder, unfinished
+    multipart uploads in object storage."""
+    if isinstance(blobs, LocalBlobStore):
+        return [str(p) for p in temp_blob_files(blobs.root)]
+    from coordinator.storage.s3 import S3BlobStore
+
+    assert isinstance(blobs, S3BlobStore), blobs
+    return [f"{u['Key']} (upload {u['UploadId']})" for u in blobs.multipart_uploads()]
 
 
 def catalog_state(app: FastAPI) -> CatalogState:

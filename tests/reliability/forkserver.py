@@ -3,10 +3,11 @@
 Importing the coordinator (FastAPI, SQLAlchemy, Alembic, numpy, safetensors; and torch and
 transformers, which the release routes import) takes seconds of CPU, tens of seconds on a
 loaded machine; the crash test restarts the coordinator dozens of times. This process pays
-the imports once, then, for every JSON line on stdin (`{"port": P, "settings": {...}}`),
-forks a child that builds the app with `create_app` (the real start-up: migrations,
-temp-file clean-up, blob checks) and serves it with uvicorn. It prints the child's pid; the
-test kills that process with SIGKILL. Children are reaped here.
+the imports once, then, for every JSON line on stdin (`{"port": P, "settings": {...},
+"environ": {...}}`), forks a child that takes that environment (when given) and builds the
+app with `create_app` (the real start-up: migrations, temp-file clean-up, blob checks) and
+serves it with uvicorn. It prints the child's pid; the test kills that process with
+SIGKILL. Children are reaped here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> None:
             code = 0
             try:
                 sys.stdin.close()
+                if "environ" in command:  # e.g. AWS_* for a coordinator on object storage
+                    os.environ.clear()
+                    os.environ.update(command["environ"])
                 application = create_app(Settings(**command["settings"]))
                 uvicorn.run(
                     application,

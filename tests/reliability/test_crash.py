@@ -8,10 +8,15 @@ it again. After every restart:
   sha256 the reply gave (downloaded over HTTP for new ones; read from the blob store for all);
 - nothing half-written is visible: every version has all its file rows, every file row its
   blob, every blob's bytes hash to its name; the start-up report is healthy;
-- no temporary file is left after the start-up clean-up (upload folders, blob temp files).
+- no temporary file is left after the start-up clean-up (upload folders, blob temp files,
+  unfinished multipart uploads in object storage).
 
-`PHATGOOSE_CRASH_CYCLES` sets the kills per database: 50 by default, so CI kills the
-coordinator 50 times on SQLite and 50 times on PostgreSQL. Processes come from a
+Each database runs twice: with blobs in the local folder, and in S3-compatible object
+storage (`PHATGOOSE_BLOB_URL` naming a bucket on a moto S3 server that runs in this test
+process, so the kills never touch it). Blobs are read back through the store either way.
+`PHATGOOSE_CRASH_CYCLES` sets the kills per database with local blobs: 50 by default, so CI
+kills the coordinator 50 times on SQLite and 50 times on PostgreSQL;
+`PHATGOOSE_CRASH_S3_CYCLES` (default 15) those with object storage. Processes come from a
 fork server (tests/reliability/forkserver.py) that imports the coordinator once; one cycle
 per database starts a plain `python -m uvicorn --factory` process when
 `PHATGOOSE_CRASH_PLAIN=1` (start-up then imports everything, torch included: slow).
@@ -42,13 +47,21 @@ from coordinator.base_models.service import register_base_model
 from coordinator.core.config import Settings
 from coordinator.core.db import make_engine
 from coordinator.experts.models import ExpertFile, ExpertVersion
+from coordinator.storage import BlobStore, open_blob_store
 from tests.coordinator.helpers import TinyBase, bearer_headers
-from tests.reliability.catalog import temp_blob_files
+from tests.coordinator.s3_server import (  # noqa: F401  (fixtures)
+    bucket_fixture,
+    moto_server_fixture,
+    s3_env_fixture,
+    s3_fixture,
+)
+from tests.reliability.catalog import unfinished_writes
 from tests.reliability.fuzzing import BOUNDARY, multipart
 from tests.reliability.workload import Launcher, Packages, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 CYCLES = int(os.environ.get("PHATGOOSE_CRASH_CYCLES", "50"))
+S3_CYCLES = int(os.environ.get("PHATGOOSE_CRASH_S3_CYCLES", "15"))
 # Also start one plain `python -m uvicorn` process (slow where torch is imported at start-up).
 PLAIN = os.environ.get("PHATGOOSE_CRASH_PLAIN", "") == "1"
 UPLOADS_PER_CYCLE = 4
@@ -130,7 +143,7 @@ def _send(
             assert response.status_code < 500, response.text
 
 
-def check_catalog(session: Session, blob_dir: Path, tmp_dir: Path, acked: list[Acked]) -> int:
+def check_catalog(session: Session, blobs: BlobStore, tmp_dir: Path, acked: list[Acked]) -> int:
     """Nothing half-written is visible; every acknowledged upload is there. Returns the
     number of versions in the catalog."""
     versions = session.scalars(select(ExpertVersion)).all()
@@ -149,20 +162,18 @@ def check_catalog(session: Session, blob_dir: Path, tmp_dir: Path, acked: list[A
         assert ack.ref in by_ref, f"acknowledged {ack.ref} is missing after the crash"
         stored = {f.filename: f.sha256 for f in by_ref[ack.ref].files}
         assert stored == ack.files, ack.ref
-    # Every blob's bytes hash to its name: no partial blob under a final name.
+    # Every blob's bytes, read back through the store, hash to its name: no partial blob
+    # under a final name.
     referenced = set(session.scalars(select(ExpertFile.sha256)).all())
-    on_disk = set()
-    for folder in blob_dir.iterdir():
-        if folder.is_dir() and len(folder.name) == 2:
-            for blob in folder.iterdir():
-                if blob.name.startswith(".tmp-"):
-                    continue
-                digest = hashlib.sha256(blob.read_bytes()).hexdigest()
-                assert digest == folder.name + blob.name, f"partial or corrupt blob {blob}"
-                on_disk.add(digest)
-    assert referenced <= on_disk, f"rows without blobs: {sorted(referenced - on_disk)[:3]}"
-    # The start-up clean-up left no temporary file behind.
-    assert temp_blob_files(blob_dir) == []
+    in_store = set()
+    for name in blobs.iter_blobs():
+        with blobs.open(name) as reader:
+            digest = hashlib.sha256(reader.read()).hexdigest()
+        assert digest == name, f"partial or corrupt blob {name} in {blobs.location}"
+        in_store.add(digest)
+    assert referenced <= in_store, f"rows without blobs: {sorted(referenced - in_store)[:3]}"
+    # The start-up clean-up left nothing behind: no temp file, no unfinished upload.
+    assert unfinished_writes(blobs) == []
     assert list(tmp_dir.iterdir()) == []
     return len(versions)
 
@@ -176,11 +187,24 @@ def download_and_check(base_url: str, acks: list[Acked]) -> None:
                 assert hashlib.sha256(response.content).hexdigest() == sha256, (ack.ref, filename)
 
 
+@pytest.fixture(params=["local", "s3"])
+def blob_url(request: pytest.FixtureRequest) -> str | None:
+    """Blobs in the data directory, or in a new bucket of the moto S3 server (which runs
+    in this process: the coordinator killed is another)."""
+    if request.param == "local":
+        return None
+    return f"s3://{request.getfixturevalue('bucket')}/crash"
+
+
 @pytest.fixture
 def crash_setup(
-    make_app: Callable[[Settings], FastAPI], settings: Settings, tiny_base: TinyBase
+    make_app: Callable[[Settings], FastAPI],
+    settings: Settings,
+    tiny_base: TinyBase,
+    blob_url: str | None,
 ) -> tuple[Settings, dict[str, str], dict[str, str]]:
     """A migrated data directory with the tiny base, a contributor and a maintainer."""
+    settings = settings.model_copy(update={"blob_url": blob_url})
     application = make_app(settings.model_copy(update={"stale_temp_seconds": 0}))
     with application.state.sessionmaker() as session:
         register_base_model(session, tiny_base.spec)
@@ -197,19 +221,23 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     database_url: str,
 ) -> None:
     settings, alice, carol = crash_setup
-    server_settings = {
+    server_settings: dict[str, object] = {
         "data_dir": str(settings.data_dir),
         "database_url": settings.resolved_database_url,
         "stale_temp_seconds": 0,  # one process owns the data dir: every temp file is stale
         "log_level": "WARNING",
     }
     env = {
-        **os.environ,
+        **os.environ,  # with the AWS_* variables of the moto server, for object storage
         "PHATGOOSE_DATA_DIR": str(settings.data_dir),
         "PHATGOOSE_DATABASE_URL": settings.resolved_database_url,
         "PHATGOOSE_STALE_TEMP_SECONDS": "0",
         "PHATGOOSE_LOG_LEVEL": "WARNING",
     }
+    if settings.blob_url:
+        server_settings["blob_url"] = env["PHATGOOSE_BLOB_URL"] = settings.blob_url
+    cycles = S3_CYCLES if settings.blob_url else CYCLES
+    blobs = open_blob_store(settings)  # read back through the store the coordinator uses
     packages = Packages(package("alice/crash"))
     rng = random.Random(1234)
     tally = Tally()
@@ -217,7 +245,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     launcher = Launcher(server_settings, env)
     checked = 0
     try:
-        for cycle in range(CYCLES + 1):
+        for cycle in range(cycles + 1):
             started = time.monotonic()
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
@@ -229,12 +257,12 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
 
             # After the restart: the clean-up ran, the catalog is whole.
             with Session(engine) as session:
-                check_catalog(session, settings.blob_dir, settings.upload_tmp_dir, tally.acked)
+                check_catalog(session, blobs, settings.upload_tmp_dir, tally.acked)
             report = httpx.get(f"{base_url}/api/v1/admin/startup-report", headers=carol).json()
             assert report["healthy"] and report["missing_blobs"] == [], report
             download_and_check(base_url, tally.acked[checked:])
             checked = len(tally.acked)
-            if cycle == CYCLES:
+            if cycle == cycles:
                 download_and_check(base_url, tally.acked)  # everything, once more
                 launcher.kill(pid)
                 break
@@ -277,6 +305,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     engine.dispose()
     summary = {
         "database": database_url.split(":", 1)[0],
+        "blobs": "s3" if settings.blob_url else "local",
         "kills": tally.kills,
         "uploads": tally.kills * UPLOADS_PER_CYCLE,
         "acknowledged": len(tally.acked),
@@ -289,7 +318,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     if not PLAIN:
         del summary["plain_uvicorn_startup_s"]
     print("crash summary:", json.dumps(summary))
-    assert tally.kills == CYCLES >= 1
+    assert tally.kills == cycles >= 1
     # Some uploads are cut off and some get through: the kills really land mid-upload.
-    assert tally.acked and (tally.refused or CYCLES < 10)
+    assert tally.acked and (tally.refused or cycles < 10)
     assert total >= len(tally.acked)

@@ -55,6 +55,23 @@ def valid_bodies(tiny_base: TinyBase) -> dict[str, dict[str, Any]]:
         "YankRequest": reason,
         "BlockRequest": reason,
         "WithdrawRequest": reason,
+        # The job API of remote workers (coordinator.evaluations.worker_routes).
+        "LeaseRequest": {"worker_id": "w1", "lease_seconds": 60, "max_attempts": 3},
+        "HeartbeatRequest": {"worker_id": "w1", "lease_seconds": 60},
+        "ResultReport": {
+            "worker_id": "w1",
+            "task": "navigate",
+            "accuracy": 0.5,
+            "stderr": 0.2,
+            "n": 4,
+            "evaluator_version": "fuzz+0",
+            "seconds": 0.5,
+            "routing_stats": None,
+            "precision": "float32",
+            "outcomes": {"predictions": [0, 1, 1, 0], "correct": [True, False, True, False]},
+        },
+        "CompleteRequest": {"worker_id": "w1"},
+        "FailRequest": {"worker_id": "w1", "error": "fuzz", "final": False},
     }
 
 
@@ -131,9 +148,10 @@ def write_tally(
 def world(
     app: FastAPI, tiny_base: TinyBase, package: Callable[..., Path]
 ) -> Iterator[tuple[FastAPI, dict[str, bytes]]]:
-    """An expert, a release, an evaluation with a result, three identities."""
+    """An expert, a release, an evaluation with a result, four identities."""
     alice = bearer_headers(app, "alice", Role.CONTRIBUTOR)
     carol = bearer_headers(app, "carol", Role.MAINTAINER)
+    gpu = bearer_headers(app, "gpu", Role.WORKER)
     with TestClient(app) as client:
         assert upload(client, alice, package("alice/demo")).status_code == 201
         create_release(client, carol, method="merged", experts=["alice/demo@1"], notes="")
@@ -141,6 +159,7 @@ def world(
     tokens = {
         "contributor": alice["Authorization"].encode(),
         "maintainer": carol["Authorization"].encode(),
+        "worker": gpu["Authorization"].encode(),
     }
     yield app, tokens
 

@@ -41,9 +41,13 @@ class Launcher:
             self.fork_server = shared_fork_server()
 
     def start_forked(self, port: int) -> int:
+        """A child of the fork server with these settings and this environment (the fork
+        server is shared and started once, so variables set since, such as the AWS ones
+        of an object-storage test, reach the child only this way)."""
         assert self.fork_server is not None
         assert self.fork_server.stdin is not None and self.fork_server.stdout is not None
-        self.fork_server.stdin.write(json.dumps({"port": port, "settings": self.settings}) + "\n")
+        command = {"port": port, "settings": self.settings, "environ": self.env}
+        self.fork_server.stdin.write(json.dumps(command) + "\n")
         self.fork_server.stdin.flush()
         return int(self.fork_server.stdout.readline())
 
