@@ -187,8 +187,10 @@ def test_two_replicas_and_a_remote_worker_share_one_catalog(tmp_path, database, 
         )
         assert finished.returncode == 0, finished.stderr[-4000:]
         assert "1 job(s) ended" in finished.stderr
-        cached = [p for p in (home / "cache").rglob("*") if p.is_file()]
+        cached = [p for p in (home / "cache" / "blobs").rglob("*") if p.is_file()]
         assert cached, "the worker downloaded nothing into its cache"
+        for path in cached:  # each named by the sha256 of its bytes
+            assert path.parent.name + path.name == hashlib.sha256(path.read_bytes()).hexdigest()
 
         # Both replicas show the same finished job.
         seen = []
