@@ -551,11 +551,11 @@ def score_own_tasks(
     the same examples (`app.own_task`), scored as the evaluation worker scores (its batch
     size and maximum length); prints the table and returns the `OwnTaskScore`s."""
     from app.own_task import load_catalogued_expert, own_task_scores
-    from coordinator.storage import LocalBlobStore
+    from coordinator.storage import open_blob_store
     from coordinator.worker import EVALUATION_PROTOCOL, WorkerOptions
     from phatgoose.bigbench import load_bigbench_task
 
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = open_blob_store(settings)
     items = []
     with tempfile.TemporaryDirectory(prefix="phatgoose-demo-") as tmp, sessions() as session:
         for task in plan.held_in:
@@ -651,11 +651,11 @@ def evaluate_releases(
     """Releases over the catalogued experts, their evaluation (by the coordinator's own
     worker, in this process) and the leaderboard; returns method -> release number."""
     from coordinator.leaderboard.service import leaderboard
-    from coordinator.storage import LocalBlobStore
+    from coordinator.storage import open_blob_store
     from coordinator.worker import WorkerOptions, run_worker
 
     maintainer = demo_maintainer(sessions)
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = open_blob_store(settings)
     numbers = build_releases(sessions, blobs, base, list(refs.values()), maintainer)
     console.print("releases: " + ", ".join(f"#{n} {method}" for method, n in numbers.items()))
     pending = queue_evaluations(sessions, plan, numbers, maintainer)

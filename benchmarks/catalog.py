@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from coordinator.leaderboard.schemas import Leaderboard
 from coordinator.leaderboard.service import leaderboard
 from coordinator.releases import service as releases
 from coordinator.releases.schemas import ReleaseCreate
-from coordinator.storage import LocalBlobStore
+from coordinator.storage import BlobStore, open_blob_store
 from phatgoose.expert import Expert
 from phatgoose.models import base_model_spec, cache_root
 from protocol import METHOD_SPECS, PACKAGE_FILES, ParamValue, RoutingMethod, is_method
@@ -87,7 +88,7 @@ class BenchmarkCatalog:
         self.data_dir = self.settings.data_dir
         self.namespace = namespace
         self.engine, self.sessions = open_database(self.settings)
-        self.blobs = LocalBlobStore(self.settings.blob_dir)
+        self.blobs = open_blob_store(self.settings)
         self._token: Token | None = None
 
     def close(self) -> None:
@@ -151,12 +152,13 @@ class BenchmarkCatalog:
             files = {f.filename: f.sha256 for f in version.files}
         with tempfile.TemporaryDirectory(prefix="bench-expert-") as tmp:
             for filename, sha256 in files.items():
+                # A local blob is linked; one in object storage is streamed into the folder.
                 source = self.blobs.local_path(sha256)
-                if source is None:
-                    raise FileNotFoundError(
-                        f"{ref}: blob {sha256} of {filename} is missing from {self.blobs.root}"
-                    )
-                (Path(tmp) / filename).symlink_to(source.resolve())
+                if source is not None:
+                    (Path(tmp) / filename).symlink_to(source.resolve())
+                    continue
+                with self.blobs.open(sha256) as blob, (Path(tmp) / filename).open("wb") as out:
+                    shutil.copyfileobj(blob, out)
             return Expert.load(tmp)
 
     def register(self, expert: Expert, key: str) -> str:
@@ -209,7 +211,7 @@ def evaluator_version(record: Mapping[str, Any]) -> str:
 
 def _release_number(
     session: Session,
-    blobs: LocalBlobStore,
+    blobs: BlobStore,
     token: Token,
     *,
     method: RoutingMethod,
