@@ -4,6 +4,7 @@
     import-peft an existing PEFT LoRA adapter + data -> gates -> an expert package
     inspect     what a package holds, and whether the coordinator would accept it
     push        publish a package to a coordinator (HTTP, with a token)
+    diff        what changed between two packages (local directories or published versions)
 
 Training runs entirely on this machine; only the package (parameters, router vectors and
 the manifest) is ever uploaded.
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protocol.precision import Precision
@@ -26,6 +29,7 @@ if TYPE_CHECKING:  # torch and transformers load slowly: --help stays fast witho
     from client.inspection import PackageReport
     from client.training import ContributorOptions
     from phatgoose.training import TrainingConfig
+    from protocol.diff import PackageDiff
 
 app = typer.Typer(
     help="Contributors: train an expert on private data, inspect it, publish it.",
@@ -387,6 +391,96 @@ def push(
     typer.echo(version["ref"])
 
 
+@app.command()
+def diff(
+    a: Annotated[
+        str,
+        typer.Argument(
+            help="The reference: a package directory, or namespace/name@version on the coordinator."
+        ),
+    ],
+    b: Annotated[str, typer.Argument(help="The package compared with it, given the same way.")],
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator",
+            help="Coordinator URL for namespace/name@version (or $PHATGOOSE_COORDINATOR).",
+            envvar="PHATGOOSE_COORDINATOR",
+            show_default=False,
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="A token, when the coordinator's reads need one (or $PHATGOOSE_TOKEN).",
+            envvar="PHATGOOSE_TOKEN",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole diff as JSON instead of tables.")
+    ] = False,
+    modules: Annotated[
+        bool, typer.Option("--modules", help="Also print one row per module.")
+    ] = False,
+) -> None:
+    """What changed from package A to package B (two experts on the same base model).
+
+    Per module: the relative change of the full LoRA update,
+    ||s_B B_B A_B - s_A B_A A_A||_F / ||s_A B_A A_A||_F (0: the same update; 1: a change
+    as large as A's update), computed from the factors without forming any d x n matrix;
+    the ranks; the cosine between the two gates (1: they route alike); and which tensors
+    are byte-identical. Per file: whether its bytes are identical. Printed as a summary
+    and a table per layer. Published versions are downloaded to a temporary folder and
+    checked against the sha256 the coordinator lists. Exits with 1 when the packages
+    cannot be compared (different base models, unreadable files).
+    """
+    import tempfile
+
+    from client.catalog import FetchError
+    from protocol.diff import DiffError, diff_packages
+
+    with tempfile.TemporaryDirectory(prefix="phatgoose-diff-") as folder:
+        try:
+            path_a = _package_source(a, "A", coordinator, token, Path(folder) / "a")
+            path_b = _package_source(b, "B", coordinator, token, Path(folder) / "b")
+            result = diff_packages(path_a, path_b)
+        except (DiffError, FetchError) as error:
+            console.print(f"[red]error:[/red] {escape(str(error))}")
+            raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    _print_diff(result, a, b, with_modules=modules)
+
+
+def _package_source(
+    given: str, label: str, coordinator: str | None, token: str | None, folder: Path
+) -> Path:
+    """A local package directory as it is; a published version downloaded into `folder`."""
+    from client.catalog import fetch_version, parse_ref
+
+    if Path(given).is_dir():
+        return Path(given)
+    ref = parse_ref(given)
+    if ref is None:
+        console.print(
+            f"[red]error:[/red] {label} {escape(given)!r} is neither a package directory nor "
+            "namespace/name@version"
+        )
+        raise typer.Exit(2)
+    if not coordinator:
+        console.print(
+            f"[red]error:[/red] {label} {escape(given)} is a published version: "
+            "give --coordinator URL (or $PHATGOOSE_COORDINATOR)"
+        )
+        raise typer.Exit(2)
+    with console.status(f"downloading {ref} from {coordinator}"):
+        fetch_version(ref, coordinator, folder, token=token)
+    return folder
+
+
 # ------------------------------------------------------------------------ output
 def _load_base(base: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from phatgoose.models import load_base_model
@@ -458,3 +552,82 @@ def _print_report(report: PackageReport) -> None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _print_diff(result: PackageDiff, label_a: str, label_b: str, *, with_modules: bool) -> None:
+    """The summary and the per-layer table, on stdout: they are the command's output."""
+    out = Console(highlight=False, soft_wrap=True)  # lines stay whole, for grep and pipes
+    if not out.is_terminal:
+        out.width = 200  # a pipe has no width: keep module paths whole rather than cut at 80
+    s = result.summary
+    for label, side in (("A", label_a), ("B", label_b)):
+        info = result.a if label == "A" else result.b
+        lora = info.lora
+        out.print(
+            f"{label}: {escape(side)} ({escape(info.name)}, r={lora.r}, alpha {lora.lora_alpha:g}, "
+            f"scale {lora.scale:g}{', rsLoRA' if lora.use_rslora else ''}, {info.modules} modules)"
+        )
+    files = ", ".join(
+        f"{f.filename} {'identical' if f.identical else 'differs'}" for f in result.files
+    )
+    out.print(f"files: {files}")
+    out.print(
+        f"modules: {s.modules_changed} changed, {s.modules_unchanged} unchanged, "
+        f"{s.modules_added} added, {s.modules_removed} removed; LoRA byte-identical in "
+        f"{s.lora_identical_modules}, gates byte-identical in {s.gate_identical_modules}"
+    )
+    shared = s.modules_changed + s.modules_unchanged
+    if shared and s.lora_identical_modules == shared and s.gate_identical_modules < shared:
+        out.print("[bold]the LoRA weights are identical: only gates changed[/bold]")
+    largest = f" ({escape(s.max_relative_change_module)})" if s.max_relative_change_module else ""
+    out.print(
+        f"relative change: median {_num(s.median_relative_change)}, "
+        f"max {_num(s.max_relative_change)}{largest}; "
+        f"mean gate cosine {_num(s.mean_gate_cosine)}"
+    )
+    table = Table(title="per layer", box=box.SIMPLE_HEAD)
+    widest = max((len(layer.layer) for layer in result.layers), default=5)
+    table.add_column("layer", min_width=min(widest, 40), overflow="fold")
+    for column in ("modules", "changed", "added/removed", "mean change", "max change"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("gate cosine", justify="right", no_wrap=True)
+    for layer in result.layers:
+        table.add_row(
+            escape(layer.layer),
+            str(layer.modules),
+            str(layer.changed),
+            f"{layer.added}/{layer.removed}",
+            _num(layer.mean_relative_change),
+            _num(layer.max_relative_change),
+            _num(layer.mean_gate_cosine),
+        )
+    out.print(table)
+    if with_modules:
+        per_module = Table(title="per module", box=box.SIMPLE_HEAD)
+        widest = max((len(m.path) for m in result.modules), default=6)
+        per_module.add_column("module", min_width=min(widest, 40), overflow="fold")
+        for column in ("status", "rank", "change", "gate cosine", "identical"):
+            per_module.add_column(column, no_wrap=True)
+        for m in result.modules:
+            same = [
+                name
+                for name, flag in (
+                    ("lora_A", m.identical.lora_a),
+                    ("lora_B", m.identical.lora_b),
+                    ("gate", m.identical.gate),
+                )
+                if flag
+            ]
+            per_module.add_row(
+                escape(m.path),
+                m.status,
+                f"{_num(m.rank_a)} -> {_num(m.rank_b)}",
+                _num(m.relative_change),
+                _num(m.gate_cosine),
+                ", ".join(same) or "-",
+            )
+        out.print(per_module)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -21,6 +21,7 @@ from coordinator.core.deps import (
 )
 from coordinator.core.errors import ERROR_RESPONSE, StorageError
 from coordinator.core.params import Offset
+from coordinator.experts import diff as expert_diff
 from coordinator.experts import service
 from coordinator.experts.models import Channel
 from coordinator.experts.schemas import (
@@ -28,6 +29,7 @@ from coordinator.experts.schemas import (
     BlockState,
     ExpertDetail,
     ExpertVersionDetail,
+    ExpertVersionDiff,
     ExpertVersionPage,
     ExpertVersionSummary,
     YankRequest,
@@ -170,6 +172,39 @@ def get_version(
     namespace: str, name: str, version: VersionNumber, session: SessionDep, _reader: ReaderDep
 ) -> ExpertVersionDetail:
     return ExpertVersionDetail.of(service.get_version(session, namespace, name, version))
+
+
+@experts_router.get(
+    "/{namespace}/{name}/{version}/diff",
+    summary="What changed against another version on the same base (default: the previous one)",
+    responses={404: ERROR_RESPONSE, 422: ERROR_RESPONSE, 500: ERROR_RESPONSE},
+)
+def diff_version(
+    namespace: str,
+    name: str,
+    version: VersionNumber,
+    session: SessionDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    _reader: ReaderDep,
+    against: Annotated[
+        str | None,
+        Query(
+            max_length=expert_diff.MAX_REF_CHARS,
+            description="namespace/name@version of the reference; default: the version before",
+            examples=["alice/hyperbaton@1"],
+        ),
+    ] = None,
+) -> ExpertVersionDiff:
+    """Per module the relative change of the update, ranks, scales, gate cosine and which
+    tensors are byte-identical; per file whether its bytes are the same; a summary."""
+    pair = expert_diff.resolve_pair(session, namespace, name, version, against)
+    a, b = ExpertVersionSummary.of(pair.a), ExpertVersionSummary.of(pair.b)
+    stored_a = expert_diff.StoredPackage.of(pair.a)
+    stored_b = expert_diff.StoredPackage.of(pair.b)
+    session.commit()  # end the read transaction: the diff reads whole packages
+    diff = expert_diff.diff_stored(blobs, settings, stored_a, stored_b)
+    return ExpertVersionDiff(a=a, b=b, diff=diff)
 
 
 @experts_router.get(

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from coordinator.experts.models import Block, Expert, ExpertVersion
 from protocol import API_PREFIX, API_VERSION, ApiVersion
+from protocol.diff import PackageDiff
 
 
 class FileInfo(BaseModel):
@@ -136,6 +137,18 @@ class ExpertVersionPage(BaseModel):
     total: int = Field(description="matching versions in all pages")
     limit: int
     offset: int
+
+
+class ExpertVersionDiff(BaseModel):
+    """What changed from version `a` to version `b` (protocol.diff, docs/expert-package.md,
+    "Diffing two versions")."""
+
+    api_version: ApiVersion = API_VERSION
+    a: ExpertVersionSummary = Field(
+        description="the reference (`against`): relative changes are relative to its updates"
+    )
+    b: ExpertVersionSummary = Field(description="the version in the path")
+    diff: PackageDiff
 
 
 class YankRequest(BaseModel):

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from coordinator.web.analysis import LayerRouting
 from coordinator.web.queries import BASELINE_METHODS, MethodMean
+from protocol.diff import PackageDiff
 
 # Beyond this many rows or columns, tick labels are thinned out to stay legible.
 _MAX_TICKS = 40
@@ -202,5 +203,56 @@ def _method_bars(means: Sequence[MethodMean], title: str) -> bytes:
     axes.set_xlabel("mean accuracy over tasks (± standard error)")
     axes.set_title(title, fontsize=10, parse_math=False)
     axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def diff_by_layer(diff: PackageDiff, title: str) -> bytes:
+    """Two panels over the layers of an expert diff: the relative change of each module's
+    update (a point per module, the layer's mean as a bar), and the cosine between each
+    module's two gates. Modules in only one package have neither and are not drawn."""
+    with _RENDER_LOCK:
+        return _diff_by_layer(diff, title)
+
+
+def _diff_by_layer(diff: PackageDiff, title: str) -> bytes:
+    layers = [layer.layer for layer in diff.layers]
+    position = {label: x for x, label in enumerate(layers)}
+    shared = [m for m in diff.modules if m.present == "both"]
+    width = min(14.0, max(6.5, 3.5 + 0.35 * len(layers)))
+    figure = Figure(figsize=(width, 5.6))
+    change_axes, gate_axes = figure.subplots(2, 1, sharex=True)
+    change_axes.set_title(_wrapped(title, int(width * 10)), fontsize=10, parse_math=False)
+    if not shared:
+        change_axes.text(0.5, 0.5, "no module is in both packages", ha="center", va="center")
+    changes = [
+        (position[m.layer], m.relative_change) for m in shared if m.relative_change is not None
+    ]
+    if changes:
+        change_axes.scatter(*zip(*changes, strict=True), s=14, alpha=0.7, color="#2a6fb0")
+    means = [(position[x.layer], x.mean_relative_change) for x in diff.layers]
+    drawn = [(x, y) for x, y in means if y is not None]
+    if drawn:
+        change_axes.scatter(
+            *zip(*drawn, strict=True), marker="_", s=260, color="#b3261e", label="layer mean"
+        )
+        change_axes.legend(fontsize=8, loc="upper right")
+    change_axes.set_ylabel("relative change\n‖ΔW_b − ΔW_a‖ / ‖ΔW_a‖", fontsize=8)
+    change_axes.set_ylim(bottom=0.0)
+    change_axes.grid(axis="y", alpha=0.3)
+    cosines = [(position[m.layer], m.gate_cosine) for m in shared if m.gate_cosine is not None]
+    if cosines:
+        gate_axes.scatter(*zip(*cosines, strict=True), s=14, alpha=0.7, color="#216e39")
+    lowest = min((c for _, c in cosines), default=0.0)
+    gate_axes.set_ylim(min(0.0, lowest) - 0.05, 1.05)
+    gate_axes.axhline(1.0, color="#888888", linewidth=0.8, linestyle=":")
+    gate_axes.set_ylabel("gate cosine", fontsize=8)
+    gate_axes.set_xlabel("layer")
+    gate_axes.grid(axis="y", alpha=0.3)
+    ticks = _ticks(len(layers))
+    gate_axes.set_xticks(
+        ticks, [short_layer_label(layers[i]) for i in ticks], fontsize=8, parse_math=False
+    )
+    gate_axes.set_xlim(-0.5, max(len(layers), 1) - 0.5)
     figure.tight_layout()
     return _png(figure)
