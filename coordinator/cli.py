@@ -536,6 +536,54 @@ def create_release(
     typer.echo(f"release {release.number}: {label} over {count} expert(s)")
 
 
+@app.command(
+    "credit",
+    help="Queue each expert's leave-one-out evaluation of release NUMBER, and the full one, "
+    "on a spec, as the API's POST /releases/{n}/credit does (recorded as by 'operator'); "
+    "jobs already queued, running or done on that spec are not queued again. N experts: up "
+    "to N + 1 evaluations.",
+)
+def credit(
+    number: ReleaseNumber,
+    tasks: Annotated[
+        list[str], typer.Option("--tasks", help="A task name (repeat for each task).")
+    ],
+    examples_per_task: Annotated[int, typer.Option(help="Examples scored per task.", min=1)],
+    seed: Annotated[int, typer.Option(help="The split's seed.")] = 0,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    from pydantic import ValidationError
+
+    from coordinator.core.errors import CoordinatorError
+    from coordinator.credit import service
+    from coordinator.credit.schemas import CreditCreate
+    from coordinator.evaluations.task_names import check_requested_tasks
+
+    try:
+        request = CreditCreate.model_validate(
+            {"tasks": tasks, "examples_per_task": examples_per_task, "seed": seed}
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise typer.BadParameter(f"{where}: {problem['msg']}") from None
+    settings = _settings(data_dir, database_url)
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            check_requested_tasks(request, settings.tasks_dir)
+            queued = service.queue_credit(session, number, request, by="operator")
+        except CoordinatorError as error:
+            expected = f" (expected {error.expected})" if error.expected else ""
+            typer.secho(f"{error.check}: {error.message}{expected}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from error
+    typer.echo(
+        f"release {number}: full evaluation {queued.full_job}, leave-one-out evaluations "
+        + ", ".join(f"{ref} {job}" for ref, job in queued.leave_out_jobs.items())
+        + f"; queued now: {', '.join(map(str, queued.queued)) or 'none'}"
+    )
+
+
 @app.command("withdraw-release")
 def withdraw_release(
     number: ReleaseNumber,

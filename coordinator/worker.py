@@ -3,7 +3,8 @@
 A loop that claims a queued evaluation job (`evaluations.service.claim_job`), keeps its
 lease alive from a heartbeat thread, builds the release's routed model through the library
 (`phatgoose.load_release` over a release directory: the method, k and hyper-parameters its
-manifest records), scores every task and stores each task's result as soon as it is known.
+manifest records; a leave-one-out job's `leave_out` expert left out, for credit:
+`coordinator.credit`), scores every task and stores each task's result as soon as it is known.
 Several workers may run at once; a worker that dies loses its lease and another one resumes
 the job after the tasks already stored.
 
@@ -93,6 +94,11 @@ class InvalidTaskName(PublicJobError):
 class CuratedOut(PublicJobError):
     """The job's release was withdrawn, or one of its experts yanked, after the job was
     queued (without the matching override in its spec): the job fails at once."""
+
+
+class InvalidLeaveOut(PublicJobError):
+    """A leave-one-out job names an expert its release does not have (the API refuses
+    such a job; a row may come from elsewhere): the job fails at once."""
 
 
 class UnknownTask(PublicJobError):
@@ -338,7 +344,7 @@ class Worker:
                     traceback.format_exc(),
                 )
                 # A name that breaks the rule never becomes valid: no second attempt.
-                final = isinstance(error, (InvalidTaskName, CuratedOut))
+                final = isinstance(error, (InvalidTaskName, CuratedOut, InvalidLeaveOut))
                 try:
                     state = self.backend.fail(
                         job.id,
@@ -378,7 +384,9 @@ class Worker:
                 ),
                 len(todo),
             )
-            model, tokenizer = self._load(release.directory, manifest)
+            model, tokenizer = self._load(
+                release.directory, manifest, exclude=left_out(spec, manifest)
+            )
         try:
             for task in todo:
                 if self.options.task_delay_seconds:
@@ -430,8 +438,11 @@ class Worker:
         finally:
             unroute_model(model)
 
-    def _load(self, directory: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
-        """The routed model of a release directory, over a cached base model."""
+    def _load(
+        self, directory: Path, manifest: dict[str, Any], *, exclude: Sequence[str] = ()
+    ) -> tuple[Any, Any]:
+        """The routed model of a release directory, over a cached base model, without the
+        experts `exclude` names (a leave-one-out job's `leave_out`)."""
         from phatgoose.models import load_base_model
         from phatgoose.release import load_release
 
@@ -439,7 +450,23 @@ class Worker:
         if name not in self._bases:
             with _LOAD_LOCK:
                 self._bases[name] = load_base_model(self.options.base_models.get(name, name))
-        return load_release(directory, base_model=self._bases[name])
+        return load_release(directory, base_model=self._bases[name], exclude=exclude)
+
+
+def left_out(spec: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The experts a job leaves out: its spec's `leave_out` (a leave-one-out job, for the
+    credit of that expert; docs/coordinator.md, "Credit"), or none. A value that is not one
+    of the manifest's expert refs never will be: `InvalidLeaveOut`, the job fails at once."""
+    ref = spec.get("leave_out")
+    if ref is None:
+        return []
+    refs = [entry.get("ref") for entry in manifest.get("experts") or []]
+    if not isinstance(ref, str) or ref not in refs:
+        raise InvalidLeaveOut(
+            f"the job leaves out {ref!r}, which is not one of the release's experts: "
+            f"{', '.join(map(str, refs)) or 'none'}"
+        )
+    return [ref]
 
 
 def checked_task_names(spec: dict[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -92,6 +92,7 @@ def load_release(
     cache_dir: Path | None = None,
     allow_yanked: bool = False,
     timeout: float = 60.0,
+    exclude: Collection[str] | None = None,
 ) -> BaseModel:
     """Load a release for inference: `(routed model, tokenizer)`.
 
@@ -104,7 +105,13 @@ def load_release(
     `cache_dir`: where downloaded files are kept (default `<phatgoose cache>/experts`).
     `allow_yanked`: load a release the coordinator has withdrawn, or one naming a yanked
     expert (refused by default; a warning is logged). `timeout`: seconds a connection or
-    a read may stall.
+    a read may stall. `exclude`: refs (`namespace/name@version`) of the release's experts
+    to leave out, for a leave-one-out evaluation (docs/coordinator.md, "Credit"): the
+    manifest is read and checked whole, as it is, then those experts are dropped before any
+    of their files is read or the model is built; k is capped at the experts left (a
+    release that routes over all N experts routes over the N - 1 others). A ref the release
+    does not name, or leaving out every expert (or a `single` release's expert), is a
+    `ReleaseError`.
 
     Nothing the server or the manifest says is trusted: every value is checked against the
     protocol's formats, files come only from the release URL's origin, sizes are enforced
@@ -117,38 +124,68 @@ def load_release(
         with _Coordinator(str(path_or_url), token, timeout) as coordinator:
             manifest = coordinator.manifest()
             _check_not_withdrawn(coordinator.status(), allow_yanked)
+            entries = _kept_experts(manifest, exclude)
             cache = Path(cache_dir) if cache_dir is not None else _default_cache()
-            directories = [coordinator.download(entry, cache) for entry in manifest.experts]
+            directories = [coordinator.download(entry, cache) for entry in entries]
     else:
         manifest = read_release_manifest(path_or_url)
+        entries = _kept_experts(manifest, exclude)
         root = Path(path_or_url)
         root = root if root.is_dir() else root.parent
-        directories = [_local_package(root, entry) for entry in manifest.experts]
+        directories = [_local_package(root, entry) for entry in entries]
 
     model, tokenizer = _base_model(manifest, base_model)
     experts = [
         _load_expert(directory, entry, manifest, model)
-        for directory, entry in zip(directories, manifest.experts, strict=True)
+        for directory, entry in zip(directories, entries, strict=True)
     ]
     build_routed_model(
         model,
         experts,
         method=manifest.method,
-        top_k=manifest.top_k or 1,  # None for methods that do not route per token
+        # None for methods that do not route per token; capped when experts are left out.
+        top_k=min(manifest.top_k or 1, max(len(experts), 1)),
         expert=manifest.expert,
         tokenizer=tokenizer,
         router_numerics=manifest.router_numerics,
         params=manifest.method_params,
     )
     log.info(
-        "loaded release %d: %s %s over %d experts on %s",
+        "loaded release %d: %s %s over %d experts on %s%s",
         manifest.number,
         manifest.method,
         manifest.method_params,
         len(experts),
         manifest.base_model.name,
+        f", leaving out {', '.join(sorted(exclude))}" if exclude else "",
     )
     return model, tokenizer
+
+
+def _kept_experts(
+    manifest: ReleaseManifest, exclude: Collection[str] | None
+) -> list[ReleasedExpert]:
+    """The manifest's experts without those `exclude` names (refs), in release order."""
+    if not exclude:
+        return list(manifest.experts)
+    refs = [entry.ref for entry in manifest.experts]
+    unknown = sorted(set(exclude) - set(refs))
+    if unknown:
+        raise ReleaseError(
+            f"release {manifest.number}: cannot leave out {', '.join(unknown)}: not among its "
+            f"experts ({', '.join(refs) if refs else 'none'})"
+        )
+    kept = [entry for entry in manifest.experts if entry.ref not in exclude]
+    if not kept:
+        raise ReleaseError(
+            f"release {manifest.number}: leaving out {', '.join(sorted(exclude))} leaves no expert"
+        )
+    if manifest.expert is not None and manifest.expert not in {e.full_name for e in kept}:
+        raise ReleaseError(
+            f"release {manifest.number}: cannot leave out {manifest.expert}, the expert its "
+            f"method {manifest.method!r} uses"
+        )
+    return kept
 
 
 # --- the manifest ----------------------------------------------------------------------

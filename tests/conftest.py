@@ -13,6 +13,9 @@ torch.set_num_threads(1)
 # results must not, so `auto` means float32 here, in this process and its subprocesses.
 # Tests of bfloat16 ask for it explicitly.
 os.environ["PHATGOOSE_PRECISION"] = "float32"
+# Automatic credit (leave-one-out jobs queued with each evaluation of a small release) would
+# add N jobs to every test that queues one; tests of credit turn it on in their settings.
+os.environ["PHATGOOSE_AUTO_CREDIT_MAX_EXPERTS"] = "0"
 
 
 @pytest.fixture

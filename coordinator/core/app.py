@@ -53,6 +53,7 @@ ROUTERS: list[tuple[str, str]] = [
     ("coordinator.releases.routes", API_PREFIX),
     ("coordinator.evaluations.routes", API_PREFIX),
     ("coordinator.evaluations.worker_routes", API_PREFIX),
+    ("coordinator.credit.routes", API_PREFIX),
     ("coordinator.leaderboard.routes", ""),
     ("coordinator.web.routes", ""),
 ]

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         description="Evaluation workers read BIG-bench tasks from <tasks_dir>/<task>/task.json; "
         "default: the bigbench==1.0.0 task files, fetched once into the phatgoose cache.",
     )
+    auto_credit_max_experts: int = Field(
+        default=8,
+        ge=0,
+        le=1000,
+        description="When an evaluation of a release with at most this many experts is "
+        "queued, its leave-one-out evaluations (each expert's credit) are queued on the same "
+        "spec too: N more evaluations for N experts. 0 turns it off.",
+    )
     token_prefix: str = Field(default="phg", pattern=r"^[a-z]{1,8}$")
     rate_limit_enabled: bool = Field(
         default=False,

@@ -18,7 +18,9 @@ class JobState(StrEnum):
 
 
 class EvaluationJob(Base):
-    """A release evaluated on `spec` (`{"tasks": [...], "examples_per_task": n, "seed": s}`).
+    """A release evaluated on `spec` (`{"tasks": [...], "examples_per_task": n, "seed": s}`;
+    with `"leave_out": "ns/name@version"`, the release without that expert, for credit: such
+    a job is never the release's scores, `service.counts_as_scores`).
 
     A worker leases a queued job (`worker_id`, `lease_expires_at`) and heartbeats; a job whose
     lease expired can be taken again, counting `attempts`.

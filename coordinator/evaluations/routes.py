@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from coordinator.core.deps import MaintainerDep, ReaderDep, SessionDep, SettingsDep
 from coordinator.core.errors import ERROR_RESPONSE
 from coordinator.core.params import PAGE_SIZE, Offset, PageLimit, RowFilter, RowNumber
+from coordinator.credit import service as credit
 from coordinator.evaluations import service
 from coordinator.evaluations.models import JobState
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationDetail, OutcomesInfo
@@ -40,6 +41,12 @@ def create_evaluation(
     check_requested_tasks(body, settings.tasks_dir)
     job = service.create_job(session, body, by=token)
     response.headers["Location"] = f"{API_PREFIX}/evaluations/{job.id}"
+    # A small release's credit comes with its evaluation: N more jobs (docs, "Credit").
+    credit_jobs = credit.auto_credit(
+        session, job, max_experts=settings.auto_credit_max_experts, by=token.name
+    )
+    if credit_jobs:
+        response.headers["X-Credit-Jobs"] = ",".join(map(str, credit_jobs))
     return EvaluationDetail.of(job, body.release, [])
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -48,11 +48,11 @@ class TaskGroups(BaseModel):
     held_out: list[str] = Field(default_factory=list)
 
 
-class EvaluationCreate(BaseModel):
-    """A release x a benchmark: task names, examples per task, the split's seed."""
+class EvaluationSpec(BaseModel):
+    """A benchmark: task names, examples per task, the split's seed (and the overrides of
+    curation). `EvaluationCreate` adds the release; `POST /releases/{n}/credit` takes it
+    as is, checked by the same rules."""
 
-    # Bounded like every release number (a 64-bit one was a 500 on SQLite: fuzzing).
-    release: int = Field(ge=1, le=DB_INT_MAX, description="the release number")
     tasks: list[str] = Field(
         min_length=1,
         max_length=1000,
@@ -76,7 +76,7 @@ class EvaluationCreate(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_tasks(self) -> EvaluationCreate:
+    def _check_tasks(self) -> Self:
         # Not stripped: a name is taken exactly as sent and checked against the task-name
         # rule (coordinator.evaluations.task_names), so `parity\n` is refused, not renamed.
         names = list(self.tasks)
@@ -94,6 +94,21 @@ class EvaluationCreate(BaseModel):
             if both:
                 raise ValueError(f"tasks both held in and held out: {both}")
         return self
+
+
+class EvaluationCreate(EvaluationSpec):
+    """A release x a benchmark: task names, examples per task, the split's seed."""
+
+    # Bounded like every release number (a 64-bit one was a 500 on SQLite: fuzzing).
+    release: int = Field(ge=1, le=DB_INT_MAX, description="the release number")
+    leave_out: str | None = Field(
+        default=None,
+        max_length=200,
+        description="a leave-one-out evaluation: the release without this expert "
+        "(namespace/name@version, one of its experts), for that expert's credit "
+        "(docs/coordinator.md, 'Credit'); such a job never counts as the release's scores",
+        examples=["alice/hyperbaton@2"],
+    )
 
 
 class ResultInfo(BaseModel):

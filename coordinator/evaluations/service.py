@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Select, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.auth.models import Token
@@ -33,6 +33,7 @@ from coordinator.evaluations.schemas import DEFAULT_MAX_ATTEMPTS as DEFAULT_MAX_
 from coordinator.evaluations.schemas import EvaluationCreate
 from coordinator.releases import service as releases
 from coordinator.releases.models import Release
+from protocol.methods import METHOD_SPECS
 from protocol.precision import ComputePrecisionName
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,80 @@ class NotAJobTask(Unprocessable):
     check = "task"
 
 
-def create_job(session: Session, request: EvaluationCreate, *, by: Token) -> EvaluationJob:
+class InvalidLeaveOut(Unprocessable):
+    """A leave-one-out evaluation the release cannot have (422): the expert is not one of
+    its experts, or its method routes over none, or it has a single expert."""
+
+    error = "invalid_leave_out"
+    check = "leave_out"
+
+
+def create_job(session: Session, request: EvaluationCreate, *, by: Token | str) -> EvaluationJob:
+    """Queue `request` (by a token, or by an operator's name); a `leave_out` is checked
+    against the release (`check_leave_out`)."""
     release = releases.get_release(session, request.release)
     check_curation(
         session, release, allow_withdrawn=request.allow_withdrawn, allow_yanked=request.allow_yanked
     )
+    if request.leave_out is not None:
+        check_leave_out(release, request.leave_out)
     spec = job_spec(request)
-    spec["requested_by"] = by.name
+    spec["requested_by"] = by if isinstance(by, str) else by.name
     begin_write(session)
     job = EvaluationJob(release_id=release.id, spec=spec, state=JobState.QUEUED)
     session.add(job)
     session.commit()
     log.info(
-        "queued evaluation %d: release %d on %d task(s) by %s",
+        "queued evaluation %d: release %d on %d task(s)%s by %s",
         job.id,
         release.number,
         len(request.tasks),
-        by.name,
+        f" without {request.leave_out}" if request.leave_out else "",
+        spec["requested_by"],
     )
     return job
+
+
+def release_refs(release: Release) -> list[str]:
+    """The release's experts as its manifest names them (namespace/name@version), in order."""
+    return [str(entry["ref"]) for entry in release.manifest.get("experts") or []]
+
+
+def check_leave_out(release: Release, ref: str) -> None:
+    """`InvalidLeaveOut` (422) unless the release can be evaluated without `ref`: its method
+    routes or merges over its experts (not `base`, nor `single`, whose one expert is the
+    whole release), it has at least 2 experts, and `ref` is one of them."""
+    spec = METHOD_SPECS.get(release.method)  # type: ignore[call-overload]
+    refs = release_refs(release)
+    if spec is None or not spec.takes_experts or spec.single_expert:
+        raise InvalidLeaveOut(
+            f"release {release.number} uses method {release.method!r}, which does not route "
+            "or merge over its experts: leaving one out measures nothing",
+            expected="a release whose method routes or merges over experts (not base or single)",
+        )
+    if len(refs) < 2:
+        raise InvalidLeaveOut(
+            f"release {release.number} has {len(refs)} expert(s): without it nothing is left "
+            "to route over",
+            expected="a release with at least 2 experts",
+        )
+    if ref not in refs:
+        raise InvalidLeaveOut(
+            f"{ref!r} is not an expert of release {release.number}",
+            expected=f"one of {', '.join(refs)}",
+        )
+
+
+def is_leave_out(spec: Mapping[str, Any] | None) -> bool:
+    """Whether a job's spec is a leave-one-out evaluation (for credit), which never counts
+    as its release's scores."""
+    return (spec or {}).get("leave_out") is not None
+
+
+def counts_as_scores() -> ColumnElement[bool]:
+    """`is_leave_out`'s negation as SQL on `EvaluationJob`: the jobs whose results may be a
+    release's scores (every query of scores, comparisons and task groups uses it)."""
+    return EvaluationJob.spec["leave_out"].as_string().is_(None)
 
 
 def job_spec(request: EvaluationCreate) -> dict[str, Any]:
@@ -493,12 +549,13 @@ def import_job(
 
 def latest_result_ids() -> Select[Any]:
     """The rule for a release's score on a task, as SQL: the id of the newest result (the
-    highest id) of every (release, task) from a finished (`done`) job. Re-evaluating a
-    release replaces its scores; older results stay stored."""
+    highest id) of every (release, task) from a finished (`done`) job that is not a
+    leave-one-out one (`counts_as_scores`). Re-evaluating a release replaces its scores;
+    older results stay stored."""
     return (
         select(func.max(EvaluationResult.id))
         .join(EvaluationJob, EvaluationJob.id == EvaluationResult.job_id)
-        .where(EvaluationJob.state == JobState.DONE)
+        .where(EvaluationJob.state == JobState.DONE, counts_as_scores())
         .group_by(EvaluationResult.release_id, EvaluationResult.task)
     )
 

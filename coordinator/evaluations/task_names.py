@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.core.errors import Unprocessable
-from coordinator.evaluations.schemas import EvaluationCreate
+from coordinator.evaluations.schemas import EvaluationSpec
 from protocol.tasks import (
     TASK_NAME_EXPECTED,
     TaskNameError,
@@ -26,7 +26,7 @@ class InvalidTask(Unprocessable):
     check = "task_name"
 
 
-def check_requested_tasks(request: EvaluationCreate, tasks_dir: Path | None) -> None:
+def check_requested_tasks(request: EvaluationSpec, tasks_dir: Path | None) -> None:
     """Raises `InvalidTask` (422) naming the first task that is not a task name, or not a
     task of `tasks_dir` when it is known."""
     for task in request.tasks:

@@ -10,7 +10,12 @@ and an exact McNemar p-value, computed from the results' per-example outcomes
 (`coordinator.evaluations.outcomes`). Anything that does not compare gets a reason instead.
 
 - `compare`: release a against release b (`GET /leaderboard/compare`, the compare page);
-- `versus_base`: each leaderboard row against the base model on the same spec.
+- `versus_base`: each leaderboard row against the base model on the same spec;
+- `compare_jobs`: given pairs of evaluations (credit: a release against itself without one
+  expert, `coordinator.credit`).
+
+Leave-one-out evaluations (credit) are never a release's own: only a pair that names one
+(`compare` with `a_job`/`b_job`, `compare_jobs`) compares it.
 
 Computed on read, with a small in-process cache (`STATISTICS`): a finished job's results
 never change, so a statistic is keyed by the two jobs (id and finish time) and the tasks it
@@ -32,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.errors import CoordinatorError
+from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
 from coordinator.evaluations.outcomes import MAX_OUTCOME_EXAMPLES, ExampleOutcomes
 from coordinator.leaderboard.schemas import (
@@ -213,17 +219,23 @@ class _Outcomes:
         self._loaded = loaded
 
 
-def finished_jobs(session: Session, release_ids: Iterable[int]) -> dict[int, list[EvaluationJob]]:
-    """Per release id, its finished evaluations, newest first."""
+def finished_jobs(
+    session: Session, release_ids: Iterable[int], *, leave_out: bool = False
+) -> dict[int, list[EvaluationJob]]:
+    """Per release id, its finished evaluations, newest first; leave-one-out ones (credit)
+    only with `leave_out`, since they are not the release's own."""
     found: dict[int, list[EvaluationJob]] = {}
     ids = sorted(set(release_ids))
     if not ids:
         return found
-    for job in session.scalars(
+    query = (
         select(EvaluationJob)
         .where(EvaluationJob.release_id.in_(ids), EvaluationJob.state == JobState.DONE)
         .order_by(EvaluationJob.id.desc())
-    ):
+    )
+    if not leave_out:
+        query = query.where(evaluations.counts_as_scores())
+    for job in session.scalars(query):
         found.setdefault(job.release_id, []).append(job)
     return found
 
@@ -390,8 +402,9 @@ def _candidates(
     seed: int | None,
 ) -> list[EvaluationJob]:
     """The release's finished evaluations that may be compared, newest first: the one
-    asked for, else every one matching the filters."""
-    jobs = finished_jobs(session, [release.id]).get(release.id, [])
+    asked for (a leave-one-out one too: credit's pairs, `credit.service`), else every one
+    matching the filters that is the release's own (not a leave-one-out one)."""
+    jobs = finished_jobs(session, [release.id], leave_out=job_id is not None).get(release.id, [])
     if job_id is not None:
         chosen = [job for job in jobs if job.id == job_id]
         if not chosen:
@@ -471,21 +484,56 @@ def compare(
             f"the same examples: {release_a.number} has {_specs_text(jobs_a)}; "
             f"{release_b.number} has {_specs_text(jobs_b)}"
         )
-    job_a, job_b, spec = pair
-    results = _results(session, [job_a.id, job_b.id])
-    side_a = _Side(release_a, job_a, results.get(job_a.id, {}))
-    side_b = _Side(release_b, job_b, results.get(job_b.id, {}))
-    compared = _Pair(side_a, side_b, spec, _Outcomes(session))
-    return Comparison(
-        a=_reference(session, release_a, job_a),
-        b=_reference(session, release_b, job_b),
-        comparable=True,
-        spec=spec.schema(),
-        tasks=[compared.task(task, groups.get(task)) for task in spec.tasks],
-        means={ALL_TASKS: compared.mean(spec.tasks), **compared.group_means(groups)},
-        resamples=RESAMPLES,
-        confidence=CONFIDENCE,
-    )
+    job_a, job_b, _spec = pair
+    (comparison,) = compare_jobs(session, [(release_a, job_a, release_b, job_b)], groups=groups)
+    return comparison
+
+
+def compare_jobs(
+    session: Session,
+    pairs: Sequence[tuple[Release, EvaluationJob, Release, EvaluationJob]],
+    *,
+    groups: Mapping[str, str],
+) -> list[Comparison]:
+    """Each pair `(release a, its job, release b, its job)` compared, a - b, as `compare`
+    gives it: per task and for the means (all tasks, each group of `groups`). The jobs of a
+    pair must share a spec (`SpecKey`), else `ComparisonRejected`. Results and outcomes of
+    every pair are read together, outcomes only for statistics not cached."""
+    keys = []
+    for release_a, job_a, release_b, job_b in pairs:
+        key = SpecKey.of(job_a.spec)
+        if key is None or key != SpecKey.of(job_b.spec):
+            raise ComparisonRejected(
+                f"evaluations {job_a.id} (release {release_a.number}) and {job_b.id} (release "
+                f"{release_b.number}) do not share a spec, so they did not score the same "
+                "examples",
+                expected="two evaluations with the same tasks, examples per task and seed",
+            )
+        keys.append(key)
+    results = _results(session, [job.id for _, a, _, b in pairs for job in (a, b)])
+    outcomes = _Outcomes(session)
+    compared = [
+        _Pair(
+            _Side(release_a, job_a, results.get(job_a.id, {})),
+            _Side(release_b, job_b, results.get(job_b.id, {})),
+            key,
+            outcomes,
+        )
+        for (release_a, job_a, release_b, job_b), key in zip(pairs, keys, strict=True)
+    ]
+    return [
+        Comparison(
+            a=_reference(session, pair.a.release, pair.a.job),
+            b=_reference(session, pair.b.release, pair.b.job),
+            comparable=True,
+            spec=pair.spec.schema(),
+            tasks=[pair.task(task, groups.get(task)) for task in pair.spec.tasks],
+            means={ALL_TASKS: pair.mean(pair.spec.tasks), **pair.group_means(groups)},
+            resamples=RESAMPLES,
+            confidence=CONFIDENCE,
+        )
+        for pair in compared
+    ]
 
 
 # --- every leaderboard row against the base ----------------------------------------------
@@ -508,6 +556,7 @@ def _base_evaluations(
             Release.withdrawn_at.is_(None),
             Release.base_model_id.in_(ids),
             EvaluationJob.state == JobState.DONE,
+            evaluations.counts_as_scores(),
         )
         .order_by(EvaluationJob.id.desc())
     )

@@ -4,8 +4,8 @@
 web pages (`coordinator.web.queries` only shapes its rows), so the two cannot disagree. Each
 rule is written once, here or where it is cited:
 
-- a release's score on a task: its newest result from a finished job
-  (`coordinator.evaluations.service.latest_result_ids`);
+- a release's score on a task: its newest result from a finished job, never a leave-one-out
+  one (`coordinator.evaluations.service.latest_result_ids`);
 - a task's group, `held_in` or `held_out`: what the newest finished job declaring it said
   (`task_groups` in the job's spec), else the BENCHMARK.md suite lists (`task_groups`);
 - a row's mean: unweighted over the tasks in view it was scored on, with the standard error
@@ -105,7 +105,7 @@ def task_groups(session: Session) -> dict[str, str]:
     groups |= {task: Split.HELD_OUT.value for task in HELD_OUT_TASKS}
     specs = session.scalars(
         select(EvaluationJob.spec)
-        .where(EvaluationJob.state == JobState.DONE)
+        .where(EvaluationJob.state == JobState.DONE, evaluations.counts_as_scores())
         .order_by(EvaluationJob.id)
     )
     for spec in specs:

@@ -13,17 +13,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from coordinator.core.deps import SessionDep, require_reader
+from coordinator.core.deps import BlobsDep, SessionDep, SettingsDep, require_reader
 from coordinator.core.errors import NotFound
 from coordinator.core.params import Offset, RowFilter, RowNumber
+from coordinator.credit import service as credit
+from coordinator.credit.schemas import ReleaseCredit
 from coordinator.evaluations.models import EvaluationResult
 from coordinator.evaluations.public_errors import redact
+from coordinator.evaluations.service import InvalidLeaveOut
+from coordinator.experts import diff as expert_diff
 from coordinator.experts import service as experts
 from coordinator.leaderboard import comparisons
 from coordinator.leaderboard import service as leaderboard
@@ -97,6 +101,8 @@ templates.env.globals["resamples"] = comparisons.RESAMPLES
 templates.env.filters["signed"] = _signed
 templates.env.filters["interval"] = _interval
 templates.env.filters["p_value"] = _p_value
+# A difference of accuracies in percentage points: 0.042 -> +4.2 (credit on expert pages).
+templates.env.filters["points"] = lambda value: f"{100 * value:+.1f}"
 templates.env.filters["accuracy"] = _accuracy
 templates.env.filters["date"] = _date
 templates.env.filters["kl"] = _kl
@@ -265,6 +271,18 @@ def _task_analysis(
     return TaskAnalysis(result, has_routing, divergence, oracle, most_chosen)
 
 
+def _release_credit(
+    session: SessionDep, release: Release, groups: dict[str, str]
+) -> ReleaseCredit | None:
+    """The release's "Contributions" (leave-one-out credit); None when no expert can be
+    left out of it (base, single, a single expert)."""
+    try:
+        credit.check_creditable(release)
+    except InvalidLeaveOut:
+        return None
+    return credit.release_credit(session, release, groups=groups)
+
+
 @router.get("/ui/releases/{number}", response_class=HTMLResponse)
 def release_page(request: Request, session: SessionDep, number: RowNumber) -> HTMLResponse:
     try:
@@ -291,6 +309,7 @@ def release_page(request: Request, session: SessionDep, number: RowNumber) -> HT
         jobs=queries.release_jobs(session, release),
         groups=groups,
         vs_base=comparisons.versus_base(session, [release], groups=groups)[release.id],
+        credit=_release_credit(session, release, groups),
     )
 
 
@@ -412,4 +431,70 @@ def expert_page(
         page=page,
         versions=page.items,
         releases=queries.releases_using(session, expert),
+        credit_lines=credit.expert_credit_lines(session, expert),
     )
+
+
+# The diff of two versions (coordinator.experts.diff; the JSON of `GET .../diff`).
+DiffAgainst = Annotated[str | None, Query(max_length=expert_diff.MAX_REF_CHARS)]
+
+
+def _diff_plot_url(namespace: str, name: str, version: int, against: str | None) -> str:
+    query = f"?{urlencode({'against': against})}" if against else ""
+    return f"/ui/experts/{quote(namespace)}/{quote(name)}/{version}/diff.png{query}"
+
+
+@router.get("/ui/experts/{namespace}/{name}/{version}/diff", response_class=HTMLResponse)
+def expert_diff_page(
+    request: Request,
+    session: SessionDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    namespace: str,
+    name: str,
+    version: RowNumber,
+    against: DiffAgainst = None,
+) -> HTMLResponse:
+    """What changed from `against` (default: the previous version) to this version."""
+    against = _blank(against)
+    context: dict[str, Any] = {"nav": "experts", "namespace": namespace, "name": name}
+    try:
+        pair = expert_diff.resolve_pair(session, namespace, name, version, against)
+        context.update(a=pair.a, b=pair.b)
+        stored_a = expert_diff.StoredPackage.of(pair.a)
+        stored_b = expert_diff.StoredPackage.of(pair.b)
+        session.commit()  # end the read transaction: the diff reads whole packages
+        diff = expert_diff.diff_stored(blobs, settings, stored_a, stored_b)
+    except NotFound as error:
+        return _not_found(request, error.message)
+    except (expert_diff.InvalidRef, expert_diff.DiffRefused) as error:
+        return _render(request, "expert_diff.html", status_code=422, error=error.message, **context)
+    plot_url = _diff_plot_url(namespace, name, version, against)
+    return _render(request, "expert_diff.html", diff=diff, plot_url=plot_url, **context)
+
+
+@router.get("/ui/experts/{namespace}/{name}/{version}/diff.png")
+def expert_diff_plot(
+    request: Request,
+    session: SessionDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    namespace: str,
+    name: str,
+    version: RowNumber,
+    against: DiffAgainst = None,
+) -> Response:
+    pair = expert_diff.resolve_pair(session, namespace, name, version, _blank(against))
+    stored_a = expert_diff.StoredPackage.of(pair.a)
+    stored_b = expert_diff.StoredPackage.of(pair.b)
+    title = f"{pair.b.ref} against {pair.a.ref}: change per layer"
+    session.commit()
+    # Versions never change: the two package digests fix the image.
+    digest = plots.plot_digest("diff", title, stored_a.package_digest, stored_b.package_digest)
+
+    def render() -> bytes:
+        return plots.diff_by_layer(
+            expert_diff.diff_stored(blobs, settings, stored_a, stored_b), title
+        )
+
+    return _png_response(request, digest, render, _IMMUTABLE)

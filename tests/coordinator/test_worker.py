@@ -200,8 +200,8 @@ class _ParamsSeen(Worker):
 
     seen: list[dict[str, object]]
 
-    def _load(self, directory, manifest):
-        model, tokenizer = super()._load(directory, manifest)
+    def _load(self, directory, manifest, **kwargs):
+        model, tokenizer = super()._load(directory, manifest, **kwargs)
         self.seen = [*getattr(self, "seen", []), dict(routing_state(model).params)]
         return model, tokenizer
 

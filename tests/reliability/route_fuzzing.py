@@ -84,6 +84,8 @@ def _param(name: str, annotation: Any) -> Param:
         return Param(name, "float")
     if annotation is str:
         return Param(name, "str")
+    if origin is list and args == [str]:  # a repeatable query parameter: one value is sent
+        return Param(name, "str")
     raise UnknownParameter(f"parameter {name!r}: no strategy for {annotation!r}")
 
 
@@ -123,6 +125,7 @@ VALID_VALUES: dict[str, tuple[str, ...]] = {
     "release": ("1",),
     "base_model": ("tiny",),
     "q": ("demo",),
+    "tasks": ("navigate",),
     "sort": ("mean", "release", "task:navigate", "date"),
 }
 

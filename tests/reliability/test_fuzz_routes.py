@@ -52,6 +52,7 @@ def valid_bodies(tiny_base: TinyBase) -> dict[str, dict[str, Any]]:
         "BaseModelSpec": tiny_base.spec.model_dump(mode="json"),
         "ReleaseCreate": {"method": "merged", "experts": ["alice/demo@1"], "notes": "fuzz"},
         "EvaluationCreate": {"release": 1, "tasks": ["navigate"], "examples_per_task": 10},
+        "CreditCreate": {"tasks": ["navigate"], "examples_per_task": 10},
         "YankRequest": reason,
         "BlockRequest": reason,
         "WithdrawRequest": reason,
