@@ -37,13 +37,13 @@ from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.models import EvaluationJob, EvaluationResult, JobState
 from coordinator.evaluations.public_errors import redact
 from coordinator.evaluations.schemas import EvaluationCreate, EvaluationSpec
-from coordinator.experts.models import Expert, ExpertVersion
+from coordinator.experts.models import Expert
 from coordinator.leaderboard import comparisons
 from coordinator.leaderboard import service as leaderboard
 from coordinator.leaderboard.comparisons import ALL_TASKS, SpecKey
 from coordinator.leaderboard.schemas import PairedDelta
 from coordinator.releases import service as releases
-from coordinator.releases.models import Release, ReleaseExpert
+from coordinator.releases.models import Release
 
 log = logging.getLogger(__name__)
 
@@ -363,14 +363,7 @@ def expert_credit_lines(
 ) -> list[CreditLine]:
     """The contributions of `expert`'s versions to the newest `limit` releases that contain
     one, where computed (newest release first)."""
-    rows = session.execute(
-        select(Release, ExpertVersion.number)
-        .join(ReleaseExpert, ReleaseExpert.release_id == Release.id)
-        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
-        .where(ExpertVersion.expert_id == expert.id)
-        .order_by(Release.number.desc())
-        .limit(limit)
-    ).all()
+    rows = releases.releases_containing(session, expert, limit=limit)
     groups = leaderboard.task_groups(session) if rows else {}
     lines = []
     for release, number in rows:

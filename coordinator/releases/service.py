@@ -520,6 +520,22 @@ def _lock_release(session: Session, release: Release) -> None:
     session.refresh(release)
 
 
+def releases_containing(
+    session: Session, expert: Expert, *, limit: int = 50
+) -> list[tuple[Release, int]]:
+    """The newest `limit` releases that include a version of `expert`, newest first, each
+    with that version's number (the expert page lists them; credit reads their lines)."""
+    rows = session.execute(
+        select(Release, ExpertVersion.number)
+        .join(ReleaseExpert, ReleaseExpert.release_id == Release.id)
+        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
+        .where(ExpertVersion.expert_id == expert.id)
+        .order_by(Release.number.desc())
+        .limit(limit)
+    ).all()
+    return [(release, number) for release, number in rows]
+
+
 def get_release(session: Session, number: int) -> Release:
     release = session.scalar(select(Release).where(Release.number == number))
     if release is None:

@@ -561,16 +561,3 @@ def search_experts(
         namespaces=namespaces,
         base_models=base_model_names(session),
     )
-
-
-def releases_using(session: Session, expert: Expert, limit: int = 50) -> list[tuple[Release, int]]:
-    """Releases that include any version of `expert`, newest first, with the version."""
-    rows = session.execute(
-        select(Release, ExpertVersion.number)
-        .join(ReleaseExpert, ReleaseExpert.release_id == Release.id)
-        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
-        .where(ExpertVersion.expert_id == expert.id)
-        .order_by(Release.number.desc())
-        .limit(limit)
-    ).all()
-    return [(release, number) for release, number in rows]

@@ -430,7 +430,7 @@ def expert_page(
         expert=expert,
         page=page,
         versions=page.items,
-        releases=queries.releases_using(session, expert),
+        releases=releases.releases_containing(session, expert),
         credit_lines=credit.expert_credit_lines(session, expert),
     )
 

@@ -20,6 +20,7 @@ from coordinator.core.app import create_app
 from coordinator.core.config import Settings
 from protocol import BaseModelSpec
 from tests.coordinator.helpers import TinyBase, bearer_headers, make_tiny_base
+from tests.coordinator.release_helpers import WORKER_TASKS, save_base, write_task
 
 POSTGRES_URL = os.environ.get("PHATGOOSE_TEST_POSTGRES_URL")
 NO_POSTGRES = "PHATGOOSE_TEST_POSTGRES_URL is not set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)"
@@ -156,3 +157,17 @@ def package(tmp_path_factory: pytest.TempPathFactory, tiny_base: TinyBase) -> Ca
         return tiny_base.write_package(tmp_path_factory.mktemp("package"), name, seed, rank)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base: TinyBase) -> Path:
+    """The tiny base saved as a model directory, what a worker loads (`tiny=<base_dir>`)."""
+    return save_base(tiny_base, tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture
+def tasks_dir(tmp_path: Path) -> Path:
+    """BIG-bench style task files of `WORKER_TASKS`, 10 short examples each."""
+    for seed, task in enumerate(WORKER_TASKS):
+        write_task(tmp_path / "tasks", task, examples=10, seed=seed)
+    return tmp_path / "tasks"

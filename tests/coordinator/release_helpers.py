@@ -13,6 +13,9 @@ from tests.coordinator.helpers import TinyBase, upload
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_tokenizer
 
+# The tasks the `tasks_dir` fixture (tests/coordinator/conftest.py) writes.
+WORKER_TASKS = ("parity", "sums")
+
 
 def publish(
     client: TestClient,
@@ -67,6 +70,7 @@ def write_task(tasks_dir: Path, name: str, examples: int, *, seed: int = 0) -> P
 
 def save_base(tiny_base: TinyBase, directory: Path) -> Path:
     """The tiny llama and its tokenizer as a model directory load_base_model reads."""
-    tiny_base.model.save_pretrained(directory)
+    model: Any = tiny_base.model  # a transformers model, typed as its nn.Module base
+    model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,25 +26,13 @@ from phatgoose.models import load_base_model
 from phatgoose.paired import paired_difference, paired_mean_difference
 from phatgoose.routing import build_routed_model, capture_routing
 from tests.coordinator.helpers import bearer_headers, live_server
-from tests.coordinator.release_helpers import create_release, publish, save_base, write_task
+from tests.coordinator.release_helpers import WORKER_TASKS, create_release, publish
 
-TASKS = ("parity", "sums")
+TASKS = WORKER_TASKS  # the tasks of the `tasks_dir` fixture
 GROUPS = {"held_in": ["parity"], "held_out": ["sums"]}
 EXAMPLES = 6
 REFS = ["alice/a@1", "bob/b@1", "bob/c@1"]
 API = "/api/v1"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_base) -> Path:
-    return save_base(tiny_base, tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture
-def tasks_dir(tmp_path) -> Path:
-    for seed, task in enumerate(TASKS):
-        write_task(tmp_path / "tasks", task, examples=10, seed=seed)
-    return tmp_path / "tasks"
 
 
 @pytest.fixture

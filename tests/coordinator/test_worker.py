@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -30,22 +29,10 @@ from phatgoose.evaluation import evaluate_task
 from phatgoose.expert import Expert
 from phatgoose.models import load_base_model
 from phatgoose.routing import build_routed_model, capture_routing, routing_state
-from tests.coordinator.release_helpers import create_release, publish, save_base, write_task
+from tests.coordinator.release_helpers import WORKER_TASKS, create_release, publish
 
-TASKS = ("parity", "sums")
+TASKS = WORKER_TASKS  # the tasks of the `tasks_dir` fixture
 EXAMPLES = 6
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_base) -> Path:
-    return save_base(tiny_base, tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture
-def tasks_dir(tmp_path) -> Path:
-    for seed, task in enumerate(TASKS):
-        write_task(tmp_path / "tasks", task, examples=10, seed=seed)
-    return tmp_path / "tasks"
 
 
 @pytest.fixture

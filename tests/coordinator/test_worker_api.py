@@ -49,10 +49,10 @@ from coordinator.worker_http import (
 )
 from protocol import API_PREFIX
 from tests.coordinator.helpers import bearer_headers, live_server
-from tests.coordinator.release_helpers import create_release, publish, save_base, write_task
+from tests.coordinator.release_helpers import WORKER_TASKS, create_release, publish
 
 API = API_PREFIX
-TASKS = ("parity", "sums")
+TASKS = WORKER_TASKS  # the tasks of the `tasks_dir` fixture
 EXAMPLES = 6
 NO_WAIT = RetryPolicy(attempts=3, backoff_seconds=0.0)
 
@@ -67,18 +67,6 @@ def app(make_app, settings, tiny_base):
     with application.state.sessionmaker() as session:
         register_base_model(session, tiny_base.spec)
     return application
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_base) -> Path:
-    return save_base(tiny_base, tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture
-def tasks_dir(tmp_path) -> Path:
-    for seed, task in enumerate(TASKS):
-        write_task(tmp_path / "tasks", task, examples=10, seed=seed)
-    return tmp_path / "tasks"
 
 
 @pytest.fixture

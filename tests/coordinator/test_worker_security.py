@@ -19,7 +19,7 @@ from coordinator.evaluations.public_errors import public_error, redact
 from coordinator.releases.models import Release
 from coordinator.worker import DatabaseBackend, Worker, WorkerOptions, default_worker_id
 from protocol.tasks import TaskNameError, check_task_name
-from tests.coordinator.release_helpers import create_release, save_base, write_task
+from tests.coordinator.release_helpers import create_release, write_task
 
 HOSTILE_NAMES = [
     "../x",
@@ -38,11 +38,6 @@ HOSTILE_NAMES = [
     "a\\b",
     "%2e%2e",
 ]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_base) -> Path:
-    return save_base(tiny_base, tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture
@@ -229,7 +224,7 @@ def test_a_failing_job_shows_no_path_or_host_in_the_api_or_on_the_release_page(
         f"[Errno 13] Permission denied: '/home/worker/.cache/x' on {host} via http://{host}:5432/db"
     )
 
-    def broken(self, directory, manifest):
+    def broken(self, directory, manifest, **kwargs):
         raise PermissionError(leak)
 
     monkeypatch.setattr(Worker, "_load", broken)
