@@ -36,7 +36,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-console = Console(stderr=True)
+# soft_wrap: messages stay whole lines (a path in an error is never folded mid-name).
+console = Console(stderr=True, soft_wrap=True)
 
 # ------------------------------------------------------------------ shared options
 DataOption = Annotated[

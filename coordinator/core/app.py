@@ -29,6 +29,7 @@ from coordinator.core.edge import EdgeMiddleware
 from coordinator.core.errors import (
     ERROR_RESPONSE,
     CoordinatorError,
+    encodable,
     http_error,
     request_validation_error,
 )
@@ -198,7 +199,7 @@ def _rate_limits(settings: Settings) -> RateLimits:
 async def _coordinator_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, CoordinatorError)
     return JSONResponse(
-        {"detail": error.to_dict()},
+        {"detail": encodable(error.to_dict())},
         status_code=error.status_code,
         headers=getattr(error, "headers", None),
     )
@@ -206,7 +207,7 @@ async def _coordinator_error(_request: Request, error: Exception) -> JSONRespons
 
 async def _package_rejected(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, PackageRejected)
-    return JSONResponse({"detail": error.to_dict()}, status_code=422)
+    return JSONResponse({"detail": encodable(error.to_dict())}, status_code=422)
 
 
 async def _data_error(_request: Request, error: Exception) -> JSONResponse:

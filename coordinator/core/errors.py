@@ -58,6 +58,19 @@ class CoordinatorError(Exception):
         }
 
 
+def encodable(value: Any) -> Any:
+    """`value` with every string UTF-8 encodable. A request can carry lone surrogates
+    (`"\\ud800"` in its JSON) into a value an error echoes, such as a task name; the JSON
+    answer would then fail to encode (a 500). They are written as `\\ud800` instead."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {encodable(key): encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [encodable(item) for item in value]
+    return value
+
+
 class BadRequest(CoordinatorError):
     status_code = 400
 

@@ -194,3 +194,18 @@ def test_out_of_range_release_and_evaluation_ids_are_422_not_500(app: FastAPI) -
         ):
             response = client.get(path)
             assert response.status_code == 422, (path, response.text)
+
+
+def test_a_lone_surrogate_echoed_by_an_error_is_escaped_not_a_500(
+    app: FastAPI, maintainer: dict[str, str]
+) -> None:
+    """A task name with a lone surrogate (`\\ud800` in the JSON) was echoed raw by the 422
+    `invalid_task` error, whose JSON then failed to encode: a 500 (route fuzzing, under
+    `pytest -n`). Errors now write such characters as `\\ud800`."""
+    body = b'{"release": 1, "tasks": ["naviga\\ud800te"], "examples_per_task": 10}'
+    headers = {**maintainer, "content-type": "application/json"}
+    with _no_server_errors(app) as client:
+        response = client.post("/api/v1/evaluations", headers=headers, content=body)
+    assert response.status_code == 422, response.text  # the task is checked first
+    detail = response.json()["detail"]
+    assert (detail["error"], detail["task"]) == ("invalid_task", "naviga\\ud800te")
