@@ -27,7 +27,7 @@ demo: setup
 	$(VENV)/bin/phatgoose demo
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,9 @@ from coordinator.leaderboard.service import leaderboard
 from protocol.flower import TrainingRequest
 from tests.client.helpers import save_tiny_base
 
-pytestmark = pytest.mark.slow
+# Flower's SuperLink and Ray listen on their default ports too: under `pytest -n`, the tests
+# that start them run one at a time, on one worker (`--dist loadgroup`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 TINY_PLAN = DemoPlan(
     held_in=("tiny_colors", "tiny_numbers"),

@@ -13,7 +13,9 @@ from coordinator.experts.service import list_versions
 from phatgoose.models import base_model_spec, load_base_model
 from tests.client.helpers import save_tiny_base, write_private_data
 
-pytestmark = pytest.mark.slow
+# Flower's SuperLink and Ray listen on their default ports too: under `pytest -n`, the tests
+# that start them run one at a time, on one worker (`--dist loadgroup`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 
 def test_two_supernodes_land_experts_and_a_failing_one_does_not_stop_the_round(tmp_path):

@@ -22,7 +22,9 @@ from coordinator.experts.service import list_versions
 from phatgoose.models import base_model_spec, load_base_model
 from tests.client.helpers import save_tiny_base, write_private_data
 
-pytestmark = pytest.mark.slow
+# Flower's SuperLink and Ray listen on their default ports too: under `pytest -n`, the tests
+# that start them run one at a time, on one worker (`--dist loadgroup`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 
 def test_flwr_run_in_local_simulation_catalogues_one_expert_per_simulated_node(tmp_path):
