@@ -27,7 +27,6 @@ a 409 `lease_lost` becomes `evaluations.LeaseLost`, as on the database.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -67,6 +66,7 @@ from coordinator.worker import (
     WorkerOptions,
     WorkerStopped,
 )
+from phatgoose.release import UnverifiedFile, write_verified
 from protocol import API_PREFIX
 from protocol.limits import DEFAULT_LIMITS
 from protocol.release import (
@@ -273,33 +273,14 @@ class BlobCache:
         return None
 
     def store(self, file: ReleaseFile, chunks: Iterable[bytes], what: str) -> Path:
-        """Write `chunks` to the cache as `file`, if they are exactly its bytes."""
-        handle, name = tempfile.mkstemp(prefix=f".{file.sha256[:16]}-", dir=self.tmp)
-        tmp = Path(name)
+        """Write `chunks` to the cache as `file`, if they are exactly its bytes
+        (`phatgoose.release.write_verified`, temp files in `tmp`)."""
+        target = self.path(file.sha256)
+        target.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         try:
-            digest = hashlib.sha256()
-            written = 0
-            with os.fdopen(handle, "wb") as out:
-                for chunk in chunks:
-                    written += len(chunk)
-                    if written > file.size:
-                        raise CorruptDownload(
-                            f"{what}: more than the {file.size} bytes the release lists"
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-            if written != file.size:
-                raise CorruptDownload(f"{what}: got {written} bytes, the release lists {file.size}")
-            if digest.hexdigest() != file.sha256:
-                raise CorruptDownload(
-                    f"{what}: the downloaded bytes have sha256 {digest.hexdigest()}, the "
-                    f"release lists {file.sha256}"
-                )
-            target = self.path(file.sha256)
-            target.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+            write_verified(chunks, target, file, temp_dir=self.tmp)
+        except UnverifiedFile as error:
+            raise CorruptDownload(f"{what}: {error}") from None
         return target
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -334,34 +334,54 @@ class _Coordinator:
         return bytes(body)
 
     def _download_file(self, url: httpx.URL, target: Path, file: ReleaseFile) -> str:
-        """Stream `url` into `target`; returns its sha256.
-
-        Bytes go to a temp file, are hashed while written and renamed into place only if
-        they match: the cache never holds a partial or wrong file under a real name.
-        """
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{file.filename}-", dir=target.parent)
-        tmp = Path(tmp_name)
-        try:
-            digest = hashlib.sha256()
-            written = 0
-            with os.fdopen(handle, "wb") as out, self._get(url) as response:
-                for chunk in _chunks(response, url, file.size, self.timeout):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    written += len(chunk)
-            if written != file.size:
-                raise ReleaseError(f"{url}: got {written} bytes, the release says {file.size}")
-            if digest.hexdigest() != file.sha256:
-                raise ReleaseError(
-                    f"{url}: downloaded bytes have sha256 {digest.hexdigest()}, "
-                    f"the release says {file.sha256}"
-                )
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Stream `url` into `target` through `write_verified`; returns its sha256."""
+        with self._get(url) as response:
+            try:
+                write_verified(_chunks(response, url, file.size, self.timeout), target, file)
+            except UnverifiedFile as error:
+                raise ReleaseError(f"{url}: {error}") from None
         log.info("downloaded %s (%s)", url, file.sha256[:12])
         return file.sha256
+
+
+class UnverifiedFile(ValueError):
+    """Downloaded bytes that are not the file a release lists (its size or sha256)."""
+
+
+def write_verified(
+    chunks: Iterable[bytes], target: Path, file: ReleaseFile, *, temp_dir: Path | None = None
+) -> None:
+    """Write `chunks` to `target` only if they are exactly `file`'s bytes.
+
+    They go to a temp file (in `temp_dir`, default beside `target`; either way on the same
+    file system), are hashed while written and renamed into place only if size and sha256
+    match: a cache never holds a partial or wrong file under a real name. Otherwise
+    `UnverifiedFile`, and nothing is left behind. The library's release download and the
+    remote evaluation worker's cache (`coordinator.worker_http`) both store through this.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = temp_dir if temp_dir is not None else target.parent
+    handle, name = tempfile.mkstemp(prefix=f".{file.sha256[:16]}-", dir=folder)
+    tmp = Path(name)
+    try:
+        digest, written = hashlib.sha256(), 0
+        with os.fdopen(handle, "wb") as out:
+            for chunk in chunks:
+                written += len(chunk)
+                if written > file.size:
+                    raise UnverifiedFile(f"more than the {file.size} bytes the release lists")
+                digest.update(chunk)
+                out.write(chunk)
+        if written != file.size:
+            raise UnverifiedFile(f"got {written} bytes, the release lists {file.size}")
+        if digest.hexdigest() != file.sha256:
+            raise UnverifiedFile(
+                f"the downloaded bytes have sha256 {digest.hexdigest()}, the release lists "
+                f"{file.sha256}"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _chunks(

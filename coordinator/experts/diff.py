@@ -66,6 +66,10 @@ class VersionPair:
     a: ExpertVersion
     b: ExpertVersion
 
+    def stored(self) -> tuple[StoredPackage, StoredPackage]:
+        """What reading both versions' files needs, copied out of the session."""
+        return StoredPackage.of(self.a), StoredPackage.of(self.b)
+
 
 def parse_ref(text: str) -> tuple[str, str, int]:
     """`namespace/name@version` -> its parts; `InvalidRef` (422) otherwise."""

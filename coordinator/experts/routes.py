@@ -200,8 +200,7 @@ def diff_version(
     tensors are byte-identical; per file whether its bytes are the same; a summary."""
     pair = expert_diff.resolve_pair(session, namespace, name, version, against)
     a, b = ExpertVersionSummary.of(pair.a), ExpertVersionSummary.of(pair.b)
-    stored_a = expert_diff.StoredPackage.of(pair.a)
-    stored_b = expert_diff.StoredPackage.of(pair.b)
+    stored_a, stored_b = pair.stored()
     session.commit()  # end the read transaction: the diff reads whole packages
     diff = expert_diff.diff_stored(blobs, settings, stored_a, stored_b)
     return ExpertVersionDiff(a=a, b=b, diff=diff)

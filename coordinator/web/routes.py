@@ -461,8 +461,7 @@ def expert_diff_page(
     try:
         pair = expert_diff.resolve_pair(session, namespace, name, version, against)
         context.update(a=pair.a, b=pair.b)
-        stored_a = expert_diff.StoredPackage.of(pair.a)
-        stored_b = expert_diff.StoredPackage.of(pair.b)
+        stored_a, stored_b = pair.stored()
         session.commit()  # end the read transaction: the diff reads whole packages
         diff = expert_diff.diff_stored(blobs, settings, stored_a, stored_b)
     except NotFound as error:
@@ -485,8 +484,7 @@ def expert_diff_plot(
     against: DiffAgainst = None,
 ) -> Response:
     pair = expert_diff.resolve_pair(session, namespace, name, version, _blank(against))
-    stored_a = expert_diff.StoredPackage.of(pair.a)
-    stored_b = expert_diff.StoredPackage.of(pair.b)
+    stored_a, stored_b = pair.stored()
     title = f"{pair.b.ref} against {pair.a.ref}: change per layer"
     session.commit()
     # Versions never change: the two package digests fix the image.
