@@ -112,6 +112,24 @@ class ExpertFile(Base):
     version: Mapped[ExpertVersion] = relationship(back_populates="files")
 
 
+class FileSegment(Base):
+    """One piece of a file stored in pieces (coordinator.storage.segments): the file named by
+    `file_sha256` is the concatenation, in `position` order, of the blobs `segment_sha256`.
+
+    Safetensors files are stored so: their header, then each tensor's bytes, so that versions
+    sharing a tensor store it once. A file without rows here is stored whole, as the blob of
+    its own digest (JSON files, and what was stored before migration 0007). Rows are keyed by
+    content, not by version: two versions holding the same file share its rows.
+    """
+
+    __tablename__ = "file_segments"
+
+    file_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(primary_key=True)
+    segment_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
 class Block(Base):
     """A maintainer's block: no new versions of `namespace/name` (or of any name in
     `namespace` when `name` is ''), and no new releases naming them, until unblocked."""

@@ -26,6 +26,7 @@ TABLES = {
     "experts",
     "expert_versions",
     "expert_files",
+    "file_segments",
     "releases",
     "release_experts",
     "evaluation_jobs",
