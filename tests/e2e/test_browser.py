@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from coordinator.auth.models import Role
@@ -24,7 +25,9 @@ from coordinator.base_models.service import register_base_model
 from coordinator.core.app import create_app
 from coordinator.core.config import Settings
 from coordinator.worker import DatabaseBackend, Worker, WorkerOptions
-from tests.coordinator.helpers import bearer_headers, live_server, make_tiny_base
+from phatgoose.expert import Expert
+from protocol import lora_key
+from tests.coordinator.helpers import bearer_headers, live_server, make_tiny_base, upload
 from tests.coordinator.release_helpers import create_release, save_base
 from tests.coordinator.web_helpers import publish_expert
 
@@ -43,6 +46,10 @@ EXPERTS = {
     "alice/navigate": "Does a list of steps lead back to the start? (BIG-bench navigate)",
     "alice/sports_understanding": "Is a sentence about sports plausible?",
 }
+# alice/hyperbaton@2: @1 trained further on this layer alone (its lora_B and gates change;
+# lora_A and every other layer stay byte-identical).
+RETRAINED, RETRAINED_LAYER = "alice/hyperbaton", "model.layers.1"
+CREDITED = 6  # the PHATGOOSE release, whose leave-one-out evaluations the worker computes
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +69,28 @@ def _write_task(tasks_dir: Path, name: str, examples: int, seed: int) -> None:
     (tasks_dir / name / "task.json").write_text(json.dumps({"name": name, "examples": rows}))
 
 
+def _publish_retrained(
+    client: TestClient, headers: dict[str, str], first: Path, directory: Path
+) -> dict[str, Any]:
+    """Version 2 of the expert packaged in `first`: `RETRAINED_LAYER`'s lora_B and gates
+    moved, everything else as it was (the diff page shows which tensors are identical)."""
+    expert = Expert.load(first)
+    generator = torch.Generator().manual_seed(99)
+    for path, gate in expert.gates.items():
+        if path.startswith(RETRAINED_LAYER + "."):
+            expert.gates[path] = gate + torch.randn(gate.shape, generator=generator)
+            b = expert.lora_weights[lora_key(path, "B")]
+            expert.lora_weights[lora_key(path, "B")] = b + 0.5 * b.std() * torch.randn(
+                b.shape, generator=generator
+            )
+    training = expert.manifest.training.model_copy(update={"steps": 40})
+    expert.manifest = expert.manifest.model_copy(update={"training": training})
+    expert.save(directory)
+    response = upload(client, headers, directory)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def _browser_missing() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
@@ -76,8 +105,10 @@ def _browser_missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A live coordinator: three experts, six releases (base, single x3, merged, PHATGOOSE
-    k=2), each evaluated by the real worker on three tiny tasks."""
+    """A live coordinator: three experts (the first in two versions), six releases (base,
+    single x3, merged, PHATGOOSE k=2), each evaluated by the real worker on three tiny tasks,
+    and the PHATGOOSE release's credit: its three leave-one-out evaluations on the same
+    tasks, also run by the worker."""
     reason = _browser_missing()
     if reason:
         pytest.skip(f"browser test skipped: {reason}")
@@ -101,7 +132,16 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             publish_expert(
                 client, alice, tiny, root / f"pkg{seed}", name, description=description, seed=seed
             )
+        assert (
+            _publish_retrained(client, alice, root / "pkg0", root / "pkg0-v2")["ref"]
+            == f"{RETRAINED}@2"
+        )
         refs = [f"{name}@1" for name in EXPERTS]
+        spec = {
+            "tasks": list(TASKS),
+            "examples_per_task": 16,
+            "task_groups": {"held_in": list(HELD_IN), "held_out": list(HELD_OUT)},
+        }
         for body in (
             {"method": "base", "base_model": "tiny"},
             *({"method": "single", "experts": [ref]} for ref in refs),
@@ -110,25 +150,21 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ):
             number = create_release(client, carol, **body)["number"]
             response = client.post(
-                "/api/v1/evaluations",
-                headers=carol,
-                json={
-                    "release": number,
-                    "tasks": list(TASKS),
-                    "examples_per_task": 16,
-                    "task_groups": {"held_in": list(HELD_IN), "held_out": list(HELD_OUT)},
-                },
+                "/api/v1/evaluations", headers=carol, json={"release": number, **spec}
             )
             assert response.status_code == 201, response.text
+        # The full evaluation is the one just queued: only the leave-one-out ones are new.
+        response = client.post(f"/api/v1/releases/{CREDITED}/credit", headers=carol, json=spec)
+        assert response.status_code == 201, response.text
+        assert len(response.json()["queued"]) == len(EXPERTS)
     options = WorkerOptions(
         base_models={"tiny": str(save_base(tiny, root / "base"))},
         tasks_dir=tasks_dir,
         poll_seconds=0.05,
     )
-    assert (
-        Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs), options).run(once=True)
-        == 6
-    )
+    assert Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs), options).run(
+        once=True
+    ) == 6 + len(EXPERTS)
     with live_server(app) as url:
         yield url
     app.state.engine.dispose()
@@ -187,6 +223,21 @@ def _image_width(page: Any, selector: str) -> int:
         "img => img.complete || new Promise(r => { img.onload = r; img.onerror = r; })"
     )
     return int(locator.evaluate("img => img.naturalWidth"))
+
+
+def _rows(page: Any, table: str) -> list[list[str]]:
+    """The body rows of `table` (a selector), each a list of its cells' visible texts, white
+    space collapsed (an interval may wrap onto a line of its own)."""
+    return page.locator(f"{table} tbody tr").evaluate_all(
+        "rows => rows.map(row => Array.from("
+        "row.cells, cell => cell.innerText.replace(/\\s+/g, ' ').trim()))"
+    )
+
+
+def _api(page: Any, url: str) -> Any:
+    response = page.request.get(url)
+    assert response.ok, f"GET {url}: {response.status} {response.text()}"
+    return response.json()
 
 
 def test_leaderboard_sorts_when_a_header_is_clicked(page, coordinator_url, screenshots):
@@ -265,3 +316,121 @@ def test_catalog_search(page, coordinator_url, screenshots):
     rows = page.locator("#experts tbody tr").all_inner_texts()
     assert len(rows) == 1 and "alice/navigate" in rows[0]
     page.screenshot(path=str(screenshots / "experts.png"), full_page=True)
+
+
+def test_a_later_version_links_to_its_diff_and_its_per_layer_plot(
+    page, coordinator_url, screenshots
+):
+    page.goto(f"{coordinator_url}/ui/experts/{RETRAINED}")
+    assert page.locator("article.card#v1 a.diff-link").count() == 0  # nothing before @1
+    with page.expect_navigation():
+        page.locator("article.card#v2 a.diff-link").click()
+    assert page.url.endswith(f"/ui/experts/{RETRAINED}/2/diff")
+    assert page.locator("h1").inner_text() == f"{RETRAINED}@2 against {RETRAINED}@1"
+    assert _image_width(page, "#diff-plot") > 0
+    page.screenshot(path=str(screenshots / "diff.png"), full_page=True)
+
+    diff = _api(page, f"{coordinator_url}/api/v1/experts/{RETRAINED}/2/diff")["diff"]
+    rows = _rows(page, "#diff-modules")
+    assert [row[0] for row in rows] == [m["path"] for m in diff["modules"]]
+    retrained = [row for row in rows if row[0].startswith(RETRAINED_LAYER + ".")]
+    kept = [row for row in rows if not row[0].startswith(RETRAINED_LAYER + ".")]
+    assert retrained and kept
+    for row, module in zip(rows, diff["modules"], strict=True):
+        assert row[2] == "4 → 4"
+        assert row[5] == f"{module['relative_change']:.4g}"
+        assert row[6] == f"{module['gate_cosine']:.4g}"
+    # Status, relative change, gate cosine, then lora_A, lora_B, gate: byte-identical or not.
+    assert {(row[1], row[5], row[6], *row[7:]) for row in kept} == {
+        ("unchanged", "0", "1", "identical", "identical", "identical")
+    }
+    for row in retrained:
+        assert row[1] == "changed" and float(row[5]) > 0 and float(row[6]) < 1
+        assert row[7:] == ["identical", "differs", "differs"]
+    assert page.locator("#modules-changed").inner_text() == str(len(retrained))
+    assert page.locator("#modules-unchanged").inner_text() == str(len(kept))
+    layers = {row[0]: row for row in _rows(page, "#diff-layers")}
+    assert layers["model.layers.0"][2:] == ["0", "0", "0", "0", "0", "1"]
+    assert (
+        layers[RETRAINED_LAYER][2] == str(len(retrained)) and float(layers[RETRAINED_LAYER][5]) > 0
+    )
+    files = {row[0]: row[1] for row in _rows(page, "#diff-files")}
+    assert files == {
+        "adapter_config.json": "identical",
+        "adapter_model.safetensors": "differ",
+        "expert.json": "differ",  # the training summary says 40 steps
+        "router.safetensors": "differ",
+    }
+
+
+def test_the_diff_page_compares_with_another_expert_on_the_same_base(page, coordinator_url):
+    page.goto(f"{coordinator_url}/ui/experts/{RETRAINED}/2/diff")
+    page.fill('input[name="against"]', "alice/navigate@1")
+    with page.expect_navigation():
+        page.press('input[name="against"]', "Enter")
+    assert "against=alice%2Fnavigate%401" in page.url
+    assert page.locator("h1").inner_text() == f"{RETRAINED}@2 against alice/navigate@1"
+    rows = _rows(page, "#diff-modules")
+    assert rows and all(row[1] == "changed" and row[7:] == ["differs"] * 3 for row in rows)
+    assert page.locator("#modules-changed").inner_text() == str(len(rows))
+    assert _image_width(page, "#diff-plot") > 0
+
+
+_DELTA = re.compile(r"(?:([▲▼]) )?([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]")
+
+
+def test_release_page_shows_each_experts_leave_one_out_contribution(
+    page, coordinator_url, screenshots
+):
+    credit = _api(page, f"{coordinator_url}/api/v1/releases/{CREDITED}/credit")
+    page.goto(f"{coordinator_url}/ui/releases/{CREDITED}")
+    page.locator("#contributions").screenshot(path=str(screenshots / "contributions.png"))
+
+    rows = _rows(page, "#release-credit")
+    assert [row[:2] for row in rows] == [[f"{name}@1", "alice"] for name in EXPERTS]
+    shares = [float(row[2].removesuffix("%")) for row in rows]
+    assert abs(sum(shares) - 100) < 0.2  # each expert's share of the top-k selections
+    for row, expert in zip(rows, credit["experts"], strict=True):
+        assert expert["state"] == "done"
+        assert row[2] == f"{100 * expert['routing_share']:.1f}%"
+        for cell, group in zip(row[3:6], ("held_in", "held_out", "all"), strict=True):
+            match = _DELTA.fullmatch(cell)
+            assert match, f"{expert['ref']} {group}: {cell!r} is not a difference [interval]"
+            marker, delta, low, high = match.groups()
+            difference = expert["means"][group]["difference"]
+            assert (delta, low, high) == tuple(
+                f"{difference[key]:+.3f}" for key in ("delta", "low", "high")
+            )
+            assert float(low) <= float(delta) <= float(high)
+            assert (marker is not None) == difference["significant"]
+        assert row[6] == "per task"
+
+    with page.expect_navigation():
+        page.locator("#release-credit a", has_text="per task").first.click()
+    assert f"a={CREDITED}&b={CREDITED}" in page.url
+    assert [row[0] for row in _rows(page, "#comparison-tasks")] == sorted(TASKS)
+
+
+def test_an_uncredited_release_lists_its_experts_without_numbers(page, coordinator_url):
+    page.goto(f"{coordinator_url}/ui/releases/5")  # merged: evaluated, never credited
+    rows = _rows(page, "#release-credit")
+    assert [row[0] for row in rows] == [f"{name}@1" for name in EXPERTS]
+    # A merge routes nothing per token: no routing share.
+    assert {tuple(row[2:]) for row in rows} == {("–", "–", "–", "–", "missing")}
+
+
+def test_expert_page_shows_its_credit_in_the_release(page, coordinator_url, screenshots):
+    credit = _api(page, f"{coordinator_url}/api/v1/releases/{CREDITED}/credit")
+    mine = next(e for e in credit["experts"] if e["ref"] == "alice/navigate@1")
+    held_out = mine["means"]["held_out"]["difference"]
+    page.goto(f"{coordinator_url}/ui/experts/alice/navigate")
+    line = page.locator("article.card#v1 p.credit")
+    points = [f"{100 * held_out[key]:+.1f}" for key in ("delta", "low", "high")]
+    assert f"in release #{CREDITED}: {points[0]} held-out [{points[1]}, {points[2]}]" in (
+        line.inner_text()
+    )
+    line.screenshot(path=str(screenshots / "expert-credit.png"))
+    with page.expect_navigation():
+        line.locator("a", has_text=f"in release #{CREDITED}").click()
+    assert page.url.endswith(mine["compare_url"])
+    assert page.locator("#comparison-sides").inner_text().count(f"#{CREDITED}") == 2
