@@ -744,3 +744,43 @@ def router_scale(
     rs.write(record, output)
     typer.echo(rs.markdown(record))
     typer.echo(f"results: {output} (+ .md)")
+
+
+@app.command("delta-bytes")
+def delta_bytes(
+    base_model: Annotated[str, typer.Option(help="Base model name or path.")] = "smollm2-135m",
+    task: Annotated[str, typer.Option(help="BIG-bench task of the expert and its versions.")] = (
+        "hyperbaton"
+    ),
+    other_task: Annotated[str, typer.Option(help="BIG-bench task of the unrelated expert.")] = (
+        "navigate"
+    ),
+    steps: Annotated[int, typer.Option(help="LoRA steps per training.", min=1)] = 20,
+    gate_steps: Annotated[int, typer.Option(help="Gate steps per training.", min=1)] = 20,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Result JSON (default benchmarks/results/delta-bytes.json)."),
+    ] = None,
+) -> None:
+    """Bytes sent and stored per new expert version (delta push): a first expert, its gates
+    retrained, its LoRA trained further, and an unrelated expert, each pushed to a
+    coordinator on loopback whose blob store is measured."""
+    from benchmarks import delta_bytes as db
+    from benchmarks.machine import load_average, machine_info
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    machine = machine_info()
+    config = db.DeltaBytesConfig(
+        base_model=base_model, task=task, other_task=other_task, steps=steps, gate_steps=gate_steps
+    )
+    result = db.run(config)
+    result["machine"] = {**machine, "load_average_end": load_average()}
+    output = output or RESULTS_DIR / "delta-bytes.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    text = db.markdown(result, result["machine"])
+    output.with_suffix(".md").write_text(text)
+    typer.echo(text)
+    typer.echo(f"results: {output} (+ .md)")

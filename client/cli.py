@@ -366,18 +366,33 @@ def push(
     attempts: Annotated[
         int, typer.Option("--attempts", help="Tries on connection errors, 5xx and 429.", min=1)
     ] = 5,
+    whole: Annotated[
+        bool,
+        typer.Option(
+            "--whole",
+            help="Send every file whole, not only the tensors the coordinator lacks.",
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Publish a package as a new version of its expert.
 
-    Retries with backoff on connection errors, 5xx and 429; a rejection (4xx) is reported
-    with the file, check, tensor and expectation that failed, and exits with 1.
+    Sends only the tensors the coordinator does not hold yet (it asks first): a new version
+    that retrained only the gates sends the gates. The coordinator rebuilds the whole package,
+    checks it like any upload and answers with the same digest. Retries with backoff on
+    connection errors, 5xx and 429; a rejection (4xx) is reported with the file, check,
+    tensor and expectation that failed, and exits with 1.
     """
-    from client.push import PushError, PushRejected, RetryPolicy, push_package
+    from client.push import PushError, PushRejected, RetryPolicy, Transfer, push_package
 
     try:
         version = push_package(
-            directory, coordinator, token, retry=RetryPolicy(attempts=attempts), progress=not quiet
+            directory,
+            coordinator,
+            token,
+            retry=RetryPolicy(attempts=attempts),
+            progress=not quiet,
+            delta=not whole,
         )
     except PushRejected as rejection:
         console.print(f"[red]{rejection.report()}[/red]")
@@ -389,6 +404,7 @@ def push(
         f"[green]published[/green] {version['ref']} ({version['package_digest']}, "
         f"{version['total_size']} bytes)"
     )
+    console.print(Transfer(**version["transfer"]).describe())
     typer.echo(version["ref"])
 
 

@@ -27,7 +27,13 @@ from client.flower_message import package_to_content
 from client.training import ContributorOptions, train_contributor_expert
 from phatgoose.training import TrainingConfig
 from protocol import slug
-from protocol.flower import TRAIN_CONFIG_RECORD, TrainingRequest, split_run_config
+from protocol.flower import (
+    KNOWN_KEY,
+    KNOWN_RECORD,
+    TRAIN_CONFIG_RECORD,
+    TrainingRequest,
+    split_run_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
         expert.save(tmp)
         content = package_to_content(
             tmp,
+            known=known_tensors(msg),
             training={
                 "examples": summary.examples,
                 "steps": summary.steps,
@@ -110,6 +117,17 @@ def train(msg: Message, context: Context) -> Message:
             },
         )
     return Message(content, reply_to=msg)
+
+
+def known_tensors(msg: Message) -> frozenset[str]:
+    """The digests of tensors the coordinator stores for this node (not sent again)."""
+    record = msg.content.config_records.get(KNOWN_RECORD)
+    listed = record.get(KNOWN_KEY, []) if record is not None else []
+    return (
+        frozenset(d for d in listed if isinstance(d, str))
+        if isinstance(listed, list)
+        else frozenset()
+    )
 
 
 def _stem(path: str) -> str:

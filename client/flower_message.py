@@ -5,7 +5,8 @@ the file) whose `Array`s carry the tensors' raw bytes exactly as they lie in the
 (`stype = "safetensors.raw"`, `dtype` the safetensors dtype such as `"F32"`); the JSON files
 and each safetensors file's header metadata travel as strings in the `ConfigRecord`
 `"package"`, together with the sha256 of every file, so that the receiver re-creates the
-files bit-exactly and can prove it.
+files bit-exactly and can prove it. A tensor the coordinator said it stores (the train
+message's `known` digests) is named by its digest instead of sent (`<file>.stored`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -26,6 +27,7 @@ from protocol.flower import (
     RAW_STYPE,
     SAFETENSORS_FILES,
     SHA256_SUFFIX,
+    STORED_SUFFIX,
     TRAINING_RECORD,
 )
 
@@ -51,9 +53,12 @@ def read_safetensors_raw(data: bytes) -> tuple[dict[str, Array], dict[str, str] 
 
 
 def package_to_content(
-    directory: str | Path, training: Mapping[str, float] | None = None
+    directory: str | Path,
+    training: Mapping[str, float] | None = None,
+    known: Collection[str] = frozenset(),
 ) -> RecordDict:
-    """The reply content carrying the expert package in `directory`."""
+    """The reply content carrying the expert package in `directory`; tensors whose raw
+    bytes' sha256 is in `known` (the coordinator stores them) are named, not sent."""
     directory = Path(directory)
     package = ConfigRecord()
     content = RecordDict()
@@ -69,8 +74,16 @@ def package_to_content(
             package[name] = data.decode("utf-8")
             continue
         arrays, metadata = read_safetensors_raw(data)
+        stored = {}
+        for key, array in list(arrays.items()):
+            digest = hashlib.sha256(array.data).hexdigest()
+            if digest in known:
+                stored[key] = {"sha256": digest, "dtype": array.dtype, "shape": list(array.shape)}
+                del arrays[key]
         content[name] = ArrayRecord(arrays)
         package[name + METADATA_SUFFIX] = "" if metadata is None else json.dumps(metadata)
+        if stored:
+            package[name + STORED_SUFFIX] = json.dumps(stored)
     package[FILES_KEY] = files
     content[PACKAGE_RECORD] = package
     if training:

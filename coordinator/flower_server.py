@@ -41,17 +41,22 @@ from coordinator.auth.models import Role, Token
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
 from coordinator.core.errors import CoordinatorError
-from coordinator.experts.models import Channel
-from coordinator.experts.service import register_expert_package
-from coordinator.storage import open_blob_store
+from coordinator.experts.files import open_file, stored_files, stored_segments
+from coordinator.experts.models import Channel, ExpertVersion
+from coordinator.experts.service import list_versions, register_expert_package
+from coordinator.storage import BlobNotFound, BlobStore, open_blob_store
 from protocol.flower import (
     FILES_KEY,
     JSON_FILES,
+    KNOWN_KEY,
+    KNOWN_RECORD,
+    MAX_KNOWN_TENSORS,
     METADATA_SUFFIX,
     PACKAGE_RECORD,
     RAW_STYPE,
     SAFETENSORS_FILES,
     SHA256_SUFFIX,
+    STORED_SUFFIX,
     TRAIN_CONFIG_RECORD,
     RoundSettings,
     TrainingRequest,
@@ -61,17 +66,33 @@ from protocol.validation import PackageRejected
 
 log = logging.getLogger(__name__)
 
+# Versions of a node's namespace looked at for the tensors it may leave out of its reply.
+MAX_KNOWN_EXPERTS = 500
+
 
 class PackageMessageError(ValueError):
     """A reply whose content is not an expert package in the wire format."""
 
 
 # ------------------------------------------------------------------------ wire format
-def write_package_from_content(content: RecordDict, directory: str | Path) -> dict[str, Path]:
-    """Re-create the package files carried by a reply in `directory`; returns name -> path.
+# The bytes of a stored tensor by their sha256, or None when the coordinator has none.
+StoredTensors = Callable[[str], bytes | None]
 
-    Raises `PackageMessageError` when the content is malformed or a re-created file's sha256
-    differs from the one the sender computed over its own file.
+
+def _nothing_stored(_sha256: str) -> bytes | None:
+    return None
+
+
+def write_package_from_content(
+    content: RecordDict, directory: str | Path, stored: StoredTensors = _nothing_stored
+) -> dict[str, Path]:
+    """Re-create the package files carried by a reply in `directory`; returns name -> path.
+    Tensors the reply names by digest instead of sending (protocol.flower, deltas) are read
+    through `stored`.
+
+    Raises `PackageMessageError` when the content is malformed, names a tensor the store
+    does not have, or a re-created file's sha256 differs from the one the sender computed
+    over its own file.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -89,7 +110,7 @@ def write_package_from_content(content: RecordDict, directory: str | Path) -> di
                 raise PackageMessageError(f"{name}: expected its text in {PACKAGE_RECORD}")
             data = text.encode("utf-8")
         elif name in SAFETENSORS_FILES:
-            data = _safetensors_bytes(name, content, package)
+            data = _safetensors_bytes(name, content, package, stored)
         else:
             raise PackageMessageError(f"{name}: not a file of an expert package")
         expected = package.get(name + SHA256_SUFFIX)
@@ -119,7 +140,9 @@ _TORCH_DTYPES = {
 }
 
 
-def _safetensors_bytes(name: str, content: RecordDict, package: ConfigRecord) -> bytes:
+def _safetensors_bytes(
+    name: str, content: RecordDict, package: ConfigRecord, stored: StoredTensors
+) -> bytes:
     if name not in content.array_records:
         raise PackageMessageError(f"{name}: no ArrayRecord of that name in the reply")
     tensors: dict[str, torch.Tensor] = {}
@@ -130,6 +153,10 @@ def _safetensors_bytes(name: str, content: RecordDict, package: ConfigRecord) ->
                 f"{RAW_STYPE!r} with one of {sorted(_TORCH_DTYPES)}"
             )
         tensors[key] = _tensor(name, key, array.dtype, array.shape, array.data)
+    for key, (dtype, shape, data) in _stored_tensors(name, package, stored).items():
+        if key in tensors:
+            raise PackageMessageError(f"{name}: tensor {key!r} is both sent and named as stored")
+        tensors[key] = _tensor(name, key, dtype, shape, data)
     raw_metadata = package.get(name + METADATA_SUFFIX, "")
     if not isinstance(raw_metadata, str):
         raise PackageMessageError(f"{name}: its metadata must be JSON text in {PACKAGE_RECORD}")
@@ -139,6 +166,46 @@ def _safetensors_bytes(name: str, content: RecordDict, package: ConfigRecord) ->
         return save_safetensors(tensors, metadata=metadata)
     except (ValueError, TypeError) as error:
         raise PackageMessageError(f"{name}: cannot be re-created ({error})") from None
+
+
+def _stored_tensors(
+    name: str, package: ConfigRecord, stored: StoredTensors
+) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """The tensors of `name` the reply names by digest: dtype, shape and the stored bytes."""
+    raw = package.get(name + STORED_SUFFIX, "")
+    if raw == "":
+        return {}
+    try:
+        entries = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        entries = None
+    if not isinstance(entries, dict):
+        raise PackageMessageError(
+            f"{name}: {name + STORED_SUFFIX} must be JSON: tensor -> sha256, dtype, shape"
+        )
+    found = {}
+    for key, entry in entries.items():
+        sha256 = entry.get("sha256") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (
+            not isinstance(sha256, str)
+            or dtype not in _TORCH_DTYPES
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise PackageMessageError(
+                f"{name}: stored tensor {key!r} needs a sha256, one of {sorted(_TORCH_DTYPES)} "
+                "and a shape of non-negative integers"
+            )
+        data = stored(sha256)
+        if data is None or hashlib.sha256(data).hexdigest() != sha256:
+            raise PackageMessageError(
+                f"{name}: tensor {key!r} is named by sha256 {sha256}, which this coordinator "
+                "does not store; send its bytes"
+            )
+        found[key] = (cast(str, dtype), tuple(shape), data)
+    return found
 
 
 def _tensor(name: str, key: str, dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
@@ -204,16 +271,22 @@ def wait_for_nodes(grid: Grid, min_nodes: int, wait_seconds: float) -> list[int]
         time.sleep(1.0)
 
 
-def train_messages(nodes: Iterable[int], request: TrainingRequest) -> list[Message]:
+# The digests of tensors the coordinator stores for a node (its namespace's experts).
+KnownTensors = Callable[[int], list[str]]
+
+
+def train_messages(
+    nodes: Iterable[int], request: TrainingRequest, known: KnownTensors | None = None
+) -> list[Message]:
     config = ConfigRecord({**request.to_config()})  # a dict of ConfigRecord's own value type
-    return [
-        Message(
-            RecordDict({TRAIN_CONFIG_RECORD: config}),
-            dst_node_id=node,
-            message_type=MessageType.TRAIN,
-        )
-        for node in nodes
-    ]
+    messages = []
+    for node in nodes:
+        records = RecordDict({TRAIN_CONFIG_RECORD: config})
+        digests = known(node)[:MAX_KNOWN_TENSORS] if known is not None else []
+        if digests:
+            records[KNOWN_RECORD] = ConfigRecord({KNOWN_KEY: digests})
+        messages.append(Message(records, dst_node_id=node, message_type=MessageType.TRAIN))
+    return messages
 
 
 def run_round(
@@ -224,15 +297,20 @@ def run_round(
     min_nodes: int = 1,
     node_wait_seconds: float = 60.0,
     timeout_seconds: float | None = None,
+    known: KnownTensors | None = None,
+    stored: StoredTensors = _nothing_stored,
 ) -> RoundReport:
-    """Ask every connected node to train an expert; register each reply as it comes back."""
+    """Ask every connected node to train an expert; register each reply as it comes back.
+    With `known` and `stored`, nodes leave out the tensors the coordinator stores already
+    (the train message lists them) and the replies are rebuilt from the store."""
     nodes = wait_for_nodes(grid, min_nodes, node_wait_seconds)
     report = RoundReport()
     if not nodes:
         log.warning("no SuperNode connected within %.0f s: nothing to train", node_wait_seconds)
         return report
     print(f"asking {len(nodes)} node(s) to train an expert: {nodes}", flush=True)
-    replies = grid.send_and_receive(train_messages(nodes, request), timeout=timeout_seconds)
+    messages = train_messages(nodes, request, known)
+    replies = grid.send_and_receive(messages, timeout=timeout_seconds)
     answered: set[int] = set()
     for reply in replies:
         # The SuperLink stamps the sender's id; a node has one reply per round, and only
@@ -247,7 +325,7 @@ def run_round(
             report.outcomes.append(NodeOutcome(node, "rejected", why))
             continue
         answered.add(node)
-        report.outcomes.append(_register_reply(node, reply, register))
+        report.outcomes.append(_register_reply(node, reply, register, stored))
     for node in nodes:
         if node not in answered:
             report.outcomes.append(
@@ -256,12 +334,14 @@ def run_round(
     return report
 
 
-def _register_reply(node: int, reply: Message, register: Registrar) -> NodeOutcome:
+def _register_reply(
+    node: int, reply: Message, register: Registrar, stored: StoredTensors
+) -> NodeOutcome:
     if reply.has_error():
         return NodeOutcome(node, "failed", _printable(reply.error.reason or ""))
     try:
         with tempfile.TemporaryDirectory(prefix="phatgoose-flower-") as tmp:
-            files = write_package_from_content(reply.content, tmp)
+            files = write_package_from_content(reply.content, tmp, stored)
             ref = register(node, files)
     except PackageMessageError as error:
         return NodeOutcome(node, "rejected", f"malformed reply: {error}")
@@ -337,35 +417,76 @@ def rejection_text(error: PackageRejected | CoordinatorError) -> str:
     return f"{body['message']} ({where})" if where else str(body["message"])
 
 
+@dataclass
+class CatalogRegistrar:
+    """Registers replies in the coordinator's catalog through its one registration path
+    (callable as a `Registrar`), and answers for the catalog in deltas: which tensors a
+    node's namespace already stores, and their bytes."""
+
+    session: Session
+    blobs: BlobStore
+    settings: Settings
+    round_settings: RoundSettings
+
+    def __call__(self, node_id: int, files: Mapping[str, Path]) -> str:
+        namespace = node_namespace(self.round_settings.namespace, node_id)
+        uploader = node_uploader(
+            self.session, namespace, create=self.round_settings.create_node_tokens
+        )
+        try:
+            version = register_expert_package(
+                self.session,
+                self.blobs,
+                self.settings,
+                files=files,
+                uploader=uploader,
+                channel=Channel.FLOWER,
+            )
+        except (PackageRejected, CoordinatorError) as error:
+            self.session.rollback()
+            raise Rejected(rejection_text(error)) from None
+        return version.ref
+
+    def known_tensors(self, node_id: int) -> list[str]:
+        """The tensor digests of the latest version of each expert in the node's namespace
+        (of its files stored in pieces: a piece after the header is one tensor)."""
+        namespace = node_namespace(self.round_settings.namespace, node_id)
+        latest = list_versions(self.session, namespace=namespace, limit=MAX_KNOWN_EXPERTS).items
+        newest: dict[str, ExpertVersion] = {}
+        for version in latest:  # ordered by name, then version: the last one wins
+            newest[version.expert.name] = version
+        files = [
+            (f.sha256, f.size)
+            for version in newest.values()
+            for f in version.files
+            if f.filename.endswith(".safetensors")
+        ]
+        stored = stored_files(self.session, files)
+        self.session.commit()
+        digests = (p.sha256 for s in stored.values() if not s.whole for p in s.pieces[1:])
+        return list(dict.fromkeys(digests))
+
+    def stored_tensor(self, sha256: str) -> bytes | None:
+        where = stored_segments(self.session, [sha256]).get(sha256)
+        self.session.commit()
+        if where is None:
+            return None
+        try:
+            with open_file(self.blobs, where) as reader:
+                return reader.read()
+        except BlobNotFound:
+            return None
+
+
 @contextmanager
-def coordinator_registrar(round_settings: RoundSettings) -> Iterator[Registrar]:
+def coordinator_registrar(round_settings: RoundSettings) -> Iterator[CatalogRegistrar]:
     """A registrar writing into the coordinator's catalog through its one registration path."""
     settings = coordinator_settings(round_settings)
     engine, sessions = open_database(settings)  # migrated, like the service itself
     try:
         blobs = open_blob_store(settings)
         with sessions() as session:
-
-            def register(node_id: int, files: Mapping[str, Path]) -> str:
-                namespace = node_namespace(round_settings.namespace, node_id)
-                uploader = node_uploader(
-                    session, namespace, create=round_settings.create_node_tokens
-                )
-                try:
-                    version = register_expert_package(
-                        session,
-                        blobs,
-                        settings,
-                        files=files,
-                        uploader=uploader,
-                        channel=Channel.FLOWER,
-                    )
-                except (PackageRejected, CoordinatorError) as error:
-                    session.rollback()
-                    raise Rejected(rejection_text(error)) from None
-                return version.ref
-
-            yield register
+            yield CatalogRegistrar(session, blobs, settings, round_settings)
     finally:
         engine.dispose()
 
@@ -386,6 +507,8 @@ def main(grid: Grid, context: Context) -> None:
             min_nodes=round_settings.min_nodes,
             node_wait_seconds=round_settings.node_wait_seconds,
             timeout_seconds=round_settings.round_timeout_seconds or None,
+            known=register.known_tensors,
+            stored=register.stored_tensor,
         )
     # Printed: the run's log stream (`flwr run --stream`, `flwr log`) shows what landed.
     print(report.summary(), flush=True)

@@ -10,6 +10,11 @@ Both sides import these definitions from here so that they cannot drift apart.
 - The reply: each safetensors file travels as an `ArrayRecord` of its tensors' raw bytes;
   the JSON files, the safetensors headers' metadata and every file's sha256 travel in the
   `ConfigRecord` named `PACKAGE_RECORD`.
+- Deltas: the train message's `ConfigRecord` `KNOWN_RECORD` lists (`KNOWN_KEY`) the sha256
+  of tensors the coordinator already stores for the node's namespace (its experts' latest
+  versions); a tensor whose raw bytes hash to one of them is left out of the reply's
+  `ArrayRecord` and named in `PACKAGE_RECORD[<file> + STORED_SUFFIX]` instead (JSON: tensor
+  name -> sha256, dtype, shape), and the coordinator takes its bytes from its store.
 
 Flower's run config (`[tool.flwr.app.config]` in pyproject.toml, overridden by
 `flwr run --run-config`) holds the keys of both settings; `split_run_config` reads it.
@@ -36,6 +41,11 @@ RAW_STYPE = "safetensors.raw"
 FILES_KEY = "files"
 METADATA_SUFFIX = ".metadata"
 SHA256_SUFFIX = ".sha256"
+STORED_SUFFIX = ".stored"
+KNOWN_RECORD = "known"
+KNOWN_KEY = "sha256"
+# Tensor digests one train message lists at most (the rest are sent as bytes, as always).
+MAX_KNOWN_TENSORS = 20_000
 JSON_FILES = (MANIFEST_FILE, ADAPTER_CONFIG_FILE)
 SAFETENSORS_FILES = (ADAPTER_WEIGHTS_FILE, ROUTER_FILE, RETRIEVAL_FILE)
 

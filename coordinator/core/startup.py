@@ -1,5 +1,6 @@
 """Start-up checks: remove what interrupted writes left (temp files, unfinished multipart
-uploads), report catalog rows whose blob is missing, and say which store was checked."""
+uploads, blobs no catalog row needs), report catalog files whose blobs are missing, and say
+which store was checked."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.core.config import Settings
+from coordinator.experts.files import collect_garbage, missing_pieces, stored_files
 from coordinator.experts.models import Expert, ExpertFile, ExpertVersion
 from coordinator.storage import BlobStore
 
@@ -25,11 +27,21 @@ class CatalogFile:
     ref: str  # namespace/name@version
     filename: str
     sha256: str
+    size: int
 
 
 @dataclass(frozen=True)
 class MissingBlob(CatalogFile):
-    """A catalog file whose blob the store does not have."""
+    """A catalog file the store cannot give back: its blob, or (for a file stored in pieces)
+    the blobs of `pieces`, are missing."""
+
+    pieces: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        what = f"{self.ref} {self.filename} sha256 {self.sha256}"
+        if self.pieces:
+            what += f" (stored in pieces; missing {', '.join(self.pieces)})"
+        return what
 
 
 @dataclass
@@ -38,6 +50,8 @@ class StartupReport:
     # Temp file paths and, in object storage, aborted multipart uploads (key and upload id).
     removed_temp_files: list[str] = field(default_factory=list)
     missing_blobs: list[MissingBlob] = field(default_factory=list)
+    # Blobs no catalog row needs, older than the stale-temp window (coordinator.experts.files).
+    removed_blobs: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -73,24 +87,31 @@ def catalog_files(session: Session) -> Iterator[CatalogFile]:
             ExpertVersion.number,
             ExpertFile.filename,
             ExpertFile.sha256,
+            ExpertFile.size,
         )
         .join(ExpertVersion, ExpertVersion.expert_id == Expert.id)
         .join(ExpertFile, ExpertFile.version_id == ExpertVersion.id)
         .order_by(Expert.namespace, Expert.name, ExpertVersion.number, ExpertFile.filename)
     )
-    for namespace, name, number, filename, sha256 in rows:
-        yield CatalogFile(f"{namespace}/{name}@{number}", filename, sha256)
+    for namespace, name, number, filename, sha256, size in rows:
+        yield CatalogFile(f"{namespace}/{name}@{number}", filename, sha256, size)
 
 
 def find_missing_blobs(session: Session, blobs: BlobStore) -> list[MissingBlob]:
-    present: dict[str, bool] = {}
-    missing = []
-    for file in catalog_files(session):
-        if file.sha256 not in present:
-            present[file.sha256] = blobs.exists(file.sha256)
-        if not present[file.sha256]:
-            missing.append(MissingBlob(file.ref, file.filename, file.sha256))
-    return missing
+    files = list(catalog_files(session))
+    stored = stored_files(session, ((f.sha256, f.size) for f in files))
+    lacking = {sha256: missing_pieces(blobs, where) for sha256, where in stored.items()}
+    return [
+        MissingBlob(
+            f.ref,
+            f.filename,
+            f.sha256,
+            f.size,
+            () if stored[f.sha256].whole else tuple(lacking[f.sha256]),
+        )
+        for f in files
+        if lacking[f.sha256]
+    ]
 
 
 def run_startup_checks(session: Session, blobs: BlobStore, settings: Settings) -> StartupReport:
@@ -102,6 +123,7 @@ def run_startup_checks(session: Session, blobs: BlobStore, settings: Settings) -
         blob_store=blobs.location,
         removed_temp_files=removed,
         missing_blobs=find_missing_blobs(session, blobs),
+        removed_blobs=collect_garbage(session, blobs, settings.stale_temp_seconds),
     )
     if report.removed_temp_files:
         log.info(
@@ -109,10 +131,5 @@ def run_startup_checks(session: Session, blobs: BlobStore, settings: Settings) -
             len(report.removed_temp_files),
         )
     for missing in report.missing_blobs:
-        log.error(
-            "catalog row without its blob: %s file %s (sha256 %s)",
-            missing.ref,
-            missing.filename,
-            missing.sha256,
-        )
+        log.error("catalog file without its blobs: %s", missing.describe())
     return report

@@ -15,7 +15,6 @@ itself reads one module's tensors at a time (`protocol.diff`).
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from sqlalchemy.orm import Session
 from coordinator.core.config import Settings
 from coordinator.core.errors import CoordinatorError, NotFound, StorageError
 from coordinator.experts import service
+from coordinator.experts.files import StoredFile, copy_file, stored_files
 from coordinator.experts.models import ExpertVersion
 from coordinator.experts.upload import upload_folder
 from coordinator.storage import BlobNotFound, BlobStore
@@ -37,7 +37,6 @@ from protocol.diff import BaseModelMismatch, DiffError, PackageDiff, diff_packag
 # `namespace/name@version`, as releases name experts; parts are path segments of the API.
 _REF = re.compile(r"(?P<namespace>[^/@\s]+)/(?P<name>[^/@\s]+)@(?P<number>[^/@\s]+)")
 MAX_REF_CHARS = 300
-_COPY_CHUNK = 1 << 20
 # Diffs are kept by the two package digests: versions never change, so neither do their
 # diffs, and the page's plot asks for the diff its page has just computed.
 _CACHED_DIFFS = 32
@@ -66,9 +65,9 @@ class VersionPair:
     a: ExpertVersion
     b: ExpertVersion
 
-    def stored(self) -> tuple[StoredPackage, StoredPackage]:
+    def stored(self, session: Session) -> tuple[StoredPackage, StoredPackage]:
         """What reading both versions' files needs, copied out of the session."""
-        return StoredPackage.of(self.a), StoredPackage.of(self.b)
+        return StoredPackage.of(session, self.a), StoredPackage.of(session, self.b)
 
 
 def parse_ref(text: str) -> tuple[str, str, int]:
@@ -130,14 +129,15 @@ class StoredPackage:
 
     ref: str
     package_digest: str
-    files: dict[str, str]  # filename -> sha256
+    files: dict[str, StoredFile]  # filename -> where its bytes are
 
     @classmethod
-    def of(cls, version: ExpertVersion) -> StoredPackage:
+    def of(cls, session: Session, version: ExpertVersion) -> StoredPackage:
+        stored = stored_files(session, ((f.sha256, f.size) for f in version.files))
         return cls(
             ref=version.ref,
             package_digest=version.package_digest,
-            files={f.filename: f.sha256 for f in version.files},
+            files={f.filename: stored[f.sha256] for f in version.files},
         )
 
 
@@ -213,17 +213,16 @@ def _package_on_disk(
     with ExitStack() as stack:
         folder: Path | None = None
         paths: dict[str, Path] = {}
-        for filename, sha256 in package.files.items():
+        for filename, stored in package.files.items():
             try:
-                local = blobs.local_path(sha256)
+                local = blobs.local_path(stored.sha256) if stored.whole else None
                 if local is not None:
                     paths[filename] = local
                     continue
                 if folder is None:
                     folder = stack.enter_context(upload_folder(settings.upload_tmp_dir))
                 target = folder / filename
-                with blobs.open(sha256) as source, target.open("wb") as sink:
-                    shutil.copyfileobj(source, sink, _COPY_CHUNK)
+                copy_file(blobs, stored, target)
                 paths[filename] = target
             except BlobNotFound as error:
                 raise StorageError(

@@ -113,7 +113,7 @@ class ExpertFile(Base):
 
 
 class FileSegment(Base):
-    """One piece of a file stored in pieces (coordinator.storage.segments): the file named by
+    """One piece of a file stored in pieces (coordinator.experts.files): the file named by
     `file_sha256` is the concatenation, in `position` order, of the blobs `segment_sha256`.
 
     Safetensors files are stored so: their header, then each tensor's bytes, so that versions

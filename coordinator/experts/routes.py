@@ -23,7 +23,9 @@ from coordinator.core.errors import ERROR_RESPONSE, StorageError
 from coordinator.core.params import Offset
 from coordinator.experts import diff as expert_diff
 from coordinator.experts import service
-from coordinator.experts.models import Channel
+from coordinator.experts.delta import assemble_package
+from coordinator.experts.files import open_file, stored_file, stored_segments
+from coordinator.experts.models import Channel, ExpertVersion
 from coordinator.experts.schemas import (
     BlockRequest,
     BlockState,
@@ -38,6 +40,13 @@ from coordinator.experts.schemas import (
 from coordinator.experts.upload import UPLOAD_FIELD, receive_package, upload_folder
 from coordinator.storage import BlobNotFound
 from protocol import PACKAGE_FILES
+from protocol.segments import (
+    LAYOUT_FIELD,
+    LAYOUT_FILE,
+    SEGMENT_FIELD,
+    MissingReply,
+    MissingRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,7 @@ VersionNumber = Annotated[
 
 experts_router = APIRouter(prefix="/experts", tags=["experts"])
 namespaces_router = APIRouter(prefix="/namespaces", tags=["experts"])
+blobs_router = APIRouter(prefix="/blobs", tags=["experts"])
 
 
 _UPLOAD_BODY: dict[str, Any] = {
@@ -76,7 +86,20 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "items": {"type": "string", "format": "binary"},
                             "description": "the package files, each with its file name "
                             f"({', '.join(PACKAGE_FILES)})",
-                        }
+                        },
+                        LAYOUT_FIELD: {
+                            "type": "string",
+                            "format": "binary",
+                            "description": f"a delta upload's {LAYOUT_FILE}: each package "
+                            "file not sent whole, by digest, size and segments "
+                            "(protocol.segments.PackageLayout)",
+                        },
+                        SEGMENT_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "a delta upload's segments the coordinator "
+                            "lacks, each with its sha256 as file name",
+                        },
                     },
                 }
             }
@@ -109,14 +132,21 @@ async def upload_expert(
     token: TokenDep,
 ) -> ExpertVersionDetail:
     """Stream the package files to disk (cut off at the size limits), validate them, store
-    them and publish a new version. The same content twice is 409 with the existing version."""
+    them and publish a new version. The same content twice is 409 with the existing version.
+
+    A delta upload sends `layout.json` (field `layout`) and only the segments the coordinator
+    lacks (field `segments`, each named by its sha256; `POST /blobs/missing` says which): the
+    package is rebuilt whole from them and the stored ones, then admitted like any other."""
     with upload_folder(settings.upload_tmp_dir) as folder:
-        files = await receive_package(request, folder, settings.admission)
-        version = await run_in_threadpool(
-            lambda: service.register_expert_package(
+        received = await receive_package(request, folder, settings.admission)
+
+        def publish() -> ExpertVersion:
+            files = assemble_package(session, blobs, received, folder, settings.admission)
+            return service.register_expert_package(
                 session, blobs, settings, files=files, uploader=token, channel=Channel.HTTP
             )
-        )
+
+        version = await run_in_threadpool(publish)
     response.headers["Location"] = version_url(version)
     return ExpertVersionDetail.of(version)
 
@@ -200,7 +230,7 @@ def diff_version(
     tensors are byte-identical; per file whether its bytes are the same; a summary."""
     pair = expert_diff.resolve_pair(session, namespace, name, version, against)
     a, b = ExpertVersionSummary.of(pair.a), ExpertVersionSummary.of(pair.b)
-    stored_a, stored_b = pair.stored()
+    stored_a, stored_b = pair.stored(session)
     session.commit()  # end the read transaction: the diff reads whole packages
     diff = expert_diff.diff_stored(blobs, settings, stored_a, stored_b)
     return ExpertVersionDiff(a=a, b=b, diff=diff)
@@ -227,21 +257,25 @@ def download_file(
 ) -> Response:
     found = service.get_version(session, namespace, name, version)
     file = service.get_file(found, filename)
+    stored = stored_file(session, file)
+    session.commit()  # end the read transaction: the download may take a while
     try:
-        path = blobs.local_path(file.sha256)
-        # A store without local files (object storage) is read through `open`, which is
-        # where such a store finds the blob missing.
-        handle = blobs.open(file.sha256) if path is None else None
+        # A file stored whole in a folder is sent from its path; one in pieces, or in a
+        # store without local files (object storage), is streamed from the store, which is
+        # where a missing blob is found.
+        path = blobs.local_path(file.sha256) if stored.whole else None
+        handle = open_file(blobs, stored) if path is None else None
     except BlobNotFound as error:
-        log.error("download of %s %s: blob %s is missing", found.ref, filename, file.sha256)
+        log.error("download of %s %s: %s", found.ref, filename, error)
         raise StorageError(
             f"the stored bytes of {found.ref} {filename} are missing on the coordinator",
             file=filename,
         ) from error
     media_type = "application/json" if filename.endswith(".json") else "application/octet-stream"
     headers = {"ETag": f'"{file.sha256}"', "X-Content-SHA256": file.sha256}
-    if handle is not None:  # a store without local files: stream the blob from the store
+    if handle is not None:
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+        headers["Content-Length"] = str(file.size)
         return StreamingResponse(_chunks(handle), media_type=media_type, headers=headers)
     assert path is not None
     return FileResponse(path, media_type=media_type, filename=filename, headers=headers)
@@ -332,6 +366,20 @@ def unblock_namespace(namespace: str, session: SessionDep, token: MaintainerDep)
     service.unblock(session, namespace, None, by=token)
 
 
+@blobs_router.post(
+    "/missing",
+    summary="Which of these digests the catalog lacks (before a delta upload)",
+    responses={401: ERROR_RESPONSE, 403: ERROR_RESPONSE, 422: ERROR_RESPONSE},
+)
+def missing_blobs(request: MissingRequest, session: SessionDep, _token: TokenDep) -> MissingReply:
+    """The digests (of segments, or of whole package files) that a delta upload must send:
+    those no catalog file or piece of one has. Any token that may publish may ask; anyone
+    who can ask could already read the whole catalog (docs/security.md)."""
+    held = stored_segments(session, request.sha256)
+    return MissingReply(missing=[d for d in dict.fromkeys(request.sha256) if d not in held])
+
+
 router = APIRouter()
 router.include_router(experts_router)
 router.include_router(namespaces_router)
+router.include_router(blobs_router)

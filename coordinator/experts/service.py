@@ -1,9 +1,10 @@
 """The expert catalog: registering packages, looking versions up, yanking.
 
 `register_expert_package` is the one way a package enters the catalog, for the HTTP upload
-and the Flower reply alike: validate (protocol) -> store blobs (content-addressed, atomic)
--> commit the rows. Nothing is visible until the commit; a blob written for an upload that
-then fails is harmless (it is content-addressed and unreferenced).
+(whole or delta) and the Flower reply alike: validate (protocol) -> store blobs
+(content-addressed, atomic; safetensors files one blob per tensor) -> commit the rows.
+Nothing is visible until the commit; a blob written for an upload that then fails is
+unreferenced, and the garbage collection removes it (coordinator.experts.files).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from coordinator.core.config import Settings
 from coordinator.core.db import begin_write, utcnow
 from coordinator.core.errors import Conflict, Forbidden, NotFound, Unprocessable
 from coordinator.core.params import DB_INT_MAX
+from coordinator.experts.files import StoredFile, add_segment_rows, store_file
 from coordinator.experts.models import Block, Channel, Expert, ExpertFile, ExpertVersion
+from coordinator.experts.upload import upload_folder
 from coordinator.storage import BlobStore
 from protocol import MANIFEST_FILE
 from protocol.validation import ValidatedPackage, stored_files, validate_package
@@ -138,15 +141,21 @@ def register_expert_package(
     _check_quotas(session, settings, namespace, name, validated.total_bytes, uploader)
     session.commit()  # end the read transaction of the lookups above
 
-    # The adapter config is stored in its canonical rewrite (protocol.validation.stored_files).
-    with stored_files(validated, files) as stored:
-        for filename, path in stored.items():
-            blobs.put_file(path, expected_sha256=validated.file_sha256[filename])
+    # The adapter config is stored in its canonical rewrite (protocol.validation.stored_files);
+    # safetensors files in pieces, one blob per tensor (coordinator.experts.files).
+    with (
+        stored_files(validated, files) as stored,
+        upload_folder(settings.upload_tmp_dir) as scratch,
+    ):
+        pieces = [
+            store_file(blobs, path, validated.file_sha256[filename], scratch)
+            for filename, path in stored.items()
+        ]
 
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
             version = _insert_version(
-                session, settings, validated, base, namespace, name, uploader, channel
+                session, settings, validated, base, namespace, name, uploader, channel, pieces
             )
         except IntegrityError:
             session.rollback()
@@ -180,6 +189,7 @@ def _insert_version(
     name: str,
     uploader: Token,
     channel: Channel,
+    pieces: list[StoredFile],
 ) -> ExpertVersion:
     begin_write(session)
     if session.get_bind().dialect.name == "postgresql":
@@ -219,6 +229,7 @@ def _insert_version(
         ],
     )
     session.add(version)
+    add_segment_rows(session, pieces)
     session.commit()
     return version
 

@@ -1,17 +1,21 @@
 """Receiving an upload: the multipart body streamed to disk under the admission size limits.
 
 Each part is one package file: the part's `filename` is the package file name, and its
-field name is `files` (or the file name itself). Bytes go straight to a file in a temp
-folder inside the data directory; memory stays bounded by one network chunk. The upload
-is cut off with 413 as soon as a file passes its limit or the body passes the total.
+field name is `files` (or the file name itself). A delta upload (protocol.segments) also
+carries `layout.json` in the field `layout` and pieces of files in the field `segments`,
+each named by its sha256. Bytes go straight to a file in a temp folder inside the data
+directory; memory stays bounded by one network chunk. The upload is cut off with 413 as
+soon as a file passes its limit or the body passes the total.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,11 +29,27 @@ from starlette.requests import ClientDisconnect
 from coordinator.core.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from protocol import PACKAGE_FILES
 from protocol.limits import AdmissionLimits
+from protocol.segments import LAYOUT_FIELD, LAYOUT_FILE, SEGMENT_FIELD
 
 UPLOAD_FIELD = "files"
 TEMP_PREFIX = ".tmp-upload-"
 # Part headers and boundaries on top of the files themselves.
 _MULTIPART_OVERHEAD = 64 * 1024
+# Segment parts one upload may carry: a package has a segment per tensor, and a tensor per
+# adapted module and LoRA factor; this is far above any base model's count.
+MAX_SEGMENT_PARTS = 100_000
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+SEGMENTS_FOLDER = "segments"
+
+
+@dataclass
+class ReceivedUpload:
+    """What an upload's body held, on disk: package files sent whole by name; for a delta
+    upload, its layout and the segments sent, by digest (not yet checked against it)."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    layout: Path | None = None
+    segments: dict[str, Path] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -49,7 +69,7 @@ class _PackageWriter:
     def __init__(self, folder: Path, limits: AdmissionLimits) -> None:
         self.folder = folder
         self.limits = limits
-        self.files: dict[str, Path] = {}
+        self.received = ReceivedUpload()
         self.total = 0
         self._headers: dict[bytes, bytes] = {}
         self._field = b""
@@ -96,11 +116,24 @@ class _PackageWriter:
                 check="multipart",
                 expected=f"file parts named after package files: {', '.join(PACKAGE_FILES)}",
             )
+        if field == SEGMENT_FIELD:
+            path, limit = self._segment_part(filename)
+        elif field == LAYOUT_FIELD:
+            path, limit = self._layout_part(filename)
+        else:
+            path, limit = self._package_part(field, filename)
+        self._current = path.open("xb")
+        self._current_name = filename
+        self._current_size = 0
+        self._current_limit = limit
+
+    def _package_part(self, field: str, filename: str) -> tuple[Path, int]:
         if field not in (UPLOAD_FIELD, filename):
             raise BadRequest(
                 f"file {filename!r} was sent in field {field!r}",
                 check="multipart",
-                expected=f"field '{UPLOAD_FIELD}' (or the file name)",
+                expected=f"field '{UPLOAD_FIELD}' (or the file name); '{LAYOUT_FIELD}' and "
+                f"'{SEGMENT_FIELD}' for a delta upload",
             )
         if filename not in PACKAGE_FILES:
             raise Unprocessable(
@@ -109,19 +142,47 @@ class _PackageWriter:
                 check="file_names",
                 expected=f"only {', '.join(PACKAGE_FILES)}",
             )
-        if filename in self.files:
-            raise Unprocessable(
-                f"{filename!r} was sent twice",
-                file=filename,
-                check="file_names",
-                expected="each package file once",
-            )
+        if filename in self.received.files:
+            raise _twice(filename, "each package file once")
         path = self.folder / filename
-        self.files[filename] = path
-        self._current = path.open("xb")
-        self._current_name = filename
-        self._current_size = 0
-        self._current_limit = self.limits.max_file_bytes(filename)
+        self.received.files[filename] = path
+        return path, self.limits.max_file_bytes(filename)
+
+    def _layout_part(self, filename: str) -> tuple[Path, int]:
+        if filename != LAYOUT_FILE:
+            raise Unprocessable(
+                f"the layout was sent as {filename!r}",
+                file=filename,
+                check="layout",
+                expected=f"the file name {LAYOUT_FILE!r}",
+            )
+        if self.received.layout is not None:
+            raise _twice(filename, "one layout")
+        self.received.layout = self.folder / LAYOUT_FILE
+        # A layout lists digests, a few per tensor: as large as the headers it describes.
+        return self.received.layout, self.limits.max_header_bytes
+
+    def _segment_part(self, filename: str) -> tuple[Path, int]:
+        if not _SHA256_NAME.fullmatch(filename):
+            raise Unprocessable(
+                f"segment {filename[:80]!r} is not named by its digest",
+                file=filename[:80],
+                check="segments",
+                expected="each segment's file name: its sha256, 64 lowercase hex digits",
+            )
+        if filename in self.received.segments:
+            raise _twice(filename, "each segment once")
+        if len(self.received.segments) >= MAX_SEGMENT_PARTS:
+            raise Unprocessable(
+                f"more than {MAX_SEGMENT_PARTS} segments",
+                check="segments",
+                expected=f"at most {MAX_SEGMENT_PARTS} segment parts in one upload",
+            )
+        folder = self.folder / SEGMENTS_FOLDER
+        folder.mkdir(exist_ok=True)
+        path = folder / filename
+        self.received.segments[filename] = path
+        return path, max(self.limits.max_file_bytes(name) for name in PACKAGE_FILES)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         assert self._current is not None
@@ -152,6 +213,12 @@ class _PackageWriter:
             self._current = None
 
 
+def _twice(filename: str, expected: str) -> Unprocessable:
+    return Unprocessable(
+        f"{filename!r} was sent twice", file=filename, check="file_names", expected=expected
+    )
+
+
 def _total_too_large(limits: AdmissionLimits) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"the upload is larger than {limits.max_total_bytes} bytes",
@@ -172,8 +239,8 @@ def _boundary(request: Request) -> bytes:
 
 async def receive_package(
     request: Request, folder: Path, limits: AdmissionLimits
-) -> dict[str, Path]:
-    """Stream the request's multipart body into `folder`; return file name -> path."""
+) -> ReceivedUpload:
+    """Stream the request's multipart body into `folder`; return what it held."""
     boundary = _boundary(request)
     body_limit = limits.max_total_bytes + _MULTIPART_OVERHEAD
     declared = request.headers.get("content-length")
@@ -187,11 +254,11 @@ async def receive_package(
 
     writer = _PackageWriter(folder, limits)
     parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
-    received = 0
+    body_bytes = 0
     try:
         async for chunk in _chunks(request):
-            received += len(chunk)
-            if received > body_limit:
+            body_bytes += len(chunk)
+            if body_bytes > body_limit:
                 raise _total_too_large(limits)
             # Parsing and writing are blocking file I/O: off the event loop.
             await anyio.to_thread.run_sync(parser.write, chunk)
@@ -202,13 +269,14 @@ async def receive_package(
         raise BadRequest("the client disconnected during the upload", check="multipart") from error
     finally:
         writer.close()
-    if not writer.ended or not writer.files:
+    received = writer.received
+    if not writer.ended or not (received.files or received.layout or received.segments):
         raise BadRequest(
             "the multipart body is truncated or holds no files",
             check="multipart",
             expected="a complete multipart/form-data body with the package files",
         )
-    return writer.files
+    return received
 
 
 async def _chunks(request: Request) -> AsyncIterator[bytes]:

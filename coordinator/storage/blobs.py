@@ -70,6 +70,25 @@ class BlobStore(Protocol):
         """The digest of every stored blob."""
         ...
 
+    def stored_at(self, sha256: str) -> float | None:
+        """When the blob was last written, or last offered again to `put_file` (which
+        refreshes the time), in seconds since the epoch; None when it is not there. The
+        garbage collection spares blobs offered recently: an upload about to reference one."""
+        ...
+
+    def remove(self, sha256: str) -> None:
+        """Delete the blob (gone already is fine): for the garbage collection only."""
+        ...
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as reader:
+        while chunk := reader.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
@@ -102,7 +121,12 @@ class LocalBlobStore:
     def put_file(self, source: Path, expected_sha256: str | None = None) -> StoredBlob:
         """Copy `source` in, hashing as it goes; a blob already present is not rewritten."""
         if expected_sha256 is not None and self.exists(expected_sha256):
-            return StoredBlob(expected_sha256, self.path(expected_sha256).stat().st_size)
+            existing = self.path(expected_sha256)
+            try:
+                os.utime(existing)  # offered again: not garbage (`stored_at`)
+                return StoredBlob(expected_sha256, existing.stat().st_size)
+            except FileNotFoundError:
+                pass  # collected meanwhile: store it again
         # The temp file lives in the blob's own folder when its name is known in advance
         # (always, for validated uploads), else in a staging folder on the same file system.
         folder = self.path(expected_sha256).parent if expected_sha256 else self.root / "incoming"
@@ -153,6 +177,17 @@ class LocalBlobStore:
                 for file in sorted(folder.iterdir()):
                     if not file.name.startswith(TEMP_PREFIX):
                         yield folder.name + file.name
+
+    def stored_at(self, sha256: str) -> float | None:
+        try:
+            return self.path(sha256).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def remove(self, sha256: str) -> None:
+        path = self.path(sha256)
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
 
     def _temp_files(self) -> Iterator[Path]:
         yield from self.root.rglob(f"{TEMP_PREFIX}*")

@@ -4,14 +4,13 @@ Used by `phatgoose coordinator copy-blobs` to move a catalog from the data direc
 object storage (or back) before pointing `PHATGOOSE_BLOB_URL` at the destination. Blobs
 stream through: a local source is uploaded from its file; any other source is first
 written to a staging file on disk, never held in memory. The verification reads each
-catalog file's blob back from the destination and hashes it, whatever the copy step
-reported, so a blob that a previous run, another tool or the store itself got wrong is
-found.
+catalog file back from the destination (whole, or its pieces one after the other:
+`coordinator.experts.files.verify_files`) and hashes it, whatever the copy step reported, so
+a blob that a previous run, another tool or the store itself got wrong is found.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -84,33 +83,3 @@ def copy_blob(source: BlobStore, destination: BlobStore, sha256: str, staging_di
             shutil.copyfileobj(reader, staged, _CHUNK)
         staged.flush()
         destination.put_file(Path(staged.name), expected_sha256=sha256)
-
-
-def verify_blobs(
-    store: BlobStore,
-    files: dict[str, list[str]],
-    advance: Callable[[], object] = lambda: None,
-) -> tuple[int, list[str]]:
-    """Read back every blob of `files` (sha256 -> the catalog files it is, for the
-    message) from `store` and hash it. Returns how many verified, and a line per blob
-    missing or corrupt."""
-    verified, problems = 0, []
-    for sha256, names in files.items():
-        where = ", ".join(names)
-        try:
-            digest = hashlib.sha256()
-            with store.open(sha256) as reader:
-                while chunk := reader.read(_CHUNK):
-                    digest.update(chunk)
-        except BlobNotFound:
-            problems.append(f"MISSING {sha256} in {store.location}: {where}")
-        else:
-            if digest.hexdigest() == sha256:
-                verified += 1
-            else:
-                problems.append(
-                    f"CORRUPT {sha256} in {store.location}: reads back as sha256 "
-                    f"{digest.hexdigest()}: {where}"
-                )
-        advance()
-    return verified, problems

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from coordinator.storage.blobs import BlobNotFound, BlobStoreError, StoredBlob
+from coordinator.storage.blobs import BlobNotFound, BlobStoreError, StoredBlob, file_sha256
 from coordinator.storage.urls import S3Location, parse_s3_url
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,12 @@ class S3BlobStore:
         ValueError, leaving nothing under the key, if its bytes do not hash to
         `expected_sha256`. With no digest given, the local file is hashed first, so that
         the upload goes straight to its final key."""
-        sha256 = expected_sha256 if expected_sha256 is not None else _file_sha256(source)
+        sha256 = expected_sha256 if expected_sha256 is not None else file_sha256(source)
         key = self.key(sha256)
         present = self._size(key)
-        if present is not None:
+        # Offered again: refreshed so that it is not garbage (`stored_at`); one collected
+        # meanwhile is stored again.
+        if present is not None and self._touch(key):
             return StoredBlob(sha256, present)
         size = source.stat().st_size
         # Parts grow past `part_bytes` only for files over MAX_PARTS of them (80 GB).
@@ -193,7 +195,33 @@ class S3BlobStore:
         except (ClientError, BotoCoreError) as error:
             raise self._error(error, "list", self._blob_prefix) from None
 
+    def stored_at(self, sha256: str) -> float | None:
+        head = self._head(self.key(sha256))
+        return None if head is None else float(head["LastModified"].timestamp())
+
+    def remove(self, sha256: str) -> None:
+        key = self.key(sha256)
+        self._call("delete", key, self.client.delete_object)
+
     # ---------------------------------------------------------------- helpers
+
+    def _touch(self, key: str) -> bool:
+        """Refresh the object's LastModified: copied onto itself, metadata replaced (S3 has
+        no cheaper way; the bytes are copied inside the store). False if it is gone."""
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                MetadataDirective="REPLACE",
+            )
+        except ClientError as error:
+            if _code(error) in _MISSING:
+                return False
+            raise self._error(error, "refresh", key) from None
+        except BotoCoreError as error:
+            raise self._error(error, "refresh", key) from None
+        return True
 
     def _put_multipart(
         self, source: Path, reader: BinaryIO, first: bytes, part: int, key: str, sha256: str
@@ -245,15 +273,19 @@ class S3BlobStore:
 
     def _size(self, key: str) -> int | None:
         """The object's size, or None when there is none under `key`."""
+        head = self._head(key)
+        return None if head is None else int(head["ContentLength"])
+
+    def _head(self, key: str) -> dict[str, Any] | None:
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as error:
             if _code(error) in _MISSING:
                 return None
             raise self._error(error, "look up", key) from None
         except BotoCoreError as error:
             raise self._error(error, "look up", key) from None
-        return int(head["ContentLength"])
+        return head
 
     def multipart_uploads(self) -> Iterator[dict[str, Any]]:
         """The unfinished multipart uploads under the prefix (S3's `Uploads` entries:
@@ -327,14 +359,6 @@ class _ObjectBody(io.RawIOBase):
 
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as reader:
-        while chunk := reader.read(_READ_BUFFER):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_digest(source: Path, actual: str, expected: str) -> None:

@@ -20,14 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import phatgoose
 from phatgoose.data import IGNORE_INDEX, Example, batches, collate_for_training, pack_sequences
-from phatgoose.expert import Expert, lora_summary
+from phatgoose.expert import Expert, ExpertError, lora_summary
 from phatgoose.models import default_target_modules, forward_accepts
 from phatgoose.precision import (
     PRECISIONS,
@@ -325,12 +331,17 @@ def train_expert(
     description: str = "",
     license: str = "Apache-2.0",
     progress: bool = True,
+    resume_from: Expert | None = None,
 ) -> Expert:
     """Train a LoRA expert through PEFT; returns it without gates (`train_gates` adds them).
 
     The LoRA state kept is the one with the lowest validation loss among the evaluations
     (every `eval_every` steps and at the last step); without a validation split it is the
     last one. `base_model` defaults to `model`'s name and weight fingerprint.
+
+    `resume_from` continues training an earlier version: its LoRA (rank, alpha, target
+    modules and tensors) is where training starts, in place of a fresh initialisation;
+    `config.r`, `lora_alpha` and `target_modules` are then ignored.
     """
     config = config or TrainingConfig()
     check_expert_name(name)
@@ -339,17 +350,23 @@ def train_expert(
     targets = config.target_modules or default_target_modules(model)
     if base_model is None:
         base_model = base_model_identity(model)
-    lora_config = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # PEFT says int; scale = alpha/r
-        lora_dropout=config.lora_dropout,
-        target_modules=list(targets),
-    )
+    if resume_from is not None:
+        lora_config = copy.deepcopy(resume_from.lora_config)
+        lora_config.inference_mode = False
+    else:
+        lora_config = LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # PEFT: int; scale = alpha/r
+            lora_dropout=config.lora_dropout,
+            target_modules=list(targets),
+        )
 
     started = time.perf_counter()
     best = _Checkpoint()
     with restored(model), seeded(model, config.seed):  # seeds LoRA's A initialisation
         peft_model = get_peft_model(model, lora_config)
+        if resume_from is not None:
+            _load_lora(peft_model, resume_from)
         try:
 
             def evaluate(step: int) -> dict[str, str]:
@@ -429,6 +446,20 @@ class _Checkpoint:
     loss: float = math.inf
     step: int | None = None
     state: dict[str, Tensor] | None = None
+
+
+def _load_lora(peft_model: PeftModel, expert: Expert) -> None:
+    """Start from `expert`'s LoRA tensors: every one must find its place, and every LoRA
+    parameter must get one (a partial load would train a different adapter)."""
+    # torch's `_IncompatibleKeys`, typed by PEFT as a bare namedtuple.
+    result: Any = set_peft_model_state_dict(peft_model, expert.lora_weights)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        raise ExpertError(
+            f"cannot resume from {expert.manifest.name}: its LoRA does not fit this model "
+            f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
+        )
 
 
 def _lora_state(peft_model: PeftModel) -> dict[str, Tensor]:

@@ -78,8 +78,9 @@ def test_no_request_body_carries_the_training_text(coordinator, trained_package,
     )
 
     assert version["ref"] == "alice/quokka@1"
-    assert len(transport.sent) == 1
-    assert sum(len(b) for b in transport.sent) > 10_000  # the package itself went out
+    # The question which tensors the coordinator lacks, then the package itself.
+    assert len(transport.sent) == 2 and b"/blobs/missing" in transport.sent[0]
+    assert sum(len(b) for b in transport.sent) > 10_000
     assert marker_hits(b"".join(transport.sent)) == []
 
 
@@ -105,7 +106,7 @@ def test_a_rejection_is_reported_with_its_check_and_file_and_not_retried(
             progress=False,
         )
 
-    assert transport.requests == 1
+    assert transport.requests == 2  # the question which tensors are missing, one upload
     assert caught.value.status_code == 422
     assert caught.value.detail["file"] == MANIFEST_FILE
     assert "check: " in caught.value.report()
@@ -152,7 +153,7 @@ def test_connection_errors_and_503_are_retried_until_the_upload_lands(coordinato
     )
 
     assert version["version"] == 1
-    assert transport.requests == 3
+    assert transport.requests == 4  # the question: refused, 503, answered; then the upload
     assert waits == [0.5, 1.0]  # exponential backoff
 
 

@@ -3,22 +3,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # what starlette's TestClient returns since starlette 1.0
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from torch import nn
 
 from coordinator.auth.models import Role
 from coordinator.auth.service import create_token
+from coordinator.core.loopback import serve_on_loopback
 from phatgoose.models import base_model_spec
 from protocol import ADAPTER_CONFIG_FILE, BaseModelSpec
 from protocol.validation import validate_directory
@@ -69,23 +64,5 @@ def bearer_headers(app: FastAPI, name: str, role: Role) -> dict[str, str]:
     return {"Authorization": f"Bearer {issued.secret_token}"}
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free local port in a thread; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    host, port = sock.getsockname()
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
+# A live server on loopback: the coordinator's own helper, under the suite's name.
+live_server = serve_on_loopback

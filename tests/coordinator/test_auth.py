@@ -91,4 +91,5 @@ def test_maintainer_reads_the_startup_report(app, client, maintainer):
         "blob_store": str(app.state.settings.blob_dir.resolve()),
         "removed_temp_files": [],
         "missing_blobs": [],
+        "removed_blobs": [],
     }

@@ -141,14 +141,14 @@ def test_download_of_a_non_package_file_is_404(client, published):
 
 def test_download_of_a_missing_blob_is_500_naming_the_file(app, client, published):
     version = client.get("/api/v1/experts/alice/demo/1").json()
-    router = next(f for f in version["files"] if f["filename"] == "router.safetensors")
-    app.state.blobs.path(router["sha256"]).unlink()
+    manifest = next(f for f in version["files"] if f["filename"] == "expert.json")
+    app.state.blobs.path(manifest["sha256"]).unlink()
 
-    response = client.get("/api/v1/experts/alice/demo/1/files/router.safetensors")
+    response = client.get("/api/v1/experts/alice/demo/1/files/expert.json")
 
     assert response.status_code == 500
     assert response.json()["detail"]["message"] == (
-        "the stored bytes of alice/demo@1 router.safetensors are missing on the coordinator"
+        "the stored bytes of alice/demo@1 expert.json are missing on the coordinator"
     )
 
 

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from coordinator.base_models.service import register_base_model
 from coordinator.experts.diff import DIFF_CACHE
+from coordinator.experts.files import needed_blobs, stored_files
 from coordinator.storage import LocalBlobStore
 from phatgoose.models import base_model_spec
 from protocol.diff import diff_packages
@@ -143,7 +144,10 @@ def test_a_store_without_local_files_is_read_through_open(app, client, versions,
 
     assert response.status_code == 200, response.text
     assert response.json() == local.json()
-    assert len(store.opened) == 8  # the four files of each version
+    # Every blob of the four files of each version: JSON files whole, the safetensors
+    # files' pieces (stored once: version 2 shares some of version 1's)
+    with app.state.sessionmaker() as session:
+        assert set(store.opened) == needed_blobs(session)
     assert not any(settings.upload_tmp_dir.iterdir())  # the temp copies are gone
 
 
@@ -157,7 +161,9 @@ def test_reads_follow_the_read_policy(make_app, settings, tiny_base, versions):
 def test_a_missing_blob_is_a_storage_error_naming_the_file(app, client, versions, settings):
     listed = client.get("/api/v1/experts/alice/demo/1").json()["files"]
     router = next(f for f in listed if f["filename"] == "router.safetensors")
-    LocalBlobStore(settings.blob_dir).path(router["sha256"]).unlink()
+    with app.state.sessionmaker() as session:
+        stored = stored_files(session, [(router["sha256"], router["size"])])[router["sha256"]]
+    LocalBlobStore(settings.blob_dir).path(stored.pieces[-1].sha256).unlink()  # a gate
 
     response = client.get(DIFF.format(version=2))
 

@@ -18,6 +18,7 @@ from coordinator.auth.models import Role
 from coordinator.base_models.service import register_base_model
 from coordinator.cli import app as cli
 from coordinator.core.config import Settings
+from coordinator.experts.files import needed_blobs, open_file, stored_files
 from coordinator.releases.service import export_release, get_release
 from coordinator.storage import BlobNotFound, BlobStore, BlobStoreError, LocalBlobStore
 from coordinator.storage.blobs import TEMP_PREFIX
@@ -330,8 +331,13 @@ def test_the_coordinator_keeps_uploads_in_s3_and_serves_them_back(
             assert response.status_code == 200
             assert response.content == data
 
-    keys = {f"{PREFIX}/blobs/{f['sha256'][:2]}/{f['sha256'][2:]}" for f in reply.json()["files"]}
-    assert set(objects(s3, bucket)) == keys
+    # Exactly the blobs the catalog needs: JSON files whole, safetensors files in pieces.
+    with app.state.sessionmaker() as session:
+        needed = needed_blobs(session)
+    files = {f["sha256"] for f in reply.json()["files"]}
+    assert len(needed) > len(files)
+    assert {f["sha256"] for f in reply.json()["files"] if f["filename"].endswith(".json")} <= needed
+    assert set(objects(s3, bucket)) == {f"{PREFIX}/blobs/{d[:2]}/{d[2:]}" for d in needed}
     assert not s3_settings.blob_dir.exists()  # nothing went to the local folder
     report = make_app(s3_settings).state.startup_report
     assert report.healthy
@@ -366,7 +372,8 @@ def test_startup_over_s3_aborts_unfinished_uploads_and_names_missing_objects(
         files = upload(client, alice, package("alice/lost")).json()["files"]
     router = next(f for f in files if f["filename"] == "router.safetensors")
     store = app.state.blobs
-    s3.delete_object(Bucket=bucket, Key=store.key(router["sha256"]))
+    lost = _pieces(app, router)[1]
+    s3.delete_object(Bucket=bucket, Key=store.key(lost))
     left = _interrupted_write(store, _sha256(b"a crashed upload"))
 
     report = make_app(s3_settings.model_copy(update={"stale_temp_seconds": 0})).state.startup_report
@@ -374,9 +381,16 @@ def test_startup_over_s3_aborts_unfinished_uploads_and_names_missing_objects(
     assert len(report.removed_temp_files) == 1 and report.removed_temp_files[0].startswith(left)
     assert unfinished_uploads(s3, bucket) == []
     assert not report.healthy
-    assert [(m.ref, m.filename, m.sha256) for m in report.missing_blobs] == [
-        ("alice/lost@1", "router.safetensors", router["sha256"])
+    assert [(m.ref, m.filename, m.sha256, m.pieces) for m in report.missing_blobs] == [
+        ("alice/lost@1", "router.safetensors", router["sha256"], (lost,))
     ]
+
+
+def _pieces(app: Any, file: dict[str, Any]) -> list[str]:
+    """The digests of the blobs a file, as the upload reply lists it, is stored in."""
+    with app.state.sessionmaker() as session:
+        stored = stored_files(session, [(file["sha256"], file["size"])])[file["sha256"]]
+    return [piece.sha256 for piece in stored.pieces]
 
 
 def test_a_download_whose_object_is_gone_is_500_naming_the_file(
@@ -387,7 +401,8 @@ def test_a_download_whose_object_is_gone_is_500_naming_the_file(
     with TestClient(app) as client:
         files = upload(client, alice, package("alice/gone")).json()["files"]
         router = next(f for f in files if f["filename"] == "router.safetensors")
-        s3.delete_object(Bucket=bucket, Key=app.state.blobs.key(router["sha256"]))
+        # A file stored in pieces: its first piece, the header, is read before any byte goes
+        s3.delete_object(Bucket=bucket, Key=app.state.blobs.key(_pieces(app, router)[0]))
         response = client.get("/api/v1/experts/alice/gone/1/files/router.safetensors")
     assert response.status_code == 500
     assert response.json()["detail"]["message"] == (
@@ -433,6 +448,10 @@ def local_catalog(app, client, alice, package, base_spec) -> dict[str, dict[str,
     return served
 
 
+def _catalog_files(catalog: dict[str, dict[str, bytes]]) -> int:
+    return len({_sha256(data) for files in catalog.values() for data in files.values()})
+
+
 def _copy_blobs(settings: Settings, to: str) -> Any:
     arguments = ["--data-dir", str(settings.data_dir)]
     arguments += ["--database-url", settings.resolved_database_url]
@@ -445,12 +464,13 @@ def test_copy_blobs_moves_a_local_catalog_into_s3_and_the_coordinator_serves_it_
 ):
     monkeypatch.delenv("PHATGOOSE_BLOB_URL", raising=False)
     blobs = len(list(LocalBlobStore(settings.blob_dir).iter_blobs()))
+    files = _catalog_files(local_catalog)
     url = f"s3://{bucket}/{PREFIX}"
 
     result = _copy_blobs(settings, url)
 
     assert result.exit_code == 0, result.output
-    assert f"copied {blobs}, already there 0, verified {blobs} of {blobs} catalog blob(s)" in (
+    assert f"copied {blobs}, already there 0, verified {files} of {files} catalog file(s)" in (
         result.output
     )
     assert f"PHATGOOSE_BLOB_URL={url}" in result.output
@@ -468,29 +488,35 @@ def test_copy_blobs_again_copies_nothing(settings, local_catalog, bucket, monkey
     url = f"s3://{bucket}/{PREFIX}"
     assert _copy_blobs(settings, url).exit_code == 0
     blobs = len(list(LocalBlobStore(settings.blob_dir).iter_blobs()))
+    files = _catalog_files(local_catalog)
 
     result = _copy_blobs(settings, url)
 
     assert result.exit_code == 0, result.output
-    assert f"copied 0, already there {blobs}, verified {blobs} of {blobs}" in result.output
+    assert f"copied 0, already there {blobs}, verified {files} of {files}" in result.output
 
 
 def test_copy_blobs_reads_the_destination_back_and_names_a_corrupt_object(
-    settings, local_catalog, bucket, s3, monkeypatch
+    app, settings, local_catalog, bucket, s3, monkeypatch
 ):
     monkeypatch.delenv("PHATGOOSE_BLOB_URL", raising=False)
     url = f"s3://{bucket}/{PREFIX}"
     assert _copy_blobs(settings, url).exit_code == 0
-    digest = _sha256(local_catalog["alice/two"]["router.safetensors"])
+    router = local_catalog["alice/two"]["router.safetensors"]
+    with app.state.sessionmaker() as session:
+        stored = stored_files(session, [(_sha256(router), len(router))])[_sha256(router)]
     store = S3BlobStore(bucket, PREFIX)
-    s3.put_object(Bucket=bucket, Key=store.key(digest), Body=b"not the router")
+    header = stored.pieces[0]
+    # The header piece, replaced: the file as read back is the router with another header.
+    s3.put_object(Bucket=bucket, Key=store.key(header.sha256), Body=b"not the header")
+    read_back = b"not the header" + router[header.size :]
 
     result = _copy_blobs(settings, url)
 
     assert result.exit_code == 1
     assert (
-        f"CORRUPT {digest} in s3://{bucket}/{PREFIX}: reads back as sha256 "
-        f"{_sha256(b'not the router')}: alice/two@1 router.safetensors"
+        f"CORRUPT {_sha256(router)} in s3://{bucket}/{PREFIX}: reads back as sha256 "
+        f"{_sha256(read_back)}: alice/two@1 router.safetensors"
     ) in result.output
 
 
@@ -508,7 +534,7 @@ def test_copy_blobs_names_a_catalog_file_whose_blob_the_source_lacks(
 
 
 def test_copy_blobs_from_s3_into_a_local_folder(
-    settings, local_catalog, bucket, tmp_path, monkeypatch
+    app, settings, local_catalog, bucket, tmp_path, monkeypatch
 ):
     monkeypatch.delenv("PHATGOOSE_BLOB_URL", raising=False)
     url = f"s3://{bucket}/{PREFIX}"
@@ -520,9 +546,12 @@ def test_copy_blobs_from_s3_into_a_local_folder(
 
     assert result.exit_code == 0, result.output
     back = LocalBlobStore(folder)
-    for files in local_catalog.values():
-        for data in files.values():
-            assert back.path(_sha256(data)).read_bytes() == data
+    with app.state.sessionmaker() as session:
+        for files in local_catalog.values():
+            for data in files.values():
+                stored = stored_files(session, [(_sha256(data), len(data))])[_sha256(data)]
+                with open_file(back, stored) as reader:
+                    assert reader.read() == data
     assert list(settings.upload_tmp_dir.iterdir()) == []  # staging files removed
 
 

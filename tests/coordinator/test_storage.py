@@ -9,6 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from coordinator.experts.files import stored_files
 from coordinator.storage import LocalBlobStore
 from coordinator.storage.blobs import TEMP_PREFIX
 from tests.coordinator.helpers import upload
@@ -83,12 +84,32 @@ def test_startup_keeps_recent_temp_files_of_running_uploads(make_app, settings, 
 
 def test_startup_reports_a_row_whose_blob_is_missing(make_app, settings, client, alice, package):
     body = upload(client, alice, package("alice/lost")).json()
-    router = next(f for f in body["files"] if f["filename"] == "router.safetensors")
-    LocalBlobStore(settings.blob_dir).path(router["sha256"]).unlink()
+    manifest = next(f for f in body["files"] if f["filename"] == "expert.json")
+    LocalBlobStore(settings.blob_dir).path(manifest["sha256"]).unlink()
 
     report = make_app(settings).state.startup_report
 
     assert not report.healthy
-    assert [(m.ref, m.filename, m.sha256) for m in report.missing_blobs] == [
-        ("alice/lost@1", "router.safetensors", router["sha256"])
+    assert [(m.ref, m.filename, m.sha256, m.pieces) for m in report.missing_blobs] == [
+        ("alice/lost@1", "expert.json", manifest["sha256"], ())
     ]
+
+
+def test_startup_names_the_missing_piece_of_a_file_stored_in_pieces(
+    make_app, settings, client, alice, package
+):
+    body = upload(client, alice, package("alice/lost")).json()
+    router = next(f for f in body["files"] if f["filename"] == "router.safetensors")
+    app = make_app(settings)
+    with app.state.sessionmaker() as session:
+        pieces = stored_files(session, [(router["sha256"], router["size"])])[router["sha256"]]
+    assert len(pieces.pieces) > 2  # the header and a gate per module
+    lost = pieces.pieces[1].sha256
+    LocalBlobStore(settings.blob_dir).path(lost).unlink()
+
+    report = make_app(settings).state.startup_report
+
+    assert [(m.ref, m.filename, m.pieces) for m in report.missing_blobs] == [
+        ("alice/lost@1", "router.safetensors", (lost,))
+    ]
+    assert lost in report.missing_blobs[0].describe()

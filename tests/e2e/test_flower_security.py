@@ -4,11 +4,15 @@ writes into another node's namespace or versions over another node's expert."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from flwr.app import Message
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from client.flower_message import package_to_content
 from coordinator.auth import service as auth
@@ -17,9 +21,22 @@ from coordinator.base_models.service import register_base_model
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
 from coordinator.experts.service import list_versions
-from coordinator.flower_server import Rejected, coordinator_registrar, run_round
+from coordinator.flower_server import (
+    Rejected,
+    coordinator_registrar,
+    run_round,
+    train_messages,
+    write_package_from_content,
+)
 from phatgoose.models import base_model_spec
-from protocol.flower import FlowerConfigError, RoundSettings, TrainingRequest
+from protocol import ADAPTER_WEIGHTS_FILE, ROUTER_FILE
+from protocol.flower import (
+    KNOWN_KEY,
+    KNOWN_RECORD,
+    FlowerConfigError,
+    RoundSettings,
+    TrainingRequest,
+)
 from tests.e2e.flower_helpers import serverapp_identity, train_message
 from tests.phatgoose.experts import random_expert
 from tests.tiny import tiny_llama
@@ -177,3 +194,79 @@ def test_a_package_named_for_the_node_itself_lands_there(coordinator, tmp_path):
     with coordinator_registrar(_round(coordinator)) as register:
         ref = register(5, _package(tmp_path, "flower-5/walrus", seed=0))
     assert ref == "flower-5/walrus@1"
+
+
+# ------------------------------------------------------------------ deltas over Flower
+
+
+def _gates_retrained(source: Path, target: Path) -> Path:
+    """A copy of the package with every gate moved: the adapter stays byte-identical."""
+    shutil.copytree(source, target)
+    with safe_open(str(target / ROUTER_FILE), "np") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    moved = {k: (v * 0.5 if k.endswith(".gate") else v) for k, v in tensors.items()}
+    save_file(moved, str(target / ROUTER_FILE), metadata=metadata)
+    return target
+
+
+def test_a_nodes_new_version_leaves_out_the_tensors_the_coordinator_stores(coordinator, tmp_path):
+    first = random_expert(tiny_llama(), name="navigate", rank=2, seed=0).save(tmp_path / "v1")
+    second = _gates_retrained(first, tmp_path / "v2")
+    with serverapp_identity(), coordinator_registrar(_round(coordinator)) as register:
+        assert register.known_tensors(1) == []  # nothing of node 1 is stored yet
+        round_one = RepliesGrid([1], [(1, package_to_content(first))])
+        run_round(round_one, TrainingRequest(), register, node_wait_seconds=0)
+        known = register.known_tensors(1)
+        assert register.known_tensors(2) == []  # another node's namespace: nothing
+        message = train_messages([1], TrainingRequest(), register.known_tensors)[0]
+        assert message.content.config_records[KNOWN_RECORD][KNOWN_KEY] == known
+
+        reply = package_to_content(second, known=frozenset(known))
+        # Every LoRA tensor stayed home; every gate moved and travels.
+        assert len(reply.array_records[ADAPTER_WEIGHTS_FILE]) == 0
+        with safe_open(str(second / ROUTER_FILE), "np") as router:
+            gates = [k for k in router.keys() if k.endswith(".gate")]  # noqa: SIM118
+        assert sorted(reply.array_records[ROUTER_FILE]) == sorted(gates)
+        report = run_round(
+            RepliesGrid([1], [(1, reply)]),
+            TrainingRequest(),
+            register,
+            node_wait_seconds=0,
+            known=register.known_tensors,
+            stored=register.stored_tensor,
+        )
+    assert [(o.status, o.expert) for o in report.outcomes] == [
+        ("registered", "flower-1/navigate@2")
+    ]
+    # Rebuilt bit-exactly: the same files a whole reply would have carried.
+    received = write_package_from_content(package_to_content(second), tmp_path / "whole")
+    engine, sessions = open_database(coordinator)
+    try:
+        with sessions() as session:
+            version = list_versions(session, namespace="flower-1", name="navigate").items[-1]
+            digests = {f.filename: f.sha256 for f in version.files}
+    finally:
+        engine.dispose()
+    for name in (ADAPTER_WEIGHTS_FILE, ROUTER_FILE):
+        assert digests[name] == hashlib.sha256(received[name].read_bytes()).hexdigest()
+
+
+def test_a_reply_naming_a_tensor_the_coordinator_lacks_is_rejected_saying_so(coordinator, tmp_path):
+    package = random_expert(tiny_llama(), name="navigate", rank=2, seed=0).save(tmp_path / "p")
+    with safe_open(str(package / ROUTER_FILE), "np") as router:
+        gate = next(k for k in router.keys() if k.endswith(".gate"))  # noqa: SIM118
+        digest = hashlib.sha256(router.get_tensor(gate).tobytes()).hexdigest()
+    reply = package_to_content(package, known=frozenset([digest]))  # a lie: nothing stored
+    with serverapp_identity(), coordinator_registrar(_round(coordinator)) as register:
+        report = run_round(
+            RepliesGrid([1], [(1, reply)]),
+            TrainingRequest(),
+            register,
+            node_wait_seconds=0,
+            stored=register.stored_tensor,
+        )
+    (outcome,) = report.outcomes
+    assert outcome.status == "rejected"
+    assert f"tensor {gate!r} is named by sha256 {digest}" in outcome.detail
+    assert _versions(coordinator) == []

@@ -227,6 +227,44 @@ def test_checkpoint_is_the_state_of_the_best_validation_step(caplog, tmp_path):
     assert mean_target_loss(peft_model, tokenizer, validation) == pytest.approx(best, abs=1e-5)
 
 
+def test_resuming_starts_from_the_earlier_lora_and_keeps_its_shape(trained):
+    """A negligible learning rate keeps the starting point (Adam moves each weight by about
+    the learning rate per step): the resumed LoRA comes back as it was, which a fresh start
+    would not; a real one moves it, keeping rank and modules."""
+    still = dataclasses.replace(CONFIG, steps=2, learning_rate=1e-12, r=2, validation_fraction=0.0)
+    kept = train_expert(
+        trained.model,
+        trained.tokenizer,
+        TASK,
+        name="alice/caps",
+        config=still,
+        progress=False,
+        resume_from=trained.lora,
+    )
+    assert kept.lora_weights.keys() == trained.lora.lora_weights.keys()
+    assert all(
+        torch.allclose(kept.lora_weights[k], v, rtol=0, atol=1e-9)
+        for k, v in trained.lora.lora_weights.items()
+    )
+    assert kept.lora_config.r == trained.lora.lora_config.r != still.r
+
+    moving = dataclasses.replace(still, learning_rate=CONFIG.learning_rate)
+    moved = train_expert(
+        trained.model,
+        trained.tokenizer,
+        TASK,
+        name="alice/caps",
+        config=moving,
+        progress=False,
+        resume_from=trained.lora,
+    )
+    changed = [
+        k for k, v in trained.lora.lora_weights.items() if not torch.equal(moved.lora_weights[k], v)
+    ]
+    assert changed and moved.lora_weights.keys() == trained.lora.lora_weights.keys()
+    assert_unchanged(trained.model, trained.after_lora)
+
+
 # ------------------------------------------------------------------------------- gates
 def test_gated_layer_computes_the_gated_lora_formula():
     # Gate training's layer is the routed linear over one expert with a sigmoid gate router.

@@ -2,12 +2,15 @@
 
 Each cycle starts a coordinator process on a free loopback port, streams several uploads
 at once (some throttled, so the kill lands mid-body; some fast, so it lands in validation,
-blob writes or the commit), kills the process with SIGKILL after a random delay and starts
-it again. After every restart:
+blob writes or the commit; every other one a delta upload, which asks which segments are
+missing and sends only those), kills the process with SIGKILL after a random delay and
+starts it again. After every restart:
 - every upload that was acknowledged (201) is in the catalog, and its stored bytes have the
   sha256 the reply gave (downloaded over HTTP for new ones; read from the blob store for all);
 - nothing half-written is visible: every version has all its file rows, every file row its
-  blob, every blob's bytes hash to its name; the start-up report is healthy;
+  blobs, every blob's bytes hash to its name; the start-up report is healthy;
+- no orphan: every blob in the store is one the catalog needs (the start-up garbage
+  collection removed what uploads killed before their commit had stored);
 - no temporary file is left after the start-up clean-up (upload folders, blob temp files,
   unfinished multipart uploads in object storage).
 
@@ -46,7 +49,8 @@ from coordinator.auth.models import Role
 from coordinator.base_models.service import register_base_model
 from coordinator.core.config import Settings
 from coordinator.core.db import make_engine
-from coordinator.experts.models import ExpertFile, ExpertVersion
+from coordinator.experts.files import needed_blobs
+from coordinator.experts.models import ExpertVersion
 from coordinator.storage import BlobStore, open_blob_store
 from tests.coordinator.helpers import TinyBase, bearer_headers
 from tests.coordinator.s3_server import (  # noqa: F401  (fixtures)
@@ -57,7 +61,7 @@ from tests.coordinator.s3_server import (  # noqa: F401  (fixtures)
 )
 from tests.reliability.catalog import unfinished_writes
 from tests.reliability.fuzzing import BOUNDARY, multipart
-from tests.reliability.workload import Launcher, Packages, free_port, wait_healthy
+from tests.reliability.workload import Launcher, Packages, delta_body, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 CYCLES = int(os.environ.get("PHATGOOSE_CRASH_CYCLES", "50"))
@@ -75,6 +79,7 @@ class Acked:
     ref: str
     url: str
     files: dict[str, str]  # file name -> sha256 from the 201 reply
+    delta: bool = False
 
 
 @dataclass
@@ -102,9 +107,10 @@ def _upload(
     tally: Tally,
     lock: threading.Lock,
     finished: threading.Semaphore,
+    delta: Path | None,
 ) -> None:
     try:
-        _send(base_url, headers, files, pause, tally, lock)
+        _send(base_url, headers, files, pause, tally, lock, delta)
     finally:
         finished.release()
 
@@ -116,16 +122,22 @@ def _send(
     pause: float,
     tally: Tally,
     lock: threading.Lock,
+    delta: Path | None = None,
 ) -> None:
-    body = multipart([(b"files", name.encode(), data) for name, data in files.items()])
+    """A whole upload, or with `delta` (a scratch folder) a delta upload: only the segments
+    the coordinator lacks, asked for first."""
     try:
+        if delta is None:
+            body = multipart([(b"files", name.encode(), data) for name, data in files.items()])
+        else:
+            body = multipart(delta_body(base_url, headers, files, delta))
         response = httpx.post(
             f"{base_url}/api/v1/experts",
             headers={**headers, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
             content=_throttled(body, 4096, pause),
             timeout=30,
         )
-    except httpx.TransportError:
+    except (httpx.TransportError, httpx.HTTPStatusError):  # killed before or while asking
         with lock:
             tally.refused += 1
         return
@@ -137,6 +149,7 @@ def _send(
                     ref=reply["ref"],
                     url=response.headers["location"],
                     files={f["filename"]: f["sha256"] for f in reply["files"]},
+                    delta=delta is not None,
                 )
             )
         else:  # an answer that is not 201 must be a clean refusal, never a 5xx
@@ -164,14 +177,16 @@ def check_catalog(session: Session, blobs: BlobStore, tmp_dir: Path, acked: list
         assert stored == ack.files, ack.ref
     # Every blob's bytes, read back through the store, hash to its name: no partial blob
     # under a final name.
-    referenced = set(session.scalars(select(ExpertFile.sha256)).all())
+    needed = needed_blobs(session)
     in_store = set()
     for name in blobs.iter_blobs():
         with blobs.open(name) as reader:
             digest = hashlib.sha256(reader.read()).hexdigest()
         assert digest == name, f"partial or corrupt blob {name} in {blobs.location}"
         in_store.add(digest)
-    assert referenced <= in_store, f"rows without blobs: {sorted(referenced - in_store)[:3]}"
+    assert needed <= in_store, f"rows without blobs: {sorted(needed - in_store)[:3]}"
+    # No orphan: what uploads killed before their commit stored was collected at start-up.
+    assert in_store <= needed, f"blobs no row needs: {sorted(in_store - needed)[:3]}"
     # The start-up clean-up left nothing behind: no temp file, no unfinished upload.
     assert unfinished_writes(blobs) == []
     assert list(tmp_dir.iterdir()) == []
@@ -219,8 +234,10 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     crash_setup: tuple[Settings, dict[str, str], dict[str, str]],
     package: Callable[..., Path],
     database_url: str,
+    tmp_path: Path,
 ) -> None:
     settings, alice, carol = crash_setup
+    scratch = tmp_path / "delta"
     server_settings: dict[str, object] = {
         "data_dir": str(settings.data_dir),
         "database_url": settings.resolved_database_url,
@@ -279,9 +296,11 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
                         tally,
                         lock,
                         finished,
+                        # Every other upload is a delta (only the segments not stored).
+                        scratch / f"{cycle}-{i}" if i % 2 else None,
                     ),
                 )
-                for _ in range(UPLOADS_PER_CYCLE)
+                for i in range(UPLOADS_PER_CYCLE)
             ]
             for thread in threads:
                 thread.start()
@@ -309,6 +328,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
         "kills": tally.kills,
         "uploads": tally.kills * UPLOADS_PER_CYCLE,
         "acknowledged": len(tally.acked),
+        "acknowledged_delta": sum(ack.delta for ack in tally.acked),
         "cut_off": tally.refused,
         "versions_in_catalog": total,
         "startup_median_s": round(statistics.median(tally.startup_seconds), 3),
@@ -321,4 +341,5 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     assert tally.kills == cycles >= 1
     # Some uploads are cut off and some get through: the kills really land mid-upload.
     assert tally.acked and (tally.refused or cycles < 10)
+    assert any(ack.delta for ack in tally.acked) or cycles < 10  # deltas got through too
     assert total >= len(tally.acked)

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 from safetensors.numpy import load, save
 
+from protocol.segments import FileLayout, PackageLayout, cut_file
 from tests.reliability.fuzzing import read_package
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +154,47 @@ class Packages:
             "router.safetensors": save(router),
             "adapter_model.safetensors": save(adapter),
         }
+
+
+def delta_body(
+    base_url: str, headers: dict[str, str], files: dict[str, bytes], scratch: Path
+) -> list[tuple[bytes, bytes | None, bytes]]:
+    """The multipart parts of a delta upload of `files`, as `phatgoose client push` sends
+    it: asks the coordinator which segments it lacks (`POST /api/v1/blobs/missing`), then
+    describes every safetensors file by its layout and sends only those segments."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    cuts = {}
+    for name, data in files.items():
+        (scratch / name).write_bytes(data)
+        cuts[name] = cut_file(scratch / name)
+    asked = [
+        s.sha256
+        for name, cut in cuts.items()
+        if name.endswith(".safetensors")
+        for s in cut.segments
+    ]
+    reply = httpx.post(
+        f"{base_url}/api/v1/blobs/missing", headers=headers, json={"sha256": asked}, timeout=30
+    )
+    reply.raise_for_status()
+    missing = set(reply.json()["missing"])
+    parts: list[tuple[bytes, bytes | None, bytes]] = []
+    layout = {}
+    for name, data in files.items():
+        cut = cuts[name]
+        if not name.endswith(".safetensors"):
+            parts.append((b"files", name.encode(), data))
+            continue
+        layout[name] = FileLayout.of(cut)
+        offset = 0
+        for segment in cut.segments:
+            if segment.sha256 in missing:
+                missing.discard(segment.sha256)  # once, though two files share it
+                parts.append(
+                    (b"segments", segment.sha256.encode(), data[offset : offset + segment.size])
+                )
+            offset += segment.size
+    parts.append(
+        (b"layout", b"layout.json", PackageLayout(files=layout).model_dump_json().encode())
+    )
+    return parts

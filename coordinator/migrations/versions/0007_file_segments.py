@@ -29,9 +29,7 @@ def upgrade() -> None:
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("file_sha256", "position", name=op.f("pk_file_segments")),
     )
-    op.create_index(
-        op.f("ix_file_segments_segment_sha256"), "file_segments", ["segment_sha256"]
-    )
+    op.create_index(op.f("ix_file_segments_segment_sha256"), "file_segments", ["segment_sha256"])
 
 
 def downgrade() -> None:
