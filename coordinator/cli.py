@@ -243,7 +243,8 @@ def register_base(
 @app.command()
 def check(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
     """Run the start-up checks: remove stale temp files (and unfinished multipart uploads in
-    object storage), list catalog files without blobs."""
+    object storage) and blobs no catalog file needs that are older than
+    PHATGOOSE_STALE_TEMP_SECONDS; list catalog files whose blobs are missing."""
     from coordinator.core.startup import run_startup_checks
 
     settings = _settings(data_dir, database_url)
@@ -255,8 +256,9 @@ def check(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -
     typer.echo(
         f"removed {len(report.removed_temp_files)} stale temp file(s) or unfinished upload(s)"
     )
+    typer.echo(f"removed {len(report.removed_blobs)} blob(s) no catalog file needs")
     for missing in report.missing_blobs:
-        typer.echo(f"MISSING {missing.ref} {missing.filename} sha256 {missing.sha256}")
+        typer.echo(f"MISSING {missing.describe()}")
     if report.missing_blobs:
         raise typer.Exit(1)
     typer.echo("every catalog file has its blob")
@@ -584,6 +586,324 @@ def credit(
     )
 
 
+# --- release channels ----------------------------------------------------------------------
+
+channel_app = typer.Typer(
+    help="Release channels: named, moving pointers to releases that follow the catalog "
+    "(docs/coordinator.md, 'Release channels'). Changes are recorded as by 'operator'.",
+    no_args_is_help=True,
+)
+app.add_typer(channel_app, name="channel")
+
+ChannelName = Annotated[str, typer.Argument(help="The channel: namespace/name.", metavar="NAME")]
+ReasonOption = Annotated[str, typer.Option(help="Why, kept in its history.")]
+
+
+def _refused(error: Any) -> typer.Exit:
+    """Print a service's refusal (a `CoordinatorError`) as the API words it; exit 1."""
+    expected = f" (expected {error.expected})" if error.expected else ""
+    typer.secho(f"{error.check}: {error.message}{expected}", err=True, fg=typer.colors.RED)
+    return typer.Exit(1)
+
+
+def _channel(session: Any, full_name: str) -> Any:
+    from coordinator.channels import service
+
+    namespace, _, name = full_name.partition("/")
+    return service.get_channel(session, namespace, name)
+
+
+def _channel_line(channel: Any) -> str:
+    from coordinator.channels import service
+    from coordinator.releases.schemas import method_label
+
+    release = f"#{channel.release.number}" if channel.release else "none"
+    label = method_label(channel.method, channel.top_k, channel.method_params)
+    return f"{channel.full_name:<32} release {release:<6} {service.state(channel):<18} {label}"
+
+
+@channel_app.command("create")
+def channel_create(
+    name: ChannelName,
+    method: Annotated[str, typer.Option(help=f"The routing method: {', '.join(METHODS)}.")],
+    expert: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expert",
+            help="namespace/name, each at its newest version that is not yanked (repeat). "
+            "Without it: every admitted expert of the base model (see --namespace, --glob).",
+            show_default=False,
+        ),
+    ] = None,
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--namespace", help="Only experts of this namespace (repeat).", show_default=False
+        ),
+    ] = None,
+    glob: Annotated[
+        str | None,
+        typer.Option("--glob", help="Only experts whose namespace/name matches this glob."),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="Experts per token or example (capped at the experts there are).", min=1),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help=_params_help(), show_default=False)
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="The base model (default: the only one registered).")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tasks",
+            help="A task its releases are evaluated on (repeat; none: no evaluation).",
+            show_default=False,
+        ),
+    ] = None,
+    examples_per_task: Annotated[
+        int | None, typer.Option(help="Examples scored per task (with --tasks).", min=1)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="The split's seed.")] = 0,
+    held_in: Annotated[
+        list[str] | None,
+        typer.Option("--held-in", help="A task held in (repeat).", show_default=False),
+    ] = None,
+    held_out: Annotated[
+        list[str] | None,
+        typer.Option("--held-out", help="A task held out (repeat).", show_default=False),
+    ] = None,
+    manual: Annotated[
+        bool,
+        typer.Option("--manual", help="Do not follow the catalog: only pins move it."),
+    ] = False,
+    notes: Annotated[str, typer.Option(help="Shown with the channel.")] = "",
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Create a release channel, as the API's POST /channels does.
+
+    It points at no release until it first advances (`channel advance`, or any worker's
+    poll)."""
+    from pydantic import ValidationError
+
+    from coordinator.channels import service
+    from coordinator.channels.schemas import ChannelCreate
+    from coordinator.core.errors import CoordinatorError
+    from coordinator.evaluations.task_names import check_requested_tasks
+
+    params: dict[str, int | float | str] = {}
+    for item in param or []:
+        key, value = parse_param(item)
+        if key in params:
+            raise typer.BadParameter(f"{key} is given twice", param_hint="--param")
+        params[key] = value
+    spec = None
+    if tasks:
+        if examples_per_task is None:
+            raise typer.BadParameter("--tasks needs --examples-per-task", param_hint="--tasks")
+        groups = {"held_in": held_in or [], "held_out": held_out or []}
+        spec = {
+            "tasks": tasks,
+            "examples_per_task": examples_per_task,
+            "seed": seed,
+            "task_groups": groups if held_in or held_out else None,
+        }
+    try:
+        request = ChannelCreate.model_validate(
+            {
+                "name": name,
+                "method": method,
+                "experts": expert or None,
+                "namespaces": namespace or None,
+                "name_glob": glob,
+                "top_k": top_k,
+                "params": params or None,
+                "base_model": base_model,
+                "spec": spec,
+                "follow": not manual,
+                "notes": notes,
+            }
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise typer.BadParameter(f"{where}: {problem['msg']}") from None
+    settings = _settings(data_dir, database_url)
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            if request.spec is not None:
+                check_requested_tasks(request.spec, settings.tasks_dir)
+            channel = service.create_channel(session, request, by="operator")
+        except CoordinatorError as error:
+            raise _refused(error) from error
+        line = _channel_line(channel)
+    typer.echo(f"created {line}")
+
+
+@channel_app.command("list")
+def channel_list(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
+    """Every channel: the release it points at, its state and recipe."""
+    from coordinator.channels import service
+
+    with _sessions(data_dir, database_url)() as session:
+        page = service.channel_page(session, limit=10_000, offset=0)
+        for channel in page.items:
+            typer.echo(_channel_line(channel))
+
+
+@channel_app.command("show")
+def channel_show(
+    name: ChannelName,
+    moves: Annotated[int, typer.Option(help="History entries shown, newest first.", min=1)] = 10,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """A channel: its release, state, recipe and newest history entries.
+
+    The release's API URL is printed too: phatgoose.load_release takes it."""
+    from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
+    from coordinator.releases.schemas import release_url
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            channel = _channel(session, name)
+        except CoordinatorError as error:
+            raise _refused(error) from error
+        typer.echo(_channel_line(channel))
+        if channel.release is not None:
+            typer.echo(f"release URL: {release_url(channel.release.number)}")
+        if channel.advance_error:
+            typer.echo(f"cannot advance: {channel.advance_error}")
+        for entry, number in service.history_page(session, channel, limit=moves).items:
+            typer.echo(
+                f"{entry.sequence:>4} {entry.created_at:%Y-%m-%d %H:%M} #{number:<5} "
+                f"{entry.action:<8} {entry.reason} ({entry.created_by})"
+            )
+
+
+@channel_app.command("pin")
+def channel_pin(
+    name: ChannelName,
+    number: ReleaseNumber,
+    reason: ReasonOption = "",
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Point the channel at release NUMBER and hold it there until unpinned."""
+    from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            entry = service.pin(
+                session, _channel(session, name), number, by="operator", reason=reason
+            )
+        except CoordinatorError as error:
+            raise _refused(error) from error
+    typer.echo(f"{name}: pinned to release {number} (move {entry.sequence})")
+
+
+@channel_app.command("unpin")
+def channel_unpin(
+    name: ChannelName, data_dir: DataDirOption = None, database_url: DatabaseOption = None
+) -> None:
+    """Let a pinned channel follow the catalog again (from its next advance)."""
+    from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            entry = service.unpin(session, _channel(session, name), by="operator")
+        except CoordinatorError as error:
+            raise _refused(error) from error
+    typer.echo(f"{name}: unpinned (move {entry.sequence})")
+
+
+@channel_app.command("rollback")
+def channel_rollback(
+    name: ChannelName,
+    reason: ReasonOption = "",
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Point the channel back at its previous release, pinned there (unpin to follow again)."""
+    from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            channel = _channel(session, name)
+            entry = service.rollback(session, channel, by="operator", reason=reason)
+            number = channel.release.number
+        except CoordinatorError as error:
+            raise _refused(error) from error
+    typer.echo(f"{name}: rolled back to release {number}, pinned (move {entry.sequence})")
+
+
+@channel_app.command("pause")
+def channel_pause(
+    name: ChannelName,
+    reason: ReasonOption = "",
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Hold the channel where it is until resumed."""
+    from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            service.pause(session, _channel(session, name), by="operator", reason=reason)
+        except CoordinatorError as error:
+            raise _refused(error) from error
+    typer.echo(f"{name}: paused")
+
+
+@channel_app.command("resume")
+def channel_resume(
+    name: ChannelName, data_dir: DataDirOption = None, database_url: DatabaseOption = None
+) -> None:
+    """Let a paused channel advance again."""
+    from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
+
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            service.resume(session, _channel(session, name), by="operator")
+        except CoordinatorError as error:
+            raise _refused(error) from error
+    typer.echo(f"{name}: resumed")
+
+
+@channel_app.command("advance")
+def channel_advance(data_dir: DataDirOption = None, database_url: DatabaseOption = None) -> None:
+    """Advance every channel that follows the catalog now (workers do it each poll).
+
+    A release per catalog change, and its evaluation queued. Exit 1 if a channel cannot."""
+    from coordinator.channels import service
+
+    settings = _settings(data_dir, database_url)
+    sessions = _sessions(data_dir, database_url)
+    blobs = _blob_store(settings)
+    with sessions() as session:
+        report = service.advance_channels(session, blobs, settings)
+    for moved in report.advanced:
+        job = f", evaluation {moved.job_id}" if moved.job_id else ""
+        typer.echo(f"{moved.channel}: release {moved.release}{job} ({moved.reason})")
+    for name in report.unchanged:
+        typer.echo(f"{name}: unchanged")
+    for name in report.held:
+        typer.echo(f"{name}: held (paused, pinned or manual)")
+    for name, error in report.errors.items():
+        typer.secho(f"{name}: cannot advance: {error}", err=True, fg=typer.colors.RED)
+    if report.errors:
+        raise typer.Exit(1)
+
+
 @app.command("withdraw-release")
 def withdraw_release(
     number: ReleaseNumber,
@@ -654,6 +974,47 @@ def export_release(
     typer.echo(f"release {number} ({release.method}, {experts} experts) written to {directory}")
 
 
+@app.command("split-blobs")
+def split_blobs(
+    join: Annotated[
+        bool,
+        typer.Option(
+            "--join",
+            help="The other way: store every file whole again (before downgrading the "
+            "database below migration 0007).",
+        ),
+    ] = False,
+    data_dir: DataDirOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Store the catalog's safetensors files in pieces, one blob per tensor, so that
+    versions sharing tensors store them once (new uploads are stored so already; files
+    uploaded before are stored whole until this runs). Safe to run while the coordinator
+    serves, and again: each file's pieces are verified and committed before its whole blob
+    goes. Then reports what `check` reports."""
+    from tqdm.auto import tqdm
+
+    from coordinator.core.startup import run_startup_checks
+    from coordinator.experts.files import join_split_files, split_whole_files
+    from coordinator.experts.upload import upload_folder
+
+    settings = _settings(data_dir, database_url)
+    sessions = _sessions(data_dir, database_url)
+    blobs = _blob_store(settings)
+    with sessions() as session, upload_folder(settings.upload_tmp_dir) as scratch:
+        with tqdm(desc="join" if join else "split", unit="file") as bar:
+            changed = (join_split_files if join else split_whole_files)(
+                session, blobs, scratch, bar.update
+            )
+        report = run_startup_checks(session, blobs, settings)
+    how = "stored whole again" if join else "stored in pieces"
+    typer.echo(f"{len(changed)} file(s) {how}; {len(report.removed_blobs)} blob(s) removed")
+    for missing in report.missing_blobs:
+        typer.echo(f"MISSING {missing.describe()}")
+    if report.missing_blobs:
+        raise typer.Exit(1)
+
+
 @app.command("copy-blobs")
 def copy_blobs(
     to: Annotated[
@@ -678,9 +1039,10 @@ def copy_blobs(
     from tqdm.auto import tqdm
 
     from coordinator.core.startup import catalog_files
+    from coordinator.experts.files import StoredFile, stored_files, verify_files
     from coordinator.storage import BlobStoreError
     from coordinator.storage.copy import copy_blobs as copy
-    from coordinator.storage.copy import open_destination, verify_blobs
+    from coordinator.storage.copy import open_destination
     from coordinator.storage.urls import is_s3_url
 
     settings = _settings(data_dir, database_url)
@@ -694,23 +1056,25 @@ def copy_blobs(
         raise typer.BadParameter(
             f"{to} is the configured blob store itself ({source.location})", param_hint="--to"
         )
-    files: dict[str, list[str]] = {}  # sha256 -> the catalog files with those bytes
+    files: dict[StoredFile, list[str]] = {}  # where the bytes are -> the catalog files
     with sessions() as session:
-        for file in catalog_files(session):
-            files.setdefault(file.sha256, []).append(f"{file.ref} {file.filename}")
+        catalog = list(catalog_files(session))
+        stored = stored_files(session, ((file.sha256, file.size) for file in catalog))
+        for file in catalog:
+            files.setdefault(stored[file.sha256], []).append(f"{file.ref} {file.filename}")
     try:
         digests = list(source.iter_blobs())
         with tqdm(total=len(digests), desc="copy", unit="blob") as bar:
             copied = copy(source, destination, digests, settings.upload_tmp_dir, bar.update)
         # Read back from the destination: the copy step's word is not taken for it.
         with tqdm(total=len(files), desc="verify", unit="blob") as bar:
-            verified, problems = verify_blobs(destination, files, bar.update)
+            verified, problems = verify_files(destination, files, bar.update)
     except BlobStoreError as error:
         typer.secho(str(error), err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from error
     typer.echo(
         f"copied {copied.copied}, already there {copied.already_there}, verified "
-        f"{verified} of {len(files)} catalog blob(s) in {destination.location}"
+        f"{verified} of {len(files)} catalog file(s) in {destination.location}"
     )
     for problem in copied.problems + problems:
         typer.secho(problem, err=True, fg=typer.colors.RED)

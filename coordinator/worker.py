@@ -11,7 +11,10 @@ the job after the tasks already stored.
 The loop talks to a `JobBackend`: `DatabaseBackend` on the coordinator's own database and
 blobs (`run_worker`), or `coordinator.worker_http.HttpBackend` on a coordinator's job API
 from anywhere, with only its URL and a worker token (`run_remote_worker`). Both lease
-through the same service functions, so a job is scored the same way by either.
+through the same service functions, so a job is scored the same way by either. Each poll,
+before it claims, the loop has the backend advance the release channels that follow the
+catalog (`coordinator.channels`: a catalog change builds one release and queues its
+evaluation, however many workers poll at once).
 
 Per task the worker stores accuracy, standard error, n, seconds, the evaluator version,
 routing statistics: per layer, how often each expert was chosen (`routing_summary`, the
@@ -188,13 +191,29 @@ class JobBackend(Protocol):
         the job has had `max_attempts` attempts; returns the job's state."""
         ...
 
+    def advance_channels(self) -> None:
+        """Advance the release channels that follow the catalog (`coordinator.channels`),
+        once per poll; idempotent, whatever other workers do at the same time."""
+        ...
+
 
 class DatabaseBackend:
     """Jobs from the coordinator's own database, releases exported from its blob store: a
-    worker on the coordinator's machine, or one that shares its database and blobs."""
+    worker on the coordinator's machine, or one that shares its database and blobs. With
+    `settings` (`run_worker` passes the coordinator's) it also advances release channels."""
 
-    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore) -> None:
-        self.sessions, self.blobs = sessions, blobs
+    def __init__(
+        self, sessions: sessionmaker[Session], blobs: BlobStore, settings: Settings | None = None
+    ) -> None:
+        self.sessions, self.blobs, self.settings = sessions, blobs, settings
+
+    def advance_channels(self) -> None:
+        if self.settings is None:
+            return
+        from coordinator.channels.service import advance_channels
+
+        with self.sessions() as session:
+            advance_channels(session, self.blobs, self.settings)
 
     def claim(self, worker_id: str, *, lease_seconds: float, max_attempts: int) -> Job | None:
         with self.sessions() as session:
@@ -297,6 +316,7 @@ class Worker:
             self.options.poll_seconds,
         )
         while not stop():
+            self.advance_channels()
             try:
                 job = self.claim()
             except CoordinatorUnavailable as error:
@@ -313,6 +333,18 @@ class Worker:
             if self.run_job(job):
                 ended += 1
         return ended
+
+    def advance_channels(self) -> None:
+        """Let the backend advance the release channels; a failure is logged, and the next
+        poll tries again (a refused token stops the worker, as everywhere)."""
+        try:
+            self.backend.advance_channels()
+        except WorkerStopped:
+            raise
+        except (CoordinatorUnavailable, PublicJobError) as error:  # out of reach, refused
+            log.warning("advancing the release channels failed (%s); the next poll retries", error)
+        except Exception:
+            log.exception("advancing the release channels failed; the next poll tries again")
 
     def claim(self) -> Job | None:
         return self.backend.claim(
@@ -548,7 +580,7 @@ def run_worker(
 
     engine, sessions = open_database(settings)
     try:
-        worker = Worker(DatabaseBackend(sessions, open_blob_store(settings)), options)
+        worker = Worker(DatabaseBackend(sessions, open_blob_store(settings), settings), options)
         return worker.run(once=once, stop=stop)
     finally:
         engine.dispose()

@@ -491,6 +491,17 @@ class HttpBackend:
         except (ValueError, KeyError, TypeError):
             raise CoordinatorRefused("fail: the answer holds no job state") from None
 
+    # -- release channels ---------------------------------------------------------------
+
+    def advance_channels(self) -> None:
+        # One try: the next poll asks again. The coordinator advances with its own settings.
+        path = f"{API_PREFIX}/channels/advance"
+        response = self._post(path, {}, attempts=1)
+        if response.status_code != 200:
+            raise CoordinatorRefused(
+                f"POST {path}: HTTP {response.status_code}: {_message(response)}"
+            )
+
     # -- requests -----------------------------------------------------------------------
 
     def _post(

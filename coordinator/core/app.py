@@ -55,6 +55,7 @@ ROUTERS: list[tuple[str, str]] = [
     ("coordinator.evaluations.routes", API_PREFIX),
     ("coordinator.evaluations.worker_routes", API_PREFIX),
     ("coordinator.credit.routes", API_PREFIX),
+    ("coordinator.channels.routes", API_PREFIX),
     ("coordinator.leaderboard.routes", ""),
     ("coordinator.web.routes", ""),
 ]

@@ -69,6 +69,20 @@ def create_job(session: Session, request: EvaluationCreate, *, by: Token | str) 
     """Queue `request` (by a token, or by an operator's name); a `leave_out` is checked
     against the release (`check_leave_out`)."""
     release = releases.get_release(session, request.release)
+    job = new_job(session, release, request, by=by)
+    begin_write(session)
+    session.add(job)
+    session.commit()
+    log_queued(job, release)
+    return job
+
+
+def new_job(
+    session: Session, release: Release, request: EvaluationCreate, *, by: Token | str
+) -> EvaluationJob:
+    """The queued job of `request` on `release`, checked as `create_job` checks it
+    (curation, `leave_out`) and not yet added: `create_job` adds and commits it, a release
+    channel adds it in the transaction that creates its release (`coordinator.channels`)."""
     check_curation(
         session, release, allow_withdrawn=request.allow_withdrawn, allow_yanked=request.allow_yanked
     )
@@ -76,19 +90,19 @@ def create_job(session: Session, request: EvaluationCreate, *, by: Token | str) 
         check_leave_out(release, request.leave_out)
     spec = job_spec(request)
     spec["requested_by"] = by if isinstance(by, str) else by.name
-    begin_write(session)
-    job = EvaluationJob(release_id=release.id, spec=spec, state=JobState.QUEUED)
-    session.add(job)
-    session.commit()
+    return EvaluationJob(release_id=release.id, spec=spec, state=JobState.QUEUED)
+
+
+def log_queued(job: EvaluationJob, release: Release) -> None:
+    leave_out = job.spec.get("leave_out")
     log.info(
         "queued evaluation %d: release %d on %d task(s)%s by %s",
         job.id,
         release.number,
-        len(request.tasks),
-        f" without {request.leave_out}" if request.leave_out else "",
-        spec["requested_by"],
+        len(job.spec.get("tasks") or []),
+        f" without {leave_out}" if leave_out else "",
+        job.spec.get("requested_by"),
     )
-    return job
 
 
 def release_refs(release: Release) -> list[str]:

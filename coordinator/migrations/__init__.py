@@ -24,6 +24,7 @@ MODEL_MODULES = (
     "coordinator.experts.models",
     "coordinator.releases.models",
     "coordinator.evaluations.models",
+    "coordinator.channels.models",
 )
 
 # Taken while migrating PostgreSQL, so several API processes starting at once migrate once.

@@ -15,9 +15,9 @@ import hashlib
 import json
 import logging
 import random
-import shutil
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.db import begin_write, utcnow
 from coordinator.core.errors import Conflict, CoordinatorError, NotFound
 from coordinator.experts import service as experts
+from coordinator.experts.files import copy_file, open_file, stored_file, stored_files
 from coordinator.experts.models import Expert, ExpertVersion
 from coordinator.experts.schemas import version_url
 from coordinator.releases.models import Release, ReleaseExpert
@@ -74,15 +75,23 @@ class ReleaseRejected(CoordinatorError):
 
 
 def create_release(
-    session: Session, blobs: BlobStore, request: ReleaseCreate, *, by: Token | str
+    session: Session,
+    blobs: BlobStore,
+    request: ReleaseCreate,
+    *,
+    by: Token | str,
+    then: Callable[[Session, Release], None] | None = None,
 ) -> Release:
     """Validate `request`, then insert it as the next release number; return the release.
     `blobs` holds the versions' files (merged releases read which modules each adapts).
-    `by`: the maintainer's token, or a name (the operator, from the command line)."""
+    `by`: the maintainer's token, or a name (the operator, from the command line).
+    `then`: called with the release's row flushed, in the transaction that inserts it, before
+    the commit (a channel records its move to the release there and queues its evaluation:
+    all of it or none); what it raises rolls the release back and propagates."""
     params = method_params(request)
     versions, single = _resolve_experts(session, request)
     base = _base_model(session, request, versions)
-    _check_method(request, versions, blobs)
+    _check_method(session, request, versions, blobs)
     top_k = _top_k(request, versions)
     session.commit()  # end the read transaction of the lookups
 
@@ -90,13 +99,16 @@ def create_release(
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
             release = _insert_release(
-                session, request, versions, single, base, top_k, params, by_name
+                session, request, versions, single, base, top_k, params, by_name, then
             )
         except IntegrityError:
             session.rollback()
             log.info("release number taken concurrently; retry %d", attempt)
             time.sleep(random.uniform(0, 0.01 * attempt))
             continue
+        except BaseException:
+            session.rollback()
+            raise
         log.info(
             "release %d: %s (k=%s, params %s) over %d experts by %s",
             release.number,
@@ -119,6 +131,7 @@ def _insert_release(
     top_k: int | None,
     params: dict[str, ParamValue],
     by_name: str,
+    then: Callable[[Session, Release], None] | None = None,
 ) -> Release:
     begin_write(session)
     number = (session.scalar(select(func.max(Release.number))) or 0) + 1
@@ -149,6 +162,9 @@ def _insert_release(
         experts=[ReleaseExpert(position=i, expert_version_id=v.id) for i, v in enumerate(versions)],
     )
     session.add(release)
+    if then is not None:
+        session.flush()
+        then(session, release)
     session.commit()
     return release
 
@@ -377,13 +393,15 @@ def _base_model(
     )
 
 
-def _check_method(request: ReleaseCreate, versions: list[ExpertVersion], blobs: BlobStore) -> None:
+def _check_method(
+    session: Session, request: ReleaseCreate, versions: list[ExpertVersion], blobs: BlobStore
+) -> None:
     """What the method's spec asks of the versions: shared shapes, shipped router vectors."""
     spec = METHOD_SPECS[request.method]
     if spec.same_shapes:
         # The modules each adapter really adapts (its tensor names), not what its manifest
         # says: two lists of target names can adapt different modules (exclude_modules).
-        shapes = {(v.rank, adapted_modules(blobs, v)) for v in versions}
+        shapes = {(v.rank, adapted_modules(session, blobs, v)) for v in versions}
         if len(shapes) > 1:
             described = ", ".join(
                 f"{v.ref} (r={v.rank}, {v.module_count} modules)" for v in versions
@@ -543,11 +561,11 @@ def get_release(session: Session, number: int) -> Release:
     return release
 
 
-def adapted_modules(blobs: BlobStore, version: ExpertVersion) -> frozenset[str]:
+def adapted_modules(session: Session, blobs: BlobStore, version: ExpertVersion) -> frozenset[str]:
     """The module paths a version's adapter holds tensors for, read from the safetensors
     header of its stored adapter (admission checked the header and bounded its size)."""
-    sha256 = next(f.sha256 for f in version.files if f.filename == ADAPTER_WEIGHTS_FILE)
-    with blobs.open(sha256) as blob:
+    adapter = next(f for f in version.files if f.filename == ADAPTER_WEIGHTS_FILE)
+    with open_file(blobs, stored_file(session, adapter)) as blob:
         (length,) = struct.unpack("<Q", blob.read(8))
         header = json.loads(blob.read(length))
     return frozenset(parsed[0] for key in header if (parsed := parse_lora_key(key)))
@@ -558,14 +576,15 @@ def export_release(session: Session, blobs: BlobStore, release: Release, directo
     each expert's files under its `path`. Files are copied: `load_release` refuses a
     symbolic link that leads outside the directory, as a link into the blob store would."""
     directory.mkdir(parents=True, exist_ok=True)
-    for entry in ReleaseManifest.model_validate(release.manifest).experts:
+    entries = ReleaseManifest.model_validate(release.manifest).experts
+    stored = stored_files(session, ((f.sha256, f.size) for e in entries for f in e.files))
+    for entry in entries:
         package = directory / entry.path
         package.mkdir(parents=True, exist_ok=True)
         for file in entry.files:
             target = package / file.filename
             target.unlink(missing_ok=True)
-            with blobs.open(file.sha256) as blob, target.open("wb") as out:
-                shutil.copyfileobj(blob, out)
+            copy_file(blobs, stored[file.sha256], target)
     # The stored JSON as it is: `artifact_digest` is its digest.
     (directory / RELEASE_FILE).write_text(json.dumps(release.manifest, indent=2) + "\n")
     return directory

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from coordinator.channels.diff import ChannelPoint
 from coordinator.web.analysis import LayerRouting
 from coordinator.web.queries import BASELINE_METHODS, MethodMean
 from protocol.diff import PackageDiff
@@ -254,5 +255,51 @@ def _diff_by_layer(diff: PackageDiff, title: str) -> bytes:
         ticks, [short_layer_label(layers[i]) for i in ticks], fontsize=8, parse_math=False
     )
     gate_axes.set_xlim(-0.5, max(len(layers), 1) - 0.5)
+    figure.tight_layout()
+    return _png(figure)
+
+
+# The lines of a channel's chart: (group, label, colour, line style).
+_CHANNEL_LINES = (
+    ("held_in", "held-in", "#2a6fb0", "-"),
+    ("held_out", "held-out", "#b3261e", "-"),
+    ("all", "all tasks", "#888888", ":"),
+)
+
+
+def channel_means(points: Sequence[ChannelPoint], title: str) -> bytes:
+    """A channel's releases in the order it pointed at them (x) and their held-in, held-out
+    and all-task mean accuracies (y), each with a standard-error bar; a release without an
+    evaluation leaves a gap."""
+    with _RENDER_LOCK:
+        return _channel_means(points, title)
+
+
+def _channel_means(points: Sequence[ChannelPoint], title: str) -> bytes:
+    figure = Figure(figsize=(min(14.0, max(6.5, 3.0 + 0.5 * len(points))), 3.6))
+    axes = figure.add_subplot()
+    axes.set_title(_wrapped(title, 90), fontsize=10, parse_math=False)
+    if not any(point.means for point in points):
+        axes.text(0.5, 0.5, "no evaluated release yet", ha="center", va="center")
+        axes.set_axis_off()
+        return _png(figure)
+    for group, label, colour, style in _CHANNEL_LINES:
+        drawn = [
+            (x, p.means[group], p.stderrs[group]) for x, p in enumerate(points) if group in p.means
+        ]
+        if not drawn:
+            continue
+        xs, ys, errors = zip(*drawn, strict=True)
+        axes.errorbar(
+            xs, ys, yerr=errors, label=label, color=colour, linestyle=style, marker="o", capsize=3
+        )
+    ticks = _ticks(len(points))
+    axes.set_xticks(ticks, [f"#{points[i].release}" for i in ticks], fontsize=8)
+    axes.set_xlim(-0.5, len(points) - 0.5)
+    axes.set_ylim(0.0, 1.0)
+    axes.set_xlabel("release, in the order the channel pointed at it")
+    axes.set_ylabel("mean accuracy (± s.e.)", fontsize=8)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     return _png(figure)

@@ -1,6 +1,6 @@
 """HTML pages: the leaderboard at `/` (and `/ui/leaderboard`), the comparison of two releases
-(`/ui/compare`), releases, the expert catalog, and their PNG plots. Routes stay thin:
-`queries` reads, `analysis` computes, `plots` draws.
+(`/ui/compare`), releases, release channels, the expert catalog, and their PNG plots. Routes
+stay thin: `queries` reads, `analysis` computes, `plots` draws.
 
 Pages follow the coordinator's read policy (`ReaderDep`): public unless `public_read` is off.
 """
@@ -19,6 +19,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from coordinator.channels import diff as channel_diffs
+from coordinator.channels import service as channels
 from coordinator.core.deps import BlobsDep, SessionDep, SettingsDep, require_reader
 from coordinator.core.errors import NotFound
 from coordinator.core.params import Offset, RowFilter, RowNumber
@@ -37,6 +39,7 @@ from coordinator.releases.models import Release
 from coordinator.releases.schemas import method_settings
 from coordinator.web import analysis, plots, queries
 from coordinator.web.queries import MAX_PAGE_SIZE, PAGE_SIZE, CatalogStatus, Split
+from protocol.methods import METHOD_SPECS
 
 HERE = Path(__file__).parent
 STATIC_FILES = {"site.css": "text/css", "site.js": "text/javascript"}
@@ -310,6 +313,7 @@ def release_page(request: Request, session: SessionDep, number: RowNumber) -> HT
         groups=groups,
         vs_base=comparisons.versus_base(session, [release], groups=groups)[release.id],
         credit=_release_credit(session, release, groups),
+        channel_diff=channel_diffs.release_channel_diff(session, release, groups=groups),
     )
 
 
@@ -461,7 +465,7 @@ def expert_diff_page(
     try:
         pair = expert_diff.resolve_pair(session, namespace, name, version, against)
         context.update(a=pair.a, b=pair.b)
-        stored_a, stored_b = pair.stored()
+        stored_a, stored_b = pair.stored(session)
         session.commit()  # end the read transaction: the diff reads whole packages
         diff = expert_diff.diff_stored(blobs, settings, stored_a, stored_b)
     except NotFound as error:
@@ -484,7 +488,7 @@ def expert_diff_plot(
     against: DiffAgainst = None,
 ) -> Response:
     pair = expert_diff.resolve_pair(session, namespace, name, version, _blank(against))
-    stored_a, stored_b = pair.stored()
+    stored_a, stored_b = pair.stored(session)
     title = f"{pair.b.ref} against {pair.a.ref}: change per layer"
     session.commit()
     # Versions never change: the two package digests fix the image.
@@ -496,3 +500,58 @@ def expert_diff_plot(
         )
 
     return _png_response(request, digest, render, _IMMUTABLE)
+
+
+# --- release channels --------------------------------------------------------------------
+
+
+@router.get("/ui/channels", response_class=HTMLResponse)
+def channels_page(
+    request: Request, session: SessionDep, limit: Limit = PAGE_SIZE, offset: Offset = 0
+) -> HTMLResponse:
+    page = channels.channel_page(session, limit=limit, offset=offset)
+    return _render(request, "channels.html", nav="channels", page=page, limit=limit, offset=offset)
+
+
+def _channel_plot_url(namespace: str, name: str) -> str:
+    return f"/ui/channels/{quote(namespace)}/{quote(name)}/means.png"
+
+
+@router.get("/ui/channels/{namespace}/{name}", response_class=HTMLResponse)
+def channel_page(
+    request: Request,
+    session: SessionDep,
+    namespace: str,
+    name: str,
+    limit: Limit = PAGE_SIZE,
+    offset: Offset = 0,
+) -> HTMLResponse:
+    """A channel's settings, its history (newest first) and the chart of its releases'
+    held-in and held-out means."""
+    try:
+        channel = channels.get_channel(session, namespace, name)
+    except NotFound as error:
+        return _not_found(request, error.message)
+    groups = leaderboard.task_groups(session)
+    return _render(
+        request,
+        "channel.html",
+        nav="channels",
+        channel=channel,
+        history=channels.history_page(session, channel, limit=limit, offset=offset),
+        points=channel_diffs.channel_means(session, channel, groups=groups),
+        takes_top_k=METHOD_SPECS[channel.method].takes_top_k,  # type: ignore[index]
+        limit=limit,
+        offset=offset,
+        plot_url=_channel_plot_url(namespace, name),
+    )
+
+
+@router.get("/ui/channels/{namespace}/{name}/means.png")
+def channel_plot(request: Request, session: SessionDep, namespace: str, name: str) -> Response:
+    channel = channels.get_channel(session, namespace, name)
+    groups = leaderboard.task_groups(session)
+    points = channel_diffs.channel_means(session, channel, groups=groups)
+    title = f"Channel {channel.full_name}: mean accuracy of its releases"
+    digest = plots.plot_digest("channel", title, points)
+    return _png_response(request, digest, lambda: plots.channel_means(points, title), _REVALIDATE)

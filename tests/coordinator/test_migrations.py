@@ -32,6 +32,8 @@ TABLES = {
     "evaluation_jobs",
     "evaluation_results",
     "blocks",
+    "release_channels",
+    "channel_history",
 }
 
 
@@ -318,5 +320,71 @@ def test_0006_lets_a_token_be_a_worker_and_keeps_who_uploaded_each_version(fresh
             (3, "gpu", "worker"),
         ]
         assert "ix_tokens_name" in {i["name"] for i in inspect(engine).get_indexes("tokens")}
+    finally:
+        engine.dispose()
+
+
+def test_0007_refuses_to_downgrade_while_files_are_stored_in_pieces(fresh_database_url):
+    from alembic import command
+
+    engine = make_engine(fresh_database_url)
+    piece = text(
+        "INSERT INTO file_segments (file_sha256, position, segment_sha256, size) "
+        "VALUES (:file, 0, :piece, 3)"
+    )
+    try:
+        migrations.upgrade(engine, "0007")
+        with engine.begin() as connection:
+            connection.execute(piece, {"file": "a" * 64, "piece": "b" * 64})
+        with pytest.raises(RuntimeError, match="split-blobs --join"), engine.begin() as connection:
+            command.downgrade(migrations.alembic_config(connection), "0006")
+        assert migrations.current_revision(engine) == "0007"
+        with engine.begin() as connection:  # once joined, the table can go
+            connection.execute(text("DELETE FROM file_segments"))
+        with engine.begin() as connection:
+            command.downgrade(migrations.alembic_config(connection), "0006")
+        assert migrations.current_revision(engine) == "0006"
+        assert "file_segments" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_0008_adds_release_channels_to_a_database_holding_data_and_drops_them_on_downgrade(
+    fresh_database_url,
+):
+    from alembic import command
+
+    engine = make_engine(fresh_database_url)
+    channel = text(
+        "INSERT INTO release_channels (id, namespace, name, method, method_params, "
+        "base_model_id, follow, paused, release_id, sequence, notes, created_by, created_at, "
+        "updated_at) VALUES (1, 'community', 'latest', 'phatgoose', '{}', 1, true, false, 1, 1, "
+        "'', 'carol', :now, :now)"
+    )
+    entry = text(
+        "INSERT INTO channel_history (channel_id, sequence, release_id, action, reason, "
+        "created_by, created_at) VALUES (1, :sequence, 1, :action, 'x', 'carol', :now)"
+    )
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    try:
+        migrations.upgrade(engine, "0001")
+        _fill_a_0001_database(engine)
+        migrations.upgrade(engine, "0007")
+        migrations.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(channel, {"now": now})
+            connection.execute(entry, {"sequence": 1, "action": "advance", "now": now})
+        # (channel, sequence) is the key; an action outside the four is refused.
+        for sequence, action in ((1, "advance"), (2, "teleport")):
+            with pytest.raises(IntegrityError), engine.begin() as connection:
+                connection.execute(entry, {"sequence": sequence, "action": action, "now": now})
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, migrations.target_metadata()) == []
+        with engine.begin() as connection:
+            command.downgrade(migrations.alembic_config(connection), "0007")
+        tables = set(inspect(engine).get_table_names())
+        assert not tables & {"release_channels", "channel_history"}
+        assert "releases" in tables
     finally:
         engine.dispose()

@@ -472,8 +472,10 @@ def test_a_job_of_a_release_withdrawn_after_queuing_fails_at_once_unless_allowed
         assert (body["state"], body["attempts"], body["results"]) == ("failed", 1, [])
         assert body["error"].startswith("CuratedOut: release 1 is withdrawn (poisoned)")
         assert transport.requests == [  # no file fetched: the lease said it at once
+            f"POST {API}/channels/advance",  # each poll advances the release channels
             f"POST {API}/evaluations/lease",
             f"POST {API}/evaluations/{job}/fail",
+            f"POST {API}/channels/advance",
             f"POST {API}/evaluations/lease",  # nothing left: the run ends
         ]
 

@@ -56,6 +56,18 @@ def valid_bodies(tiny_base: TinyBase) -> dict[str, dict[str, Any]]:
         "YankRequest": reason,
         "BlockRequest": reason,
         "WithdrawRequest": reason,
+        # Before a delta upload: which digests the catalog lacks (protocol.segments).
+        "MissingRequest": {"sha256": ["a" * 64, "0" * 64]},
+        # Release channels (coordinator.channels).
+        "ChannelCreate": {
+            "name": "alice/latest",
+            "method": "phatgoose",
+            "spec": {"tasks": ["navigate"], "examples_per_task": 10},
+        },
+        "ChannelUpdate": {"top_k": 1, "notes": "fuzz"},
+        "PinRequest": {"release": 1, "reason": "fuzzing"},
+        "RollbackRequest": reason,
+        "PauseRequest": reason,
         # The job API of remote workers (coordinator.evaluations.worker_routes).
         "LeaseRequest": {"worker_id": "w1", "lease_seconds": 60, "max_attempts": 3},
         "HeartbeatRequest": {"worker_id": "w1", "lease_seconds": 60},
@@ -149,13 +161,17 @@ def write_tally(
 def world(
     app: FastAPI, tiny_base: TinyBase, package: Callable[..., Path]
 ) -> Iterator[tuple[FastAPI, dict[str, bytes]]]:
-    """An expert, a release, an evaluation with a result, four identities."""
+    """An expert, a release, an evaluation with a result, a release channel, four
+    identities."""
     alice = bearer_headers(app, "alice", Role.CONTRIBUTOR)
     carol = bearer_headers(app, "carol", Role.MAINTAINER)
     gpu = bearer_headers(app, "gpu", Role.WORKER)
     with TestClient(app) as client:
         assert upload(client, alice, package("alice/demo")).status_code == 201
         create_release(client, carol, method="merged", experts=["alice/demo@1"], notes="")
+        # A release channel the path values reach (alice/demo), at no release yet.
+        channel = {"name": "alice/demo", "method": "phatgoose"}
+        assert client.post("/api/v1/channels", headers=carol, json=channel).status_code == 201
     record_evaluation(app, 1, {"navigate": TaskOutcome(0.5)})
     tokens = {
         "contributor": alice["Authorization"].encode(),

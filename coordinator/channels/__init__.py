@@ -1,0 +1,1 @@
+"""Release channels: named, moving pointers to releases that follow the catalog."""
