@@ -50,6 +50,10 @@ EXPERTS = {
 # lora_A and every other layer stay byte-identical).
 RETRAINED, RETRAINED_LAYER = "alice/hyperbaton", "model.layers.1"
 CREDITED = 6  # the PHATGOOSE release, whose leave-one-out evaluations the worker computes
+# A release channel over every admitted expert: the worker builds its first release (#7) from
+# the catalog above, then, once bob publishes an expert, its second (#8); each evaluated.
+CHANNEL, NEWCOMER = "community/latest", "bob/winowhy"
+CHANNEL_FIRST, CHANNEL_SECOND = 7, 8
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +112,9 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live coordinator: three experts (the first in two versions), six releases (base,
     single x3, merged, PHATGOOSE k=2), each evaluated by the real worker on three tiny tasks,
     and the PHATGOOSE release's credit: its three leave-one-out evaluations on the same
-    tasks, also run by the worker."""
+    tasks, also run by the worker. Then the channel `CHANNEL` (PHATGOOSE k=2 over every
+    admitted expert, evaluated on the same tasks), which the worker advances to its first
+    release and, after `NEWCOMER` is published, to its second."""
     reason = _browser_missing()
     if reason:
         pytest.skip(f"browser test skipped: {reason}")
@@ -124,6 +130,7 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         register_base_model(session, tiny.spec)
     alice = bearer_headers(app, "alice", Role.CONTRIBUTOR)
     carol = bearer_headers(app, "carol", Role.MAINTAINER)
+    bob = bearer_headers(app, "bob", Role.CONTRIBUTOR)
     tasks_dir = root / "tasks"
     for seed, task in enumerate(TASKS):
         _write_task(tasks_dir, task, examples=24, seed=seed)
@@ -157,14 +164,30 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         response = client.post(f"/api/v1/releases/{CREDITED}/credit", headers=carol, json=spec)
         assert response.status_code == 201, response.text
         assert len(response.json()["queued"]) == len(EXPERTS)
-    options = WorkerOptions(
-        base_models={"tiny": str(save_base(tiny, root / "base"))},
-        tasks_dir=tasks_dir,
-        poll_seconds=0.05,
-    )
-    assert Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs), options).run(
-        once=True
-    ) == 6 + len(EXPERTS)
+        response = client.post(
+            "/api/v1/channels",
+            headers=carol,
+            json={"name": CHANNEL, "method": "phatgoose", "top_k": 2, "spec": spec},
+        )
+        assert response.status_code == 201, response.text
+        options = WorkerOptions(
+            base_models={"tiny": str(save_base(tiny, root / "base"))},
+            tasks_dir=tasks_dir,
+            poll_seconds=0.05,
+        )
+        # With the settings, the worker advances the channel before each claim.
+        worker = Worker(DatabaseBackend(app.state.sessionmaker, app.state.blobs, settings), options)
+        assert worker.run(once=True) == 6 + len(EXPERTS) + 1  # and the channel's first release
+        publish_expert(
+            client,
+            bob,
+            tiny,
+            root / "pkg-newcomer",
+            NEWCOMER,
+            description="Winograd schemas: is the reason right? (BIG-bench winowhy)",
+            seed=len(EXPERTS),
+        )
+        assert worker.run(once=True) == 1  # the channel's second release
     with live_server(app) as url:
         yield url
     app.state.engine.dispose()
@@ -242,14 +265,15 @@ def _api(page: Any, url: str) -> Any:
 
 def test_leaderboard_sorts_when_a_header_is_clicked(page, coordinator_url, screenshots):
     page.goto(coordinator_url + "/")
-    assert page.locator("#leaderboard tbody.rows tr").count() == 6
+    numbers = [f"#{number}" for number in range(1, CHANNEL_SECOND + 1)]
+    assert page.locator("#leaderboard tbody.rows tr").count() == len(numbers)
     assert page.locator("#leaderboard tbody.pinned tr.oracle").count() == 1
     page.screenshot(path=str(screenshots / "leaderboard.png"), full_page=True)
 
     page.locator('#leaderboard th[data-sort-key="release"] a').click()
-    assert _first_column(page) == ["#6", "#5", "#4", "#3", "#2", "#1"]
+    assert _first_column(page) == numbers[::-1]
     page.locator('#leaderboard th[data-sort-key="release"] a').click()
-    assert _first_column(page) == ["#1", "#2", "#3", "#4", "#5", "#6"]
+    assert _first_column(page) == numbers
     assert "sort=release" in page.url and "order=asc" in page.url
 
     header = page.locator('#leaderboard th[data-sort-key="task:navigate"]')
@@ -309,7 +333,7 @@ def test_links_lead_from_a_release_to_its_experts(page, coordinator_url, screens
 
 def test_catalog_search(page, coordinator_url, screenshots):
     page.goto(coordinator_url + "/ui/experts")
-    assert page.locator("#experts tbody tr").count() == 3
+    assert page.locator("#experts tbody tr").count() == len(EXPERTS) + 1  # and NEWCOMER
     page.fill('input[name="q"]', "navig")
     with page.expect_navigation():
         page.press('input[name="q"]', "Enter")
@@ -434,3 +458,127 @@ def test_expert_page_shows_its_credit_in_the_release(page, coordinator_url, scre
         line.locator("a", has_text=f"in release #{CREDITED}").click()
     assert page.url.endswith(mine["compare_url"])
     assert page.locator("#comparison-sides").inner_text().count(f"#{CREDITED}") == 2
+
+
+def _facts(page: Any, selector: str) -> dict[str, str]:
+    """A `<dl>`'s terms and their definitions' visible texts."""
+    return page.locator(selector).evaluate(
+        "dl => Object.fromEntries(Array.from(dl.querySelectorAll('dt'), dt => "
+        "[dt.innerText.trim(), dt.nextElementSibling.innerText.replace(/\\s+/g, ' ').trim()]))"
+    )
+
+
+def _delta_text(difference: dict[str, Any]) -> str:
+    """A paired difference as the pages write it: `▲ +0.125 [+0.031, +0.219]`."""
+    marker = ("▲ " if difference["delta"] > 0 else "▼ ") if difference["significant"] else ""
+    return (
+        f"{marker}{difference['delta']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
+    )
+
+
+def test_the_channel_list_shows_the_channel_at_its_current_release(page, coordinator_url):
+    page.goto(coordinator_url + "/ui/channels")
+    (row,) = _rows(page, "#channels")
+    assert row[:2] == [CHANNEL, f"#{CHANNEL_SECOND}"]
+    assert row[2].startswith("phatgoose") and row[2].endswith("k=2")
+    assert row[4:7] == ["every admitted", "follows", "2"]
+    current = page.locator("#channels tbody tr td:nth-child(2) a")
+    assert current.get_attribute("href") == f"/ui/releases/{CHANNEL_SECOND}"
+    with page.expect_navigation():
+        page.locator("#channels a", has_text=CHANNEL).click()
+    assert page.url.endswith(f"/ui/channels/{CHANNEL}")
+    assert page.locator("h1").inner_text().startswith(CHANNEL)
+
+
+def test_the_channel_page_shows_its_settings_history_and_chart(page, coordinator_url, screenshots):
+    page.goto(f"{coordinator_url}/ui/channels/{CHANNEL}")
+    assert page.locator("h1").inner_text() == f"{CHANNEL} → release #{CHANNEL_SECOND}"
+    settings = _facts(page, "#channel-settings")
+    assert settings["Method"] == "phatgoose"
+    assert settings["k"] == "2 (at most the experts there are)"
+    assert settings["Experts"] == "every admitted expert of the base model"
+    assert settings["Benchmark"] == (
+        f"3 task(s) ({', '.join(TASKS)}), 16 examples per task, seed 0"
+    )
+    assert settings["Follows the catalog"] == "yes"
+
+    channel = _api(page, f"{coordinator_url}/api/v1/channels/{CHANNEL}/history")
+    history = _rows(page, "#channel-history")
+    assert [row[:4] for row in history] == [
+        ["2", f"#{CHANNEL_SECOND}", "advance", f"expert admitted {NEWCOMER}@1"],
+        ["1", f"#{CHANNEL_FIRST}", "advance", f"first release: {len(EXPERTS)} expert(s)"],
+    ]
+    assert [row[4] for row in history] == [str(entry["job_id"]) for entry in channel]
+    assert {row[5] for row in history} == {f"channel:{CHANNEL}"}
+
+    # The chart's numbers, oldest release first: the means the channel diff compares.
+    means = _api(page, f"{coordinator_url}/api/v1/releases/{CHANNEL_SECOND}/channel-diff")[
+        "comparison"
+    ]["means"]
+    rows = _rows(page, "#channel-means")
+    assert [row[0] for row in rows] == [f"#{CHANNEL_FIRST}", f"#{CHANNEL_SECOND}"]
+    assert [row[4] for row in rows] == [str(entry["job_id"]) for entry in reversed(channel)]
+    for row, side in zip(rows, ("b", "a"), strict=True):
+        for cell, group in zip(row[1:4], ("held_in", "held_out", "all"), strict=True):
+            match = re.fullmatch(r"(\d\.\d{3}) ?±\d\.\d{3}", cell)
+            assert match, f"{row[0]} {group}: {cell!r} is not a mean ± its standard error"
+            assert match[1] == f"{means[group][side]:.3f}"
+    assert _image_width(page, "#channel-plot") > 0
+    page.screenshot(path=str(screenshots / "channel.png"), full_page=True)
+
+
+def test_the_second_release_of_the_channel_shows_its_diff_to_the_first(
+    page, coordinator_url, screenshots
+):
+    diff = _api(page, f"{coordinator_url}/api/v1/releases/{CHANNEL_SECOND}/channel-diff")
+    assert diff["previous"] == CHANNEL_FIRST
+    page.goto(f"{coordinator_url}/ui/releases/{CHANNEL_SECOND}")
+    page.locator("#channel-diff").screenshot(path=str(screenshots / "channel-diff.png"))
+    link = page.locator("#channel-link")
+    assert f"(move 2: expert admitted {NEWCOMER}@1)" in link.inner_text()
+    assert _rows(page, "#channel-diff-experts") == [[NEWCOMER, "–", f"{NEWCOMER}@1", "added"]]
+
+    comparison = diff["comparison"]
+    assert comparison["comparable"]
+    assert (comparison["a"]["release"], comparison["b"]["release"]) == (
+        CHANNEL_SECOND,
+        CHANNEL_FIRST,
+    )
+    rows = _rows(page, "#channel-diff-tasks")
+    assert [row[0] for row in rows] == sorted(TASKS)
+    shifts = {shift["task"]: shift["total_variation"] for shift in diff["task_routing"]}
+    assert sorted(shifts) == sorted(TASKS)  # PHATGOOSE routes on every task, before and after
+    for row, task in zip(rows, comparison["tasks"], strict=True):
+        assert row[1] == ("held-in" if task["task"] in HELD_IN else "held-out")
+        assert row[2:4] == [f"{task['b']:.3f}", f"{task['a']:.3f}"]
+        match = _DELTA.fullmatch(row[4])
+        assert match, f"{task['task']}: {row[4]!r} is not a difference [interval]"
+        assert float(match[3]) <= float(match[2]) <= float(match[4])
+        assert row[4] == _delta_text(task["difference"])
+        assert row[5] == f"{shifts[task['task']]:.3f}"
+    sentence = " ".join(page.locator("#channel-diff-means").inner_text().split())
+    for group, label in (("held_in", "held-in"), ("held_out", "held-out"), ("all", "all tasks")):
+        assert f"{label} {_delta_text(comparison['means'][group]['difference'])}" in sentence
+
+    shares = _rows(page, "#channel-routing")
+    assert [row[0] for row in shares] == [*sorted(EXPERTS), NEWCOMER]
+    for row, shift in zip(shares, diff["routing"], strict=True):
+        before, after = shift["before"], shift["after"]
+        assert row[1:3] == [
+            "–" if share is None else f"{100 * share:.1f}%" for share in (before, after)
+        ]
+        assert row[3] == f"{100 * ((after or 0) - (before or 0)):+.1f}"
+    assert shares[-1][1] == "–"  # the newcomer was not in the first release
+
+    with page.expect_navigation():
+        link.locator("a", has_text=CHANNEL).click()
+    assert page.url.endswith(f"/ui/channels/{CHANNEL}")
+
+
+def test_the_channels_nav_link_leads_to_the_list(page, coordinator_url):
+    page.goto(coordinator_url + "/")
+    with page.expect_navigation():
+        page.locator("header.site nav a", has_text="Channels").click()
+    assert page.url.endswith("/ui/channels")
+    assert page.locator('header.site nav a[aria-current="page"]').inner_text() == "Channels"
+    assert page.locator("h1").inner_text() == "Release channels"
