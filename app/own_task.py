@@ -10,7 +10,6 @@ than the two accuracies' errors combined when the two models agree on most examp
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +108,8 @@ def own_task_scores(
 
 def load_catalogued_expert(session: Any, blobs: Any, reference: str, directory: Path) -> Expert:
     """An expert version of the catalog, its stored files copied into `directory`."""
+    from coordinator.experts.files import copy_version_files
     from coordinator.experts.service import resolve_ref
 
     version = resolve_ref(session, reference)
-    directory.mkdir(parents=True, exist_ok=True)
-    for file in version.files:
-        with blobs.open(file.sha256) as blob, (directory / file.filename).open("wb") as out:
-            shutil.copyfileobj(blob, out)
-    return Expert.load(directory)
+    return Expert.load(copy_version_files(session, blobs, version.files, directory))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.outcomes import MAX_OUTCOME_EXAMPLES, ExampleOutcomes
 from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
 from coordinator.experts import service as experts_service
+from coordinator.experts.files import copy_version_files
 from coordinator.experts.models import Channel, ExpertVersion
 from coordinator.leaderboard.schemas import Leaderboard
 from coordinator.leaderboard.service import leaderboard
@@ -147,19 +147,12 @@ class BenchmarkCatalog:
 
     def load(self, ref: str) -> Expert:
         """The expert `ref` read from the blob store."""
-        with self.session() as session:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-expert-") as tmp,
+            self.session() as session,
+        ):
             version = experts_service.resolve_ref(session, ref)
-            files = {f.filename: f.sha256 for f in version.files}
-        with tempfile.TemporaryDirectory(prefix="bench-expert-") as tmp:
-            for filename, sha256 in files.items():
-                # A local blob is linked; one in object storage is streamed into the folder.
-                source = self.blobs.local_path(sha256)
-                if source is not None:
-                    (Path(tmp) / filename).symlink_to(source.resolve())
-                    continue
-                with self.blobs.open(sha256) as blob, (Path(tmp) / filename).open("wb") as out:
-                    shutil.copyfileobj(blob, out)
-            return Expert.load(tmp)
+            return Expert.load(copy_version_files(session, self.blobs, version.files, Path(tmp)))
 
     def register(self, expert: Expert, key: str) -> str:
         """Register `expert` (tagged with `key`) through the upload's validation path;

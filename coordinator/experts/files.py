@@ -87,6 +87,21 @@ def copy_file(blobs: BlobStore, stored: StoredFile, target: Path) -> None:
         shutil.copyfileobj(source, sink, _COPY_CHUNK)
 
 
+def copy_version_files(
+    session: Session, blobs: BlobStore, files: Iterable[ExpertFile], directory: Path
+) -> Path:
+    """Write an expert version's files (`version.files`) into `directory` under their
+    filenames, replacing files of those names; returns `directory`."""
+    files = list(files)
+    stored = stored_files(session, ((f.sha256, f.size) for f in files))
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        target = directory / file.filename
+        target.unlink(missing_ok=True)
+        copy_file(blobs, stored[file.sha256], target)
+    return directory
+
+
 def verify_files(
     blobs: BlobStore,
     files: Mapping[StoredFile, list[str]],

@@ -25,9 +25,11 @@ from typer.testing import CliRunner
 from client.push import PushRejected, RetryPolicy, push_package
 from coordinator.auth.models import Role
 from coordinator.cli import app as cli
-from coordinator.experts.files import needed_blobs, stored_files
+from coordinator.experts.files import copy_version_files, needed_blobs, stored_files
 from coordinator.experts.models import ExpertFile
+from coordinator.experts.service import resolve_ref
 from coordinator.storage import LocalBlobStore
+from phatgoose.expert import Expert
 from protocol import ADAPTER_WEIGHTS_FILE, ROUTER_FILE
 from protocol.segments import FileLayout, PackageLayout, SegmentRef, cut_file
 from tests.coordinator.helpers import (
@@ -98,6 +100,26 @@ def test_safetensors_files_are_stored_in_pieces_and_served_whole(
             with safe_open(str(directory / filename), "np") as file:
                 assert len(where.pieces) == 1 + len(list(file.keys()))
         assert _download(client, "alice/pieces@1", filename) == data
+
+
+def test_a_versions_files_are_copied_out_byte_for_byte_whatever_their_storage(
+    app, alice, client, package, base_spec, tmp_path
+):
+    directory = package("alice/copied")
+    assert upload(client, alice, directory).status_code == 201
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / ROUTER_FILE).write_bytes(b"an older copy")  # replaced, not appended to
+
+    with app.state.sessionmaker() as session:
+        version = resolve_ref(session, "alice/copied@1")
+        copy_version_files(
+            session, LocalBlobStore(app.state.settings.blob_dir), version.files, target
+        )
+
+    expected = stored_bytes(directory, base_spec)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == expected
+    Expert.load(target)  # the library reads it back
 
 
 def test_a_second_version_sharing_tensors_stores_only_the_new_ones(

@@ -340,6 +340,8 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     print("crash summary:", json.dumps(summary))
     assert tally.kills == cycles >= 1
     # Some uploads are cut off and some get through: the kills really land mid-upload.
-    assert tally.acked and (tally.refused or cycles < 10)
+    # (A handful of cycles, as PHATGOOSE_CRASH_CYCLES=2 for a quick look, may kill every
+    # one of them before its first upload finished.)
+    assert (tally.acked and tally.refused) or cycles < 10
     assert any(ack.delta for ack in tally.acked) or cycles < 10  # deltas got through too
     assert total >= len(tally.acked)
