@@ -1,26 +1,37 @@
 """`phatgoose demo`: the whole platform on one machine, with real data and the real model.
 
 1. A coordinator starts on loopback (SQLite and blobs in `./.phatgoose/demo`), and the base
-   model (SmolLM2-135M-Instruct by default) is registered with it.
+   model (SmolLM2-135M-Instruct by default) is registered with it, with the release channel
+   `demo/latest` (created once): PHATGOOSE with the plan's k over every admitted demo expert
+   of the base model, each release it builds evaluated on the demo's tasks.
 2. Each contributor holds one real held-in BIG-bench task as private JSONL data
    (BENCHMARK.md: its training pool; the evaluation split stays with the coordinator).
 3. A Flower federation runs on loopback: a real SuperLink, one SuperNode per contributor
    (its data path in its node config) and `flwr run` of this project's app. Every node
    trains LoRA and gates and replies with its expert package; the ServerApp validates and
    catalogues each reply. Each node's stage, step and losses are shown as it trains.
-4. Experts already in the catalog (same base model, same training settings) are reused: a
-   second run trains nothing.
+4. Experts already in the catalog (same base model, same training settings) are reused.
+   Once every held-in expert is catalogued, each later run adds one contributor of the
+   plan's `later` tasks (one more expert through the same federation path); a run with
+   none left to add trains nothing.
 5. Each expert alone is scored on its own task's evaluation split against the base model
    on the same examples (`app.own_task`): the paired gain with its 95% interval.
-6. PHATGOOSE, merged and base releases are built over the catalogued experts, evaluated by
-   the coordinator's evaluation worker on the held-in tasks' evaluation splits and on
-   held-out tasks, and the leaderboard is printed (and served at /ui/leaderboard), with
-   each release's paired difference against the base on the held-in and held-out means
-   (the leaderboard's `vs_base`), marked only where its 95% interval excludes 0.
+6. The channel advances (`coordinator.channels`): a catalog change builds its next release
+   and queues that release's evaluation, once; nothing changed, nothing is built.
+7. PHATGOOSE (the channel's release when it holds the same experts), merged and base
+   releases over the catalogued experts are evaluated by the coordinator's evaluation
+   worker on the held-in tasks' evaluation splits and on held-out tasks, and the
+   leaderboard is printed (and served at /ui/leaderboard), with each release's paired
+   difference against the base on the held-in and held-out means (the leaderboard's
+   `vs_base`), marked only where its 95% interval excludes 0.
+8. The channel's history is printed, and its release's diff to the previous one: the
+   experts added, per-task accuracy differences with paired 95% intervals, the held-in and
+   held-out mean differences and how routing shifted (the release page's diff,
+   `coordinator.channels.diff`). So the second run shows what the added expert did.
 
-At this size (three experts, 40 examples per task) the intervals are wide: the demo shows
-the platform working, and whether recycling experts helps is answered by the benchmark
-(docs/benchmarks.md).
+At this size (three or four experts, 40 examples per task) the intervals are wide: the
+demo shows the platform working, and whether recycling experts helps is answered by the
+benchmark (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +56,9 @@ from protocol.flower import FlowerConfigError, RoundSettings, TrainingRequest
 
 if TYPE_CHECKING:
     from app.own_task import OwnTaskScore
+    from coordinator.channels.diff import ChannelPoint
+    from coordinator.channels.schemas import ChannelDiff, ChannelEntryInfo
+    from coordinator.evaluations.schemas import EvaluationSpec
     from coordinator.leaderboard.schemas import Leaderboard, LeaderboardRow
 
 console = demo_console()
@@ -91,8 +105,42 @@ class DemoPlan:
         "multiemo/products_sentence_en",
         "strategyqa",
     )
+    # Contributors who join one per run once every held-in expert is catalogued, so that a
+    # second run adds an expert and the channel builds its next release. religion_ambig is
+    # a relative of race_ethnicity_ambig (in each, the right answer is the choice that says
+    # the context does not tell): the first release can only reuse the race expert on it,
+    # routing should move to its own expert when it joins, and its 300 training examples,
+    # as short as its relative's, fit the same 48 steps and 96 tokens.
+    later: tuple[str, ...] = ("bbq_lite_json/religion_ambig",)
     n_eval: int = 40  # evaluation examples per task (held back from the contributors)
+    top_k: int = 2  # experts per token of the PHATGOOSE releases (the channel's k)
     training: TrainingRequest = DEMO_TRAINING
+
+    def __post_init__(self) -> None:
+        groups = {"held_in": self.held_in, "later": self.later, "held_out": self.held_out}
+        seen: dict[str, str] = {}
+        for group, tasks in groups.items():
+            for task in tasks:
+                if task in seen:
+                    raise ValueError(
+                        f"task {task!r} is in the plan's {seen[task]} and {group} tasks; "
+                        "each task is in one group"
+                    )
+                seen[task] = group
+        if self.top_k < 1:
+            raise ValueError(f"the plan's top_k must be at least 1, got {self.top_k}")
+
+    @property
+    def contributor_tasks(self) -> tuple[str, ...]:
+        """Every contributor's task: the held-in ones, then the later ones in joining order."""
+        return (*self.held_in, *self.later)
+
+    @property
+    def evaluation_tasks(self) -> tuple[str, ...]:
+        """The tasks every release is evaluated on: the contributors' (the later ones' from
+        the first run on, so that the channel's releases share one spec and its diffs
+        compare them on the same examples), then the held-out ones."""
+        return (*self.contributor_tasks, *self.held_out)
 
 
 DEFAULT_PLAN = DemoPlan()
@@ -113,7 +161,11 @@ def running_coordinator(data_dir: Path, port: int) -> Iterator[tuple[Any, str]]:
     from coordinator.core.app import create_app
     from coordinator.core.config import Settings
 
-    app = create_app(Settings(data_dir=data_dir))
+    # No automatic leave-one-out evaluations (PHATGOOSE_AUTO_CREDIT_MAX_EXPERTS): N more
+    # evaluations per channel release of N experts would double the demo's evaluation time
+    # on 2 cores. In the demo, credit is on demand: `POST /api/v1/releases/N/credit` or
+    # `phatgoose coordinator credit N` (docs/coordinator.md, "Credit").
+    app = create_app(Settings(data_dir=data_dir, auto_credit_max_experts=0))
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
@@ -136,11 +188,12 @@ def running_coordinator(data_dir: Path, port: int) -> Iterator[tuple[Any, str]]:
 def write_contributor_data(
     plan: DemoPlan, directory: Path, tasks_dir: Path | None
 ) -> list[Contributor]:
-    """Each held-in task's training pool as one contributor's private JSONL file."""
+    """Each contributor task's training pool (the later ones' too) as one contributor's
+    private JSONL file; the contributors in the plan's order."""
     from phatgoose.bigbench import load_bigbench_task
 
     contributors = []
-    for task in plan.held_in:
+    for task in plan.contributor_tasks:
         split = load_bigbench_task(
             task, n_eval=plan.n_eval, seed=plan.training.seed, tasks_dir=tasks_dir
         )
@@ -363,10 +416,11 @@ def demo_maintainer(sessions: Any) -> Any:
 
 
 def build_releases(
-    sessions: Any, blobs: Any, base: str, refs: Sequence[str], maintainer: Any
+    sessions: Any, blobs: Any, base: str, refs: Sequence[str], maintainer: Any, top_k: int
 ) -> dict[str, int]:
-    """PHATGOOSE, merged and base releases over `refs` (reusing identical ones): method ->
-    release number."""
+    """PHATGOOSE (k = `top_k`, capped at the experts there are), merged and base releases
+    over `refs`, each reusing the newest identical one (the channel's, when it holds these
+    experts): method -> release number."""
     from coordinator.releases import service as releases
     from coordinator.releases.schemas import ReleaseCreate
 
@@ -374,19 +428,35 @@ def build_releases(
     with sessions() as session:
         for method in RELEASE_METHODS:
             experts = [] if method == "base" else sorted(refs)
+            k = min(top_k, len(experts)) if method == "phatgoose" else None
             for release in releases.list_releases(session, base_model=base, method=method):
-                if sorted(e["ref"] for e in release.manifest["experts"]) == experts:
-                    numbers[method] = release.number
+                same_k = k is None or release.top_k == k
+                if same_k and sorted(e["ref"] for e in release.manifest["experts"]) == experts:
+                    numbers[method] = release.number  # by number: the newest wins
             if method not in numbers:
                 request = ReleaseCreate(
                     method=method,
                     experts=experts,
+                    top_k=k,
                     base_model=base,
                     notes="phatgoose demo",
                 )
                 created = releases.create_release(session, blobs, request, by=maintainer)
                 numbers[method] = created.number
     return numbers
+
+
+def evaluation_spec(plan: DemoPlan) -> EvaluationSpec:
+    """The benchmark of every demo release, the channel's included: the plan's evaluation
+    tasks on `n_eval` held-back examples each, the contributors' tasks held in."""
+    from coordinator.evaluations.schemas import EvaluationSpec, TaskGroups
+
+    return EvaluationSpec(
+        tasks=list(plan.evaluation_tasks),
+        examples_per_task=plan.n_eval,
+        seed=plan.training.seed,
+        task_groups=TaskGroups(held_in=list(plan.contributor_tasks), held_out=list(plan.held_out)),
+    )
 
 
 def queue_evaluations(
@@ -397,25 +467,20 @@ def queue_evaluations(
     *,
     create: bool = True,
 ) -> int:
-    """One evaluation job per release on the held-in and held-out tasks, unless one with
-    the same spec exists (not failed, and when done, with per-example outcomes on every
-    task: one stored before the coordinator kept them cannot be compared with the base, so
-    the release is evaluated again); returns how many jobs are not done yet (new or
-    unfinished)."""
+    """One evaluation job per release on the demo's spec (`evaluation_spec`), unless one
+    with the same spec exists (a channel's release has one: queued with it), not failed,
+    and when done, with per-example outcomes on every task (one stored before the
+    coordinator kept them cannot be compared with the base, so the release is evaluated
+    again); returns how many jobs are not done yet (new or unfinished)."""
     from coordinator.evaluations import service as evaluations
-    from coordinator.evaluations.schemas import EvaluationCreate, TaskGroups
+    from coordinator.evaluations.schemas import EvaluationCreate
     from coordinator.releases import service as releases
 
     pending = 0
+    spec = evaluation_spec(plan).model_dump()
     with sessions() as session:
-        for number in numbers.values():
-            request = EvaluationCreate(
-                release=number,
-                tasks=[*plan.held_in, *plan.held_out],
-                examples_per_task=plan.n_eval,
-                seed=plan.training.seed,
-                task_groups=TaskGroups(held_in=list(plan.held_in), held_out=list(plan.held_out)),
-            )
+        for number in sorted(set(numbers.values())):
+            request = EvaluationCreate.model_validate({**spec, "release": number})
             wanted = evaluations.job_spec(request)
             release = releases.get_release(session, number)
             existing = [
@@ -471,7 +536,7 @@ def leaderboard_grid(board: Leaderboard, numbers: Mapping[str, int], plan: DemoP
     means, then each release's paired difference of them against the base (`vs_base`)."""
     rows = demo_rows(board, numbers)
     lines: list[tuple[str, ...]] = []
-    for task in [*plan.held_in, *plan.held_out]:
+    for task in plan.evaluation_tasks:
         label = task + (" (held out)" if task in plan.held_out else "")
         lines.append(
             (
@@ -558,7 +623,7 @@ def score_own_tasks(
     blobs = open_blob_store(settings)
     items = []
     with tempfile.TemporaryDirectory(prefix="phatgoose-demo-") as tmp, sessions() as session:
-        for task in plan.held_in:
+        for task in plan.contributor_tasks:
             ref = refs.get(_slug(task))
             if ref is None:
                 continue
@@ -647,23 +712,30 @@ def evaluate_releases(
     base: str,
     refs: Mapping[str, str],
     tasks_dir: Path | None,
+    channel_release: int | None = None,
 ) -> dict[str, int]:
-    """Releases over the catalogued experts, their evaluation (by the coordinator's own
-    worker, in this process) and the leaderboard; returns method -> release number."""
+    """Releases over the catalogued experts (and the channel's release), their evaluation
+    (by the coordinator's own worker, in this process) and the leaderboard; returns
+    method -> release number (`channel` -> the channel's release where it is none of them)."""
     from coordinator.leaderboard.service import leaderboard
     from coordinator.storage import open_blob_store
     from coordinator.worker import WorkerOptions, run_worker
 
     maintainer = demo_maintainer(sessions)
     blobs = open_blob_store(settings)
-    numbers = build_releases(sessions, blobs, base, list(refs.values()), maintainer)
-    console.print("releases: " + ", ".join(f"#{n} {method}" for method, n in numbers.items()))
+    numbers = build_releases(sessions, blobs, base, list(refs.values()), maintainer, plan.top_k)
+    if channel_release is not None and channel_release not in numbers.values():
+        numbers["channel"] = channel_release  # its experts are not the demo's: evaluated too
+    labels = {n: f"#{n} {method}" for method, n in numbers.items() if method != "channel"}
+    if channel_release is not None:
+        labels[channel_release] = labels.get(channel_release, f"#{channel_release}")
+        labels[channel_release] += f" (channel {DEMO_CHANNEL})"
+    console.print("releases: " + ", ".join(labels.values()), highlight=False)
     pending = queue_evaluations(sessions, plan, numbers, maintainer)
     if pending:
-        tasks = len(plan.held_in) + len(plan.held_out)
         console.print(
-            f"evaluating {pending} release(s) on {tasks} tasks x {plan.n_eval} examples "
-            "(rank classification; tasks already scored are kept)"
+            f"evaluating {pending} release(s) on {len(plan.evaluation_tasks)} tasks x "
+            f"{plan.n_eval} examples (rank classification; tasks already scored are kept)"
         )
         with console.status("the evaluation worker is scoring the releases"):
             run_worker(settings, WorkerOptions(tasks_dir=tasks_dir, poll_seconds=1.0), once=True)
@@ -681,6 +753,263 @@ def evaluate_releases(
     for note in versus_base_notes(board, numbers, plan):
         console.print(note, markup=False, highlight=False)
     return numbers
+
+
+# --------------------------------------------------------------- the release channel
+DEMO_CHANNEL = "demo/latest"
+# Every Flower node publishes under its own namespace, `demo-<node id>`.
+DEMO_EXPERTS_GLOB = f"{DEMO_NAMESPACE}-*/*"
+# Where `phatgoose coordinator serve` (its default port) shows the pages after the demo.
+SERVE_URL = "http://127.0.0.1:8765"
+
+
+def ensure_channel(sessions: Any, plan: DemoPlan, base: str, maintainer: Any) -> str:
+    """The demo's release channel (`DEMO_CHANNEL`), created once: PHATGOOSE with the plan's
+    k over every admitted demo expert of `base`, each release it builds evaluated on the
+    demo's spec (`evaluation_spec`). One whose base model, k or spec are not this plan's
+    (another --base, --quick, --tasks) is changed to them. Says what it did."""
+    from coordinator.channels import service as channels
+    from coordinator.channels.schemas import ChannelCreate, ChannelUpdate
+    from coordinator.core.errors import NotFound
+    from coordinator.evaluations.schemas import EvaluationSpec
+
+    spec = evaluation_spec(plan)
+    namespace, name = DEMO_CHANNEL.split("/")
+    with sessions() as session:
+        try:
+            channel = channels.get_channel(session, namespace, name)
+        except NotFound:
+            request = ChannelCreate(
+                name=DEMO_CHANNEL,
+                method="phatgoose",
+                top_k=plan.top_k,
+                base_model=base,
+                name_glob=DEMO_EXPERTS_GLOB,
+                spec=spec,
+                notes="phatgoose demo: every demo expert of the base model",
+            )
+            channels.create_channel(session, request, by=maintainer.name)
+            return (
+                f"release channel {DEMO_CHANNEL} created: phatgoose, k={plan.top_k}, over "
+                f"every admitted expert {DEMO_EXPERTS_GLOB} of {base}; each of its releases "
+                f"is evaluated on {len(spec.tasks)} tasks x {plan.n_eval} examples"
+            )
+        stored = None if channel.spec is None else EvaluationSpec.model_validate(channel.spec)
+        where = f"at release #{channel.release.number}" if channel.release else "no release yet"
+        if (channel.base_model.name, channel.top_k, stored) == (base, plan.top_k, spec):
+            return f"release channel {DEMO_CHANNEL}: {channels.state(channel)}, {where}"
+        update = ChannelUpdate(base_model=base, top_k=plan.top_k, spec=spec)
+        channels.update_channel(session, channel, update, by=maintainer.name)
+        return (
+            f"release channel {DEMO_CHANNEL} ({where}) changed to this run's base model, k "
+            "and tasks: its next release follows them"
+        )
+
+
+def advance_demo_channel(sessions: Any, settings: Any) -> int | None:
+    """Advance the release channels as every worker does each poll
+    (`channels.service.advance_channels`: a catalog change builds the next release and
+    queues its evaluation, once), and say what the demo's channel did; the number of the
+    release it points at now (None: none)."""
+    from coordinator.channels import service as channels
+    from coordinator.storage import open_blob_store
+
+    with sessions() as session:
+        report = channels.advance_channels(session, open_blob_store(settings), settings)
+    with sessions() as session:
+        channel = channels.get_channel(session, *DEMO_CHANNEL.split("/"))
+        number = channel.release.number if channel.release is not None else None
+        state = channels.state(channel)
+    advanced = next((a for a in report.advanced if a.channel == DEMO_CHANNEL), None)
+    if advanced is not None:
+        text = (
+            f"channel {DEMO_CHANNEL} advanced to release #{advanced.release} (history entry "
+            f"{advanced.sequence}: {advanced.reason})"
+        )
+        if advanced.job_id is not None:
+            text += f"; its evaluation is queued (job {advanced.job_id})"
+    elif DEMO_CHANNEL in report.errors:
+        text = f"channel {DEMO_CHANNEL} could not advance: {report.errors[DEMO_CHANNEL]}"
+    elif DEMO_CHANNEL in report.held:
+        text = f"channel {DEMO_CHANNEL} is {state}: not advanced"
+    else:
+        text = (
+            f"channel {DEMO_CHANNEL} unchanged at release #{number}: the catalog selects the "
+            "experts it holds"
+        )
+    console.print(text, markup=False, highlight=False)
+    return number
+
+
+def show_channel(sessions: Any) -> int | None:
+    """Print the channel's history and its release's diff to the channel's previous release
+    (as the release page shows it); the release it points at (None: none yet)."""
+    from coordinator.channels import diff
+    from coordinator.channels import service as channels
+    from coordinator.channels.schemas import ChannelEntryInfo
+    from coordinator.leaderboard.service import task_groups
+
+    with sessions() as session:
+        channel = channels.get_channel(session, *DEMO_CHANNEL.split("/"))
+        if channel.release is None:
+            console.print(f"channel {DEMO_CHANNEL} has no release yet", highlight=False)
+            return None
+        groups = task_groups(session)
+        history = [
+            ChannelEntryInfo.of(entry, number)
+            for entry, number in reversed(channels.history_page(session, channel).items)
+        ]
+        points = diff.channel_means(session, channel, groups=groups)
+        changes = diff.release_channel_diff(session, channel.release, groups=groups)
+        number = channel.release.number
+    console.print(render(channel_history_grid(history, points), console.width))
+    if changes is None or changes.previous is None:
+        console.print(
+            f"release #{number} is the channel's first: its diff comes with the next one "
+            "(a later run adds an expert)",
+            markup=False,
+            highlight=False,
+        )
+        return number
+    for grid in channel_diff_grids(changes):
+        console.print(render(grid, console.width))
+    for note in channel_diff_notes(changes):
+        console.print(note, markup=False, highlight=False)
+    return number
+
+
+def channel_history_grid(
+    history: Sequence[ChannelEntryInfo], points: Sequence[ChannelPoint]
+) -> Grid:
+    """The channel's moves, oldest first, each release with the held-in and held-out means
+    (± standard error) of its evaluation on the channel's spec."""
+    by_release = {point.release: point for point in points}
+    rows = tuple(
+        (
+            str(entry.sequence),
+            f"#{entry.release}",
+            entry.action,
+            entry.reason,
+            *(_mean_cell(by_release.get(entry.release), group) for group, _ in GROUPS),
+        )
+        for entry in history
+    )
+    return Grid(
+        f"release channel {DEMO_CHANNEL}: history",
+        ("entry", "release", "action", "reason", *(f"{label} mean" for _, label in GROUPS)),
+        rows,
+    )
+
+
+def _mean_cell(point: ChannelPoint | None, group: str) -> str:
+    if point is None or group not in point.means:
+        return "not evaluated"
+    return f"{point.means[group]:.3f} ± {point.stderrs[group]:.3f}"
+
+
+def channel_diff_grids(diff: ChannelDiff) -> list[Grid]:
+    """A channel's release against its previous release: the experts that changed, then
+    (when both were evaluated on a shared spec) accuracy per task and per group with the
+    paired difference and how routing shifted on each task, then each expert's routing
+    share before and after."""
+    new, old = f"#{diff.release}", f"#{diff.previous}"
+    grids = [
+        Grid(
+            f"channel {diff.channel}: release {new} against {old}, its previous release",
+            ("expert", "change", f"in {old}", f"in {new}"),
+            tuple(
+                (
+                    change.name,
+                    _change(change.before, change.after),
+                    change.before or "-",
+                    change.after or "-",
+                )
+                for change in diff.experts
+            ),
+        )
+    ]
+    comparison = diff.comparison
+    if comparison is not None and comparison.comparable:
+        shifts = {shift.task: shift.total_variation for shift in diff.task_routing}
+        rows: list[tuple[str, ...]] = []
+        for task in comparison.tasks:
+            label = task.task + (" (held out)" if task.group == "held_out" else "")
+            rows.append(
+                (
+                    label,
+                    _fmt(task.b),
+                    _fmt(task.a),
+                    _difference_cell(task.difference, task.reason),
+                    "-" if task.difference is None else _p_value(task.difference.p_value),
+                    "-" if task.task not in shifts else f"{shifts[task.task]:.2f}",
+                )
+            )
+        for group, label in (*GROUPS, ("all", "all tasks")):
+            mean = comparison.means.get(group)
+            if mean is not None:
+                rows.append(
+                    (
+                        f"{label} mean",
+                        _fmt(mean.b),
+                        _fmt(mean.a),
+                        _difference_cell(mean.difference, mean.reason),
+                        "-" if mean.difference is None else _p_value(mean.difference.p_value),
+                        "",
+                    )
+                )
+        grids.append(
+            Grid(
+                f"{new} against {old} on the same examples (Δ = {new} - {old} with its paired "
+                "95% interval, ▲/▼ where it excludes 0; routing shift: total variation between "
+                "the two releases' routing over experts, 0 alike, 1 no expert in common)",
+                ("task", old, new, "Δ [95% interval]", "McNemar p", "routing shift"),
+                tuple(rows),
+                strong=frozenset(range(len(comparison.tasks), len(rows))),
+            )
+        )
+    if diff.routing:
+        grids.append(
+            Grid(
+                "each expert's share of the routing decisions (averaged over the tasks)",
+                ("expert", old, new, "change"),
+                tuple(
+                    (
+                        shift.expert,
+                        _fmt(shift.before, missing="-"),
+                        _fmt(shift.after, missing="-"),
+                        "-"
+                        if shift.before is None or shift.after is None
+                        else f"{shift.after - shift.before:+.3f}",
+                    )
+                    for shift in diff.routing
+                ),
+            )
+        )
+    return grids
+
+
+def channel_diff_notes(diff: ChannelDiff) -> list[str]:
+    """Why a part of the diff is missing."""
+    comparison = diff.comparison
+    notes = []
+    if comparison is None or not comparison.comparable:
+        reason = comparison.reason if comparison is not None else None
+        notes.append(
+            f"#{diff.release} and #{diff.previous} are not compared: {reason or 'no evaluation'}"
+        )
+    elif not diff.routing:
+        notes.append("no routing statistics in the compared evaluations")
+    return notes
+
+
+def _change(before: str | None, after: str | None) -> str:
+    if before is None:
+        return "added"
+    return "removed" if after is None else "another version"
+
+
+def _difference_cell(difference: PairedNumbers | None, reason: str | None) -> str:
+    return f"n/a ({reason})" if difference is None else paired_cell(difference)
 
 
 def _fmt(value: float | None, *, missing: str = "n/a") -> str:
@@ -717,6 +1046,17 @@ def demo(
             "--held-out", help="Held-out evaluation tasks (comma-separated).", show_default=False
         ),
     ] = None,
+    later: Annotated[
+        str | None,
+        typer.Option(
+            "--later",
+            help="Tasks of contributors who join one per run once the held-in experts are "
+            "catalogued (comma-separated; '' for none). Default: "
+            + ",".join(DEFAULT_PLAN.later)
+            + " (unless --tasks or --held-out name it).",
+            show_default=False,
+        ),
+    ] = None,
     tasks_dir: Annotated[
         Path | None,
         typer.Option(
@@ -738,13 +1078,21 @@ def demo(
     training on real BIG-bench tasks, validated experts in the catalog, then releases,
     evaluation and the leaderboard.
 
-    A second run reuses the catalogued experts instead of training them again.
+    A second run reuses the catalogued experts, trains one more (the next --later task's
+    contributor joins) and shows what it changed in the release channel demo/latest; a run
+    with no one left to join trains nothing.
     """
     plan = QUICK_PLAN if quick else DEFAULT_PLAN
-    if tasks:
-        plan = replace(plan, held_in=tuple(t.strip() for t in tasks.split(",") if t.strip()))
-    if held_out:
-        plan = replace(plan, held_out=tuple(t.strip() for t in held_out.split(",") if t.strip()))
+    held_in_tasks = _task_list(tasks) if tasks else plan.held_in
+    held_out_tasks = _task_list(held_out) if held_out else plan.held_out
+    if later is not None:
+        later_tasks = _task_list(later)
+    else:  # the default later tasks step aside for tasks named in another group
+        later_tasks = tuple(t for t in plan.later if t not in (*held_in_tasks, *held_out_tasks))
+    try:
+        plan = replace(plan, held_in=held_in_tasks, held_out=held_out_tasks, later=later_tasks)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     if steps:
         try:
             training = plan.training.with_changes(lora_steps=steps, gate_steps=max(1, steps // 5))
@@ -755,6 +1103,50 @@ def demo(
         plan, data_dir=data_dir, base=base, tasks_dir=tasks_dir, port=port, retrain=retrain
     )
     raise typer.Exit(code)
+
+
+def _task_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who takes part in a run. `members`: the held-in contributors and the later ones who
+    have joined (their experts are catalogued) or join now, in the plan's order; of them
+    `to_train`; `joining`: the later contributor who joins in this run (None: none);
+    `waiting`: the later ones still to join."""
+
+    members: tuple[Contributor, ...]
+    to_train: tuple[Contributor, ...]
+    joining: Contributor | None
+    waiting: tuple[Contributor, ...]
+
+
+def roster(
+    plan: DemoPlan,
+    contributors: Sequence[Contributor],
+    catalogued_names: Collection[str],
+    *,
+    retrain: bool = False,
+) -> Roster:
+    """This run's roster from the plan's contributors (`write_contributor_data`'s order)
+    and the names of the experts in the catalog: the held-in contributors train until
+    their experts are catalogued; then each run, the next later contributor joins (one
+    expert more); `retrain` trains every member again and lets no one join."""
+    first = list(contributors[: len(plan.held_in)])
+    later = list(contributors[len(plan.held_in) :])
+    joined = [c for c in later if c.name in catalogued_names]
+    if retrain:
+        to_train, joining = [*first, *joined], None
+    else:
+        to_train = [c for c in first if c.name not in catalogued_names]
+        fresh = [c for c in later if c.name not in catalogued_names]
+        joining = fresh[0] if fresh and not to_train else None
+        if joining is not None:
+            to_train = [joining]
+    members = tuple(c for c in contributors if c in first or c in joined or c == joining)
+    waiting = tuple(c for c in later if c not in joined and c != joining)
+    return Roster(members, tuple(to_train), joining, waiting)
 
 
 def run_demo(
@@ -787,18 +1179,37 @@ def run_demo(
             register_base_model(session, spec)
         console.print(f"base model: {base} ({spec.fingerprint}), registered")
 
+        maintainer = demo_maintainer(sessions)
+        console.print(ensure_channel(sessions, plan, spec.name, maintainer), highlight=False)
+
         with console.status("preparing the contributors' private data (BIG-bench)"):
             contributors = write_contributor_data(plan, data_dir / "contributors", tasks_dir)
+        catalog = catalogued(sessions, plan, spec.fingerprint)
+        cast = roster(plan, contributors, catalog.keys(), retrain=retrain)
         console.print(
-            f"{len(contributors)} contributors, one held-in task each: "
-            + ", ".join(c.name for c in contributors)
+            f"{len(cast.members)} contributor(s), one task each: "
+            + ", ".join(c.name for c in cast.members)
         )
-
-        have = {} if retrain else catalogued(sessions, plan, spec.fingerprint)
-        todo = [c for c in contributors if c.name not in have]
-        for name, ref in have.items():
-            if any(c.name == name for c in contributors):
-                console.print(f"reusing {ref} from the catalog")
+        if cast.waiting:
+            console.print(
+                f"{len(cast.waiting)} later contributor(s), one joining per run once the "
+                "others' experts are catalogued: " + ", ".join(c.name for c in cast.waiting)
+            )
+        for member in cast.members:
+            if member not in cast.to_train:
+                console.print(f"reusing {catalog[member.name]} from the catalog")
+        if cast.joining is not None:
+            console.print(
+                f"a new contributor joins: {cast.joining.name} (one expert more; the release "
+                f"channel {DEMO_CHANNEL} follows the catalog)"
+            )
+        if not cast.to_train:
+            console.print(
+                "nothing new to add: every contributor of the plan has its expert in the "
+                "catalog, so nothing is trained (--later names more tasks, --retrain trains "
+                "them again)"
+            )
+        todo = list(cast.to_train)
         if todo:
             request = plan.training.with_changes(base_model=base)
             console.print(
@@ -822,25 +1233,36 @@ def run_demo(
                 console.print(f"[red]flwr run exited with {code}; see {data_dir / 'federation'}")
 
         refs = catalogued(sessions, plan, spec.fingerprint)
-        refs = {c.name: refs[c.name] for c in contributors if c.name in refs}
+        refs = {c.name: refs[c.name] for c in cast.members if c.name in refs}
         console.print(render(experts_grid(sessions, refs), console.width))
-        missing = [c.name for c in contributors if c.name not in refs]
+        missing = [c.name for c in cast.members if c.name not in refs]
         if missing:
             console.print(
                 f"[red]{len(missing)} expert(s) did not land: {', '.join(missing)}; logs in "
                 f"{data_dir / 'federation'}[/red]"
             )
+        channel_release = None
         if refs:
             with stage_timer(timings, "own-task evaluation"):
                 score_own_tasks(
                     sessions, app.state.settings, plan, refs, model, tokenizer, tasks_dir
                 )
             with stage_timer(timings, "release evaluation"):
-                evaluate_releases(sessions, app.state.settings, plan, base, refs, tasks_dir)
+                channel_release = advance_demo_channel(sessions, app.state.settings)
+                evaluate_releases(
+                    sessions, app.state.settings, plan, base, refs, tasks_dir, channel_release
+                )
+            channel_release = show_channel(sessions)
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+    pages = f"{SERVE_URL}/ui/leaderboard"
+    if channel_release is not None:
+        pages += (
+            f", {SERVE_URL}/ui/releases/{channel_release} (the channel's release and its diff)"
+            f" and {SERVE_URL}/ui/channels/{DEMO_CHANNEL} (its history)"
+        )
     console.print(
-        f"done in {time.monotonic() - started:.0f} s ({spent}). The leaderboard page: run "
-        f"`phatgoose coordinator serve --data-dir {coordinator_dir}` and open "
-        "http://127.0.0.1:8765/ui/leaderboard"
+        f"done in {time.monotonic() - started:.0f} s ({spent}). The pages: run "
+        f"`phatgoose coordinator serve --data-dir {coordinator_dir}` and open {pages}",
+        highlight=False,
     )
     return 1 if missing else 0

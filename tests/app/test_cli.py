@@ -25,6 +25,17 @@ def test_the_demo_refuses_a_step_count_the_train_request_would_refuse():
     assert "'lora_steps' = -3" in result.output
 
 
+def test_the_demo_refuses_a_task_in_two_groups_saying_which(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["demo", "--tasks", "navigate", "--later", "navigate", "--data-dir", str(tmp_path)],
+    )
+
+    assert result.exit_code == 2
+    assert "'navigate' is in the plan's held_in and later tasks" in result.output
+    assert not any(tmp_path.iterdir())  # refused before anything started
+
+
 @pytest.mark.slow
 def test_python_dash_m_app_is_the_same_command_line():
     result = subprocess.run(

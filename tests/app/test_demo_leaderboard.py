@@ -35,7 +35,7 @@ from phatgoose.models import base_model_spec
 from phatgoose.paired import paired_mean_difference
 from tests.tiny import tiny_llama
 
-PLAN = DemoPlan(held_in=("alpha", "beta"), held_out=("gamma",), n_eval=4)
+PLAN = DemoPlan(held_in=("alpha", "beta"), later=(), held_out=("gamma",), n_eval=4)
 BASE = {
     "alpha": [False] * 4,
     "beta": [True, False, False, False],

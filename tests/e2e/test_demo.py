@@ -12,6 +12,7 @@ import pytest
 
 from app.demo import DemoPlan, run_demo
 from app.federation import free_port
+from coordinator.channels.service import get_channel, history_page
 from coordinator.core.app import open_database
 from coordinator.core.config import Settings
 from coordinator.experts.service import list_versions
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 TINY_PLAN = DemoPlan(
     held_in=("tiny_colors", "tiny_numbers"),
+    later=("tiny_shapes",),
     held_out=("tiny_animals",),
     n_eval=4,
     training=TrainingRequest(
@@ -58,29 +60,58 @@ def write_task(tasks_dir: Path, name: str, words: list[str], count: int = 24) ->
     (tasks_dir / name / "task.json").write_text(json.dumps({"name": name, "examples": examples}))
 
 
-def test_the_demo_catalogues_every_contributors_expert_then_reuses_them(tmp_path, capsys):
+def test_the_demo_catalogues_experts_then_a_later_one_joins_and_the_channel_follows(
+    tmp_path, capsys
+):
     base_dir = save_tiny_base(tmp_path / "tiny-base")
     tasks_dir = tmp_path / "tasks"
     write_task(tasks_dir, "tiny_colors", ["red", "green", "blue"])
     write_task(tasks_dir, "tiny_numbers", ["one", "two", "three"])
+    write_task(tasks_dir, "tiny_shapes", ["circle", "square"])
     write_task(tasks_dir, "tiny_animals", ["cat", "dog"])
     data_dir = tmp_path / "demo"
     kwargs = dict(data_dir=data_dir, base=str(base_dir), tasks_dir=tasks_dir, port=free_port())
 
     first = run_demo(TINY_PLAN, **kwargs)
+    first_output = capsys.readouterr().err
     second = run_demo(TINY_PLAN, **kwargs)
+    second_output = capsys.readouterr().err
+    third = run_demo(TINY_PLAN, **kwargs)
+    third_output = capsys.readouterr().err
 
-    assert (first, second) == (0, 0)
-    output = capsys.readouterr().err
-    # The round's progress, per contributor, as lines (the output is not a terminal).
-    assert re.search(r"\] tiny-colors: catalogued as demo-\d+/tiny-colors@1", output)
-    assert re.search(r"\] tiny-numbers: catalogued as demo-\d+/tiny-numbers@1", output)
-    # Each expert on its own task against the base, on both runs.
-    assert output.count("each expert alone on its own task") == 2
-    assert output.count("of 2 expert(s) beat the base model on their own task") == 2
-    # Each node published under its own namespace, `demo-<node id>`.
-    assert re.search(r"reusing demo-\d+/tiny-colors@1 from the catalog", output)
-    assert re.search(r"reusing demo-\d+/tiny-numbers@1 from the catalog", output)
+    assert (first, second, third) == (0, 0, 0)
+    # First run: the held-in contributors train (progress per contributor, as lines: the
+    # output is not a terminal), the later one waits; the channel is created and builds
+    # its first release.
+    assert re.search(r"\] tiny-colors: catalogued as demo-\d+/tiny-colors@1", first_output)
+    assert re.search(r"\] tiny-numbers: catalogued as demo-\d+/tiny-numbers@1", first_output)
+    assert "1 later contributor(s), one joining per run" in first_output
+    assert "release channel demo/latest created: phatgoose, k=2" in first_output
+    assert "channel demo/latest advanced to release #1 (history entry 1" in first_output
+    assert "release #1 is the channel's first" in first_output
+    assert first_output.count("of 2 expert(s) beat the base model on their own task") == 1
+    # Second run: the others are reused and the later contributor joins with one expert;
+    # the channel advances and the diff to its first release is printed.
+    assert re.search(r"reusing demo-\d+/tiny-colors@1 from the catalog", second_output)
+    assert re.search(r"reusing demo-\d+/tiny-numbers@1 from the catalog", second_output)
+    assert "a new contributor joins: tiny-shapes" in second_output
+    assert re.search(r"\] tiny-shapes: catalogued as demo-\d+/tiny-shapes@1", second_output)
+    assert "tiny-colors: catalogued" not in second_output
+    assert "of 3 expert(s) beat the base model on their own task" in second_output
+    advanced = re.search(r"channel demo/latest advanced to release #(\d+)", second_output)
+    assert advanced is not None
+    new = int(advanced.group(1))
+    assert f"release #{new} against #1, its previous release" in second_output
+    assert re.search(r"tiny-shapes\s*│\s*added", second_output)
+    assert "held-in mean" in second_output and "routing shift" in second_output
+    assert f"/ui/releases/{new} (the channel's release and its diff)" in second_output
+    assert "/ui/channels/demo/latest" in second_output
+    # Third run: no one left to join, nothing trained, the channel stays.
+    assert "nothing new to add" in third_output
+    assert "catalogued as" not in third_output
+    assert f"channel demo/latest unchanged at release #{new}" in third_output
+    assert "every release was already evaluated on these tasks" in third_output
+
     engine, sessions = open_database(Settings(data_dir=data_dir / "coordinator"))
     with sessions() as session:
         board = leaderboard(session)
@@ -88,17 +119,33 @@ def test_the_demo_catalogues_every_contributors_expert_then_reuses_them(tmp_path
         assert sorted((v.expert.name, v.number, v.channel) for v in versions) == [
             ("tiny-colors", 1, "flower"),
             ("tiny-numbers", 1, "flower"),
+            ("tiny-shapes", 1, "flower"),
         ]
         assert all(re.fullmatch(r"demo-\d+", v.expert.namespace) for v in versions)
         # Each contributor sampled 16 of its task's 20 training examples (24 minus the 4
         # evaluation ones) and held 2 of them out for validation.
-        assert [v.manifest["training"]["examples"] for v in versions] == [14, 14]
+        assert [v.manifest["training"]["examples"] for v in versions] == [14, 14, 14]
+        channel = get_channel(session, "demo", "latest")
+        assert channel.release is not None and channel.release.number == new
+        assert sorted(e["name"] for e in channel.release.manifest["experts"]) == [
+            "tiny-colors",
+            "tiny-numbers",
+            "tiny-shapes",
+        ]
+        history = [number for _, number in history_page(session, channel).items]
+        assert sorted(history) == [1, new]
     engine.dispose()
-    assert "every release was already evaluated on these tasks" in output
-    assert [(row.method, sorted(row.scores)) for row in board.releases] == [
-        (method, ["tiny_animals", "tiny_colors", "tiny_numbers"])
-        for method in ("phatgoose", "merged", "base")
+    # Every release (the channel's two included) was scored on every task, the later one's
+    # from the first run on, so that the channel's releases compare on the same examples.
+    tasks = ["tiny_animals", "tiny_colors", "tiny_numbers", "tiny_shapes"]
+    assert sorted(row.method for row in board.releases) == [
+        "base",
+        "merged",
+        "merged",
+        "phatgoose",
+        "phatgoose",
     ]
+    assert all(sorted(row.scores) == tasks for row in board.releases)
     assert all(cell.n == 4 for row in board.releases for cell in row.scores.values())
     assert all(set(row.group_means) == {"held_in", "held_out"} for row in board.releases)
     # The contributors' private data stayed in their own files.
