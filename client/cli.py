@@ -69,6 +69,19 @@ BaseNameOption = Annotated[
 OutOption = Annotated[
     Path, typer.Option("--out", help="Directory to write the expert package into.")
 ]
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume-from",
+        help="An earlier version's package directory (e.g. its --out): LoRA training "
+        "continues from its tensors, with its rank, alpha and target modules (--rank and "
+        "--alpha are then ignored), and the gates are trained again. `push` then sends only "
+        "the tensors that changed.",
+        exists=True,
+        file_okay=False,
+        show_default=False,
+    ),
+]
 RankOption = Annotated[int, typer.Option("--rank", help="LoRA rank r.", min=1)]
 AlphaOption = Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / r).")]
 StepsOption = Annotated[int, typer.Option("--steps", help="LoRA training steps.", min=1)]
@@ -208,17 +221,29 @@ def train(
     description: DescriptionOption = "",
     license: LicenseOption = "Apache-2.0",
     quiet: QuietOption = False,
+    resume_from: ResumeOption = None,
 ) -> None:
     """Train an expert on private data: LoRA, then its PHATGOOSE gates.
 
     The data never leaves this machine; the package written to --out holds only
     parameters, router vectors and a manifest. Defaults suit a CPU (BENCHMARK.md's
     reference settings); the paper uses --rank 16 --lr 5e-3 and ~1000 steps.
+
+    A new version: --resume-from the last one continues its LoRA; `import-peft` of a
+    package directory retrains only its gates. Either way, `push` sends only what changed.
     """
     from client.training import train_contributor_expert
     from phatgoose.data import DataFormatError
+    from phatgoose.expert import Expert
 
     _confirm_retrieval(retrieval_embeddings)
+    earlier = None
+    if resume_from is not None:
+        try:
+            earlier = Expert.load(resume_from)
+        except (OSError, ValueError) as error:  # ExpertError is a ValueError
+            console.print(f"[red]error:[/red] --resume-from {resume_from}: {error}")
+            raise typer.Exit(2) from None
     config = _config(
         rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed, precision
     )
@@ -234,6 +259,7 @@ def train(
             options=options,
             base_model=_load_base(base),
             say=_say,
+            resume_from=earlier,
         )
     except (DataFormatError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")

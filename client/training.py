@@ -77,12 +77,15 @@ def train_contributor_expert(
     options: ContributorOptions | None = None,
     base_model: BaseModel | None = None,
     say: Say = log.info,
+    resume_from: Expert | None = None,
 ) -> Expert:
     """The contributor's data read and the base model loaded, then the pipeline (LoRA, gates,
     the optional baseline vectors: `phatgoose.pipeline.train_contributor_expert`).
 
     `base` names the base model (`smollm2-135m` or a local Hugging Face directory);
     `base_model` may hand over an already loaded `(model, tokenizer)` for it.
+    `resume_from`: an earlier version whose LoRA training continues (its rank, alpha and
+    target modules are kept; `config`'s are ignored).
     """
     options = options or ContributorOptions()
     examples = read_training_data(data, max_examples=options.max_examples, seed=config.seed)
@@ -101,6 +104,7 @@ def train_contributor_expert(
         license=options.license,
         progress=options.progress,
         say=say,
+        resume_from=resume_from,
     )
 
 

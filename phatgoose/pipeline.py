@@ -50,10 +50,12 @@ def train_contributor_expert(
     progress: bool = True,
     say: Say = log.info,
     timings: dict[str, float] | None = None,
+    resume_from: Expert | None = None,
 ) -> Expert:
     """A complete expert from the contributor's examples: LoRA, gates, optional vectors.
 
     `base_model` defaults to `model`'s name and fingerprint (see `train_expert`).
+    `resume_from` continues an earlier version's LoRA (see `train_expert`).
     `timings`, when given, receives the seconds of each step: `lora_seconds`, then those of
     `add_gates_and_vectors`.
     """
@@ -68,6 +70,7 @@ def train_contributor_expert(
         description=description,
         license=license,
         progress=progress,
+        resume_from=resume_from,
     )
     if timings is not None:
         timings["lora_seconds"] = time.perf_counter() - started

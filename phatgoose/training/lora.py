@@ -351,6 +351,13 @@ def train_expert(
     if base_model is None:
         base_model = base_model_identity(model)
     if resume_from is not None:
+        earlier = resume_from.manifest.base_model
+        if earlier.fingerprint != base_model.fingerprint:
+            raise ExpertError(
+                f"cannot resume from {resume_from.manifest.name}: it was trained on base model "
+                f"{earlier.name} ({earlier.fingerprint}), this model is {base_model.name} "
+                f"({base_model.fingerprint})"
+            )
         lora_config = copy.deepcopy(resume_from.lora_config)
         lora_config.inference_mode = False
     else:

@@ -11,6 +11,7 @@ from phatgoose.expert import Expert
 from phatgoose.models import load_base_model, model_fingerprint
 from protocol import MANIFEST_FILE, ROUTER_FILE
 from tests.client.conftest import TINY_TRAINING, run_cli
+from tests.client.helpers import save_tiny_base
 
 
 def test_train_writes_an_expert_with_gates_and_the_requested_training(
@@ -101,6 +102,64 @@ def test_import_peft_keeps_the_adapter_weights_and_adds_trained_gates(
     assert all(torch.equal(saved[k], original[k]) for k in saved)
     assert len(expert.gates) == 4  # q_proj and v_proj in 2 layers
     assert all(gate.abs().max() > 0 for gate in expert.gates.values())
+
+
+def test_train_resume_from_continues_the_earlier_versions_lora(
+    trained_package, tiny_base_dir, private_data, tmp_path
+):
+    earlier = Expert.load(trained_package)
+    out = tmp_path / "quokka-v2"
+    # A learning rate too small to move anything: what comes out is where training started.
+    still = [*TINY_TRAINING[: TINY_TRAINING.index("--lr")], "--lr", "1e-9", "--quiet"]
+
+    result = run_cli(
+        "train",
+        "--data",
+        private_data,
+        "--name",
+        "quokka",
+        "--base",
+        tiny_base_dir,
+        "--out",
+        out,
+        "--resume-from",
+        trained_package,
+        "--rank",
+        "2",  # ignored: the earlier version's rank is kept
+        *still,
+    )
+
+    assert result.exit_code == 0, result.output
+    resumed = Expert.load(out)
+    assert resumed.rank == earlier.rank != 2
+    assert resumed.module_paths() == earlier.module_paths()
+    # A fresh LoRA starts with B = 0; this one started from the earlier version's B.
+    b_keys = [k for k in earlier.lora_weights if "lora_B" in k]
+    assert b_keys and all(earlier.lora_weights[k].abs().max() > 0 for k in b_keys)
+    for key in b_keys:
+        torch.testing.assert_close(resumed.lora_weights[key], earlier.lora_weights[key])
+
+
+def test_train_resume_from_refuses_another_base_model_or_a_folder_without_a_package(
+    trained_package, private_data, tmp_path
+):
+    other_base = save_tiny_base(tmp_path / "other-base", seed=1)
+    common = ["--data", private_data, "--name", "quokka", "--out", tmp_path / "out"]
+
+    other = run_cli(
+        "train", *common, "--base", other_base, "--resume-from", trained_package, *TINY_TRAINING
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = run_cli(
+        "train", *common, "--base", other_base, "--resume-from", empty, *TINY_TRAINING
+    )
+
+    assert other.exit_code == 2
+    assert "cannot resume from quokka: it was trained on base model" in other.output
+    assert nothing.exit_code == 2
+    assert "--resume-from" in nothing.output and "empty" in nothing.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_refuses_malformed_data_with_the_line_and_field(tiny_base_dir, tmp_path):
