@@ -52,7 +52,7 @@ from coordinator.evaluations import service as evaluations
 from coordinator.evaluations.schemas import EvaluationCreate
 from coordinator.experts.models import Block, Expert, ExpertVersion
 from coordinator.releases import service as releases
-from coordinator.releases.models import Release, ReleaseExpert
+from coordinator.releases.models import Release
 from coordinator.releases.schemas import ReleaseCreate, method_label
 from coordinator.storage import BlobStore
 from protocol.methods import METHOD_SPECS, ParamValue, RoutingMethod
@@ -457,7 +457,7 @@ def plan_advance(session: Session, channel: ReleaseChannel) -> AdvancePlan | Non
     is what the recipe selects. `ChannelRejected` when the recipe selects no expert."""
     resolved = resolve_recipe(session, channel)
     current = channel.release
-    before = _release_versions(session, current) if current is not None else []
+    before = releases.release_versions(session, current) if current is not None else []
     top_k = effective_top_k(channel, len(resolved.versions))
     recipe_changes = [] if current is None else _recipe_changes(current, channel, len(before))
     if current is not None and not recipe_changes and set(resolved.refs) == {v.ref for v in before}:
@@ -480,17 +480,6 @@ def plan_advance(session: Session, channel: ReleaseChannel) -> AdvancePlan | Non
         notes=f"channel {channel.full_name}: {reason}"[:_MAX_NOTES],
     )
     return AdvancePlan(channel.id, channel.full_name, channel.sequence, request, reason)
-
-
-def _release_versions(session: Session, release: Release) -> list[ExpertVersion]:
-    return list(
-        session.scalars(
-            select(ExpertVersion)
-            .join(ReleaseExpert, ReleaseExpert.expert_version_id == ExpertVersion.id)
-            .where(ReleaseExpert.release_id == release.id)
-            .order_by(ReleaseExpert.position)
-        )
-    )
 
 
 def _recipe_changes(release: Release, channel: ReleaseChannel, experts: int) -> list[str]:

@@ -485,6 +485,18 @@ def release_page(
     return ReleasePage(items=list(items), total=total)
 
 
+def release_versions(session: Session, release: Release) -> list[ExpertVersion]:
+    """The release's expert versions in its order."""
+    return list(
+        session.scalars(
+            select(ExpertVersion)
+            .join(ReleaseExpert, ReleaseExpert.expert_version_id == ExpertVersion.id)
+            .where(ReleaseExpert.release_id == release.id)
+            .order_by(ReleaseExpert.position)
+        )
+    )
+
+
 def yanked_experts(session: Session, release_ids: list[int]) -> dict[int, list[str]]:
     """Per release id, the refs of its experts that are yanked now, in release order."""
     if not release_ids:

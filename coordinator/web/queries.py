@@ -351,18 +351,6 @@ def base_model_of(session: Session, release: Release) -> BaseModelRecord | None:
     return session.get(BaseModelRecord, release.base_model_id)
 
 
-def release_versions(session: Session, release: Release) -> list[ExpertVersion]:
-    """The release's expert versions in its order."""
-    return list(
-        session.scalars(
-            select(ExpertVersion)
-            .join(ReleaseExpert, ReleaseExpert.expert_version_id == ExpertVersion.id)
-            .where(ReleaseExpert.release_id == release.id)
-            .order_by(ReleaseExpert.position)
-        )
-    )
-
-
 def release_results(session: Session, release: Release) -> list[EvaluationResult]:
     """The release's score on every task it was evaluated on (the leaderboard's rule), by
     task."""

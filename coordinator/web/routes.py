@@ -292,7 +292,7 @@ def release_page(request: Request, session: SessionDep, number: RowNumber) -> HT
         release = releases.get_release(session, number)
     except NotFound:
         return _not_found(request, f"There is no release #{number}.")
-    versions = queries.release_versions(session, release)
+    versions = releases.release_versions(session, release)
     results = queries.release_results(session, release)
     oracles = queries.oracle_choices(session, versions, [r.task for r in results])
     tasks = [_task_analysis(r, versions, oracles.get(r.task)) for r in results]

@@ -567,7 +567,7 @@ def test_the_second_release_of_the_channel_shows_its_diff_to_the_first(
         assert row[1:3] == [
             "–" if share is None else f"{100 * share:.1f}%" for share in (before, after)
         ]
-        assert row[3] == f"{100 * ((after or 0) - (before or 0)):+.1f}"
+        assert row[3] == f"{100 * ((after or 0) - (before or 0)):+.1f} pp"
     assert shares[-1][1] == "–"  # the newcomer was not in the first release
 
     with page.expect_navigation():
