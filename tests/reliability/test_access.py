@@ -326,12 +326,25 @@ def raw_get(app: FastAPI, raw_path: str) -> tuple[int, bytes]:
     """GET exactly `raw_path` through the ASGI app, as `curl --path-as-is` would send it
     (an HTTP client library would normalise the dot segments away first)."""
     messages: list[Message] = []
+    requests = [{"type": "http.request", "body": b"", "more_body": False}]
 
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+    async def exchange() -> None:
+        answered = anyio.Event()
 
-    async def send(message: Message) -> None:
-        messages.append(message)
+        async def receive() -> Message:
+            # The request once; then, as a server does, nothing until the client leaves
+            # (a streamed response listens for that while it sends).
+            if requests:
+                return requests.pop()
+            await answered.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            messages.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        await app(scope, receive, send)
 
     scope = {
         "type": "http",
@@ -348,7 +361,7 @@ def raw_get(app: FastAPI, raw_path: str) -> tuple[int, bytes]:
         "server": ("testserver", 80),
         "app": app,
     }
-    anyio.run(app, scope, receive, send)
+    anyio.run(exchange)
     status = next(m["status"] for m in messages if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     return status, body
