@@ -137,6 +137,11 @@ class ChannelDetail(BaseModel):
     name: str = Field(description="namespace/name")
     release: int | None = Field(description="the release it points at now (null: none yet)")
     release_url: str | None
+    release_withdrawn: bool = Field(
+        description="its release was withdrawn since it pointed there: readers get a "
+        "release `load_release` refuses until maintainers move the channel (the channel's "
+        "advance_error says what it needs)"
+    )
     method: str
     top_k: int | None
     method_params: dict[str, ParamValue]
@@ -168,6 +173,8 @@ class ChannelDetail(BaseModel):
             name=channel.full_name,
             release=number,
             release_url=None if number is None else release_url(number),
+            release_withdrawn=channel.release is not None
+            and channel.release.withdrawn_at is not None,
             method=channel.method,
             top_k=channel.top_k,
             method_params=channel.method_params,

@@ -26,7 +26,7 @@ is read in `coordinator.channels.diff`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -461,6 +461,14 @@ def plan_advance(session: Session, channel: ReleaseChannel) -> AdvancePlan | Non
     top_k = effective_top_k(channel, len(resolved.versions))
     recipe_changes = [] if current is None else _recipe_changes(current, channel, len(before))
     if current is not None and not recipe_changes and set(resolved.refs) == {v.ref for v in before}:
+        if current.withdrawn_at is not None:
+            # Building the same release again would hand readers what was withdrawn.
+            raise ChannelRejected(
+                f"release {current.number} of channel {channel.full_name} is withdrawn "
+                f"({current.withdrawn_reason}) and the catalog still selects its experts: pin "
+                "another release or roll back, or yank or block the expert at fault",
+                check="withdrawn",
+            )
         return None
     if not resolved.versions:
         why = "; ".join(resolved.left_out) or "no admitted expert matches its filter"
@@ -753,10 +761,11 @@ def unpin(session: Session, channel: ReleaseChannel, *, by: str) -> ChannelEntry
     return _move(session, locked, current, action=ChannelAction.UNPIN, reason="unpinned", by=by)
 
 
-def rollback_target(entries: Sequence[ChannelEntry]) -> int | None:
+def rollback_target(entries: Sequence[ChannelEntry], withdrawn: Collection[int] = ()) -> int | None:
     """The release id a rollback goes to: the release the channel pointed at before the
     current one, with earlier rollbacks undone (entries are a stack: a move to another
-    release pushes it, a rollback pops one). None when there is no earlier release."""
+    release pushes it, a rollback pops one), passing over the `withdrawn` release ids. None
+    when there is no such earlier release."""
     stack: list[int] = []
     for entry in entries:
         if entry.action == ChannelAction.ROLLBACK:
@@ -766,7 +775,7 @@ def rollback_target(entries: Sequence[ChannelEntry]) -> int | None:
                 stack.append(entry.release_id)
         elif not stack or stack[-1] != entry.release_id:
             stack.append(entry.release_id)
-    return stack[-2] if len(stack) >= 2 else None
+    return next((release for release in reversed(stack[:-1]) if release not in withdrawn), None)
 
 
 def rollback(
@@ -776,11 +785,21 @@ def rollback(
     and pin it there: without the pin the next pass would advance it straight back to what
     the catalog selects. `unpin` lets it follow again."""
     locked = _lock(session, channel)
-    target = rollback_target(channel_entries(session, locked.id))
+    entries = channel_entries(session, locked.id)
+    withdrawn = set(
+        session.scalars(
+            select(Release.id).where(
+                Release.id.in_({entry.release_id for entry in entries}),
+                Release.withdrawn_at.is_not(None),
+            )
+        )
+    )
+    target = rollback_target(entries, withdrawn)
     if target is None:
         session.rollback()
         raise Conflict(
-            f"channel {channel.full_name} has no earlier release to roll back to",
+            f"channel {channel.full_name} has no earlier release to roll back to that is not "
+            "withdrawn",
             check="rollback",
             expected="a channel that has pointed at two releases or more",
         )

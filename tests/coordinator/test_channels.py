@@ -291,6 +291,8 @@ def test_rollback_target_undoes_earlier_rollbacks():
     assert service.rollback_target(history) == 1
     history += entries(("unpin", 2), ("pin", 5))
     assert service.rollback_target(history) == 2
+    assert service.rollback_target(history, withdrawn={2}) == 1
+    assert service.rollback_target(history, withdrawn={1, 2}) is None
 
 
 def test_a_changed_recipe_is_built_at_the_next_advance(client, maintainer, two_experts):
@@ -504,6 +506,57 @@ def test_pins_take_a_release_of_the_channels_base_that_is_not_withdrawn(
     assert (refused.status_code, refused.json()["detail"]["check"]) == (409, "withdrawn")
     assert client.get(f"{API}/channels/community/none").status_code == 404
     assert client.get(f"{API}/releases/1/channel-diff").json()["previous"] is None
+
+
+def test_a_withdrawn_current_release_is_not_rebuilt_and_the_channel_says_so(
+    client, bob, maintainer, tiny_base, tmp_path, two_experts
+):
+    _create(client, maintainer)
+    _advance(client, maintainer)
+    withdrawn = client.post(
+        f"{API}/releases/1/withdraw", headers=maintainer, json={"reason": "routes badly"}
+    )
+    assert withdrawn.status_code == 200, withdrawn.text
+
+    report = _advance(client, maintainer)
+
+    # The catalog still selects its experts: building them again would serve what was
+    # withdrawn under another number. The channel stays, says why, and the page shows it.
+    assert report["advanced"] == []
+    assert (
+        "release 1 of channel community/latest is withdrawn (routes badly)"
+        in (report["errors"][NAME])
+    )
+    channel = client.get(CHANNEL).json()
+    assert (channel["release"], channel["release_withdrawn"]) == (1, True)
+    assert "yank or block the expert at fault" in channel["advance_error"]
+    page = client.get(f"/ui/channels/{NAME}").text
+    assert 'id="release-withdrawn"' in page and "routes badly" in page
+    # A catalog change moves it on, as always.
+    _publish(client, bob, tiny_base, tmp_path, "bob/c", 2)
+    assert [m["release"] for m in _advance(client, maintainer)["advanced"]] == [2]
+    channel = client.get(CHANNEL).json()
+    assert (channel["release_withdrawn"], channel["advance_error"]) == (False, None)
+
+
+def test_a_rollback_passes_over_withdrawn_releases(
+    client, bob, maintainer, tiny_base, tmp_path, two_experts
+):
+    _create(client, maintainer)
+    _advance(client, maintainer)
+    for name, seed in (("bob/c", 2), ("bob/d", 3)):
+        _publish(client, bob, tiny_base, tmp_path, name, seed)
+        _advance(client, maintainer)
+    client.post(f"{API}/releases/2/withdraw", headers=maintainer, json={"reason": "broken"})
+
+    back = client.post(f"{CHANNEL}/rollback", headers=maintainer, json={})
+
+    assert (back.json()["release"], back.json()["pinned_release"]) == (1, 1)
+    client.post(f"{API}/releases/1/withdraw", headers=maintainer, json={"reason": "broken"})
+    client.post(f"{CHANNEL}/pin", headers=maintainer, json={"release": 3})
+    refused = client.post(f"{CHANNEL}/rollback", headers=maintainer, json={})
+    assert (refused.status_code, refused.json()["detail"]["check"]) == (409, "rollback")
+    assert "not withdrawn" in refused.json()["detail"]["message"]
 
 
 # --- the command line ----------------------------------------------------------------------
