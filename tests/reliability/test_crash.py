@@ -305,8 +305,12 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
             for thread in threads:
                 thread.start()
             # Kill once a random number of the uploads have finished (0 .. all but one),
-            # plus a random jitter: the others are streaming, validating or committing.
-            for _ in range(rng.randrange(UPLOADS_PER_CYCLE)):
+            # plus a random jitter: the others are streaming, validating or committing. The
+            # first cycle lets all of them finish, so that delta uploads (slower: they ask
+            # first) are acknowledged and checked after every later kill, however loaded
+            # the machine is.
+            waits = rng.randrange(UPLOADS_PER_CYCLE)
+            for _ in range(UPLOADS_PER_CYCLE if cycle == 0 else waits):
                 assert finished.acquire(timeout=120)
             time.sleep(rng.uniform(0.0, 0.15))
             launcher.kill(pid)
@@ -343,5 +347,5 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(
     # (A handful of cycles, as PHATGOOSE_CRASH_CYCLES=2 for a quick look, may kill every
     # one of them before its first upload finished.)
     assert (tally.acked and tally.refused) or cycles < 10
-    assert any(ack.delta for ack in tally.acked) or cycles < 10  # deltas got through too
+    assert any(ack.delta for ack in tally.acked)  # deltas got through too
     assert total >= len(tally.acked)
