@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -606,11 +608,21 @@ def _refused(error: Any) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _channel(session: Any, full_name: str) -> Any:
+@contextmanager
+def _on_channel(
+    full_name: str, data_dir: Path | None, database_url: str | None
+) -> Iterator[tuple[Any, Any]]:
+    """(session, channel) for a command on the channel `full_name`; a refusal of the service
+    (a `CoordinatorError`: no such channel, a move it cannot make) exits as `_refused`."""
     from coordinator.channels import service
+    from coordinator.core.errors import CoordinatorError
 
     namespace, _, name = full_name.partition("/")
-    return service.get_channel(session, namespace, name)
+    with _sessions(data_dir, database_url)() as session:
+        try:
+            yield session, service.get_channel(session, namespace, name)
+        except CoordinatorError as error:
+            raise _refused(error) from error
 
 
 def _channel_line(channel: Any) -> str:
@@ -765,14 +777,9 @@ def channel_show(
 
     The release's API URL is printed too: phatgoose.load_release takes it."""
     from coordinator.channels import service
-    from coordinator.core.errors import CoordinatorError
     from coordinator.releases.schemas import release_url
 
-    with _sessions(data_dir, database_url)() as session:
-        try:
-            channel = _channel(session, name)
-        except CoordinatorError as error:
-            raise _refused(error) from error
+    with _on_channel(name, data_dir, database_url) as (session, channel):
         typer.echo(_channel_line(channel))
         if channel.release is not None:
             typer.echo(f"release URL: {release_url(channel.release.number)}")
@@ -795,15 +802,9 @@ def channel_pin(
 ) -> None:
     """Point the channel at release NUMBER and hold it there until unpinned."""
     from coordinator.channels import service
-    from coordinator.core.errors import CoordinatorError
 
-    with _sessions(data_dir, database_url)() as session:
-        try:
-            entry = service.pin(
-                session, _channel(session, name), number, by="operator", reason=reason
-            )
-        except CoordinatorError as error:
-            raise _refused(error) from error
+    with _on_channel(name, data_dir, database_url) as (session, channel):
+        entry = service.pin(session, channel, number, by="operator", reason=reason)
     typer.echo(f"{name}: pinned to release {number} (move {entry.sequence})")
 
 
@@ -813,13 +814,9 @@ def channel_unpin(
 ) -> None:
     """Let a pinned channel follow the catalog again (from its next advance)."""
     from coordinator.channels import service
-    from coordinator.core.errors import CoordinatorError
 
-    with _sessions(data_dir, database_url)() as session:
-        try:
-            entry = service.unpin(session, _channel(session, name), by="operator")
-        except CoordinatorError as error:
-            raise _refused(error) from error
+    with _on_channel(name, data_dir, database_url) as (session, channel):
+        entry = service.unpin(session, channel, by="operator")
     typer.echo(f"{name}: unpinned (move {entry.sequence})")
 
 
@@ -832,15 +829,10 @@ def channel_rollback(
 ) -> None:
     """Point the channel back at its previous release, pinned there (unpin to follow again)."""
     from coordinator.channels import service
-    from coordinator.core.errors import CoordinatorError
 
-    with _sessions(data_dir, database_url)() as session:
-        try:
-            channel = _channel(session, name)
-            entry = service.rollback(session, channel, by="operator", reason=reason)
-            number = channel.release.number
-        except CoordinatorError as error:
-            raise _refused(error) from error
+    with _on_channel(name, data_dir, database_url) as (session, channel):
+        entry = service.rollback(session, channel, by="operator", reason=reason)
+        number = channel.release.number
     typer.echo(f"{name}: rolled back to release {number}, pinned (move {entry.sequence})")
 
 
@@ -853,13 +845,9 @@ def channel_pause(
 ) -> None:
     """Hold the channel where it is until resumed."""
     from coordinator.channels import service
-    from coordinator.core.errors import CoordinatorError
 
-    with _sessions(data_dir, database_url)() as session:
-        try:
-            service.pause(session, _channel(session, name), by="operator", reason=reason)
-        except CoordinatorError as error:
-            raise _refused(error) from error
+    with _on_channel(name, data_dir, database_url) as (session, channel):
+        service.pause(session, channel, by="operator", reason=reason)
     typer.echo(f"{name}: paused")
 
 
@@ -869,13 +857,9 @@ def channel_resume(
 ) -> None:
     """Let a paused channel advance again."""
     from coordinator.channels import service
-    from coordinator.core.errors import CoordinatorError
 
-    with _sessions(data_dir, database_url)() as session:
-        try:
-            service.resume(session, _channel(session, name), by="operator")
-        except CoordinatorError as error:
-            raise _refused(error) from error
+    with _on_channel(name, data_dir, database_url) as (session, channel):
+        service.resume(session, channel, by="operator")
     typer.echo(f"{name}: resumed")
 
 
