@@ -43,6 +43,7 @@ from protocol import (
     VECTOR_DTYPE,
     ExpertManifest,
     LoraSummary,
+    PrivacyGuarantee,
     lora_key,
     lora_scale,
     parse_lora_key,
@@ -147,8 +148,10 @@ class Expert:
         gate_steps: int,
         final_gate_loss: float | None = None,
         gate_precision: str | None = None,
+        privacy: PrivacyGuarantee | None = None,
     ) -> Expert:
-        """A copy with these gates and the manifest's training summary updated."""
+        """A copy with these gates, the manifest's training summary updated, and `privacy`
+        as the expert's guarantee (None: none, whatever the LoRA had)."""
         training = self.manifest.training.model_copy(
             update={
                 "gate_steps": gate_steps,
@@ -156,7 +159,7 @@ class Expert:
                 "gate_precision": gate_precision,
             }
         )
-        manifest = self.manifest.model_copy(update={"training": training})
+        manifest = self.manifest.model_copy(update={"training": training, "privacy": privacy})
         return dataclasses.replace(self, manifest=manifest, gates=dict(gates))
 
     def with_average_activations(self, activations: dict[str, Tensor] | None) -> Expert:

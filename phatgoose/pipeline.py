@@ -59,6 +59,7 @@ def train_contributor_expert(
     `timings`, when given, receives the seconds of each step: `lora_seconds`, then those of
     `add_gates_and_vectors`.
     """
+    refuse_vectors_under_dp(config, average_activation=average_activation, retrieval=retrieval)
     started = time.perf_counter()
     expert = train_expert(
         model,
@@ -91,6 +92,25 @@ def train_contributor_expert(
     )
 
 
+def refuse_vectors_under_dp(
+    config: TrainingConfig, *, average_activation: bool, retrieval: bool
+) -> None:
+    """Under DP, neither baseline vector may be asked for: nothing privatises them (an
+    average of private activations, embeddings of private inputs), and shipping one would
+    void the expert's guarantee. Checked before any training starts."""
+    if config.dp is None:
+        return
+    for asked, what, flag in (
+        (average_activation, "average activations", "--average-activation"),
+        (retrieval, "retrieval embeddings", "--retrieval-embeddings"),
+    ):
+        if asked:
+            raise ValueError(
+                f"{what} cannot be shipped with a differentially private expert: they are "
+                f"computed from the private data without noise; drop {flag} or --dp-epsilon"
+            )
+
+
 def add_gates_and_vectors(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -113,6 +133,7 @@ def add_gates_and_vectors(
     the embeddings come from `embedder` (MiniLM by default). `timings`, when given, receives
     `gate_seconds` and `vector_seconds`.
     """
+    refuse_vectors_under_dp(config, average_activation=average_activation, retrieval=retrieval)
     started = time.perf_counter()
     expert = train_gates(model, tokenizer, expert, examples, config=config, progress=progress)
     if timings is not None:

@@ -1,7 +1,8 @@
 """The expert package format, manifests and schemas shared by every part of the platform.
 
-Pure data: no torch. Parameters travel as safetensors, metadata as JSON validated by the
-pydantic models here.
+Pure data: no torch, except the DP accountant (Opacus) that admission imports to check a
+package's stated privacy guarantee. Parameters travel as safetensors, metadata as JSON
+validated by the pydantic models here.
 """
 
 from protocol.api import API_PREFIX, API_VERSION, ApiVersion
@@ -59,6 +60,11 @@ from protocol.peft_format import (
     parse_lora_key,
 )
 from protocol.precision import PRECISIONS, ComputePrecisionName, Precision
+from protocol.privacy import (
+    PrivacyGuarantee,
+    WeakestGuarantee,
+    weakest_guarantee,
+)
 from protocol.release import (
     RELEASE_FILE,
     RELEASE_FORMAT,
@@ -127,6 +133,7 @@ __all__ = [
     "PackageRejected",
     "ParamValue",
     "Precision",
+    "PrivacyGuarantee",
     "ReleaseBaseModel",
     "ReleaseFile",
     "ReleaseManifest",
@@ -134,6 +141,7 @@ __all__ = [
     "RoutingMethod",
     "TrainingSummary",
     "ValidatedPackage",
+    "WeakestGuarantee",
     "expert_package_path",
     "is_method",
     "lora_key",
@@ -148,4 +156,5 @@ __all__ = [
     "slug",
     "validate_directory",
     "validate_package",
+    "weakest_guarantee",
 ]

@@ -7,6 +7,7 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.precision import ComputePrecisionName
+from protocol.privacy import PrivacyGuarantee
 
 FORMAT_VERSION: Final = 1
 
@@ -87,5 +88,8 @@ class ExpertManifest(BaseModel):
     training: TrainingSummary
     has_average_activation: bool = False
     has_retrieval_embeddings: bool = False
+    # Differential privacy of the LoRA and gates (protocol/privacy.py); None: trained
+    # without DP, no guarantee. Versioned by its own `format_version`.
+    privacy: PrivacyGuarantee | None = None
     library_version: Identifier
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

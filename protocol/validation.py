@@ -54,6 +54,7 @@ from protocol.peft_format import (
     lora_scale,
     target_module_matcher,
 )
+from protocol.privacy import EPSILON_TOLERANCE, accounted_epsilon
 
 # How messages name safetensors dtypes.
 _DTYPE_NAMES = {
@@ -223,6 +224,7 @@ def validate_package(
         if retrieval is not None:
             _check_retrieval_names(retrieval)
         _check_manifest_flags(manifest, has_average_activation, has_retrieval)
+        _check_privacy(manifest)
 
         _check_adapter_headers(adapter, layout)
         _check_router_headers(router, layout.modules, has_average_activation)
@@ -719,6 +721,57 @@ def _check_manifest_flags(
                 f"{field} is {str(stated).lower()} but the files say otherwise",
                 expected=f"{field} {str(actual).lower()}",
             )
+
+
+def _check_privacy(manifest: ExpertManifest) -> None:
+    """A stated DP guarantee must fit the package and the training it describes, and its
+    epsilon must be at least what the accountant gives for its own noise, rate and steps."""
+    guarantee = manifest.privacy
+    if guarantee is None:
+        return
+    training = manifest.training
+
+    def reject(detail: str, expected: str) -> PackageRejected:
+        return PackageRejected("privacy", MANIFEST_FILE, f"privacy: {detail}", expected=expected)
+
+    for field, present in (
+        ("has_average_activation", manifest.has_average_activation),
+        ("has_retrieval_embeddings", manifest.has_retrieval_embeddings),
+    ):
+        if present:
+            raise reject(
+                f"the package states a DP guarantee and {field} true; nothing privatises them",
+                expected=f"{field} false (or no privacy field)",
+            )
+    trained_steps = training.steps + training.gate_steps
+    if guarantee.steps != trained_steps:
+        raise reject(
+            f"steps is {guarantee.steps} but training ran {training.steps} LoRA and "
+            f"{training.gate_steps} gate steps",
+            expected=f"steps {trained_steps}",
+        )
+    if training.batch_size is not None and training.examples > 0:
+        rate = training.batch_size / training.examples
+        if not math.isclose(guarantee.sample_rate, min(rate, 1.0), rel_tol=1e-6):
+            raise reject(
+                f"sample_rate is {guarantee.sample_rate} but batch {training.batch_size} of "
+                f"{training.examples} examples samples at {rate:.6g}",
+                expected=f"sample_rate {min(rate, 1.0):.6g}",
+            )
+    spent = accounted_epsilon(
+        noise_multiplier=guarantee.noise_multiplier,
+        sample_rate=guarantee.sample_rate,
+        steps=guarantee.steps,
+        delta=guarantee.delta,
+        accountant=guarantee.accountant,
+    )
+    if guarantee.epsilon < spent * (1 - EPSILON_TOLERANCE):  # a smaller claim is a false one
+        raise reject(
+            f"epsilon {guarantee.epsilon:.6g} is less than the {guarantee.accountant} "
+            f"accountant's {spent:.6g} for noise multiplier {guarantee.noise_multiplier}, "
+            f"sample rate {guarantee.sample_rate} and {guarantee.steps} steps",
+            expected=f"epsilon >= {spent:.6g}",
+        )
 
 
 # --- safetensors files -----------------------------------------------------------------

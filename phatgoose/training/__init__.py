@@ -4,7 +4,8 @@ plus the contributor-side vectors of two baselines.
 `lora.py` trains the LoRA and holds the loop and objective gate training shares,
 `gates.py` trains the gates through the routing package's routed linear,
 `contributor_vectors.py` computes average activations and retrieval embeddings, and
-`peft_import.py` turns an existing PEFT adapter into an expert. The caller's model is
+`peft_import.py` turns an existing PEFT adapter into an expert, and `privacy.py` makes
+LoRA and gate training DP-SGD when asked. The caller's model is
 always handed back exactly as it was (`plumbing.py`).
 """
 
@@ -22,9 +23,12 @@ from phatgoose.training.lora import (
     train_expert,
 )
 from phatgoose.training.peft_import import expert_from_peft
+from phatgoose.training.privacy import DEFAULT_MAX_GRAD_NORM, DifferentialPrivacy
 
 __all__ = [
+    "DEFAULT_MAX_GRAD_NORM",
     "PRIVACY_WARNING",
+    "DifferentialPrivacy",
     "TrainingConfig",
     "compute_average_activations",
     "compute_retrieval_embeddings",

@@ -27,6 +27,7 @@ from phatgoose.routing.model import build_gated_model, unroute_model
 from phatgoose.routing.routers import GateRouter
 from phatgoose.training.lora import TrainingConfig, optimise, split_validation
 from phatgoose.training.plumbing import restored, seeded
+from protocol import PrivacyGuarantee
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ def train_gates(
     Uses the same training split (`split_validation`), objective, batch size, schedule shape
     and optimiser as the LoRA, for `config.resolved_gate_steps` steps. `loss_curve`, when
     given, receives every step's training loss.
+
+    Under `config.dp` the gates continue the LoRA's DP-SGD run: the expert's guarantee then
+    covers both (`_guarantee_after`); gates trained otherwise end the guarantee.
     """
     config = config or TrainingConfig()
     _warn_if_other_base(model, expert)
@@ -102,6 +106,7 @@ def train_gates(
     if loss_curve is not None:
         loss_curve.extend(losses)
     window = losses[-max(1, math.ceil(steps / 10)) :]
+    private = config.dp is not None
     log.info(
         "trained gates of %s: %d steps in %.1f s (%s), final loss %.4f",
         expert.name,
@@ -113,9 +118,36 @@ def train_gates(
     return expert.with_gates(
         gates,
         gate_steps=steps,
-        final_gate_loss=sum(window) / len(window),
+        final_gate_loss=None if private else sum(window) / len(window),
         gate_precision=precision.name,
+        privacy=_guarantee_after(expert, config, len(training), steps),
     )
+
+
+def _guarantee_after(
+    expert: Expert, config: TrainingConfig, examples: int, gate_steps: int
+) -> PrivacyGuarantee | None:
+    """The expert's guarantee once its gates are trained: the LoRA's run extended by the
+    gate steps when both were private with the same plan, else none (with a warning when
+    one was private: the other used the data without noise)."""
+    earlier = expert.manifest.privacy
+    if config.dp is None:
+        if earlier is not None:
+            _warn(f"gates of {expert.name!r} trained without DP: its LoRA's guarantee is dropped")
+        return None
+    plan = config.private_plan(examples)
+    if earlier is None or not plan.matches(earlier):
+        _warn(
+            f"the LoRA of {expert.name!r} was not trained under this DP plan: gates trained "
+            "with DP alone give the expert no guarantee"
+        )
+        return None
+    return plan.guarantee(earlier.steps + gate_steps)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
+    log.warning(message)
 
 
 def _warn_if_other_base(model: nn.Module, expert: Expert) -> None:

@@ -51,6 +51,15 @@ from phatgoose.training.plumbing import (
     seeded,
     to_device,
 )
+from phatgoose.training.privacy import (
+    DifferentialPrivacy,
+    PrivatePlan,
+    dp_optimizer,
+    plan_privacy,
+    poisson_batches,
+    private_generator,
+    set_per_example_gradients,
+)
 from protocol import BaseModelIdentity, ExpertManifest, TrainingSummary
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,11 @@ class TrainingConfig:
     `gate_learning_rate` (default `learning_rate`) on the same training split. `precision`
     is the compute precision (`phatgoose.precision`: `auto` is bfloat16 where the hardware
     has native bfloat16 matrix units); the trained parameters stay float32 either way.
+
+    `dp` trains LoRA and gates with DP-SGD (`training.privacy`): Poisson-sampled batches of
+    expected size `batch_size`, per-example clipping and noise, and no validation split (a
+    checkpoint picked by the loss on private examples would be a release of them: the last
+    one is kept).
     """
 
     r: int = 16
@@ -89,6 +103,7 @@ class TrainingConfig:
     seed: int = 0
     weight_decay: float = 0.0
     precision: Precision = "auto"
+    dp: DifferentialPrivacy | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -141,16 +156,29 @@ class TrainingConfig:
             self.gate_learning_rate if self.gate_learning_rate is not None else self.learning_rate
         )
 
+    def private_plan(self, examples: int) -> PrivatePlan:
+        """DP-SGD's settings over `examples` training examples, for the LoRA's and the
+        gates' steps together (requires `dp`)."""
+        if self.dp is None:
+            raise ValueError("TrainingConfig.dp is not set: this training is not private")
+        return plan_privacy(
+            self.dp,
+            examples=examples,
+            batch_size=self.batch_size,
+            total_steps=self.steps + self.resolved_gate_steps,
+        )
+
 
 def split_validation(
     examples: Sequence[Example], config: TrainingConfig
 ) -> tuple[list[Example], list[Example]]:
-    """`(training, validation)`: a seeded shuffle; the first few examples are validation."""
+    """`(training, validation)`: a seeded shuffle; the first few examples are validation
+    (none under DP, see `TrainingConfig`)."""
     if not examples:
         raise ValueError("no training examples")
     n = len(examples)
     n_val = 0
-    if config.validation_fraction > 0 and n >= 2:
+    if config.validation_fraction > 0 and n >= 2 and config.dp is None:
         n_val = round(config.validation_fraction * n)
         n_val = min(max(n_val, 1), config.max_validation_examples, n - 1)
     order = list(range(n))
@@ -289,29 +317,55 @@ def optimise(
     step.
 
     `on_eval = (every, evaluate)` calls `evaluate(step)` every `every` steps and at the last
-    step (in `precision` too); what it returns is shown on the progress bar.
+    step (in `precision` too); what it returns is shown on the progress bar. Under
+    `config.dp` each step is DP-SGD's (`training.privacy`); the losses returned are then the
+    sampled batches' own, for the progress bar only: they are not private.
     """
     enc_dec = is_encoder_decoder(model)
     packs_sequences(model)  # checked (and cached) in float32, before any bfloat16 copy
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=config.weight_decay)
-    scheduler = _warmup_then_linear_decay(optimizer, steps, config.warmup_ratio)
-    stream = batches(training, config.batch_size, seed=config.seed)
+    private = config.dp is not None
+    if private:
+        plan = config.private_plan(len(training))
+        optimizer: torch.optim.Optimizer = dp_optimizer(
+            parameters, plan, learning_rate=learning_rate, weight_decay=config.weight_decay
+        )
+        stream = poisson_batches(
+            training, plan.sample_rate, private_generator(plan, torch.device("cpu"))
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            parameters, lr=learning_rate, weight_decay=config.weight_decay
+        )
+        stream = batches(training, config.batch_size, seed=config.seed)
+    scheduler = _warmup_then_linear_decay(
+        getattr(optimizer, "original_optimizer", optimizer), steps, config.warmup_ratio
+    )
+
+    def batch_loss(examples: list[Example]) -> Tensor:  # mean over the target tokens
+        batch = collate_for_training(
+            tokenizer, examples, max_length=config.max_length, is_encoder_decoder=enc_dec
+        )
+        loss_sum, count = _target_loss_sum(model, to_device(batch, model), enc_dec)
+        return loss_sum / max(count, 1)
+
     losses: list[float] = []
     postfix: dict[str, str] = {}
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
     with compute_in(precision, model):
         for step in bar:
-            batch = collate_for_training(
-                tokenizer, next(stream), max_length=config.max_length, is_encoder_decoder=enc_dec
-            )
             model.train()
-            loss_sum, count = _target_loss_sum(model, to_device(batch, model), enc_dec)
-            loss = loss_sum / max(count, 1)
-            loss.backward()
+            if private:
+                loss_value = set_per_example_gradients(
+                    parameters, next(stream), lambda example: batch_loss([example])
+                )
+            else:
+                loss = batch_loss(next(stream))
+                loss.backward()
+                loss_value = loss.item()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss_value)
             postfix["loss"] = f"{losses[-1]:.4f}"
             if on_eval is not None and (step % on_eval[0] == 0 or step == steps):
                 postfix.update(on_eval[1](step))
@@ -342,9 +396,18 @@ def train_expert(
     `resume_from` continues training an earlier version: its LoRA (rank, alpha, target
     modules and tensors) is where training starts, in place of a fresh initialisation;
     `config.r`, `lora_alpha` and `target_modules` are then ignored.
+
+    Under `config.dp` the manifest states the guarantee of the LoRA's steps (`train_gates`
+    extends it to the gates'), and no loss: a loss on private examples is not private.
     """
     config = config or TrainingConfig()
     check_expert_name(name)
+    if config.dp is not None and resume_from is not None:
+        raise ExpertError(
+            "cannot resume training under differential privacy: the earlier version's "
+            "training is not covered by this run's guarantee (its data may be the same); "
+            "train a new expert with --dp-epsilon instead"
+        )
     precision = resolve_precision(config.precision, next(model.parameters()).device)
     training, validation = split_validation(examples, config)
     targets = config.target_modules or default_target_modules(model)
@@ -422,6 +485,7 @@ def train_expert(
     lora_weights = best.state
     assert lora_weights is not None  # the last step is always evaluated
     window = losses[-config.resolved_eval_every :]
+    private = config.dp is not None
     manifest = ExpertManifest(
         name=name,
         description=description,
@@ -434,11 +498,12 @@ def train_expert(
             gate_steps=0,
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
-            final_loss=sum(window) / len(window),
+            final_loss=None if private else sum(window) / len(window),
             best_validation_loss=best.loss if validation else None,
             seconds=seconds,
             precision=precision.name,
         ),
+        privacy=config.private_plan(len(training)).guarantee(config.steps) if private else None,
         library_version=phatgoose.__version__,
     )
     saved_config = copy.deepcopy(lora_config)

@@ -28,8 +28,10 @@ from protocol import (
     ExpertManifest,
     LinearModuleSpec,
     LoraSummary,
+    PrivacyGuarantee,
     TrainingSummary,
 )
+from protocol.privacy import accounted_epsilon, noise_multiplier_for
 
 # Any well-formed fingerprint will do here: admission only compares it with the spec's.
 TEST_FINGERPRINT = "sha256:" + "ab" * 32
@@ -65,8 +67,13 @@ def write_package(
     retrieval_examples: int = 0,
     name: str = "alice/tiny-expert",
     seed: int = 0,
+    dp_epsilon: float | None = None,
 ) -> Path:
-    """Write a valid package for `model` (which PEFT wraps in place) into `directory`."""
+    """Write a valid package for `model` (which PEFT wraps in place) into `directory`.
+
+    `dp_epsilon`: the manifest states a DP-SGD guarantee of about that epsilon, consistent
+    with its training summary (`dp_guarantee`); needs `average_activation=False`.
+    """
     generator = torch.Generator().manual_seed(seed)
     config = LoraConfig(
         r=r,
@@ -108,13 +115,34 @@ def write_package(
         lora=LoraSummary(
             r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), modules=len(modules)
         ),
-        training=TrainingSummary(examples=8, steps=10, gate_steps=1),
+        training=TrainingSummary(examples=8, steps=10, gate_steps=1, batch_size=4),
         has_average_activation=average_activation,
         has_retrieval_embeddings=retrieval_examples > 0,
+        privacy=None if dp_epsilon is None else dp_guarantee(dp_epsilon, 8, 4, 11),
         library_version="0.1.0",
     )
     (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return directory
+
+
+def dp_guarantee(
+    epsilon: float, examples: int, batch_size: int, steps: int, delta: float = 1e-5
+) -> PrivacyGuarantee:
+    """The guarantee DP-SGD over `examples` examples (expected batch `batch_size`) for
+    `steps` steps states, with the noise that spends about `epsilon` (the accountant's)."""
+    rate = batch_size / examples
+    noise = noise_multiplier_for(epsilon=epsilon, delta=delta, sample_rate=rate, steps=steps)
+    return PrivacyGuarantee(
+        epsilon=accounted_epsilon(
+            noise_multiplier=noise, sample_rate=rate, steps=steps, delta=delta, accountant="rdp"
+        ),
+        delta=delta,
+        max_grad_norm=1.0,
+        noise_multiplier=noise,
+        sample_rate=rate,
+        steps=steps,
+        library="opacus 1.6.0",
+    )
 
 
 def edit_tensors(path: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> None:
