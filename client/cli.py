@@ -22,14 +22,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from protocol.precision import Precision
+from protocol.privacy import DEFAULT_MAX_GRAD_NORM
 
 if TYPE_CHECKING:  # torch and transformers load slowly: --help stays fast without them
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from client.inspection import PackageReport
     from client.training import ContributorOptions
-    from phatgoose.training import TrainingConfig
+    from phatgoose.training import DifferentialPrivacy, TrainingConfig
     from protocol.diff import PackageDiff
+    from protocol.privacy import PrivacyGuarantee
 
 app = typer.Typer(
     help="Contributors: train an expert on private data, inspect it, publish it.",
@@ -117,10 +119,38 @@ PrecisionOption = Annotated[
     ),
 ]
 AverageActivationOption = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--average-activation/--no-average-activation",
-        help="Also ship each module's mean input activation (the Average-activation baseline).",
+        help="Also ship each module's mean input activation (the Average-activation "
+        "baseline). Default: yes, except under --dp-epsilon, which refuses it.",
+        show_default=False,
+    ),
+]
+DpEpsilonOption = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-epsilon",
+        help="Train with differential privacy (DP-SGD): the LoRA and the gates together are "
+        "(epsilon, delta)-DP for each training example. Smaller is more private (8 is "
+        "common, 1 is strong) and costs more accuracy. No validation split, average "
+        "activations, retrieval embeddings or --resume-from under DP. See docs/privacy.md.",
+        show_default=False,
+    ),
+]
+DpDeltaOption = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-delta",
+        help="DP's delta (default: 1e-5, or 1/(10 n) for n > 10,000 examples); must be below 1/n.",
+        show_default=False,
+    ),
+]
+DpClipOption = Annotated[
+    float,
+    typer.Option(
+        "--dp-max-grad-norm",
+        help="Under DP, each example's gradient is clipped to this L2 norm.",
     ),
 ]
 RetrievalOption = Annotated[
@@ -168,6 +198,7 @@ def _config(
     gate_lr: float | None,
     seed: int,
     precision: Precision,
+    dp: DifferentialPrivacy | None = None,
 ) -> TrainingConfig:
     from phatgoose.training import TrainingConfig
 
@@ -182,7 +213,27 @@ def _config(
         gate_learning_rate=gate_lr,
         seed=seed,
         precision=precision,
+        dp=dp,
     )
+
+
+def _privacy(
+    epsilon: float | None, delta: float | None, max_grad_norm: float
+) -> DifferentialPrivacy | None:
+    """`--dp-*` as the training's privacy settings (None without --dp-epsilon); a bad value
+    ends the command with its field named."""
+    from phatgoose.training import DifferentialPrivacy
+
+    if epsilon is None:
+        if delta is not None:
+            console.print("[red]error:[/red] --dp-delta needs --dp-epsilon")
+            raise typer.Exit(2)
+        return None
+    try:
+        return DifferentialPrivacy(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
 
 
 def _say(message: str) -> None:
@@ -216,12 +267,15 @@ def train(
     max_examples: MaxExamplesOption = None,
     seed: SeedOption = 0,
     precision: PrecisionOption = "auto",
-    average_activation: AverageActivationOption = True,
+    average_activation: AverageActivationOption = None,
     retrieval_embeddings: RetrievalOption = False,
     description: DescriptionOption = "",
     license: LicenseOption = "Apache-2.0",
     quiet: QuietOption = False,
     resume_from: ResumeOption = None,
+    dp_epsilon: DpEpsilonOption = None,
+    dp_delta: DpDeltaOption = None,
+    dp_max_grad_norm: DpClipOption = DEFAULT_MAX_GRAD_NORM,
 ) -> None:
     """Train an expert on private data: LoRA, then its PHATGOOSE gates.
 
@@ -231,6 +285,9 @@ def train(
 
     A new version: --resume-from the last one continues its LoRA; `import-peft` of a
     package directory retrains only its gates. Either way, `push` sends only what changed.
+
+    --dp-epsilon 8 trains with differential privacy: the manifest then states the
+    guarantee, which the coordinator checks and shows (docs/privacy.md).
     """
     from client.training import train_contributor_expert
     from phatgoose.data import DataFormatError
@@ -244,12 +301,12 @@ def train(
         except (OSError, ValueError) as error:  # ExpertError is a ValueError
             console.print(f"[red]error:[/red] --resume-from {resume_from}: {error}")
             raise typer.Exit(2) from None
+    dp = _privacy(dp_epsilon, dp_delta, dp_max_grad_norm)
     config = _config(
-        rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed, precision
+        rank, alpha, steps, gate_steps, batch_size, max_length, lr, gate_lr, seed, precision, dp
     )
-    options = _options(
-        description, license, max_examples, average_activation, retrieval_embeddings, quiet
-    )
+    average = dp is None if average_activation is None else average_activation
+    options = _options(description, license, max_examples, average, retrieval_embeddings, quiet)
     try:
         expert = train_contributor_expert(
             data,
@@ -293,7 +350,7 @@ def import_peft(
     max_examples: MaxExamplesOption = None,
     seed: SeedOption = 0,
     precision: PrecisionOption = "auto",
-    average_activation: AverageActivationOption = True,
+    average_activation: AverageActivationOption = None,
     retrieval_embeddings: RetrievalOption = False,
     description: DescriptionOption = "",
     license: LicenseOption = "Apache-2.0",
@@ -313,9 +370,8 @@ def import_peft(
     config = _config(
         8, 16.0, gate_steps, gate_steps, batch_size, max_length, lr, lr, seed, precision
     )
-    options = _options(
-        description, license, max_examples, average_activation, retrieval_embeddings, quiet
-    )
+    average = True if average_activation is None else average_activation
+    options = _options(description, license, max_examples, average, retrieval_embeddings, quiet)
     try:
         expert = import_peft_expert(
             adapter_dir,
@@ -552,10 +608,21 @@ def _print_summary(out: Path) -> None:
     table.add_row("computed in", " + ".join(sorted(str(c) for c in computed)) or "not recorded")
     table.add_row("average activation", "yes" if m.has_average_activation else "no")
     table.add_row("retrieval embeddings", "yes (leaks!)" if m.has_retrieval_embeddings else "no")
+    table.add_row("privacy", _privacy_summary(m.privacy))
     for path in sorted(out.iterdir()):
         table.add_row(f"  {path.name}", f"{path.stat().st_size:,} bytes")
     console.print(table)
     console.print(f"written to [bold]{out}[/bold]; next: phatgoose client inspect {out}")
+
+
+def _privacy_summary(guarantee: PrivacyGuarantee | None) -> str:
+    if guarantee is None:
+        return "no DP guarantee"
+    return (
+        f"{guarantee.summary()}; clip {guarantee.max_grad_norm:g}, noise "
+        f"{guarantee.noise_multiplier:.3f}, rate {guarantee.sample_rate:.4g}, "
+        f"{guarantee.steps} steps"
+    )
 
 
 def _print_report(report: PackageReport) -> None:
@@ -572,6 +639,7 @@ def _print_report(report: PackageReport) -> None:
         table.add_row("gates", "yes" if e.has_gates else "[red]no[/red]")
         table.add_row("average activation", "yes" if m.has_average_activation else "no")
         table.add_row("retrieval embeddings", "yes" if m.has_retrieval_embeddings else "no")
+        table.add_row("privacy", _privacy_summary(m.privacy))
         table.add_row(
             "training",
             f"{m.training.examples} examples, {m.training.steps} steps, "

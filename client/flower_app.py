@@ -10,22 +10,26 @@ The node's private data and the expert's name come from the SuperNode's node con
     flower-supernode ... --node-config 'data-path="/data/mine.jsonl" expert-name="mine"'
 
 In a local simulation (no node config), the run config's `simulation-datasets`
-(`"name=path;name=path"`) gives node `partition-id` its dataset.
+(`"name=path;name=path"`) gives node `partition-id` its dataset. A contributor who wants
+differential privacy whatever the server asks adds `dp-epsilon=8` (say) to the node config.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.flower_message import package_to_content
 from client.training import ContributorOptions, train_contributor_expert
-from phatgoose.training import TrainingConfig
+from phatgoose.training import DifferentialPrivacy, TrainingConfig
 from protocol import slug
 from protocol.flower import (
     KNOWN_KEY,
@@ -65,8 +69,35 @@ def node_dataset(context: Context) -> tuple[str, str]:
     )
 
 
-def contributor_settings(request: TrainingRequest) -> tuple[TrainingConfig, ContributorOptions]:
-    """What `client.training` needs to carry out a train request."""
+def private_settings(
+    request: TrainingRequest, node_config: Mapping[str, Any] | None = None
+) -> DifferentialPrivacy | None:
+    """The DP budget of this node's expert: the stricter of the federation's (the run
+    config's `dp-epsilon`) and the contributor's own (the node config's `dp-epsilon`, which
+    the server cannot loosen); None when neither asks for one."""
+    own = (node_config or {}).get("dp-epsilon", 0)
+    try:
+        own_epsilon = float(own)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node config dp-epsilon {own!r} is not a number") from None
+    if not math.isfinite(own_epsilon) or own_epsilon < 0:
+        raise NodeConfigError(f"node config dp-epsilon {own!r} must be a number >= 0")
+    asked = [e for e in (request.dp_epsilon, own_epsilon) if e > 0]
+    if not asked:
+        return None
+    return DifferentialPrivacy(
+        epsilon=min(asked),
+        delta=request.dp_delta or None,
+        max_grad_norm=request.dp_max_grad_norm,
+    )
+
+
+def contributor_settings(
+    request: TrainingRequest, node_config: Mapping[str, Any] | None = None
+) -> tuple[TrainingConfig, ContributorOptions]:
+    """What `client.training` needs to carry out a train request on this node. Under DP
+    the node ships no average activations (nothing privatises them)."""
+    dp = private_settings(request, node_config)
     training = TrainingConfig(
         r=request.lora_rank,
         lora_alpha=request.lora_alpha,
@@ -78,10 +109,13 @@ def contributor_settings(request: TrainingRequest) -> tuple[TrainingConfig, Cont
         gate_learning_rate=request.gate_learning_rate or None,
         seed=request.seed,
         precision=request.precision,
+        dp=dp,
     )
+    if dp is not None and request.average_activation:
+        log.info("differentially private training: no average activations are shipped")
     options = ContributorOptions(
         max_examples=request.max_examples or None,
-        average_activation=request.average_activation,
+        average_activation=request.average_activation and dp is None,
         progress=False,
     )
     return training, options
@@ -95,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train an expert on this node's data; reply with its package."""
     data_path, name = node_dataset(context)
     request = TrainingRequest.from_config(msg.content.config_records.get(TRAIN_CONFIG_RECORD, {}))
-    training, options = contributor_settings(request)
+    training, options = contributor_settings(request, context.node_config)
     if context.node_config.get("show-progress", False):
         options = replace(options, progress=True)
     log.info("node %s: training expert %r on its private data", context.node_id, name)

@@ -75,7 +75,7 @@ def train_contributor_expert(
     )
     if timings is not None:
         timings["lora_seconds"] = time.perf_counter() - started
-    say(f"LoRA trained: {config.steps} steps, final loss {expert.manifest.training.final_loss:.4f}")
+    say(f"LoRA trained: {config.steps} steps, {_final_loss(expert.manifest.training.final_loss)}")
     return add_gates_and_vectors(
         model,
         tokenizer,
@@ -90,6 +90,10 @@ def train_contributor_expert(
         say=say,
         timings=timings,
     )
+
+
+def _final_loss(loss: float | None) -> str:
+    return "no loss published (DP)" if loss is None else f"final loss {loss:.4f}"
 
 
 def refuse_vectors_under_dp(
@@ -139,7 +143,7 @@ def add_gates_and_vectors(
     if timings is not None:
         timings["gate_seconds"] = time.perf_counter() - started
     training = expert.manifest.training
-    say(f"gates trained: {training.gate_steps} steps, final loss {training.final_gate_loss:.4f}")
+    say(f"gates trained: {training.gate_steps} steps, {_final_loss(training.final_gate_loss)}")
     if training.examples == 0:  # an imported adapter: count the data its gates saw
         training = training.model_copy(update={"examples": len(examples)})
         expert = replace(expert, manifest=expert.manifest.model_copy(update={"training": training}))

@@ -33,6 +33,7 @@ from protocol.package import (
     ROUTER_FILE,
 )
 from protocol.precision import Precision
+from protocol.privacy import DEFAULT_MAX_GRAD_NORM
 
 PACKAGE_RECORD = "package"
 TRAINING_RECORD = "training"
@@ -143,6 +144,12 @@ class TrainingRequest(_FlowerSettings):
     seed: int = 0
     # Each node resolves `auto` on its own hardware (bfloat16 where it is native).
     precision: Precision = "auto"
+    # Differential privacy (DP-SGD, docs/privacy.md): the (epsilon, delta) every node's expert
+    # must meet; 0: none asked (a node may still ask for its own with its node config's
+    # `dp-epsilon`, and the stricter applies). Under DP nodes ship no average activations.
+    dp_epsilon: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    dp_delta: float = Field(default=0.0, ge=0, lt=1)  # 0: min(1e-5, 1 / (10 n))
+    dp_max_grad_norm: float = Field(default=DEFAULT_MAX_GRAD_NORM, gt=0, allow_inf_nan=False)
 
 
 class RoundSettings(_FlowerSettings):

@@ -26,6 +26,10 @@ ACCOUNTANTS: Final = ("rdp",)
 # A claimed epsilon may be below the accountant's own value by this much (relative): the
 # accountant's arithmetic may differ in its last digits between versions and machines.
 EPSILON_TOLERANCE: Final = 1e-6
+# Each example's gradient is clipped to this L2 norm unless the contributor says otherwise.
+# Chosen on held-in data (docs/privacy.md): about the median per-example gradient norm of
+# SmolLM2-135M's LoRA early in training, so that clipping bites without erasing the signal.
+DEFAULT_MAX_GRAD_NORM: Final = 1.0
 
 
 class PrivacyGuarantee(BaseModel):
@@ -139,6 +143,7 @@ def default_delta(examples: int) -> float:
 
 __all__ = [
     "ACCOUNTANTS",
+    "DEFAULT_MAX_GRAD_NORM",
     "PRIVACY_FORMAT_VERSION",
     "PrivacyGuarantee",
     "WeakestGuarantee",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -9,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from coordinator.base_models.models import BaseModelRecord
 from coordinator.core.db import Base, UTCDateTime, utcnow
+from protocol.privacy import PrivacyGuarantee
 
 
 class Channel(StrEnum):
@@ -95,6 +97,18 @@ class ExpertVersion(Base):
     def ref(self) -> str:
         """`namespace/name@version`, how releases name an expert."""
         return f"{self.expert.full_name}@{self.number}"
+
+    @property
+    def privacy(self) -> PrivacyGuarantee | None:
+        """The DP guarantee its manifest states; None: trained without DP."""
+        return manifest_privacy(self.manifest)
+
+
+def manifest_privacy(manifest: Mapping[str, Any]) -> PrivacyGuarantee | None:
+    """The DP guarantee a stored manifest states (admission checked it); None when it states
+    none, as manifests from before the field never do."""
+    stated = manifest.get("privacy")
+    return None if stated is None else PrivacyGuarantee.model_validate(stated)
 
 
 class ExpertFile(Base):

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from coordinator.experts.models import Block, Expert, ExpertVersion
 from protocol import API_PREFIX, API_VERSION, ApiVersion
 from protocol.diff import PackageDiff
+from protocol.privacy import PrivacyGuarantee
 
 
 class FileInfo(BaseModel):
@@ -70,6 +71,10 @@ class ExpertVersionSummary(BaseModel):
     rank: int
     module_count: int
     description: str
+    privacy: PrivacyGuarantee | None = Field(
+        description="the DP guarantee its manifest states (docs/privacy.md); null: trained "
+        "without differential privacy"
+    )
     provenance: Provenance
     yank: YankState
     url: str
@@ -176,6 +181,7 @@ def _summary_fields(version: ExpertVersion) -> dict[str, Any]:
         "rank": version.rank,
         "module_count": version.module_count,
         "description": version.manifest.get("description", ""),
+        "privacy": version.privacy,
         "provenance": Provenance(
             uploaded_by=version.uploaded_by,
             channel=version.channel,

@@ -63,9 +63,11 @@ def list_releases(
     page = service.release_page(
         session, base_model=base_model, method=method, limit=limit, offset=offset
     )
-    yanked = service.yanked_experts(session, [r.id for r in page.items])
+    ids = [r.id for r in page.items]
+    yanked = service.yanked_experts(session, ids)
+    privacy = service.release_privacy(session, ids)
     response.headers["X-Total-Count"] = str(page.total)
-    return [ReleaseSummary.of(r, yanked[r.id]) for r in page.items]
+    return [ReleaseSummary.of(r, yanked[r.id], privacy[r.id]) for r in page.items]
 
 
 @router.get(
@@ -101,7 +103,8 @@ def restore(number: RowNumber, session: SessionDep, token: MaintainerDep) -> Rel
 
 def _detail(session: SessionDep, release: Release) -> ReleaseDetail:
     yanked = service.yanked_experts(session, [release.id])[release.id]
-    return ReleaseDetail.of_scored(release, _scores(session, release), yanked)
+    privacy = service.release_privacy(session, [release.id])[release.id]
+    return ReleaseDetail.of_scored(release, _scores(session, release), yanked, privacy)
 
 
 @router.get(

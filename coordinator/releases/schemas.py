@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from coordinator.releases.models import Release
 from protocol import API_PREFIX, API_VERSION, ApiVersion
 from protocol.methods import METHOD_SPECS, TOP_K_METHODS, ParamValue, RoutingMethod
+from protocol.privacy import WeakestGuarantee
 
 # The routing methods (protocol.methods, no torch needed), as the API's query parameters
 # and bodies name them.
@@ -150,10 +151,16 @@ class ReleaseSummary(BaseModel):
     yanked_experts: list[str] = Field(
         description="refs (namespace/name@version) of the release's experts yanked now"
     )
+    privacy: WeakestGuarantee = Field(
+        description="the weakest DP guarantee among its experts: none (epsilon null) when "
+        "any was trained without DP (docs/privacy.md)"
+    )
 
     @classmethod
-    def of(cls, release: Release, yanked_experts: list[str]) -> ReleaseSummary:
-        return cls(**_summary_fields(release, yanked_experts))
+    def of(
+        cls, release: Release, yanked_experts: list[str], privacy: WeakestGuarantee
+    ) -> ReleaseSummary:
+        return cls(**_summary_fields(release, yanked_experts, privacy))
 
 
 class ReleaseDetail(ReleaseSummary):
@@ -162,10 +169,16 @@ class ReleaseDetail(ReleaseSummary):
 
     @classmethod
     def of_scored(
-        cls, release: Release, scores: ScoresSummary, yanked_experts: list[str]
+        cls,
+        release: Release,
+        scores: ScoresSummary,
+        yanked_experts: list[str],
+        privacy: WeakestGuarantee,
     ) -> ReleaseDetail:
         return cls(
-            **_summary_fields(release, yanked_experts), manifest=release.manifest, scores=scores
+            **_summary_fields(release, yanked_experts, privacy),
+            manifest=release.manifest,
+            scores=scores,
         )
 
 
@@ -177,7 +190,9 @@ def release_url(number: int) -> str:
     return f"{API_PREFIX}/releases/{number}"
 
 
-def _summary_fields(release: Release, yanked_experts: list[str]) -> dict[str, Any]:
+def _summary_fields(
+    release: Release, yanked_experts: list[str], privacy: WeakestGuarantee
+) -> dict[str, Any]:
     manifest = release.manifest
     return {
         "number": release.number,
@@ -206,4 +221,5 @@ def _summary_fields(release: Release, yanked_experts: list[str]) -> dict[str, An
         "withdrawn": release.withdrawn_at is not None,
         "withdrawn_reason": release.withdrawn_reason,
         "yanked_experts": yanked_experts,
+        "privacy": privacy,
     }

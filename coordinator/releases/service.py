@@ -34,7 +34,7 @@ from coordinator.core.db import begin_write, utcnow
 from coordinator.core.errors import Conflict, CoordinatorError, NotFound
 from coordinator.experts import service as experts
 from coordinator.experts.files import copy_file, open_file, stored_file, stored_files
-from coordinator.experts.models import Expert, ExpertVersion
+from coordinator.experts.models import Expert, ExpertVersion, manifest_privacy
 from coordinator.experts.schemas import version_url
 from coordinator.releases.models import Release, ReleaseExpert
 from coordinator.releases.schemas import ReleaseCreate
@@ -49,6 +49,7 @@ from protocol.methods import (
 )
 from protocol.package import ADAPTER_WEIGHTS_FILE
 from protocol.peft_format import parse_lora_key
+from protocol.privacy import PrivacyGuarantee, WeakestGuarantee, weakest_guarantee
 from protocol.release import (
     RELEASE_FILE,
     RELEASE_FORMAT,
@@ -511,6 +512,22 @@ def yanked_experts(session: Session, release_ids: list[int]) -> dict[int, list[s
     for release_id, version in rows:
         found[release_id].append(version.ref)
     return found
+
+
+def release_privacy(session: Session, release_ids: list[int]) -> dict[int, WeakestGuarantee]:
+    """Per release id, the weakest DP guarantee among its experts (`protocol.privacy`): what
+    the API and the pages report of it."""
+    if not release_ids:
+        return {}
+    rows = session.execute(
+        select(ReleaseExpert.release_id, ExpertVersion.manifest)
+        .join(ExpertVersion, ExpertVersion.id == ReleaseExpert.expert_version_id)
+        .where(ReleaseExpert.release_id.in_(release_ids))
+    ).all()
+    guarantees: dict[int, list[PrivacyGuarantee | None]] = {i: [] for i in release_ids}
+    for release_id, manifest in rows:
+        guarantees[release_id].append(manifest_privacy(manifest))
+    return {release_id: weakest_guarantee(found) for release_id, found in guarantees.items()}
 
 
 def withdraw_release(session: Session, release: Release, *, by_name: str, reason: str) -> Release:

@@ -23,10 +23,9 @@ from phatgoose.training.lora import (
     train_expert,
 )
 from phatgoose.training.peft_import import expert_from_peft
-from phatgoose.training.privacy import DEFAULT_MAX_GRAD_NORM, DifferentialPrivacy
+from phatgoose.training.privacy import DifferentialPrivacy
 
 __all__ = [
-    "DEFAULT_MAX_GRAD_NORM",
     "PRIVACY_WARNING",
     "DifferentialPrivacy",
     "TrainingConfig",

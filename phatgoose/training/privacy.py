@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from phatgoose.data import Example
 from protocol.privacy import (
     ACCOUNTANTS,
+    DEFAULT_MAX_GRAD_NORM,
     PrivacyGuarantee,
     accounted_epsilon,
     default_delta,
@@ -38,10 +39,6 @@ from protocol.privacy import (
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
-
-# Chosen on held-in data (docs/privacy.md): about the median per-example gradient norm of
-# SmolLM2-135M's LoRA early in training, so that clipping bites without erasing the signal.
-DEFAULT_MAX_GRAD_NORM = 1.0
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,59 @@ def test_the_router_file_holds_gates_and_average_activations_only(trained_packag
         suffixes = {key.rsplit(".", 1)[-1] for key in router.keys()}  # noqa: SIM118
 
     assert suffixes == {"gate", "average_activation"}
+
+
+def test_train_with_dp_epsilon_writes_a_private_expert_that_passes_admission(
+    tiny_base_dir, private_data, tmp_path
+):
+    out = tmp_path / "private"
+
+    result = run_cli(
+        "train",
+        "--data",
+        private_data,
+        "--name",
+        "otter",
+        "--base",
+        tiny_base_dir,
+        "--out",
+        out,
+        *TINY_TRAINING,
+        "--dp-epsilon",
+        "4",
+        "--dp-max-grad-norm",
+        "0.5",
+    )
+
+    assert result.exit_code == 0, result.output
+    expert = Expert.load(out)
+    guarantee = expert.manifest.privacy
+    assert guarantee is not None
+    assert 3.9 <= guarantee.epsilon <= 4.0 and guarantee.delta == 1e-5
+    assert (guarantee.max_grad_norm, guarantee.steps) == (0.5, 4 + 3)
+    assert guarantee.sample_rate == 4 / 12  # every example trains: no validation split
+    assert expert.manifest.training.examples == 12
+    assert not expert.manifest.has_average_activation  # off by default under DP
+    output = " ".join(result.output.split())
+    assert "ε = " in output and "no loss published (DP)" in output
+    inspected = run_cli("inspect", out)
+    assert inspected.exit_code == 0 and "passes admission" in inspected.output
+
+
+def test_train_refuses_dp_with_the_vectors_it_cannot_privatise_or_a_bad_budget(
+    tiny_base_dir, private_data, tmp_path
+):
+    common = ["--data", private_data, "--name", "x", "--base", tiny_base_dir, *TINY_TRAINING]
+    for extra, message in [
+        (["--dp-epsilon", "8", "--average-activation"], "average activations cannot be shipped"),
+        (["--dp-epsilon", "8", "--retrieval-embeddings"], "retrieval embeddings cannot be"),
+        (["--dp-epsilon", "0"], "DifferentialPrivacy.epsilon must be in (0, 1e6]"),
+        (["--dp-epsilon", "8", "--dp-delta", "0.5"], "not below 1/n"),
+        (["--dp-delta", "1e-6"], "--dp-delta needs --dp-epsilon"),
+    ]:
+        out = tmp_path / "refused"
+        result = run_cli("train", *common, "--out", out, *extra)
+
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in " ".join(result.output.split()), (extra, result.output)
+        assert not out.exists()

@@ -63,6 +63,26 @@ def test_the_client_app_replies_with_a_package_and_never_the_training_text(tiny_
     assert marker_hits(record_bytes(message.content)) == []
 
 
+def test_a_node_trains_a_private_expert_at_the_stricter_of_its_own_and_the_run_budgets(
+    tiny_base_dir, tmp_path
+):
+    data = write_private_data(tmp_path / "private.jsonl")
+    config = {**TINY_HYPER_PARAMETERS, "base-model": str(tiny_base_dir), "dp-epsilon": 8.0}
+    message = train_message(config, 13)
+    node = {"data-path": str(data), "expert-name": "owl", "dp-epsilon": "2"}
+
+    reply = client_app(message, node_context(13, node, {}))
+
+    assert not reply.has_error(), reply.error
+    write_package_from_content(reply.content, tmp_path / "received")
+    expert = Expert.load(tmp_path / "received")
+    guarantee = expert.manifest.privacy
+    assert guarantee is not None and guarantee.steps == 3 + 2
+    assert 1.9 <= guarantee.epsilon <= 2.0  # the node's own budget, stricter than the run's
+    assert not expert.manifest.has_average_activation  # asked for, but nothing privatises it
+    assert marker_hits(record_bytes(reply.content)) == []
+
+
 def test_a_node_without_data_fails_with_a_message_saying_how_to_start_it(tiny_base_dir):
     message = train_message({"base-model": str(tiny_base_dir)}, 12)
     context = node_context(12, {}, {})

@@ -161,7 +161,7 @@ def private_expert(request):
 
 
 def test_a_private_expert_states_the_guarantee_of_lora_and_gates(private_expert) -> None:
-    model, lora, expert = private_expert
+    _, lora, expert = private_expert
     training, validation = split_validation(TASK, dataclasses.replace(CONFIG, dp=DP))
     assert validation == [] and len(training) == len(TASK)  # no checkpoint picked on data
     assert lora.manifest.privacy is not None and lora.manifest.privacy.steps == CONFIG.steps
