@@ -784,3 +784,86 @@ def delta_bytes(
     output.with_suffix(".md").write_text(text)
     typer.echo(text)
     typer.echo(f"results: {output} (+ .md)")
+
+
+@app.command("privacy")
+def privacy(
+    base_model: Annotated[str, typer.Option(help="Base model name or path.")] = "smollm2-135m",
+    task: Annotated[str, typer.Option(help="The held-in BIG-bench task audited.")] = "social_iqa",
+    members: Annotated[int, typer.Option(help="Training examples (members).", min=2)] = 256,
+    non_members: Annotated[
+        int, typer.Option(help="Held-out examples of the task (non-members).", min=2)
+    ] = 256,
+    shadow: Annotated[
+        int, typer.Option(help="Examples of the shadow LoRA the gates-alone expert uses.", min=1)
+    ] = 256,
+    steps: Annotated[int, typer.Option(help="LoRA steps.", min=1)] = 80,
+    gate_steps: Annotated[int, typer.Option(help="Gate steps.", min=1)] = 16,
+    epsilons: Annotated[str, typer.Option(help="DP epsilons to audit, comma-separated.")] = "8,1",
+    variants: Annotated[
+        str, typer.Option(help="Experts to audit, comma-separated: lora, dp-eps<E>, gates.")
+    ] = "lora,dp-eps8,dp-eps1,gates",
+    retrieval: Annotated[bool, typer.Option(help="Also audit the retrieval embeddings.")] = True,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.", min=100)] = 2000,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the record at --output (same settings) where it stopped.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Result JSON (default benchmarks/results/privacy.json; + .md, .png)."),
+    ] = None,
+) -> None:
+    """Membership-inference audit of an expert trained on one held-in task: the
+    loss-threshold and calibrated attacks (AUC, TPR at 1% FPR, bootstrap intervals) on its
+    training examples against held-out ones, for the LoRA without DP, with DP at each
+    epsilon, and the gates alone, with own-task accuracy beside each; and how the retrieval
+    embeddings give members away. The record is saved after every expert (see --resume)."""
+    import sys
+
+    from benchmarks import privacy as audit
+    from benchmarks.machine import load_average, machine_info
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    machine = machine_info()
+    machine["command"] = "phatgoose bench " + " ".join(sys.argv[sys.argv.index("privacy") :])
+    config = audit.PrivacyAuditConfig(
+        base_model=base_model,
+        task=task,
+        members=members,
+        non_members=non_members,
+        shadow=shadow,
+        steps=steps,
+        gate_steps=gate_steps,
+        epsilons=tuple(float(e) for e in epsilons.split(",") if e.strip()),
+        resamples=resamples,
+    )
+    output = output or RESULTS_DIR / "privacy.json"
+    cache = json.loads(output.read_text()) if resume and output.exists() else None
+    if cache is not None:
+        machine = {**cache.get("machine", machine), "resumed": machine["date"]}
+
+    def save(record: dict[str, object]) -> None:
+        output.write_text(json.dumps({**record, "machine": machine}, indent=2) + "\n")
+
+    try:
+        record = audit.run(
+            config,
+            variants=[v.strip() for v in variants.split(",") if v.strip()],
+            retrieval=retrieval,
+            cache=cache,
+            save=save,
+        )
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    machine["load_average_end"] = load_average()
+    record["complete"] = True
+    save(record)
+    text = audit.markdown(record, machine)
+    output.with_suffix(".md").write_text(text)
+    audit.plot(record, output.with_suffix(".png"))
+    typer.echo(text)
+    typer.echo(f"results: {output} (+ .md, .png)")

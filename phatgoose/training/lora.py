@@ -38,6 +38,7 @@ from phatgoose.models import default_target_modules, forward_accepts
 from phatgoose.precision import (
     PRECISIONS,
     ComputePrecision,
+    autocast_off,
     Precision,
     compute_in,
     resolve_precision,
@@ -323,6 +324,7 @@ def optimise(
     """
     enc_dec = is_encoder_decoder(model)
     packs_sequences(model)  # checked (and cached) in float32, before any bfloat16 copy
+    device = next(model.parameters()).device
     private = config.dp is not None
     if private:
         plan = config.private_plan(len(training))
@@ -362,7 +364,8 @@ def optimise(
                 loss = batch_loss(next(stream))
                 loss.backward()
                 loss_value = loss.item()
-            optimizer.step()
+            with autocast_off(device.type):  # Opacus' clipping (an einsum) in float32
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)

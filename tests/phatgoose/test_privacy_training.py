@@ -239,3 +239,13 @@ def test_unprivatised_vectors_are_refused_before_training(llama, tokenizer, vect
             **flags,
         )
     assert all(torch.equal(v, llama.state_dict()[k]) for k, v in before.items())
+
+
+def test_dp_training_runs_in_bfloat16_compute_with_float32_updates(llama, tokenizer) -> None:
+    config = dataclasses.replace(CONFIG, steps=2, gate_steps=2, dp=DP, precision="bfloat16")
+    lora = train_expert(llama, tokenizer, TASK, name="bf16", config=config, progress=False)
+    expert = train_gates(llama, tokenizer, lora, TASK, config=config, progress=False)
+
+    assert expert.manifest.privacy is not None and expert.manifest.privacy.steps == 4
+    assert expert.manifest.training.precision == "bfloat16"
+    assert all(t.dtype == torch.float32 for t in expert.lora_weights.values())
