@@ -165,8 +165,8 @@ def lora_gradient_norms(
     from peft import LoraConfig, get_peft_model
 
     from phatgoose.models import default_target_modules
-    from phatgoose.training.lora import _target_loss_sum
-    from phatgoose.training.plumbing import restored, seeded, to_device
+    from phatgoose.training.lora import target_loss
+    from phatgoose.training.plumbing import restored, seeded
 
     with restored(model), seeded(model, config.seed):
         peft_model = get_peft_model(
@@ -180,14 +180,11 @@ def lora_gradient_norms(
         try:
             parameters = [p for p in peft_model.parameters() if p.requires_grad]
 
-            def loss_of(example: Example) -> torch.Tensor:
-                batch = collate_for_training(
-                    tokenizer, [example], max_length=config.max_length, is_encoder_decoder=False
-                )
-                loss, count = _target_loss_sum(peft_model, to_device(batch, peft_model), False)
-                return loss / max(count, 1)
-
-            set_per_example_gradients(parameters, examples, loss_of)
+            set_per_example_gradients(
+                parameters,
+                examples,
+                lambda e: target_loss(peft_model, tokenizer, [e], max_length=config.max_length),
+            )
             squared = sum(
                 p.grad_sample.reshape(len(examples), -1).pow(2).sum(dim=1)  # type: ignore[attr-defined]
                 for p in parameters

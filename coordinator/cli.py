@@ -537,7 +537,9 @@ def create_release(
             raise typer.Exit(1) from error
         label = method_label(release.method, release.top_k, release.method_params)
         count = len(release.manifest["experts"])
+        privacy = service.release_privacy(session, [release.id])[release.id]
     typer.echo(f"release {release.number}: {label} over {count} expert(s)")
+    typer.echo(f"privacy: {privacy.summary()}")
 
 
 @app.command(

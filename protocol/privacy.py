@@ -27,8 +27,10 @@ ACCOUNTANTS: Final = ("rdp",)
 # accountant's arithmetic may differ in its last digits between versions and machines.
 EPSILON_TOLERANCE: Final = 1e-6
 # Each example's gradient is clipped to this L2 norm unless the contributor says otherwise.
-# Chosen on held-in data (docs/privacy.md): about the median per-example gradient norm of
-# SmolLM2-135M's LoRA early in training, so that clipping bites without erasing the signal.
+# Chosen on held-in data (`bench privacy`, social_iqa): a fresh SmolLM2-135M LoRA's
+# per-example gradient norms run from 2.6 to 16 (median 5.3), so every example is clipped,
+# i.e. normalised. With every example normalised, AdamW's update does not depend on the clip
+# (signal and noise scale together, and Adam is scale-free): no clip to tune.
 DEFAULT_MAX_GRAD_NORM: Final = 1.0
 
 

@@ -20,6 +20,7 @@ from phatgoose.training.lora import (
     mean_target_loss,
     packs_sequences,
     split_validation,
+    target_loss,
     train_expert,
 )
 from phatgoose.training.peft_import import expert_from_peft
@@ -36,6 +37,7 @@ __all__ = [
     "mean_target_loss",
     "packs_sequences",
     "split_validation",
+    "target_loss",
     "train_expert",
     "train_gates",
 ]

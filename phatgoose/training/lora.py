@@ -38,8 +38,8 @@ from phatgoose.models import default_target_modules, forward_accepts
 from phatgoose.precision import (
     PRECISIONS,
     ComputePrecision,
-    autocast_off,
     Precision,
+    autocast_off,
     compute_in,
     resolve_precision,
 )
@@ -257,6 +257,23 @@ def packs_sequences(model: nn.Module) -> bool:
     return packs
 
 
+def target_loss(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+) -> Tensor:
+    """The training objective on `examples` as one batch, with its graph: cross-entropy per
+    target token (of one example: DP-SGD's per-example loss)."""
+    enc_dec = is_encoder_decoder(model)
+    batch = collate_for_training(
+        tokenizer, examples, max_length=max_length, is_encoder_decoder=enc_dec
+    )
+    loss_sum, count = _target_loss_sum(model, to_device(batch, model), enc_dec)
+    return loss_sum / max(count, 1)
+
+
 def mean_target_loss(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -322,7 +339,6 @@ def optimise(
     `config.dp` each step is DP-SGD's (`training.privacy`); the losses returned are then the
     sampled batches' own, for the progress bar only: they are not private.
     """
-    enc_dec = is_encoder_decoder(model)
     packs_sequences(model)  # checked (and cached) in float32, before any bfloat16 copy
     device = next(model.parameters()).device
     private = config.dp is not None
@@ -343,12 +359,8 @@ def optimise(
         getattr(optimizer, "original_optimizer", optimizer), steps, config.warmup_ratio
     )
 
-    def batch_loss(examples: list[Example]) -> Tensor:  # mean over the target tokens
-        batch = collate_for_training(
-            tokenizer, examples, max_length=config.max_length, is_encoder_decoder=enc_dec
-        )
-        loss_sum, count = _target_loss_sum(model, to_device(batch, model), enc_dec)
-        return loss_sum / max(count, 1)
+    def batch_loss(examples: list[Example]) -> Tensor:
+        return target_loss(model, tokenizer, examples, max_length=config.max_length)
 
     losses: list[float] = []
     postfix: dict[str, str] = {}

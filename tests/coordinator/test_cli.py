@@ -166,6 +166,7 @@ def test_create_release_records_the_given_params(app, cli_args, two_experts):
     assert "release 1: dare, drop_rate 0.5, merge ties, scale 1, seed 3 over 2 expert(s)" in (
         result.output
     )
+    assert "privacy: no DP guarantee (2 of 2 experts without DP)" in result.output
     with app.state.sessionmaker() as session:
         release = get_release(session, 1)
         assert release.method_params == {"drop_rate": 0.5, "merge": "ties", "scale": 1.0, "seed": 3}

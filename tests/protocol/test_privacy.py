@@ -4,6 +4,8 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol import MANIFEST_FILE, BaseModelSpec, ExpertManifest, weakest_guarantee
 from protocol.privacy import (
@@ -171,3 +173,42 @@ def test_one_expert_without_dp_leaves_the_release_without_a_guarantee() -> None:
     empty = weakest_guarantee([])
     assert (empty.experts, empty.epsilon) == (0, None)
     assert not math.isnan(float(empty.experts))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=st.fixed_dictionaries(
+        {},
+        optional={
+            "epsilon": st.one_of(st.floats(allow_nan=False), st.integers(-10, 10**9)),
+            "delta": st.floats(allow_nan=False),
+            "noise_multiplier": st.floats(allow_nan=False, allow_infinity=False),
+            "sample_rate": st.floats(allow_nan=False),
+            "max_grad_norm": st.floats(allow_nan=False, allow_infinity=False),
+            "steps": st.integers(-1, 10**12),
+        },
+    )
+)
+def test_any_stated_guarantee_is_accepted_or_refused_cleanly(
+    package: Path, base: BaseModelSpec, values: dict
+) -> None:
+    """Whatever a hostile manifest states, admission answers (accept or PackageRejected) and
+    never lets the accountant crash or hang it."""
+    edit_json(package / MANIFEST_FILE, lambda m: m["privacy"].update(values))
+    try:
+        result = validate_directory(package, base)
+    except PackageRejected as error:
+        assert error.check in ("privacy", "manifest_schema", "not_json"), error.message
+    else:
+        guarantee = result.manifest.privacy
+        assert guarantee is not None
+        spent = accounted_epsilon(
+            noise_multiplier=guarantee.noise_multiplier,
+            sample_rate=guarantee.sample_rate,
+            steps=guarantee.steps,
+            delta=guarantee.delta,
+            accountant="rdp",
+        )
+        assert guarantee.epsilon >= spent * (1 - 1e-6)
