@@ -91,21 +91,6 @@ def world(
     return World(mixed=mixed, private_only=private_only)
 
 
-# --- the weakest guarantee --------------------------------------------------------------
-
-
-def _guarantee(epsilon: float, delta: float) -> PrivacyGuarantee:
-    return PrivacyGuarantee(
-        epsilon=epsilon,
-        delta=delta,
-        max_grad_norm=1.0,
-        noise_multiplier=1.0,
-        sample_rate=0.01,
-        steps=100,
-        library="opacus 1.6.0",
-    )
-
-
 def test_a_versions_json_carries_its_guarantee_and_null_without_one(client, world, guarantee):
     private = client.get("/api/v1/experts/alice/private/1").json()
     assert PrivacyGuarantee.model_validate(private["privacy"]) == guarantee
